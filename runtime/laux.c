@@ -1,0 +1,60 @@
+/*
+ * Small auxiliary helpers for the forge.* bindings: option-table checks.
+ */
+#include <string.h>
+
+#include "forge/forge.h"
+
+void forge_checkkeys(lua_State *L, int idx, const char *what, const char *const allowed[])
+{
+    idx = lua_absindex(L, idx);
+    luaL_checktype(L, idx, LUA_TTABLE);
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        const char *key = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+        int known = 0;
+        for (int i = 0; key && allowed[i]; i++)
+            if (strcmp(key, allowed[i]) == 0)
+                known = 1;
+        if (!known)
+            luaL_error(L, "%s: unknown option '%s'", what,
+                       key ? key : luaL_typename(L, -1));
+    }
+}
+
+lua_Integer forge_optintfield(lua_State *L, int idx, const char *key, lua_Integer def)
+{
+    lua_getfield(L, idx, key);
+    lua_Integer v = def;
+    if (!lua_isnil(L, -1)) {
+        int isnum;
+        v = lua_tointegerx(L, -1, &isnum);
+        if (!isnum)
+            luaL_error(L, "option '%s' must be an integer", key);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+/* The returned string stays valid while the options table holds it. */
+const char *forge_optstrfield(lua_State *L, int idx, const char *key, const char *def)
+{
+    lua_getfield(L, idx, key);
+    const char *v = def;
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TSTRING)
+            luaL_error(L, "option '%s' must be a string", key);
+        v = lua_tostring(L, -1);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+int forge_optboolfield(lua_State *L, int idx, const char *key, int def)
+{
+    lua_getfield(L, idx, key);
+    int v = lua_isnil(L, -1) ? def : lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
