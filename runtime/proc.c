@@ -1,0 +1,1364 @@
+/*
+ * forge.proc — process control for the local target.
+ *
+ * The broker starts service processes on this machine (redis-server, ...), supervises
+ * them, and after its own restart adopts them by identity: pid + start time (field 22
+ * of /proc/<pid>/stat), so a recycled pid is never signalled.
+ *
+ * Threads: the broker is multi-threaded, each thread with its own lua_State. Nothing
+ * here keeps mutable static state; the child side of fork() only makes
+ * async-signal-safe calls (no malloc, no Lua, no locks); waitpid() is only ever called
+ * on one given pid, never -1, because other threads wait on their own children.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "forge/forge.h"
+
+#ifndef PIDFD_SIGNAL_PROCESS_GROUP
+#define PIDFD_SIGNAL_PROCESS_GROUP (1U << 2)
+#endif
+
+#define PROC_RUN_MT       "forge.proc.run"
+#define POLL_INTERVAL_NS  25000000L          /* stop()/wait() poll every 25 ms */
+#define STOP_KILL_WAIT_S  5.0                /* bound on the wait after SIGKILL */
+#define RUN_GRACE_MS      100                /* output drain after the child exits */
+#define DEFAULT_PATH      "/usr/local/bin:/usr/bin:/bin"
+
+extern char **environ;
+
+
+/* ------------------------------------------------------------------------ */
+/* small helpers                                                            */
+/* ------------------------------------------------------------------------ */
+
+static double now_mono(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+
+/* Sleep `s` seconds, resuming after EINTR. */
+static void sleep_s(double s)
+{
+    if (s <= 0)
+        return;
+    struct timespec req, rem;
+    req.tv_sec = (time_t)s;
+    req.tv_nsec = (long)((s - (double)req.tv_sec) * 1e9);
+    if (req.tv_nsec >= 1000000000L)
+        req.tv_nsec = 999999999L;
+    while (nanosleep(&req, &rem) != 0 && errno == EINTR)
+        req = rem;
+}
+
+
+static const char *errstr(int err, char *buf, size_t len)
+{
+    /* GNU strerror_r (the Makefile defines _GNU_SOURCE): thread-safe, returns a pointer. */
+    return strerror_r(err, buf, len);
+}
+
+
+struct proc_stat {
+    char state;                 /* R S D Z T X ... */
+    pid_t pgrp;
+    long long start_time;       /* clock ticks since boot */
+};
+
+
+/*
+ * Read /proc/<pid>/stat. Returns 0, or -errno (-ENOENT / -ESRCH when there is no such
+ * process). The comm field may hold spaces and ')', so parsing starts after the last ')'.
+ */
+static int read_stat(pid_t pid, struct proc_stat *ps)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%ld/stat", (long)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    ssize_t n;
+    do
+        n = read(fd, buf, sizeof buf - 1);
+    while (n < 0 && errno == EINTR);
+    int err = errno;
+    close(fd);
+    if (n < 0)
+        return err == ESRCH ? -ENOENT : -err;
+    buf[n] = '\0';
+    char *p = strrchr(buf, ')');
+    if (!p || p[1] != ' ')
+        return -EINVAL;
+    p += 2;                                     /* field 3: state */
+    ps->state = *p;
+    /* fields 4.. are numbers: ppid(4) pgrp(5) ... starttime(22) */
+    int field = 3;
+    char *end = p + 1;
+    while (field < 22) {
+        long long v = strtoll(end, &end, 10);
+        field++;
+        if (field == 5)
+            ps->pgrp = (pid_t)v;
+        if (field == 22)
+            ps->start_time = v;
+        if (*end == '\0' && field < 22)
+            return -EINVAL;
+    }
+    return 0;
+}
+
+
+/* 1 when the process exists, is not a zombie (or dead) and has `start_time`. */
+static int identity_matches(pid_t pid, long long start_time, struct proc_stat *ps)
+{
+    ps->start_time = -1;
+    if (read_stat(pid, ps) != 0)
+        return 0;
+    if (ps->state == 'Z' || ps->state == 'X' || ps->state == 'x')
+        return 0;
+    return ps->start_time == start_time;
+}
+
+
+/* Reap `pid` if it is our child and has exited (never blocks, never waits on -1). */
+static void reap_if_exited(pid_t pid)
+{
+    int status;
+    while (waitpid(pid, &status, WNOHANG) < 0 && errno == EINTR)
+        ;
+}
+
+
+/*
+ * The liveness test behind alive() and stop(): identity matches and not a zombie.
+ * A zombie with the right start time is reaped when it is our child.
+ */
+static int check_alive(pid_t pid, long long start_time)
+{
+    struct proc_stat ps;
+    if (read_stat(pid, &ps) != 0)
+        return 0;
+    if (ps.start_time != start_time)
+        return 0;                               /* recycled pid: not ours to touch */
+    if (ps.state == 'Z' || ps.state == 'X' || ps.state == 'x') {
+        reap_if_exited(pid);
+        return 0;
+    }
+    return 1;
+}
+
+
+static const struct { const char *name; int sig; } signames[] = {
+    {"TERM", SIGTERM}, {"KILL", SIGKILL}, {"HUP", SIGHUP}, {"INT", SIGINT},
+    {"USR1", SIGUSR1}, {"USR2", SIGUSR2}, {"QUIT", SIGQUIT}, {"STOP", SIGSTOP},
+    {"CONT", SIGCONT}, {NULL, 0},
+};
+
+
+/* Signal at `idx`: a name ("TERM", "SIGTERM") or a number 0..NSIG-1. May longjmp. */
+static int check_signal(lua_State *L, int idx)
+{
+    if (lua_type(L, idx) == LUA_TNUMBER) {
+        lua_Integer s = luaL_checkinteger(L, idx);
+        luaL_argcheck(L, s >= 0 && s < NSIG, idx, "signal number out of range");
+        return (int)s;
+    }
+    const char *name = luaL_checkstring(L, idx);
+    if (strncmp(name, "SIG", 3) == 0)
+        name += 3;
+    for (int i = 0; signames[i].name; i++)
+        if (strcmp(name, signames[i].name) == 0)
+            return signames[i].sig;
+    return luaL_argerror(L, idx, "expected a signal name (TERM, KILL, HUP, INT, USR1, USR2, QUIT, STOP, CONT) "
+                                 "or number");
+}
+
+
+static pid_t check_pid(lua_State *L, int idx)
+{
+    lua_Integer pid = luaL_checkinteger(L, idx);
+    luaL_argcheck(L, pid > 1 && pid <= INT_MAX, idx, "pid must be an integer > 1");
+    return (pid_t)pid;
+}
+
+
+static int pidfd_open_(pid_t pid)
+{
+#ifdef SYS_pidfd_open
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+#else
+    (void)pid;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+
+static int pidfd_signal_(int pidfd, int sig, unsigned flags)
+{
+#ifdef SYS_pidfd_send_signal
+    return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, flags);
+#else
+    (void)pidfd; (void)sig; (void)flags;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+
+/*
+ * Signal the process `pid` whose start time must be `start_time`: its process group when
+ * it leads one, else the process alone. A pidfd pins the process while its identity is
+ * checked, so a recycled pid is never signalled. Returns 0, -ESRCH when the identity does
+ * not match (gone), or another -errno.
+ */
+static int signal_identity(pid_t pid, long long start_time, int sig)
+{
+    struct proc_stat ps = {0, 0, -1};
+    int pidfd = pidfd_open_(pid);
+    if (pidfd < 0 && errno == ESRCH)
+        return -ESRCH;
+    if (!identity_matches(pid, start_time, &ps)) {
+        if (pidfd >= 0)
+            close(pidfd);
+        if (ps.start_time == start_time)
+            reap_if_exited(pid);                /* our zombie: reap it */
+        return -ESRCH;
+    }
+    int leader = ps.pgrp == pid;
+    int rc = -1;
+    if (pidfd >= 0) {
+        rc = pidfd_signal_(pidfd, sig, leader ? PIDFD_SIGNAL_PROCESS_GROUP : 0);
+        if (rc < 0 && (errno == EINVAL || errno == ENOSYS))
+            rc = kill(leader ? -pid : pid, sig);    /* kernel without group flag */
+        close(pidfd);
+    } else {
+        rc = kill(leader ? -pid : pid, sig);
+    }
+    return rc < 0 ? -errno : 0;
+}
+
+
+/* Push {code=, signal=} for a wait status. */
+static void push_status(lua_State *L, int status)
+{
+    lua_createtable(L, 0, 2);
+    if (WIFEXITED(status)) {
+        lua_pushinteger(L, WEXITSTATUS(status));
+        lua_setfield(L, -2, "code");
+    } else if (WIFSIGNALED(status)) {
+        lua_pushinteger(L, WTERMSIG(status));
+        lua_setfield(L, -2, "signal");
+    }
+}
+
+
+static double opt_number_field(lua_State *L, int idx, const char *key, double def)
+{
+    lua_getfield(L, idx, key);
+    double v = def;
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TNUMBER)
+            luaL_error(L, "option '%s' must be a number", key);
+        v = lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+
+/* ------------------------------------------------------------------------ */
+/* the child side of fork()                                                 */
+/* ------------------------------------------------------------------------ */
+
+/* Everything the child needs, prepared by the parent (pointers anchored in Lua). */
+struct child_spec {
+    char *const *argv;
+    char *const *envp;          /* NULL: inherit environ */
+    const char *path;           /* PATH used to find argv[0] when it has no '/' */
+    const char *cwd;            /* NULL: stay */
+    int fd_in, fd_out, fd_err;  /* become 0, 1, 2 */
+    int errfd;                  /* CLOEXEC pipe: (stage, errno) on failure */
+};
+
+enum { STAGE_EXEC = 0, STAGE_CHDIR = 1, STAGE_SETUP = 2 };
+
+
+static FORGE_NORETURN void child_fail(int errfd, int stage, int err)
+{
+    int msg[2] = {stage, err};
+    ssize_t n;
+    do
+        n = write(errfd, msg, sizeof msg);
+    while (n < 0 && errno == EINTR);
+    _exit(127);
+}
+
+
+static void close_from(unsigned lo, unsigned hi)
+{
+    if (lo > hi)
+        return;
+#ifdef SYS_close_range
+    if (syscall(SYS_close_range, lo, hi, 0) == 0)
+        return;
+#endif
+    struct rlimit rl;
+    unsigned max = 65536;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < max)
+        max = (unsigned)rl.rlim_cur;
+    for (unsigned fd = lo; fd <= hi && fd < max; fd++)
+        close((int)fd);
+}
+
+
+/*
+ * glibc's sigaction() refuses the signals it reserves for itself (SIGCANCEL, SIGSETXID),
+ * yet a parent may have them ignored, and SIG_IGN survives exec. Reset them with the raw
+ * system call where the kernel's struct layout is known.
+ */
+static void reset_reserved_signal(int sig)
+{
+#if defined(SYS_rt_sigaction) && (defined(__x86_64__) || defined(__aarch64__))
+    struct {
+        void (*handler)(int);
+        unsigned long flags;
+        void (*restorer)(void);
+        unsigned long mask;
+    } ksa = {SIG_DFL, 0, NULL, 0};
+    syscall(SYS_rt_sigaction, sig, &ksa, NULL, sizeof ksa.mask);
+#else
+    (void)sig;
+#endif
+}
+
+
+/* Runs in the child: async-signal-safe calls only. Never returns. */
+static FORGE_NORETURN void child_exec(const struct child_spec *cs)
+{
+    int errfd = cs->errfd;
+
+    /* Dispositions back to default while every signal is still blocked, then unblock. */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = SIG_DFL;
+    for (int sig = 1; sig < NSIG; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP && sigaction(sig, &sa, NULL) < 0)
+            reset_reserved_signal(sig);         /* libc refuses its own (32, 33) */
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+
+    if (setsid() < 0)
+        child_fail(errfd, STAGE_SETUP, errno);
+
+    /* Lift every fd we need above 2 first, so the dup2()s below cannot clobber one. */
+    int e = fcntl(errfd, F_DUPFD_CLOEXEC, 3);
+    int in = fcntl(cs->fd_in, F_DUPFD_CLOEXEC, 3);
+    int out = fcntl(cs->fd_out, F_DUPFD_CLOEXEC, 3);
+    int err = fcntl(cs->fd_err, F_DUPFD_CLOEXEC, 3);
+    if (e < 0)
+        child_fail(errfd, STAGE_SETUP, errno);
+    errfd = e;
+    if (in < 0 || out < 0 || err < 0)
+        child_fail(errfd, STAGE_SETUP, errno);
+    if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0)
+        child_fail(errfd, STAGE_SETUP, errno);
+    close_from(3, (unsigned)errfd - 1);
+    close_from((unsigned)errfd + 1, ~0U);
+
+    if (cs->cwd && chdir(cs->cwd) < 0)
+        child_fail(errfd, STAGE_CHDIR, errno);
+
+    char *const *envp = cs->envp ? cs->envp : environ;
+    const char *file = cs->argv[0];
+    if (strchr(file, '/')) {
+        execve(file, cs->argv, envp);
+        child_fail(errfd, STAGE_EXEC, errno);
+    }
+
+    /* PATH search as execvp does it, without malloc. */
+    char buf[PATH_MAX];
+    size_t flen = strlen(file);
+    int saw_eacces = 0, last = ENOENT;
+    const char *p = cs->path;
+    for (;;) {
+        const char *colon = strchr(p, ':');
+        size_t dlen = colon ? (size_t)(colon - p) : strlen(p);
+        if (dlen == 0) {                        /* empty element: current directory */
+            buf[0] = '.';
+            dlen = 1;
+        } else if (dlen < sizeof buf) {
+            memcpy(buf, p, dlen);
+        }
+        if (dlen + 1 + flen < sizeof buf) {
+            buf[dlen] = '/';
+            memcpy(buf + dlen + 1, file, flen + 1);
+            execve(buf, cs->argv, envp);
+            switch (errno) {
+            case EACCES:
+                saw_eacces = 1;
+                break;
+            case ENOENT: case ENOTDIR: case ESTALE: case ELOOP: case ENAMETOOLONG: case ENODEV:
+            case ETIMEDOUT:
+                break;
+            default:
+                child_fail(errfd, STAGE_EXEC, errno);
+            }
+            last = errno;
+        }
+        if (!colon)
+            break;
+        p = colon + 1;
+    }
+    child_fail(errfd, STAGE_EXEC, saw_eacces ? EACCES : (last == ENOTDIR ? ENOENT : last));
+}
+
+
+/*
+ * fork + exec `cs`; the caller owns every fd in it (they stay open here). On success
+ * returns the pid. On failure returns -1 and fills `stage`/`err`: stage -1 for a failed
+ * pipe/fork in the parent, else the child's STAGE_*.
+ */
+static pid_t fork_exec(struct child_spec *cs, int *stage, int *err)
+{
+    int pfd[2];
+    if (pipe2(pfd, O_CLOEXEC) < 0) {
+        *stage = -1;
+        *err = errno;
+        return -1;
+    }
+    cs->errfd = pfd[1];
+
+    /* Block every signal across fork, so no handler runs in the child before the reset. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid_t pid = fork();
+    if (pid == 0)
+        child_exec(cs);
+    int fork_err = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    close(pfd[1]);
+    if (pid < 0) {
+        close(pfd[0]);
+        *stage = -1;
+        *err = fork_err;
+        return -1;
+    }
+
+    int msg[2];
+    ssize_t n;
+    do
+        n = read(pfd[0], msg, sizeof msg);
+    while (n < 0 && errno == EINTR);
+    close(pfd[0]);
+    if (n == (ssize_t)sizeof msg) {             /* exec failed: reap the child, report */
+        int status;
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+            ;
+        *stage = msg[0];
+        *err = msg[1];
+        return -1;
+    }
+    return pid;                                 /* EOF: exec succeeded (CLOEXEC) */
+}
+
+
+/* Push `nil, err` for a failed fork_exec. */
+static int push_spawn_error(lua_State *L, const struct child_spec *cs, int stage, int err)
+{
+    char eb[128];
+    const char *msg = errstr(err, eb, sizeof eb);
+    switch (stage) {
+    case STAGE_EXEC:
+        return forge_pusherror(L, "proc.exec", 0, "%s: %s", cs->argv[0], msg);
+    case STAGE_CHDIR:
+        return forge_pusherror(L, "proc.exec", 0, "%s: chdir %s: %s", cs->argv[0], cs->cwd, msg);
+    case STAGE_SETUP:
+        return forge_pusherror(L, "proc.exec", 0, "%s: child setup: %s", cs->argv[0], msg);
+    default:
+        return forge_pusherror(L, "proc.spawn", err == EAGAIN || err == ENOMEM || err == EMFILE ||
+                               err == ENFILE, "%s: fork: %s", cs->argv[0], msg);
+    }
+}
+
+
+/*
+ * Read argv/env/cwd of the options table at `opt` into `cs` (fds untouched).
+ * Strings that are not already held by the options table go into the anchor table at
+ * `anchor`; the char* arrays are userdata pushed on the stack (left there, anchored).
+ *
+ * Stack: [... opt ... anchor ...] -> [... opt ... anchor ... argv_ud [envp_ud]]
+ * May longjmp (usage errors, memory).
+ */
+static void read_command(lua_State *L, int opt, int anchor, struct child_spec *cs, const char *what)
+{
+    int na = 0;
+    if (lua_getfield(L, opt, "argv") != LUA_TTABLE)
+        luaL_error(L, "%s: option 'argv' must be a non-empty array of strings", what);
+    int argv_t = lua_gettop(L);
+    lua_Integer n = luaL_len(L, argv_t);
+    if (n < 1 || n > 65536)
+        luaL_error(L, "%s: option 'argv' must be a non-empty array of strings", what);
+    char **argv = lua_newuserdatauv(L, (size_t)(n + 1) * sizeof(char *), 0);
+    for (lua_Integer i = 1; i <= n; i++) {
+        int t = lua_geti(L, argv_t, i);
+        if (t != LUA_TSTRING && t != LUA_TNUMBER)
+            luaL_error(L, "%s: argv[%d] must be a string", what, (int)i);
+        size_t len;
+        const char *s = lua_tolstring(L, -1, &len);
+        if (strlen(s) != len)
+            luaL_error(L, "%s: argv[%d] contains a NUL byte", what, (int)i);
+        argv[i - 1] = (char *)s;
+        lua_rawseti(L, anchor, ++na);           /* keep the (converted) string alive */
+    }
+    argv[n] = NULL;
+    if (argv[0][0] == '\0')
+        luaL_error(L, "%s: argv[1] must not be empty", what);
+    lua_remove(L, argv_t);                      /* argv_ud stays */
+    cs->argv = argv;
+
+    cs->cwd = forge_optstrfield(L, opt, "cwd", NULL);
+
+    const char *path = NULL;
+    int te = lua_getfield(L, opt, "env");
+    if (te == LUA_TNIL) {
+        lua_pop(L, 1);
+        cs->envp = NULL;
+        path = getenv("PATH");
+        if (path) {
+            lua_pushstring(L, path);            /* copy: environ may change under us */
+            path = lua_tostring(L, -1);
+            lua_rawseti(L, anchor, ++na);
+        }
+    } else {
+        if (te != LUA_TTABLE)
+            luaL_error(L, "%s: option 'env' must be a table of strings", what);
+        int env_t = lua_gettop(L);
+        size_t count = 0;
+        lua_pushnil(L);
+        while (lua_next(L, env_t)) {
+            count++;
+            lua_pop(L, 1);
+        }
+        char **envp = lua_newuserdatauv(L, (count + 1) * sizeof(char *), 0);
+        size_t k = 0;
+        lua_pushnil(L);
+        while (lua_next(L, env_t)) {
+            /* stack: env_t envp_ud key value */
+            if (lua_type(L, -2) != LUA_TSTRING)
+                luaL_error(L, "%s: env keys must be strings", what);
+            int vt = lua_type(L, -1);
+            if (vt != LUA_TSTRING && vt != LUA_TNUMBER)
+                luaL_error(L, "%s: env value of '%s' must be a string", what, lua_tostring(L, -2));
+            const char *key = lua_tostring(L, -2);
+            if (key[0] == '\0' || strchr(key, '='))
+                luaL_error(L, "%s: bad env name '%s'", what, key);
+            lua_pushfstring(L, "%s=%s", key, lua_tostring(L, -1));
+            envp[k++] = (char *)lua_tostring(L, -1);
+            if (strcmp(key, "PATH") == 0)
+                path = envp[k - 1] + 5;             /* after "PATH=" */
+            lua_rawseti(L, anchor, ++na);
+            lua_pop(L, 1);                      /* value; key stays for lua_next */
+        }
+        envp[k] = NULL;
+        cs->envp = envp;
+        lua_remove(L, env_t);                   /* envp_ud stays; value strings held by opt.env */
+    }
+    cs->path = path ? path : DEFAULT_PATH;
+}
+
+
+/* Open an output file for appending (created 0600). Returns fd or -errno. */
+static int open_out(const char *path)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOCTTY, 0600);
+    return fd < 0 ? -errno : fd;
+}
+
+
+/* ------------------------------------------------------------------------ */
+/* Lua API                                                                  */
+/* ------------------------------------------------------------------------ */
+
+/***
+ * Start a long-running process in its own session and process group.
+ * stdin is /dev/null, stdout/stderr are appended to the given files (created 0600,
+ * default /dev/null; stderr defaults to the stdout file), every other fd is closed,
+ * the signal mask and dispositions are reset. With `env` the child gets exactly that
+ * environment (its PATH, if any, is also used to find argv[1]), else ours.
+ * @function spawn
+ * @tparam table opts {argv={...}, cwd=?, env={K=V}?, stdout=path?, stderr=path?}
+ * @return {pid=, start_time=} or nil, err (code "proc.exec" when exec/chdir failed,
+ *   "proc.io" when an output file cannot be opened, "proc.spawn" when fork failed)
+ */
+static int l_proc_spawn(lua_State *L)
+{
+    static const char *const keys[] = {"argv", "cwd", "env", "stdout", "stderr", NULL};
+    luaL_checktype(L, 1, LUA_TTABLE);
+    forge_checkkeys(L, 1, "proc.spawn", keys);
+    lua_settop(L, 1);
+    lua_newtable(L);                            /* 2: anchor */
+    struct child_spec cs;
+    memset(&cs, 0, sizeof cs);
+    read_command(L, 1, 2, &cs, "proc.spawn");
+    const char *out_path = forge_optstrfield(L, 1, "stdout", NULL);
+    const char *err_path = forge_optstrfield(L, 1, "stderr", NULL);
+
+    /* No Lua call that can raise from here until every fd is closed. */
+    char eb[128];
+    int fd_in = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (fd_in < 0)
+        return forge_pusherror(L, "proc.io", 0, "/dev/null: %s", errstr(errno, eb, sizeof eb));
+    int fd_out = out_path ? open_out(out_path) : open("/dev/null", O_WRONLY | O_CLOEXEC);
+    if (fd_out < 0) {
+        int e = out_path ? -fd_out : errno;
+        close(fd_in);
+        return forge_pusherror(L, "proc.io", 0, "%s: %s", out_path ? out_path : "/dev/null",
+                               errstr(e, eb, sizeof eb));
+    }
+    int fd_err = fd_out;
+    if (err_path && !(out_path && strcmp(err_path, out_path) == 0)) {
+        fd_err = open_out(err_path);
+        if (fd_err < 0) {
+            close(fd_in);
+            close(fd_out);
+            return forge_pusherror(L, "proc.io", 0, "%s: %s", err_path, errstr(-fd_err, eb, sizeof eb));
+        }
+    }
+    cs.fd_in = fd_in;
+    cs.fd_out = fd_out;
+    cs.fd_err = fd_err;
+    int stage = 0, err = 0;
+    pid_t pid = fork_exec(&cs, &stage, &err);
+    close(fd_in);
+    close(fd_out);
+    if (fd_err != fd_out)
+        close(fd_err);
+    if (pid < 0)
+        return push_spawn_error(L, &cs, stage, err);
+
+    struct proc_stat ps;
+    int rc = read_stat(pid, &ps);               /* our child: even a zombie is still there */
+    if (rc != 0)
+        return forge_pusherror(L, "proc.spawn", 0, "%s: pid %d: reading start time: %s",
+                               cs.argv[0], (int)pid, errstr(-rc, eb, sizeof eb));
+    lua_createtable(L, 0, 2);
+    lua_pushinteger(L, pid);
+    lua_setfield(L, -2, "pid");
+    lua_pushinteger(L, (lua_Integer)ps.start_time);
+    lua_setfield(L, -2, "start_time");
+    return 1;
+}
+
+
+/***
+ * Start time of a live process (field 22 of /proc/<pid>/stat, in clock ticks since boot).
+ * @function identity
+ * @tparam integer pid
+ * @return integer start time, or nil when there is no such process or it is a zombie
+ */
+static int l_proc_identity(lua_State *L)
+{
+    pid_t pid = check_pid(L, 1);
+    struct proc_stat ps;
+    if (read_stat(pid, &ps) != 0 || ps.state == 'Z' || ps.state == 'X' || ps.state == 'x') {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_pushinteger(L, (lua_Integer)ps.start_time);
+    return 1;
+}
+
+
+/***
+ * Whether the process pid exists, is not a zombie and has that start time.
+ * An exited child of ours with that identity is reaped.
+ * @function alive
+ * @tparam integer pid
+ * @tparam integer start_time
+ * @treturn boolean
+ */
+static int l_proc_alive(lua_State *L)
+{
+    pid_t pid = check_pid(L, 1);
+    lua_Integer st = luaL_checkinteger(L, 2);
+    lua_pushboolean(L, check_alive(pid, (long long)st));
+    return 1;
+}
+
+
+/***
+ * Send a signal to the process with that identity: to its process group when it leads
+ * one, else to the process alone.
+ * @function kill
+ * @tparam integer pid
+ * @tparam integer start_time
+ * @param sig name ("TERM", "KILL", "HUP", "INT", "USR1", "USR2", "QUIT", "STOP", "CONT",
+ *   optionally "SIG"-prefixed) or number
+ * @return true, or nil, err (code "proc.gone" when no live process has that identity)
+ */
+static int l_proc_kill(lua_State *L)
+{
+    pid_t pid = check_pid(L, 1);
+    lua_Integer st = luaL_checkinteger(L, 2);
+    int sig = check_signal(L, 3);
+    int rc = signal_identity(pid, (long long)st, sig);
+    if (rc == -ESRCH) {
+        char stbuf[32];
+        snprintf(stbuf, sizeof stbuf, "%lld", (long long)st);
+        return forge_pusherror(L, "proc.gone", 0, "no process %d with start time %s", (int)pid, stbuf);
+    }
+    if (rc < 0) {
+        char eb[128];
+        return forge_pusherror(L, "proc.kill", 0, "kill %d: %s", (int)pid, errstr(-rc, eb, sizeof eb));
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+
+/***
+ * Stop a process: SIGTERM to its group, poll every 25 ms (reaping it when it is our
+ * child), SIGKILL after `timeout` seconds, then wait (at most 5 s more) until it is gone.
+ * @function stop
+ * @tparam integer pid
+ * @tparam integer start_time
+ * @tparam[opt=10] number timeout seconds before SIGKILL
+ * @return true (also when it was already gone), or nil, err ("proc.stop", retryable)
+ */
+static int l_proc_stop(lua_State *L)
+{
+    pid_t pid = check_pid(L, 1);
+    long long st = (long long)luaL_checkinteger(L, 2);
+    double timeout = luaL_optnumber(L, 3, 10);
+    luaL_argcheck(L, timeout >= 0, 3, "timeout must be >= 0");
+    char eb[128];
+
+    int rc = signal_identity(pid, st, SIGTERM);
+    if (rc == -ESRCH) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    if (rc < 0)
+        return forge_pusherror(L, "proc.stop", 0, "kill %d: %s", (int)pid, errstr(-rc, eb, sizeof eb));
+    double deadline = now_mono() + timeout;
+    for (;;) {
+        if (!check_alive(pid, st)) {
+            lua_pushboolean(L, 1);
+            return 1;
+        }
+        double left = deadline - now_mono();
+        if (left <= 0)
+            break;
+        sleep_s(left < POLL_INTERVAL_NS / 1e9 ? left : POLL_INTERVAL_NS / 1e9);
+    }
+    rc = signal_identity(pid, st, SIGKILL);
+    if (rc < 0 && rc != -ESRCH)
+        return forge_pusherror(L, "proc.stop", 0, "kill %d: %s", (int)pid, errstr(-rc, eb, sizeof eb));
+    deadline = now_mono() + STOP_KILL_WAIT_S;
+    while (check_alive(pid, st)) {
+        if (now_mono() > deadline)
+            return forge_pusherror(L, "proc.stop", 1, "pid %d still alive %f s after SIGKILL",
+                                   (int)pid, STOP_KILL_WAIT_S);
+        sleep_s(POLL_INTERVAL_NS / 1e9);
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+
+/***
+ * Wait for our child to exit and reap it.
+ * @function wait
+ * @tparam integer pid a child of this process
+ * @tparam[opt] number timeout seconds; absent waits for ever, 0 polls once
+ * @return {code=, signal=} (code when it exited, signal when killed), nil when still
+ *   running after the timeout, or nil, err ("proc.not_child")
+ */
+static int l_proc_wait(lua_State *L)
+{
+    pid_t pid = check_pid(L, 1);
+    int forever = lua_isnoneornil(L, 2);
+    double timeout = forever ? 0 : luaL_checknumber(L, 2);
+    luaL_argcheck(L, timeout >= 0, 2, "timeout must be >= 0");
+    double deadline = now_mono() + timeout;
+    int status;
+    for (;;) {
+        pid_t r = waitpid(pid, &status, forever ? 0 : WNOHANG);
+        if (r == pid) {
+            push_status(L, status);
+            return 1;
+        }
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            char eb[128];
+            int e = errno;
+            return forge_pusherror(L, e == ECHILD ? "proc.not_child" : "proc.wait", 0, "waitpid %d: %s",
+                                   (int)pid, errstr(e, eb, sizeof eb));
+        }
+        double left = deadline - now_mono();
+        if (left <= 0) {
+            lua_pushnil(L);
+            return 1;
+        }
+        sleep_s(left < POLL_INTERVAL_NS / 1e9 ? left : POLL_INTERVAL_NS / 1e9);
+    }
+}
+
+
+/* ------------------------------------------------------------------------ */
+/* proc.run                                                                 */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * State of one run(), owned by a full userdata so that every fd, buffer and the child
+ * are released by __gc even if a Lua call raises (memory error) mid-way.
+ */
+struct run_ctx {
+    pid_t pid;                  /* 0 once reaped (or never started) */
+    int in_fd, pidfd;
+    int out_fd[2];              /* stdout, stderr read ends */
+    char *buf[2];
+    size_t len[2], cap[2];
+};
+
+
+static void run_kill_group(struct run_ctx *rc)
+{
+    if (rc->pid > 0) {
+        kill(-rc->pid, SIGKILL);                /* the group (setsid in the child) ... */
+        kill(rc->pid, SIGKILL);                 /* ... and the child, if not yet leader */
+    }
+}
+
+
+static void run_close(struct run_ctx *rc)
+{
+    if (rc->in_fd >= 0)
+        close(rc->in_fd);
+    if (rc->pidfd >= 0)
+        close(rc->pidfd);
+    for (int i = 0; i < 2; i++)
+        if (rc->out_fd[i] >= 0)
+            close(rc->out_fd[i]);
+    rc->in_fd = rc->pidfd = rc->out_fd[0] = rc->out_fd[1] = -1;
+}
+
+
+/* __gc: close fds, kill and reap a child still running, free the buffers. */
+static int l_run_gc(lua_State *L)
+{
+    struct run_ctx *rc = luaL_checkudata(L, 1, PROC_RUN_MT);
+    run_close(rc);
+    if (rc->pid > 0) {
+        run_kill_group(rc);
+        while (waitpid(rc->pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+        rc->pid = 0;
+    }
+    for (int i = 0; i < 2; i++) {
+        free(rc->buf[i]);
+        rc->buf[i] = NULL;
+    }
+    return 0;
+}
+
+
+/* Append n bytes to output i. Returns 0, or -ENOMEM. */
+static int run_append(struct run_ctx *rc, int i, const char *data, size_t n)
+{
+    if (rc->len[i] + n > rc->cap[i]) {
+        size_t cap = rc->cap[i] ? rc->cap[i] : 4096;
+        while (cap < rc->len[i] + n)
+            cap *= 2;
+        char *b = realloc(rc->buf[i], cap);
+        if (!b)
+            return -ENOMEM;
+        rc->buf[i] = b;
+        rc->cap[i] = cap;
+    }
+    memcpy(rc->buf[i] + rc->len[i], data, n);
+    rc->len[i] += n;
+    return 0;
+}
+
+
+/* Make a pipe (both ends CLOEXEC); the parent's end non-blocking. */
+static int make_pipe(int p[2], int parent_end)
+{
+    if (pipe2(p, O_CLOEXEC) < 0)
+        return -errno;
+    fcntl(p[parent_end], F_SETFL, fcntl(p[parent_end], F_GETFL) | O_NONBLOCK);
+    return 0;
+}
+
+
+/***
+ * Run a helper command to completion, feeding stdin and capturing stdout and stderr.
+ * The command runs in its own process group, which is SIGKILLed on timeout; only the
+ * command's own pid is reaped.
+ * @function run
+ * @tparam table opts {argv={...}, stdin=string?, env={K=V}?, cwd=?, timeout=seconds
+ *   (default 10), max_output=bytes per stream (default 1 MiB)}
+ * @return {code=, signal=, stdout=, stderr=}, or nil, err ("proc.exec",
+ *   "proc.timeout" (retryable), "proc.output" when an output exceeds max_output, "proc.io")
+ */
+static int l_proc_run(lua_State *L)
+{
+    static const char *const keys[] = {"argv", "stdin", "env", "cwd", "timeout", "max_output", NULL};
+    luaL_checktype(L, 1, LUA_TTABLE);
+    forge_checkkeys(L, 1, "proc.run", keys);
+    lua_settop(L, 1);
+    lua_newtable(L);                            /* 2: anchor */
+    struct child_spec cs;
+    memset(&cs, 0, sizeof cs);
+    read_command(L, 1, 2, &cs, "proc.run");
+    double timeout = opt_number_field(L, 1, "timeout", 10);
+    if (!(timeout > 0))
+        luaL_error(L, "proc.run: option 'timeout' must be > 0");
+    lua_Integer max_output = forge_optintfield(L, 1, "max_output", 1 << 20);
+    if (max_output < 0)
+        luaL_error(L, "proc.run: option 'max_output' must be >= 0");
+    size_t in_len = 0;
+    const char *in_data = NULL;
+    lua_getfield(L, 1, "stdin");
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TSTRING)
+            luaL_error(L, "proc.run: option 'stdin' must be a string");
+        in_data = lua_tolstring(L, -1, &in_len);
+    }
+    lua_pop(L, 1);                              /* still held by opts */
+
+    struct run_ctx *rc = lua_newuserdatauv(L, sizeof *rc, 0);
+    memset(rc, 0, sizeof *rc);
+    rc->in_fd = rc->pidfd = rc->out_fd[0] = rc->out_fd[1] = -1;
+    if (luaL_newmetatable(L, PROC_RUN_MT)) {
+        lua_pushcfunction(L, l_run_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_setmetatable(L, -2);
+    int ctx_idx = lua_gettop(L);
+
+    /* From here to the result, only rc owns resources; nothing below raises before
+     * the final pushes, and those are covered by __gc. */
+    char eb[128];
+    int pin[2] = {-1, -1}, pout[2] = {-1, -1}, perr[2] = {-1, -1};
+    int e = 0;
+    if (in_data)
+        e = make_pipe(pin, 1);
+    else if ((pin[0] = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0)
+        e = -errno;
+    if (e == 0)
+        e = make_pipe(pout, 0);
+    if (e == 0)
+        e = make_pipe(perr, 0);
+    if (e < 0) {
+        int fds[] = {pin[0], pin[1], pout[0], pout[1], perr[0], perr[1]};
+        for (int i = 0; i < 6; i++)
+            if (fds[i] >= 0)
+                close(fds[i]);
+        return forge_pusherror(L, "proc.io", 1, "pipe: %s", errstr(-e, eb, sizeof eb));
+    }
+    rc->in_fd = pin[1];
+    rc->out_fd[0] = pout[0];
+    rc->out_fd[1] = perr[0];
+    cs.fd_in = pin[0];
+    cs.fd_out = pout[1];
+    cs.fd_err = perr[1];
+    int stage = 0, err = 0;
+    pid_t pid = fork_exec(&cs, &stage, &err);
+    close(pin[0]);
+    close(pout[1]);
+    close(perr[1]);
+    if (pid < 0) {
+        run_close(rc);
+        return push_spawn_error(L, &cs, stage, err);
+    }
+    rc->pid = pid;
+    rc->pidfd = pidfd_open_(pid);               /* readable once the child exits */
+    if (in_data && in_len == 0) {
+        close(rc->in_fd);
+        rc->in_fd = -1;
+    }
+
+    /* SIGPIPE stays blocked while we feed stdin; one we raise is consumed below. */
+    sigset_t pipeset, oldmask, pending;
+    sigemptyset(&pipeset);
+    sigaddset(&pipeset, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipeset, &oldmask);
+    sigpending(&pending);
+    int pipe_was_pending = sigismember(&pending, SIGPIPE);
+    int got_epipe = 0;
+
+    size_t in_off = 0;
+    int status = 0, reaped = 0, failure = 0;    /* failure: 1 timeout, 2 output limit, 3 io */
+    int fail_errno = 0;
+    double deadline = now_mono() + timeout;
+    char chunk[16384];
+    for (;;) {
+        if (!reaped) {
+            pid_t r = waitpid(pid, &status, WNOHANG);
+            if (r == pid) {
+                reaped = 1;
+                rc->pid = 0;
+                if (rc->pidfd >= 0) {
+                    close(rc->pidfd);
+                    rc->pidfd = -1;
+                }
+            }
+        }
+        if (reaped && rc->out_fd[0] < 0 && rc->out_fd[1] < 0)
+            break;
+        double left = deadline - now_mono();
+        if (left <= 0) {
+            if (!reaped)
+                failure = 1;
+            break;                              /* reaped: leftovers hold the pipes; stop */
+        }
+        int wait_ms = (int)(left * 1000) + 1;
+        if (reaped && wait_ms > RUN_GRACE_MS)
+            wait_ms = RUN_GRACE_MS;
+        else if (!reaped && rc->pidfd < 0 && wait_ms > 20)
+            wait_ms = 20;                       /* no pidfd: poll waitpid */
+
+        struct pollfd pf[4];
+        int np = 0, ix_in = -1, ix_out[2] = {-1, -1};
+        if (rc->in_fd >= 0) {
+            pf[np] = (struct pollfd){.fd = rc->in_fd, .events = POLLOUT};
+            ix_in = np++;
+        }
+        for (int i = 0; i < 2; i++)
+            if (rc->out_fd[i] >= 0) {
+                pf[np] = (struct pollfd){.fd = rc->out_fd[i], .events = POLLIN};
+                ix_out[i] = np++;
+            }
+        if (!reaped && rc->pidfd >= 0)
+            pf[np++] = (struct pollfd){.fd = rc->pidfd, .events = POLLIN};
+        int nr = poll(pf, (nfds_t)np, wait_ms);
+        if (nr < 0) {
+            if (errno == EINTR)
+                continue;
+            failure = 3;
+            fail_errno = errno;
+            break;
+        }
+        if (nr == 0 && reaped)
+            break;                              /* exited and output idle: done */
+        if (ix_in >= 0 && pf[ix_in].revents) {
+            ssize_t w = write(rc->in_fd, in_data + in_off, in_len - in_off);
+            if (w > 0)
+                in_off += (size_t)w;
+            else if (w < 0 && errno == EPIPE)
+                got_epipe = 1;
+            if ((w < 0 && errno != EAGAIN && errno != EINTR) || in_off == in_len ||
+                (pf[ix_in].revents & (POLLERR | POLLHUP))) {
+                close(rc->in_fd);               /* done, or the child closed its stdin */
+                rc->in_fd = -1;
+            }
+        }
+        for (int i = 0; i < 2 && !failure; i++) {
+            if (ix_out[i] < 0 || !pf[ix_out[i]].revents)
+                continue;
+            ssize_t r = read(rc->out_fd[i], chunk, sizeof chunk);
+            if (r > 0) {
+                if (rc->len[i] + (size_t)r > (size_t)max_output) {
+                    failure = 2;
+                    fail_errno = i;
+                } else if (run_append(rc, i, chunk, (size_t)r) < 0) {
+                    failure = 3;
+                    fail_errno = ENOMEM;
+                }
+            } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
+                close(rc->out_fd[i]);
+                rc->out_fd[i] = -1;
+            }
+        }
+        if (failure)
+            break;
+    }
+
+    if (got_epipe && !pipe_was_pending) {
+        struct timespec zero = {0, 0};
+        while (sigtimedwait(&pipeset, NULL, &zero) < 0 && errno == EINTR)
+            ;
+    }
+    pthread_sigmask(SIG_SETMASK, &oldmask, NULL);
+
+    run_close(rc);
+    if (failure) {
+        if (!reaped) {
+            run_kill_group(rc);
+            while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+                ;
+            rc->pid = 0;
+        }
+        if (failure == 1)
+            return forge_pusherror(L, "proc.timeout", 1, "%s: timed out after %f s", cs.argv[0], timeout);
+        if (failure == 2) {
+            char nb[32];
+            snprintf(nb, sizeof nb, "%lld", (long long)max_output);
+            return forge_pusherror(L, "proc.output", 0, "%s: %s exceeds %s bytes", cs.argv[0],
+                                   fail_errno ? "stderr" : "stdout", nb);
+        }
+        return forge_pusherror(L, "proc.io", 1, "%s: %s", cs.argv[0], errstr(fail_errno, eb, sizeof eb));
+    }
+    push_status(L, status);
+    lua_pushlstring(L, rc->buf[0] ? rc->buf[0] : "", rc->len[0]);
+    lua_setfield(L, -2, "stdout");
+    lua_pushlstring(L, rc->buf[1] ? rc->buf[1] : "", rc->len[1]);
+    lua_setfield(L, -2, "stderr");
+    lua_pushnil(L);                             /* release the buffers now, not at next GC */
+    lua_setmetatable(L, ctx_idx);
+    for (int i = 0; i < 2; i++) {
+        free(rc->buf[i]);
+        rc->buf[i] = NULL;
+    }
+    return 1;
+}
+
+
+/* ------------------------------------------------------------------------ */
+/* time                                                                     */
+/* ------------------------------------------------------------------------ */
+
+/***
+ * Sleep (fractional seconds; resumes after signals).
+ * @function sleep
+ * @tparam number seconds
+ */
+static int l_proc_sleep(lua_State *L)
+{
+    double s = luaL_checknumber(L, 1);
+    luaL_argcheck(L, s >= 0 && s < 1e9, 1, "seconds must be in [0, 1e9)");
+    sleep_s(s);
+    return 0;
+}
+
+
+/***
+ * Monotonic clock.
+ * @function monotonic
+ * @treturn number seconds (CLOCK_MONOTONIC)
+ */
+static int l_proc_monotonic(lua_State *L)
+{
+    lua_pushnumber(L, now_mono());
+    return 1;
+}
+
+
+/***
+ * Wall clock.
+ * @function time
+ * @treturn number seconds since the epoch, fractional
+ */
+static int l_proc_time(lua_State *L)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    lua_pushnumber(L, (double)ts.tv_sec + (double)ts.tv_nsec / 1e9);
+    return 1;
+}
+
+
+/***
+ * Our own pid.
+ * @function getpid
+ * @treturn integer
+ */
+static int l_proc_getpid(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)getpid());
+    return 1;
+}
+
+
+/* ------------------------------------------------------------------------ */
+/* network probes                                                           */
+/* ------------------------------------------------------------------------ */
+
+static int check_port(lua_State *L, int idx)
+{
+    lua_Integer port = luaL_checkinteger(L, idx);
+    luaL_argcheck(L, port >= 1 && port <= 65535, idx, "port must be in 1..65535");
+    return (int)port;
+}
+
+
+/***
+ * Whether a TCP port can be bound (bind test with SO_REUSEADDR; the socket is closed
+ * at once).
+ * @function port_free
+ * @tparam integer port
+ * @tparam[opt="127.0.0.1"] string host a numeric address or a name
+ * @return true when free, false when in use, or nil, err ("proc.net") when the test
+ *   itself fails (unresolvable host, address not local, permission)
+ */
+static int l_proc_port_free(lua_State *L)
+{
+    int port = check_port(L, 1);
+    const char *host = luaL_optstring(L, 2, "127.0.0.1");
+    char serv[8], eb[128];
+    snprintf(serv, sizeof serv, "%d", port);
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV | AI_PASSIVE;
+    int g = getaddrinfo(host, serv, &hints, &res);
+    if (g != 0)
+        return forge_pusherror(L, "proc.net", 0, "%s: %s", host, gai_strerror(g));
+    int result = -1, last = 0;
+    for (struct addrinfo *ai = res; ai && result < 0; ai = ai->ai_next) {
+        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+        if (fd < 0) {
+            last = errno;
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0)
+            result = 1;
+        else if (errno == EADDRINUSE)
+            result = 0;
+        else
+            last = errno;
+        close(fd);
+    }
+    freeaddrinfo(res);
+    if (result < 0)
+        return forge_pusherror(L, "proc.net", 0, "%s:%d: %s", host, port, errstr(last, eb, sizeof eb));
+    lua_pushboolean(L, result);
+    return 1;
+}
+
+
+/* Non-blocking connect to one address within `ms`. Returns 0 or -errno. */
+static int try_connect(const struct addrinfo *ai, int ms)
+{
+    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, ai->ai_protocol);
+    if (fd < 0)
+        return -errno;
+    int rc = 0;
+    if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
+        if (errno != EINPROGRESS) {
+            rc = -errno;
+        } else {
+            struct pollfd pf = {.fd = fd, .events = POLLOUT};
+            double end = now_mono() + ms / 1000.0;
+            int n;
+            for (;;) {
+                int left = (int)((end - now_mono()) * 1000);
+                n = poll(&pf, 1, left > 0 ? left : 0);
+                if (n >= 0 || errno != EINTR)
+                    break;
+            }
+            if (n == 0) {
+                rc = -ETIMEDOUT;
+            } else if (n < 0) {
+                rc = -errno;
+            } else {
+                int soerr = 0;
+                socklen_t sl = sizeof soerr;
+                if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0)
+                    soerr = errno;
+                rc = -soerr;
+            }
+        }
+    }
+    close(fd);
+    return rc;
+}
+
+
+/***
+ * Whether a TCP connection to host:port succeeds within the timeout.
+ * @function tcp_check
+ * @tparam string host
+ * @tparam integer port
+ * @tparam[opt=1] number timeout seconds (shared by every address of host)
+ * @return true, or false, err ("proc.net": refused, timed out, unresolvable)
+ */
+static int l_proc_tcp_check(lua_State *L)
+{
+    const char *host = luaL_checkstring(L, 1);
+    int port = check_port(L, 2);
+    double timeout = luaL_optnumber(L, 3, 1);
+    luaL_argcheck(L, timeout >= 0 && timeout < 86400, 3, "timeout must be in [0, 86400)");
+    char serv[8], eb[128];
+    snprintf(serv, sizeof serv, "%d", port);
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    int g = getaddrinfo(host, serv, &hints, &res);
+    if (g != 0) {
+        lua_pushboolean(L, 0);
+        forge_newerror(L, "proc.net", 0, "%s: %s", host, gai_strerror(g));
+        return 2;
+    }
+    double end = now_mono() + timeout;
+    int rc = -ECONNREFUSED;
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        int ms = (int)((end - now_mono()) * 1000);
+        rc = try_connect(ai, ms > 0 ? ms : 0);
+        if (rc == 0 || ms <= 0)
+            break;
+    }
+    freeaddrinfo(res);
+    if (rc == 0) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    lua_pushboolean(L, 0);
+    forge_newerror(L, "proc.net", rc == -ETIMEDOUT, "%s:%d: %s", host, port, errstr(-rc, eb, sizeof eb));
+    return 2;
+}
+
+
+int luaopen_forge_proc(lua_State *L)
+{
+    static const luaL_Reg lib[] = {
+        {"spawn", l_proc_spawn},
+        {"identity", l_proc_identity},
+        {"alive", l_proc_alive},
+        {"kill", l_proc_kill},
+        {"stop", l_proc_stop},
+        {"wait", l_proc_wait},
+        {"run", l_proc_run},
+        {"sleep", l_proc_sleep},
+        {"monotonic", l_proc_monotonic},
+        {"time", l_proc_time},
+        {"getpid", l_proc_getpid},
+        {"port_free", l_proc_port_free},
+        {"tcp_check", l_proc_tcp_check},
+        {NULL, NULL},
+    };
+    luaL_newlib(L, lib);
+    forge_setmodinfo(L, "forge.proc");
+    return 1;
+}

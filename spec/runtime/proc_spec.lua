@@ -1,0 +1,344 @@
+-- forge.proc: spawn, identity, supervision, helper commands, probes.
+local proc = require "forge.proc"
+
+local function tmpdir()
+  local r = assert(proc.run { argv = { "mktemp", "-d" } })
+  return (r.stdout:gsub("%s+$", ""))
+end
+
+local function slurp(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+local function exists(path)
+  local f = io.open(path, "r")
+  if f then f:close() return true end
+  return false
+end
+
+-- wait until pred() or the deadline; returns pred's last value
+local function eventually(pred, timeout)
+  local deadline = proc.monotonic() + (timeout or 5)
+  repeat
+    local v = pred()
+    if v then return v end
+    proc.sleep(0.02)
+  until proc.monotonic() > deadline
+  return pred()
+end
+
+local function free_port()
+  for _ = 1, 200 do
+    local p = math.random(20000, 60000)
+    if proc.port_free(p) then return p end
+  end
+  error("no free port")
+end
+
+describe("forge.proc", function()
+  local dir
+
+  setup(function()
+    math.randomseed(os.time() + proc.getpid())
+    dir = tmpdir()
+  end)
+
+  teardown(function()
+    if dir then proc.run { argv = { "rm", "-rf", dir } } end
+  end)
+
+  it("has module info", function()
+    assert.equal("forge.proc", proc._NAME)
+    assert.is_string(proc._VERSION)
+  end)
+
+  describe("spawn / identity / alive / stop", function()
+    it("spawns sleep, knows its identity and stops it without leaving a zombie", function()
+      local p = assert(proc.spawn { argv = { "sleep", "30" } })
+      assert.equal("integer", math.type(p.pid))
+      assert.equal("integer", math.type(p.start_time))
+      assert.equal(p.start_time, proc.identity(p.pid))
+      assert.is_true(proc.alive(p.pid, p.start_time))
+      assert.is_true(exists("/proc/" .. p.pid .. "/stat"))
+      local t0 = proc.monotonic()
+      assert.is_true(proc.stop(p.pid, p.start_time))
+      assert.is_true(proc.monotonic() - t0 < 2)
+      assert.is_false(proc.alive(p.pid, p.start_time))
+      assert.is_nil(proc.identity(p.pid))
+      assert.is_false(exists("/proc/" .. p.pid .. "/stat"))   -- reaped, no zombie
+      -- already gone: still true
+      assert.is_true(proc.stop(p.pid, p.start_time))
+    end)
+
+    it("runs the child in its own session and process group", function()
+      local p = assert(proc.spawn { argv = { "sleep", "30" } })
+      local stat = slurp("/proc/" .. p.pid .. "/stat")
+      local rest = stat:match("%) (.*)$")
+      local fields = {}
+      for w in rest:gmatch("%S+") do fields[#fields + 1] = w end
+      -- fields[1] = state (3), [3] = pgrp (5), [4] = session (6)
+      assert.equal(tostring(p.pid), fields[3])
+      assert.equal(tostring(p.pid), fields[4])
+      assert.is_true(proc.stop(p.pid, p.start_time))
+    end)
+
+    it("escalates to KILL when TERM is ignored", function()
+      local p = assert(proc.spawn {
+        argv = { "sh", "-c", "trap '' TERM; while :; do sleep 0.05; done" },
+      })
+      proc.sleep(0.1)  -- let the shell install its trap
+      local t0 = proc.monotonic()
+      assert.is_true(proc.stop(p.pid, p.start_time, 0.3))
+      local dt = proc.monotonic() - t0
+      assert.is_true(dt >= 0.3, "stopped before the timeout: " .. dt)
+      assert.is_true(dt < 3, "took " .. dt)
+      assert.is_false(proc.alive(p.pid, p.start_time))
+      assert.is_false(exists("/proc/" .. p.pid .. "/stat"))
+    end)
+
+    it("reports exec failure of a missing binary", function()
+      local p, err = proc.spawn { argv = { "forge-no-such-binary-xyz", "x" } }
+      assert.is_nil(p)
+      assert.equal("proc.exec", err.code)
+      assert.equal("forge-no-such-binary-xyz: No such file or directory", err.message)
+      assert.matches("^proc.exec: ", tostring(err))
+    end)
+
+    it("reports exec failure of a non-executable file and a bad cwd", function()
+      local path = dir .. "/notexec"
+      local f = assert(io.open(path, "w")); f:write("#!/bin/sh\n"); f:close()
+      local p, err = proc.spawn { argv = { path } }
+      assert.is_nil(p)
+      assert.equal("proc.exec", err.code)
+      assert.matches("Permission denied", err.message)
+      p, err = proc.spawn { argv = { "true" }, cwd = dir .. "/missing" }
+      assert.is_nil(p)
+      assert.equal("proc.exec", err.code)
+      assert.matches("chdir", err.message)
+    end)
+
+    it("redirects output to files (appending, 0600), stderr defaulting to stdout", function()
+      local out, errf = dir .. "/out.log", dir .. "/err.log"
+      local p = assert(proc.spawn { argv = { "sh", "-c", "echo one; echo two >&2" }, stdout = out, stderr = errf })
+      assert.same({ code = 0 }, proc.wait(p.pid, 5))
+      assert.equal("one\n", slurp(out))
+      assert.equal("two\n", slurp(errf))
+      p = assert(proc.spawn { argv = { "sh", "-c", "echo three; echo four >&2" }, stdout = out })
+      assert.same({ code = 0 }, proc.wait(p.pid, 5))
+      local s = slurp(out)
+      assert.equal("one\n", s:sub(1, 4))
+      assert.matches("three\n", s)
+      assert.matches("four\n", s)
+      local r = assert(proc.run { argv = { "stat", "-c", "%a", out } })
+      assert.equal("600\n", r.stdout)
+    end)
+
+    it("gives the child /dev/null as stdin and closes our other fds", function()
+      local out = dir .. "/fds.log"
+      local p = assert(proc.spawn {
+        argv = { "sh", "-c", "readlink /proc/self/fd/0; ls /proc/self/fd | wc -l" },
+        stdout = out,
+      })
+      assert.same({ code = 0 }, proc.wait(p.pid, 5))
+      local s = slurp(out)
+      assert.matches("^/dev/null\n", s)
+      -- 0, 1, 2 and the fd ls itself opens to read the directory
+      assert.equal("4", s:match("\n(%d+)\n$"))
+    end)
+
+    it("replaces the environment when env is given, inherits it otherwise", function()
+      local out = dir .. "/env.log"
+      local p = assert(proc.spawn { argv = { "/usr/bin/env" }, env = { FOO = "bar", N = 42 }, stdout = out })
+      assert.same({ code = 0 }, proc.wait(p.pid, 5))
+      local lines = {}
+      for l in slurp(out):gmatch("[^\n]+") do lines[#lines + 1] = l end
+      table.sort(lines)
+      assert.same({ "FOO=bar", "N=42" }, lines)
+      local r = assert(proc.run { argv = { "sh", "-c", 'echo "$HOME"' } })
+      assert.equal((os.getenv("HOME") or "") .. "\n", r.stdout)
+    end)
+
+    it("resets ignored signals and runs in cwd", function()
+      local out = dir .. "/sig.log"
+      local p = assert(proc.spawn {
+        argv = { "sh", "-c", "pwd; grep -E '^Sig(Ign|Blk)' /proc/self/status" },
+        cwd = dir, stdout = out,
+      })
+      assert.same({ code = 0 }, proc.wait(p.pid, 5))
+      local s = slurp(out)
+      assert.matches(dir, s, 1, true)
+      assert.matches("SigBlk:%s+0+\n", s)
+      assert.matches("SigIgn:%s+0+\n", s)
+    end)
+
+    it("alive() is false for a wrong start time and kill() refuses it", function()
+      local p = assert(proc.spawn { argv = { "sleep", "30" } })
+      assert.is_false(proc.alive(p.pid, p.start_time + 1))
+      local ok, err = proc.kill(p.pid, p.start_time - 1, "TERM")
+      assert.is_nil(ok)
+      assert.equal("proc.gone", err.code)
+      assert.is_true(proc.alive(p.pid, p.start_time))   -- untouched
+      assert.is_true(proc.kill(p.pid, p.start_time, "STOP"))
+      assert.is_true(proc.kill(p.pid, p.start_time, "SIGCONT"))
+      assert.is_true(proc.kill(p.pid, p.start_time, 0))
+      assert.is_true(proc.kill(p.pid, p.start_time, "KILL"))
+      assert.truthy(eventually(function() return not proc.alive(p.pid, p.start_time) end))
+      assert.is_false(exists("/proc/" .. p.pid .. "/stat"))
+      ok, err = proc.kill(p.pid, p.start_time, "TERM")
+      assert.is_nil(ok)
+      assert.equal("proc.gone", err.code)
+    end)
+
+    it("identity is nil for a missing pid and alive() false", function()
+      assert.is_nil(proc.identity(4194000))
+      assert.is_false(proc.alive(4194000, 1))
+      assert.equal("integer", math.type(proc.identity(proc.getpid())))
+    end)
+
+    it("kill() signals the whole group", function()
+      local out = dir .. "/grp.log"
+      local p = assert(proc.spawn { argv = { "sh", "-c", "sleep 30 & echo $!; wait" }, stdout = out })
+      local child = tonumber(eventually(function() return (slurp(out) or ""):match("(%d+)\n") end))
+      assert.equal("integer", math.type(child))
+      local cst = proc.identity(child)
+      assert.equal("integer", math.type(cst))
+      assert.is_true(proc.kill(p.pid, p.start_time, "TERM"))
+      assert.truthy(eventually(function() return proc.identity(child) == nil end))
+      assert.truthy(proc.wait(p.pid, 5))
+    end)
+
+    it("wait() returns the exit status, nil while running", function()
+      local p = assert(proc.spawn { argv = { "sh", "-c", "sleep 0.2; exit 7" } })
+      assert.is_nil(proc.wait(p.pid, 0))
+      assert.same({ code = 7 }, proc.wait(p.pid, 5))
+      local ok, err = proc.wait(p.pid, 0)
+      assert.is_nil(ok)
+      assert.equal("proc.not_child", err.code)
+      p = assert(proc.spawn { argv = { "sleep", "30" } })
+      assert.is_true(proc.kill(p.pid, p.start_time, "KILL"))
+      assert.same({ signal = 9 }, proc.wait(p.pid))
+    end)
+
+    it("raises on misuse", function()
+      assert.has_error(function() proc.spawn {} end)
+      assert.has_error(function() proc.spawn { argv = {} } end)
+      assert.has_error(function() proc.spawn { argv = { "true" }, bogus = 1 } end)
+      assert.has_error(function() proc.spawn { argv = { "true" }, env = { [1] = "x" } } end)
+      assert.has_error(function() proc.spawn { argv = { "true", {} } } end)
+      assert.has_error(function() proc.kill(1, 1, "TERM") end)
+      assert.has_error(function() proc.kill(12345, 1, "NOPE") end)
+      assert.has_error(function() proc.run { argv = { "true" }, timeout = -1 } end)
+      assert.has_error(function() proc.port_free(70000) end)
+    end)
+  end)
+
+  describe("run", function()
+    it("feeds stdin and captures stdout, stderr and the exit code", function()
+      local r = assert(proc.run { argv = { "sh", "-c", "tr a-z A-Z; echo err >&2; exit 3" }, stdin = "hello\n" })
+      assert.equal("HELLO\n", r.stdout)
+      assert.equal("err\n", r.stderr)
+      assert.equal(3, r.code)
+      assert.is_nil(r.signal)
+    end)
+
+    it("handles large stdin and output", function()
+      local big = string.rep("0123456789abcdef", 65536)  -- 1 MiB
+      local r = assert(proc.run { argv = { "cat" }, stdin = big, max_output = 2 * 1024 * 1024 })
+      assert.equal(#big, #r.stdout)
+      assert.equal(big, r.stdout)
+    end)
+
+    it("survives a child that does not read its stdin", function()
+      local r = assert(proc.run { argv = { "true" }, stdin = string.rep("x", 1024 * 1024) })
+      assert.equal(0, r.code)
+    end)
+
+    it("reports signals", function()
+      local r = assert(proc.run { argv = { "sh", "-c", "kill -KILL $$" } })
+      assert.equal(9, r.signal)
+      assert.is_nil(r.code)
+    end)
+
+    it("passes env and cwd", function()
+      local r = assert(proc.run { argv = { "sh", "-c", "echo $X; pwd" }, env = { X = "y", PATH = "/usr/bin:/bin" },
+        cwd = "/" })
+      assert.equal("y\n/\n", r.stdout)
+    end)
+
+    it("times out and kills the process group, grandchildren included", function()
+      local out = dir .. "/gc.pid"
+      local t0 = proc.monotonic()
+      local r, err = proc.run { argv = { "sh", "-c", "sleep 100 & echo $! > " .. out .. "; sleep 100" }, timeout = 0.5 }
+      local dt = proc.monotonic() - t0
+      assert.is_nil(r)
+      assert.equal("proc.timeout", err.code)
+      assert.is_true(err.retryable)
+      assert.is_true(dt < 2, "took " .. dt)
+      local gc = tonumber(slurp(out):match("%d+"))
+      assert.truthy(eventually(function() return proc.identity(gc) == nil end, 2))
+    end)
+
+    it("does not wait for a grandchild holding the pipes after the command exits", function()
+      local t0 = proc.monotonic()
+      local r = assert(proc.run { argv = { "sh", "-c", "echo hi; sleep 3 & exit 0" }, timeout = 5 })
+      assert.equal("hi\n", r.stdout)
+      assert.is_true(proc.monotonic() - t0 < 2)
+    end)
+
+    it("reports a missing binary and enforces max_output", function()
+      local r, err = proc.run { argv = { "forge-no-such-binary-xyz" } }
+      assert.is_nil(r)
+      assert.equal("proc.exec", err.code)
+      r, err = proc.run { argv = { "yes" }, max_output = 1000 }
+      assert.is_nil(r)
+      assert.equal("proc.output", err.code)
+    end)
+  end)
+
+  describe("time", function()
+    it("sleeps, and reads the clocks", function()
+      local t0 = proc.monotonic()
+      proc.sleep(0.05)
+      local dt = proc.monotonic() - t0
+      assert.is_true(dt >= 0.05 and dt < 1)
+      assert.is_true(math.abs(proc.time() - os.time()) < 2)
+      assert.equal("integer", math.type(proc.getpid()))
+    end)
+  end)
+
+  describe("network probes", function()
+    it("port_free and tcp_check against a listener", function()
+      local port = free_port()
+      assert.is_true(proc.port_free(port))
+      local ok, err = proc.tcp_check("127.0.0.1", port, 0.5)
+      assert.is_false(ok)
+      assert.equal("proc.net", err.code)
+      local srv = assert(proc.spawn {
+        argv = { "/usr/bin/python3", "-c", [[
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(8)
+time.sleep(60)
+]], tostring(port) },
+      })
+      assert.truthy(eventually(function() return proc.tcp_check("127.0.0.1", port, 0.2) end, 10))
+      assert.is_false(proc.port_free(port))
+      assert.is_true(proc.tcp_check("localhost", port))
+      assert.is_true(proc.stop(srv.pid, srv.start_time))
+      assert.truthy(eventually(function() return proc.port_free(port) end))
+      assert.is_false(proc.tcp_check("127.0.0.1", port, 0.2))
+    end)
+
+    it("tcp_check reports an unresolvable host", function()
+      local ok, err = proc.tcp_check("no-such-host.invalid", 80, 0.5)
+      assert.is_false(ok)
+      assert.equal("proc.net", err.code)
+    end)
+  end)
+end)
