@@ -1,0 +1,1081 @@
+/*
+ * forge.store — the embedded backend of the etcd-v3-like key/value store.
+ *
+ * One SQLite file in WAL mode holds every instance, binding and operation of the
+ * broker. Several lua_States (threads) and several processes may open the same
+ * file; each db object owns exactly one sqlite3 connection and a small set of
+ * statements prepared once in store.open.
+ *
+ * Semantics follow etcd v3 (see ../../shared/DESIGN.md "Store semantics"):
+ *  - one global revision counter (a fresh store is at revision 1, as etcd),
+ *    bumped once per write that changed something; every key written by that
+ *    write gets mod_revision = the new revision;
+ *  - per key: create_revision, mod_revision, version (puts since creation;
+ *    a delete forgets the key, so a re-created key starts at version 1 again);
+ *  - compare-and-swap through prev_revision (0 = "must not exist") and txn.
+ *
+ * Concurrency: every write runs in one `BEGIN IMMEDIATE` transaction that first
+ * evaluates its compares, so two connections racing a CAS are serialised by
+ * SQLite's write lock and only one can see the old mod_revision. Reads that
+ * return several values (range) run in one read transaction, so the rows and
+ * the revision come from the same snapshot.
+ *
+ * Raises versus SQL: arguments are validated (and may raise) before any SQL
+ * runs. Write paths run no Lua call between BEGIN and COMMIT/ROLLBACK. Read
+ * paths, which must push strings while a statement is live, run their body
+ * under lua_pcall; on a raise every statement is reset and any transaction is
+ * rolled back before the error is re-raised.
+ */
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <sqlite3.h>
+
+#include "forge/forge.h"
+
+#define STORE_MT          "forge.store.db"
+#define STORE_KEY_MAX     1024
+#define STORE_VALUE_MAX   (8 * 1024 * 1024)
+#define STORE_SCHEMA      1
+#define STORE_BUSY_MS     5000
+
+#define checkdb(L)        (store_check((L), 1))
+
+
+/* ---------------------------------------------------------------------------
+ * Connection and prepared statements
+ * ------------------------------------------------------------------------- */
+
+enum {
+    ST_BEGIN, ST_BEGIN_IMM, ST_COMMIT, ST_ROLLBACK,
+    ST_GET, ST_RANGE, ST_REV_GET, ST_REV_SET,
+    ST_PUT, ST_DEL, ST_DEL_RANGE,
+    ST__N
+};
+
+static const char *const stmt_sql[ST__N] = {
+    [ST_BEGIN]     = "BEGIN",
+    [ST_BEGIN_IMM] = "BEGIN IMMEDIATE",
+    [ST_COMMIT]    = "COMMIT",
+    [ST_ROLLBACK]  = "ROLLBACK",
+    [ST_GET]       = "SELECT create_revision, mod_revision, version, value FROM kv WHERE key = ?1",
+    /* ?2 is always bound: see prefix_end() */
+    [ST_RANGE]     = "SELECT key, create_revision, mod_revision, version, value FROM kv"
+                     " WHERE key >= ?1 AND key < ?2 ORDER BY key LIMIT ?3",
+    [ST_REV_GET]   = "SELECT revision FROM meta WHERE id = 0",
+    [ST_REV_SET]   = "UPDATE meta SET revision = ?1 WHERE id = 0",
+    [ST_PUT]       = "INSERT INTO kv (key, create_revision, mod_revision, version, value)"
+                     " VALUES (?1, ?3, ?3, 1, ?2)"
+                     " ON CONFLICT (key) DO UPDATE SET mod_revision = excluded.mod_revision,"
+                     " version = kv.version + 1, value = excluded.value",
+    [ST_DEL]       = "DELETE FROM kv WHERE key = ?1",
+    [ST_DEL_RANGE] = "DELETE FROM kv WHERE key >= ?1 AND key < ?2",
+};
+
+/*
+ * Keys are always bound as BLOBs so SQLite compares them with memcmp (byte
+ * order, as etcd). Small columns come before the value so reading a
+ * mod_revision never has to walk a large value's overflow pages.
+ */
+static const char schema_sql[] =
+    "CREATE TABLE IF NOT EXISTS kv ("
+    " key BLOB NOT NULL UNIQUE,"
+    " create_revision INTEGER NOT NULL,"
+    " mod_revision INTEGER NOT NULL,"
+    " version INTEGER NOT NULL,"
+    " value BLOB NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS meta ("
+    " id INTEGER PRIMARY KEY CHECK (id = 0),"
+    " revision INTEGER NOT NULL);"
+    "INSERT OR IGNORE INTO meta (id, revision) VALUES (0, 1);";
+
+struct store {
+    sqlite3 *db;                    /* NULL once closed */
+    sqlite3_stmt *st[ST__N];
+};
+
+/* An SQLite failure, copied out of the connection before any rollback. */
+struct sqlerr {
+    int rc;
+    char msg[256];
+};
+
+
+static int sql_fail(struct store *s, struct sqlerr *e, int rc)
+{
+    e->rc = rc;
+    snprintf(e->msg, sizeof e->msg, "%s", s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(rc));
+    return rc;
+}
+
+
+static void stmt_finish(sqlite3_stmt *st)
+{
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);     /* drop SQLITE_STATIC pointers into Lua strings */
+}
+
+
+/* Step a statement whose rows (if any) are ignored, then reset it. */
+static int stmt_exec(struct store *s, int id, struct sqlerr *e)
+{
+    sqlite3_stmt *st = s->st[id];
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW || rc == SQLITE_DONE)
+        rc = SQLITE_OK;
+    else
+        sql_fail(s, e, rc);
+    stmt_finish(st);
+    return rc;
+}
+
+
+/* After any failure or raise: reset every statement and end any open transaction. */
+static void store_abort(struct store *s)
+{
+    if (!s->db)
+        return;
+    for (int i = 0; i < ST__N; i++)
+        if (s->st[i])
+            stmt_finish(s->st[i]);
+    if (!sqlite3_get_autocommit(s->db)) {
+        if (s->st[ST_ROLLBACK]) {
+            sqlite3_step(s->st[ST_ROLLBACK]);
+            sqlite3_reset(s->st[ST_ROLLBACK]);
+        } else {
+            sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+        }
+    }
+}
+
+
+static void store_release(struct store *s)
+{
+    if (!s->db)
+        return;
+    store_abort(s);
+    for (int i = 0; i < ST__N; i++) {
+        sqlite3_finalize(s->st[i]);
+        s->st[i] = NULL;
+    }
+    sqlite3_close_v2(s->db);
+    s->db = NULL;
+}
+
+
+/* sqlite3_exec callback: copy the first column of the first row into buf[64]. */
+static int first_column_cb(void *buf, int ncol, char **vals, char **names)
+{
+    (void)names;
+    if (ncol > 0 && vals[0] && !((char *)buf)[0])
+        snprintf(buf, 64, "%s", vals[0]);
+    return 0;
+}
+
+
+/*
+ * Open the connection, switch to WAL, create or check the schema, prepare the
+ * statements. Runs no Lua. On failure the caller calls store_release().
+ */
+static int store_connect(struct store *s, const char *path, int busy_ms, struct sqlerr *e)
+{
+    char mode[64] = "";
+    char version[64] = "";
+    int rc = sqlite3_open_v2(path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL);
+    if (rc != SQLITE_OK)
+        return sql_fail(s, e, rc);
+    sqlite3_busy_timeout(s->db, busy_ms);
+
+    rc = sqlite3_exec(s->db, "PRAGMA journal_mode=WAL", first_column_cb, mode, NULL);
+    if (rc != SQLITE_OK)
+        return sql_fail(s, e, rc);
+    if (strcmp(mode, "wal") != 0 && strcmp(mode, "memory") != 0) {
+        e->rc = SQLITE_CANTOPEN;
+        snprintf(e->msg, sizeof e->msg, "cannot switch to WAL (journal_mode is '%s')", mode);
+        return e->rc;
+    }
+    /*
+     * FULL, not NORMAL: in WAL mode NORMAL may lose the last commits on power
+     * loss. A broker that acknowledged a provision must not forget it, and the
+     * write rate of a broker is low, so one fsync per commit is affordable.
+     */
+    rc = sqlite3_exec(s->db, "PRAGMA synchronous=FULL", NULL, NULL, NULL);
+    if (rc != SQLITE_OK)
+        return sql_fail(s, e, rc);
+
+    rc = sqlite3_exec(s->db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+    if (rc != SQLITE_OK)
+        return sql_fail(s, e, rc);
+    rc = sqlite3_exec(s->db, "PRAGMA user_version", first_column_cb, version, NULL);
+    if (rc == SQLITE_OK && strcmp(version, "0") != 0 && strcmp(version, "1") != 0) {
+        sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+        e->rc = SQLITE_MISMATCH;
+        snprintf(e->msg, sizeof e->msg, "schema version %s is newer than supported (%d)",
+                 version, STORE_SCHEMA);
+        return e->rc;
+    }
+    if (rc == SQLITE_OK)
+        rc = sqlite3_exec(s->db, schema_sql, NULL, NULL, NULL);
+    if (rc == SQLITE_OK && strcmp(version, "0") == 0)
+        rc = sqlite3_exec(s->db, "PRAGMA user_version=1", NULL, NULL, NULL);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL);
+    if (rc != SQLITE_OK) {
+        sql_fail(s, e, rc);
+        sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+        return rc;
+    }
+
+    for (int i = 0; i < ST__N; i++) {
+        rc = sqlite3_prepare_v3(s->db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT, &s->st[i], NULL);
+        if (rc != SQLITE_OK)
+            return sql_fail(s, e, rc);
+    }
+    return SQLITE_OK;
+}
+
+
+/* ---------------------------------------------------------------------------
+ * Errors
+ * ------------------------------------------------------------------------- */
+
+/* Stack: [...] -> [..., nil, err]; returns 2. */
+static int push_sqlerr(lua_State *L, const struct sqlerr *e, const char *what)
+{
+    int primary = e->rc & 0xff;
+    if (primary == SQLITE_BUSY || primary == SQLITE_LOCKED)
+        return forge_pusherror(L, "store.busy", 1, "%s: database is busy: %s", what, e->msg);
+    /* I/O trouble and a full disk may clear up; corruption or a bad schema will not. */
+    int retryable = primary == SQLITE_IOERR || primary == SQLITE_FULL || primary == SQLITE_NOMEM
+                    || primary == SQLITE_PROTOCOL;
+    return forge_pusherror(L, "store.io", retryable, "%s: %s (sqlite error %d)", what, e->msg, e->rc);
+}
+
+
+/* Stack: [...] -> [..., nil, err]; returns 2. key has no NUL (checked). */
+static int push_conflict(lua_State *L, const char *what, const char *key,
+                         lua_Integer expected, lua_Integer found)
+{
+    char exp[32], fnd[32];      /* lua_pushfstring's %I is not printf-checkable */
+    snprintf(exp, sizeof exp, LUA_INTEGER_FMT, (LUAI_UACINT)expected);
+    snprintf(fnd, sizeof fnd, LUA_INTEGER_FMT, (LUAI_UACINT)found);
+    if (expected == 0)
+        return forge_pusherror(L, "store.conflict", 0,
+                               "%s '%s': expected the key to be absent (mod_revision 0), found mod_revision %s",
+                               what, key, fnd);
+    return forge_pusherror(L, "store.conflict", 0, "%s '%s': expected mod_revision %s, found %s%s",
+                           what, key, exp, fnd, found == 0 ? " (key absent)" : "");
+}
+
+
+/* ---------------------------------------------------------------------------
+ * Argument checks (may raise; run before any SQL)
+ * ------------------------------------------------------------------------- */
+
+static struct store *store_check(lua_State *L, int idx)
+{
+    struct store *s = luaL_checkudata(L, idx, STORE_MT);
+    if (!s->db)
+        luaL_error(L, "store is closed");
+    return s;
+}
+
+
+/* NULL if k is a valid key, else why not. Prefixes may be empty. */
+static const char *key_problem(const char *k, size_t len, int allow_empty)
+{
+    if (len == 0 && !allow_empty)
+        return "key must be a non-empty string";
+    if (len > STORE_KEY_MAX)
+        return "key longer than 1024 bytes";
+    if (memchr(k, '\0', len))
+        return "key contains a NUL byte";
+    return NULL;
+}
+
+
+static const char *check_key_arg(lua_State *L, int arg, size_t *len, int allow_empty)
+{
+    luaL_argexpected(L, lua_type(L, arg) == LUA_TSTRING, arg, "string");
+    const char *k = lua_tolstring(L, arg, len);
+    const char *why = key_problem(k, *len, allow_empty);
+    if (why)
+        luaL_argerror(L, arg, why);
+    return k;
+}
+
+
+static const char *check_value_arg(lua_State *L, int arg, size_t *len)
+{
+    luaL_argexpected(L, lua_type(L, arg) == LUA_TSTRING, arg, "string");
+    const char *v = lua_tolstring(L, arg, len);
+    luaL_argcheck(L, *len <= STORE_VALUE_MAX, arg, "value larger than 8 MiB");
+    return v;
+}
+
+
+/*
+ * Optional {prev_revision=n} at arg. Returns 1 and sets *prev if given.
+ * Stack unchanged.
+ */
+static int opt_prev_revision(lua_State *L, int arg, const char *what, lua_Integer *prev)
+{
+    static const char *const keys[] = {"prev_revision", NULL};
+    if (lua_isnoneornil(L, arg))
+        return 0;
+    luaL_checktype(L, arg, LUA_TTABLE);
+    forge_checkkeys(L, arg, what, keys);
+    if (lua_getfield(L, arg, "prev_revision") == LUA_TNIL) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    lua_pop(L, 1);
+    *prev = forge_optintfield(L, arg, "prev_revision", 0);
+    luaL_argcheck(L, *prev >= 0, arg, "prev_revision must be >= 0");
+    return 1;
+}
+
+
+/*
+ * Exclusive upper bound of the keys starting with prefix: drop trailing 0xFF
+ * bytes and increment the last remaining byte. With no such byte (prefix ""
+ * or all 0xFF) every key qualifies; since keys are at most STORE_KEY_MAX bytes,
+ * STORE_KEY_MAX + 1 bytes of 0xFF compare greater than any key. buf must hold
+ * STORE_KEY_MAX + 1 bytes; plen <= STORE_KEY_MAX.
+ */
+static size_t prefix_end(const char *prefix, size_t plen, char *buf)
+{
+    size_t n = plen;
+    while (n > 0 && (unsigned char)prefix[n - 1] == 0xFF)
+        n--;
+    if (n == 0) {
+        memset(buf, 0xFF, STORE_KEY_MAX + 1);
+        return STORE_KEY_MAX + 1;
+    }
+    memcpy(buf, prefix, n);
+    buf[n - 1] = (char)((unsigned char)buf[n - 1] + 1);
+    return n;
+}
+
+
+/* ---------------------------------------------------------------------------
+ * The write engine: compares + one branch of ops in one IMMEDIATE transaction
+ * ------------------------------------------------------------------------- */
+
+enum { CMP_MODREV, CMP_EXISTS, CMP_VALUE };
+enum { OP_PUT, OP_DELETE, OP_DELPREFIX };
+
+/* Strings point into Lua strings anchored by the caller's arguments. */
+struct cmp {
+    int kind;
+    const char *key;
+    size_t klen;
+    lua_Integer n;                  /* mod_revision, or exists as 0/1 */
+    const char *val;
+    size_t vlen;
+};
+
+struct op {
+    int kind;
+    const char *key;                /* key, or prefix for OP_DELPREFIX */
+    size_t klen;
+    const char *val;
+    size_t vlen;
+};
+
+struct txnres {
+    int succeeded;
+    lua_Integer revision;
+    lua_Integer deleted;
+    size_t failed;                  /* index of the first false compare */
+    lua_Integer found;              /* its key's current mod_revision (0 = absent) */
+    struct sqlerr err;
+};
+
+
+static int read_revision(struct store *s, lua_Integer *rev, struct sqlerr *e)
+{
+    sqlite3_stmt *st = s->st[ST_REV_GET];
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        *rev = sqlite3_column_int64(st, 0);
+        rc = SQLITE_OK;
+    } else if (rc == SQLITE_DONE) {
+        rc = e->rc = SQLITE_CORRUPT;
+        snprintf(e->msg, sizeof e->msg, "store revision row is missing");
+    } else {
+        sql_fail(s, e, rc);
+    }
+    stmt_finish(st);
+    return rc;
+}
+
+
+static int eval_cmp(struct store *s, const struct cmp *c, int *ok, lua_Integer *found, struct sqlerr *e)
+{
+    sqlite3_stmt *st = s->st[ST_GET];
+    sqlite3_bind_blob(st, 1, c->key, (int)c->klen, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        *found = sqlite3_column_int64(st, 1);
+        switch (c->kind) {
+        case CMP_MODREV:
+            *ok = *found == c->n;
+            break;
+        case CMP_EXISTS:
+            *ok = c->n != 0;
+            break;
+        default: {
+            const void *v = sqlite3_column_blob(st, 3);
+            size_t vlen = (size_t)sqlite3_column_bytes(st, 3);
+            *ok = vlen == c->vlen && (vlen == 0 || memcmp(v, c->val, vlen) == 0);
+        }
+        }
+        rc = SQLITE_OK;
+    } else if (rc == SQLITE_DONE) {
+        *found = 0;
+        *ok = c->kind == CMP_MODREV ? c->n == 0 : c->kind == CMP_EXISTS ? c->n == 0 : 0;
+        rc = SQLITE_OK;
+    } else {
+        sql_fail(s, e, rc);
+    }
+    stmt_finish(st);
+    return rc;
+}
+
+
+/* Apply one op at revision rev; *changed = number of keys written. */
+static int apply_op(struct store *s, const struct op *o, lua_Integer rev, int *changed, struct sqlerr *e)
+{
+    sqlite3_stmt *st;
+    char end[STORE_KEY_MAX + 1];
+    switch (o->kind) {
+    case OP_PUT:
+        st = s->st[ST_PUT];
+        sqlite3_bind_blob(st, 1, o->key, (int)o->klen, SQLITE_STATIC);
+        sqlite3_bind_blob(st, 2, o->val, (int)o->vlen, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 3, rev);
+        break;
+    case OP_DELETE:
+        st = s->st[ST_DEL];
+        sqlite3_bind_blob(st, 1, o->key, (int)o->klen, SQLITE_STATIC);
+        break;
+    default:
+        st = s->st[ST_DEL_RANGE];
+        sqlite3_bind_blob(st, 1, o->key, (int)o->klen, SQLITE_STATIC);
+        sqlite3_bind_blob(st, 2, end, (int)prefix_end(o->key, o->klen, end), SQLITE_STATIC);
+        break;
+    }
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_DONE) {
+        *changed = sqlite3_changes(s->db);
+        rc = SQLITE_OK;
+    } else {
+        sql_fail(s, e, rc);
+    }
+    stmt_finish(st);
+    return rc;
+}
+
+
+/*
+ * Evaluate every compare (logical AND) and apply ops[0] if all hold, else
+ * ops[1], atomically. Runs no Lua. The revision is bumped once if anything was
+ * written. Returns SQLITE_OK (r filled) or an error code (r->err filled,
+ * nothing written).
+ */
+static int txn_run(struct store *s, const struct cmp *cmps, size_t ncmp,
+                   const struct op *const ops[2], const size_t nops[2], struct txnres *r)
+{
+    lua_Integer rev;
+    int rc, writes = 0;
+
+    r->succeeded = 1;
+    r->deleted = 0;
+    r->err.rc = SQLITE_OK;
+    if ((rc = stmt_exec(s, ST_BEGIN_IMM, &r->err)) != SQLITE_OK)
+        goto fail;
+    if ((rc = read_revision(s, &rev, &r->err)) != SQLITE_OK)
+        goto fail;
+    for (size_t i = 0; i < ncmp; i++) {
+        int ok = 0;
+        lua_Integer found = 0;
+        if ((rc = eval_cmp(s, &cmps[i], &ok, &found, &r->err)) != SQLITE_OK)
+            goto fail;
+        if (!ok) {
+            r->succeeded = 0;
+            r->failed = i;
+            r->found = found;
+            break;
+        }
+    }
+    int b = r->succeeded ? 0 : 1;
+    for (size_t i = 0; i < nops[b]; i++) {
+        int changed;
+        if ((rc = apply_op(s, &ops[b][i], rev + 1, &changed, &r->err)) != SQLITE_OK)
+            goto fail;
+        writes += changed;
+        if (ops[b][i].kind != OP_PUT)
+            r->deleted += changed;
+    }
+    if (writes) {
+        sqlite3_bind_int64(s->st[ST_REV_SET], 1, rev + 1);
+        if ((rc = stmt_exec(s, ST_REV_SET, &r->err)) != SQLITE_OK)
+            goto fail;
+        rev++;
+    }
+    if ((rc = stmt_exec(s, ST_COMMIT, &r->err)) != SQLITE_OK)
+        goto fail;
+    r->revision = rev;
+    return SQLITE_OK;
+
+fail:
+    store_abort(s);
+    return rc;
+}
+
+
+/* ---------------------------------------------------------------------------
+ * Protected read bodies
+ * ------------------------------------------------------------------------- */
+
+struct readctx {
+    struct store *s;
+    const char *key;                /* key for get, prefix for range */
+    size_t klen;
+    lua_Integer limit;
+    struct sqlerr err;
+};
+
+
+/*
+ * Push the kv record of the current row of st; key columns start at `col`
+ * (create_revision, mod_revision, version, value).
+ * Stack: [...] -> [..., kv]. May raise (memory): callers run under pcall.
+ */
+static void push_kv(lua_State *L, sqlite3_stmt *st, const char *key, size_t klen, int col)
+{
+    lua_createtable(L, 0, 5);
+    lua_pushlstring(L, key, klen);
+    lua_setfield(L, -2, "key");
+    const char *v = sqlite3_column_blob(st, col + 3);
+    size_t vlen = (size_t)sqlite3_column_bytes(st, col + 3);
+    lua_pushlstring(L, vlen ? v : "", vlen);
+    lua_setfield(L, -2, "value");
+    lua_pushinteger(L, (lua_Integer)sqlite3_column_int64(st, col));
+    lua_setfield(L, -2, "create_revision");
+    lua_pushinteger(L, (lua_Integer)sqlite3_column_int64(st, col + 1));
+    lua_setfield(L, -2, "mod_revision");
+    lua_pushinteger(L, (lua_Integer)sqlite3_column_int64(st, col + 2));
+    lua_setfield(L, -2, "version");
+}
+
+
+/*
+ * Stack: [ctx] -> [ctx, kv] | [ctx, nil] | [ctx] with ctx->err set.
+ */
+static int get_body(lua_State *L)
+{
+    struct readctx *c = lua_touserdata(L, 1);
+    sqlite3_stmt *st = c->s->st[ST_GET];
+    sqlite3_bind_blob(st, 1, c->key, (int)c->klen, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        push_kv(L, st, c->key, c->klen, 0);
+    } else if (rc == SQLITE_DONE) {
+        lua_pushnil(L);
+    } else {
+        sql_fail(c->s, &c->err, rc);
+        return 0;
+    }
+    stmt_finish(st);
+    return 1;
+}
+
+
+/*
+ * One read transaction: the revision and the rows come from one snapshot.
+ * Stack: [ctx] -> [ctx, {kv...}, revision] | [ctx, ...] with ctx->err set.
+ */
+static int range_body(lua_State *L)
+{
+    struct readctx *c = lua_touserdata(L, 1);
+    struct store *s = c->s;
+    char end[STORE_KEY_MAX + 1];
+    lua_Integer rev;
+    int rc;
+
+    if (stmt_exec(s, ST_BEGIN, &c->err) != SQLITE_OK || read_revision(s, &rev, &c->err) != SQLITE_OK)
+        return 0;
+    lua_newtable(L);
+    sqlite3_stmt *st = s->st[ST_RANGE];
+    sqlite3_bind_blob(st, 1, c->key, (int)c->klen, SQLITE_STATIC);
+    sqlite3_bind_blob(st, 2, end, (int)prefix_end(c->key, c->klen, end), SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, c->limit > 0 ? c->limit : -1);
+    lua_Integer n = 0;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        const char *k = sqlite3_column_blob(st, 0);
+        size_t klen = (size_t)sqlite3_column_bytes(st, 0);
+        push_kv(L, st, k ? k : "", klen, 1);
+        lua_rawseti(L, -2, ++n);
+    }
+    if (rc != SQLITE_DONE) {
+        sql_fail(s, &c->err, rc);
+        return 0;
+    }
+    stmt_finish(st);
+    if (stmt_exec(s, ST_COMMIT, &c->err) != SQLITE_OK)
+        return 0;
+    lua_pushinteger(L, rev);
+    return 2;
+}
+
+
+/*
+ * Run body(ctx) under lua_pcall. A raise inside it resets the statements and
+ * rolls back before being re-raised; an SQLite failure (ctx->err.rc set) is
+ * cleaned up the same way and turned into `nil, err`.
+ * Stack: [...] -> [..., results of body] or [..., nil, err]. May longjmp.
+ */
+static int run_read(lua_State *L, struct readctx *c, lua_CFunction body, const char *what)
+{
+    int base = lua_gettop(L);
+    c->err.rc = SQLITE_OK;
+    lua_pushcfunction(L, body);
+    lua_pushlightuserdata(L, c);
+    if (lua_pcall(L, 1, LUA_MULTRET, 0) != LUA_OK) {
+        store_abort(c->s);
+        lua_error(L);
+    }
+    if (c->err.rc != SQLITE_OK) {
+        store_abort(c->s);
+        lua_settop(L, base);
+        return push_sqlerr(L, &c->err, what);
+    }
+    return lua_gettop(L) - base;
+}
+
+
+/* ---------------------------------------------------------------------------
+ * Lua API
+ * ------------------------------------------------------------------------- */
+
+/***
+ * Open (creating if needed) a store file.
+ * @function store.open
+ * @tparam string path SQLite file; created with its schema if missing
+ * @tparam[opt] table opts `{busy_timeout_ms=5000}`: how long a write waits for the lock
+ * @return db (userdata "forge.store.db"), or nil, err (store.io / store.busy)
+ */
+static int l_open(lua_State *L)
+{
+    static const char *const keys[] = {"busy_timeout_ms", NULL};
+    const char *path = luaL_checkstring(L, 1);
+    lua_Integer busy = STORE_BUSY_MS;
+    if (!lua_isnoneornil(L, 2)) {
+        luaL_checktype(L, 2, LUA_TTABLE);
+        forge_checkkeys(L, 2, "store.open", keys);
+        busy = forge_optintfield(L, 2, "busy_timeout_ms", STORE_BUSY_MS);
+        luaL_argcheck(L, busy >= 0 && busy <= INT_MAX, 2, "busy_timeout_ms must be >= 0");
+    }
+    struct store *s = lua_newuserdatauv(L, sizeof *s, 0);
+    memset(s, 0, sizeof *s);
+    luaL_setmetatable(L, STORE_MT);             /* from here __gc owns the connection */
+    struct sqlerr e;
+    if (store_connect(s, path, (int)busy, &e) != SQLITE_OK) {
+        store_release(s);
+        return push_sqlerr(L, &e, path);
+    }
+    return 1;
+}
+
+
+/***
+ * Close the connection (also done by __gc and __close). Idempotent.
+ * @function db:close
+ */
+static int l_close(lua_State *L)
+{
+    store_release(luaL_checkudata(L, 1, STORE_MT));
+    return 0;
+}
+
+
+/***
+ * @function db:__tostring
+ * @return "forge.store.db (path)" or "forge.store.db (closed)"
+ */
+static int l_tostring(lua_State *L)
+{
+    struct store *s = luaL_checkudata(L, 1, STORE_MT);
+    const char *file = s->db ? sqlite3_db_filename(s->db, "main") : NULL;
+    lua_pushfstring(L, "forge.store.db (%s)", s->db ? (file && *file ? file : ":memory:") : "closed");
+    return 1;
+}
+
+
+/***
+ * Read one key.
+ * @function db:get
+ * @tparam string key
+ * @return kv `{key=, value=, create_revision=, mod_revision=, version=}`;
+ *   nil (absent, no second value); or nil, err
+ */
+static int l_get(lua_State *L)
+{
+    struct readctx c = {.s = checkdb(L)};
+    c.key = check_key_arg(L, 2, &c.klen, 0);
+    return run_read(L, &c, get_body, "get");
+}
+
+
+/***
+ * Every key starting with prefix, sorted by key (byte order).
+ * @function db:range
+ * @tparam string prefix "" for all keys
+ * @tparam[opt] table opts `{limit=n}` (0 or absent: no limit)
+ * @return array of kv, store revision of the snapshot; or nil, err
+ */
+static int l_range(lua_State *L)
+{
+    static const char *const keys[] = {"limit", NULL};
+    struct readctx c = {.s = checkdb(L)};
+    c.key = check_key_arg(L, 2, &c.klen, 1);
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        forge_checkkeys(L, 3, "range", keys);
+        c.limit = forge_optintfield(L, 3, "limit", 0);
+        luaL_argcheck(L, c.limit >= 0, 3, "limit must be >= 0");
+    }
+    return run_read(L, &c, range_body, "range");
+}
+
+
+/***
+ * Write a key.
+ * @function db:put
+ * @tparam string key
+ * @tparam string value any bytes, at most 8 MiB
+ * @tparam[opt] table opts `{prev_revision=n}`: only if the key's mod_revision is n (0: absent)
+ * @return new store revision; or nil, err (store.conflict when prev_revision does not match)
+ */
+static int l_put(lua_State *L)
+{
+    struct store *s = checkdb(L);
+    struct cmp c = {.kind = CMP_MODREV};
+    struct op o = {.kind = OP_PUT};
+    o.key = c.key = check_key_arg(L, 2, &o.klen, 0);
+    c.klen = o.klen;
+    o.val = check_value_arg(L, 3, &o.vlen);
+    size_t ncmp = (size_t)opt_prev_revision(L, 4, "put", &c.n);
+
+    const struct op *ops[2] = {&o, NULL};
+    const size_t nops[2] = {1, 0};
+    struct txnres r;
+    if (txn_run(s, &c, ncmp, ops, nops, &r) != SQLITE_OK)
+        return push_sqlerr(L, &r.err, "put");
+    if (!r.succeeded)
+        return push_conflict(L, "put", c.key, c.n, r.found);
+    lua_pushinteger(L, r.revision);
+    return 1;
+}
+
+
+/***
+ * Delete a key.
+ * @function db:delete
+ * @tparam string key
+ * @tparam[opt] table opts `{prev_revision=n}` as for put
+ * @return store revision (new if something was deleted), deleted count (0 or 1); or nil, err
+ */
+static int l_delete(lua_State *L)
+{
+    struct store *s = checkdb(L);
+    struct cmp c = {.kind = CMP_MODREV};
+    struct op o = {.kind = OP_DELETE};
+    o.key = c.key = check_key_arg(L, 2, &o.klen, 0);
+    c.klen = o.klen;
+    size_t ncmp = (size_t)opt_prev_revision(L, 3, "delete", &c.n);
+
+    const struct op *ops[2] = {&o, NULL};
+    const size_t nops[2] = {1, 0};
+    struct txnres r;
+    if (txn_run(s, &c, ncmp, ops, nops, &r) != SQLITE_OK)
+        return push_sqlerr(L, &r.err, "delete");
+    if (!r.succeeded)
+        return push_conflict(L, "delete", c.key, c.n, r.found);
+    lua_pushinteger(L, r.revision);
+    lua_pushinteger(L, r.deleted);
+    return 2;
+}
+
+
+/*
+ * t[name] without metamethods, so a string it returns stays anchored by t.
+ * Stack: [...] -> [..., t[name]]; returns its type.
+ */
+static int rawfield(lua_State *L, int t, const char *name)
+{
+    lua_pushstring(L, name);
+    return lua_rawget(L, t);
+}
+
+
+#define TXN_USAGE "usage: db:txn{compare={...}, success={...}, failure={...}}"
+
+/*
+ * The array txn[name] (absent or nil = empty); raises unless it is a proper
+ * sequence of tables.
+ * Stack: [...] -> [..., array or nil]; returns its length.
+ */
+static size_t txn_array(lua_State *L, int txn, const char *name)
+{
+    if (rawfield(L, txn, name) == LUA_TNIL)
+        return 0;
+    if (!lua_istable(L, -1))
+        luaL_error(L, "txn: '%s' must be an array of tables (" TXN_USAGE ")", name);
+    int arr = lua_gettop(L);
+    size_t n = (size_t)lua_rawlen(L, arr), count = 0;
+    lua_pushnil(L);
+    while (lua_next(L, arr)) {
+        lua_pop(L, 1);
+        count++;
+    }
+    if (count != n)
+        luaL_error(L, "txn: '%s' must be an array (no holes or named fields)", name);
+    for (size_t i = 1; i <= n; i++) {
+        if (lua_rawgeti(L, arr, (lua_Integer)i) != LUA_TTABLE)
+            luaL_error(L, "txn: %s[%d] must be a table", name, (int)i);
+        lua_pop(L, 1);
+    }
+    return n;
+}
+
+
+/*
+ * A key or prefix field of entry e; raises if missing or invalid.
+ * Stack unchanged (the string stays anchored by the entry table).
+ */
+static const char *txn_keyfield(lua_State *L, int e, const char *field, const char *where,
+                                int i, size_t *len, int allow_empty)
+{
+    if (rawfield(L, e, field) != LUA_TSTRING)
+        luaL_error(L, "txn: %s[%d].%s must be a string", where, i, field);
+    const char *k = lua_tolstring(L, -1, len);
+    lua_pop(L, 1);
+    const char *why = key_problem(k, *len, allow_empty);
+    if (why)
+        luaL_error(L, "txn: %s[%d].%s: %s", where, i, field, why);
+    return k;
+}
+
+
+/*
+ * Parse txn.compare into a GC-owned array.
+ * Stack: [...] -> [..., buf (userdata)]
+ */
+static struct cmp *txn_parse_cmps(lua_State *L, int txn, size_t *ncmp)
+{
+    static const char *const keys[] = {"key", "mod_revision", "exists", "value", NULL};
+    size_t n = txn_array(L, txn, "compare");
+    int arr = lua_gettop(L);
+    struct cmp *cmps = lua_newuserdatauv(L, n ? n * sizeof *cmps : 1, 0);
+    for (size_t i = 0; i < n; i++) {
+        struct cmp *c = &cmps[i];
+        int ii = (int)i + 1;
+        lua_rawgeti(L, arr, (lua_Integer)ii);
+        int e = lua_gettop(L);
+        forge_checkkeys(L, e, "txn compare", keys);
+        c->key = txn_keyfield(L, e, "key", "compare", ii, &c->klen, 0);
+        int given = 0;
+        if (rawfield(L, e, "mod_revision") != LUA_TNIL) {
+            int isint;
+            c->kind = CMP_MODREV;
+            c->n = lua_tointegerx(L, -1, &isint);
+            if (!isint || c->n < 0)
+                luaL_error(L, "txn: compare[%d].mod_revision must be an integer >= 0", ii);
+            given++;
+        }
+        if (rawfield(L, e, "exists") != LUA_TNIL) {
+            if (!lua_isboolean(L, -1))
+                luaL_error(L, "txn: compare[%d].exists must be a boolean", ii);
+            c->kind = CMP_EXISTS;
+            c->n = lua_toboolean(L, -1);
+            given++;
+        }
+        if (rawfield(L, e, "value") != LUA_TNIL) {
+            if (lua_type(L, -1) != LUA_TSTRING)
+                luaL_error(L, "txn: compare[%d].value must be a string", ii);
+            c->kind = CMP_VALUE;
+            c->val = lua_tolstring(L, -1, &c->vlen);
+            given++;
+        }
+        if (given != 1)
+            luaL_error(L, "txn: compare[%d] needs exactly one of mod_revision, exists, value", ii);
+        lua_settop(L, e - 1);
+    }
+    lua_remove(L, arr);
+    *ncmp = n;
+    return cmps;
+}
+
+
+static int has_prefix(const char *k, size_t klen, const char *p, size_t plen)
+{
+    return klen >= plen && memcmp(k, p, plen) == 0;
+}
+
+
+/*
+ * Parse txn[name] (success or failure) into a GC-owned array. As etcd, a put
+ * key may not be written twice nor also deleted in the same branch.
+ * Stack: [...] -> [..., buf (userdata)]
+ */
+static struct op *txn_parse_ops(lua_State *L, int txn, const char *name, size_t *nops)
+{
+    static const char *const keys[] = {"op", "key", "value", "prefix", NULL};
+    size_t n = txn_array(L, txn, name);
+    int arr = lua_gettop(L);
+    struct op *ops = lua_newuserdatauv(L, n ? n * sizeof *ops : 1, 0);
+    for (size_t i = 0; i < n; i++) {
+        struct op *o = &ops[i];
+        int ii = (int)i + 1;
+        lua_rawgeti(L, arr, (lua_Integer)ii);
+        int e = lua_gettop(L);
+        forge_checkkeys(L, e, "txn op", keys);
+        if (rawfield(L, e, "op") != LUA_TSTRING)
+            luaL_error(L, "txn: %s[%d].op must be \"put\", \"delete\" or \"delete_prefix\"", name, ii);
+        const char *opname = lua_tostring(L, -1);
+        int has_key = rawfield(L, e, "key") != LUA_TNIL;
+        int has_val = rawfield(L, e, "value") != LUA_TNIL;
+        int has_pfx = rawfield(L, e, "prefix") != LUA_TNIL;
+        if (strcmp(opname, "put") == 0) {
+            o->kind = OP_PUT;
+            if (has_pfx)
+                luaL_error(L, "txn: %s[%d]: put takes key and value, not prefix", name, ii);
+            o->key = txn_keyfield(L, e, "key", name, ii, &o->klen, 0);
+            if (rawfield(L, e, "value") != LUA_TSTRING)
+                luaL_error(L, "txn: %s[%d].value must be a string", name, ii);
+            o->val = lua_tolstring(L, -1, &o->vlen);
+            if (o->vlen > STORE_VALUE_MAX)
+                luaL_error(L, "txn: %s[%d].value larger than 8 MiB", name, ii);
+        } else if (strcmp(opname, "delete") == 0) {
+            o->kind = OP_DELETE;
+            if (has_val || has_pfx)
+                luaL_error(L, "txn: %s[%d]: delete takes only key", name, ii);
+            o->key = txn_keyfield(L, e, "key", name, ii, &o->klen, 0);
+        } else if (strcmp(opname, "delete_prefix") == 0) {
+            o->kind = OP_DELPREFIX;
+            if (has_val || has_key)
+                luaL_error(L, "txn: %s[%d]: delete_prefix takes only prefix", name, ii);
+            o->key = txn_keyfield(L, e, "prefix", name, ii, &o->klen, 1);
+        } else {
+            luaL_error(L, "txn: %s[%d]: unknown op '%s' (put, delete, delete_prefix)", name, ii, opname);
+        }
+        lua_settop(L, e - 1);
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (ops[i].kind != OP_PUT)
+            continue;
+        for (size_t j = 0; j < n; j++) {
+            if (j == i || (ops[j].kind == OP_PUT && j < i))
+                continue;
+            int clash = ops[j].kind == OP_DELPREFIX
+                        ? has_prefix(ops[i].key, ops[i].klen, ops[j].key, ops[j].klen)
+                        : ops[j].klen == ops[i].klen && memcmp(ops[j].key, ops[i].key, ops[i].klen) == 0;
+            if (clash)
+                luaL_error(L, "txn: %s: key '%s' is put and also %s in the same branch", name,
+                           ops[i].key, ops[j].kind == OP_PUT ? "put again" : "deleted");
+        }
+    }
+    lua_remove(L, arr);
+    *nops = n;
+    return ops;
+}
+
+
+/***
+ * Atomic compare-then-write.
+ * @function db:txn
+ * @tparam table t `{compare={...}, success={...}, failure={...}}`; compares are
+ *   `{key=, mod_revision=n}` (0: absent), `{key=, exists=bool}`, `{key=, value=s}`;
+ *   ops are `{op="put", key=, value=}`, `{op="delete", key=}`, `{op="delete_prefix", prefix=}`
+ * @return succeeded (all compares held: success applied, else failure applied),
+ *   store revision after the txn; or nil, err
+ */
+static int l_txn(lua_State *L)
+{
+    static const char *const keys[] = {"compare", "success", "failure", NULL};
+    struct store *s = checkdb(L);
+    luaL_argexpected(L, lua_istable(L, 2), 2, "table (" TXN_USAGE ")");
+    lua_settop(L, 2);
+    forge_checkkeys(L, 2, "txn", keys);
+
+    size_t ncmp, nops[2];
+    const struct cmp *cmps = txn_parse_cmps(L, 2, &ncmp);          /* [db, t, cmps] */
+    const struct op *ops[2];
+    ops[0] = txn_parse_ops(L, 2, "success", &nops[0]);             /* [db, t, cmps, ok] */
+    ops[1] = txn_parse_ops(L, 2, "failure", &nops[1]);             /* [db, t, cmps, ok, ko] */
+
+    struct txnres r;
+    if (txn_run(s, cmps, ncmp, ops, nops, &r) != SQLITE_OK)
+        return push_sqlerr(L, &r.err, "txn");
+    lua_pushboolean(L, r.succeeded);
+    lua_pushinteger(L, r.revision);
+    return 2;
+}
+
+
+/***
+ * The current store revision.
+ * @function db:revision
+ * @return integer; or nil, err
+ */
+static int l_revision(lua_State *L)
+{
+    struct store *s = checkdb(L);
+    struct sqlerr e;
+    lua_Integer rev;
+    if (read_revision(s, &rev, &e) != SQLITE_OK) {
+        store_abort(s);
+        return push_sqlerr(L, &e, "revision");
+    }
+    lua_pushinteger(L, rev);
+    return 1;
+}
+
+
+int luaopen_forge_store(lua_State *L)
+{
+    static const luaL_Reg lib[] = {
+        {"open", l_open},
+        {NULL, NULL},
+    };
+    static const luaL_Reg meth[] = {
+        {"get", l_get},
+        {"range", l_range},
+        {"put", l_put},
+        {"delete", l_delete},
+        {"txn", l_txn},
+        {"revision", l_revision},
+        {"close", l_close},
+        {NULL, NULL},
+    };
+    static const luaL_Reg metameth[] = {
+        {"__gc", l_close},
+        {"__close", l_close},
+        {"__tostring", l_tostring},
+        {"__index", NULL},
+        {NULL, NULL},
+    };
+    if (luaL_newmetatable(L, STORE_MT)) {
+        luaL_setfuncs(L, metameth, 0);
+        luaL_newlib(L, meth);
+        lua_setfield(L, -2, "__index");
+    }
+    lua_pop(L, 1);
+    luaL_newlib(L, lib);
+    forge_setmodinfo(L, "forge.store");
+    return 1;
+}
