@@ -1,5 +1,5 @@
 std = "lua54"
-max_line_length = 120
+max_line_length = 130
 files["spec"] = { std = "+busted" }
-files["services"] = { globals = {} }
+files["services"] = { read_globals = { "forge" } }
 exclude_files = { "build/" }

@@ -19,6 +19,8 @@ CFLAGS  += -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE -fPIC -Iinclude \
            $(shell pkg-config --cflags $(PKGS) 2>/dev/null) \
            -DFORGE_DATADIR='"$(DATADIR)"'
 LDLIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lpthread -lm
+# Modules leave the Lua API undefined: the host (lua5.4 or forge) provides it, exactly once.
+MOD_LDLIBS = $(shell pkg-config --libs $(filter-out lua5.4,$(PKGS)) 2>/dev/null) -lpthread -lm
 LIBFLAG ?= -shared
 
 # One C file per primitive; each is also a loadable Lua module forge.<name>.
@@ -66,10 +68,10 @@ build/bin/forge: build/obj/main.o build/obj/preload.o $(MOD_OBJ) $(COMMON_OBJ) |
 	$(CC) $(LDFLAGS) -rdynamic -o $@ $^ $(LDLIBS)
 
 build/lib/forge/%.so: build/obj/%.o $(COMMON_OBJ) | build/lib/forge
-	$(CC) $(LIBFLAG) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+	$(CC) $(LIBFLAG) $(LDFLAGS) -o $@ $^ $(MOD_LDLIBS)
 
 build/lib/forge/error.so: $(COMMON_OBJ) | build/lib/forge
-	$(CC) $(LIBFLAG) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+	$(CC) $(LIBFLAG) $(LDFLAGS) -o $@ $^ $(MOD_LDLIBS)
 
 build/obj build/bin build/lib/forge:
 	mkdir -p $@

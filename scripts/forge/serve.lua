@@ -1,0 +1,81 @@
+--- `forge serve`: load the config, start the HTTP workers, run the reconciler until a
+-- SIGTERM/SIGINT, then stop gracefully (in-flight requests finish).
+local Local = require "forge.targets.local"
+local Reconciler = require "forge.reconciler"
+local config_mod = require "forge.config"
+local crypto = require "forge.crypto"
+local http = require "forge.http"
+local lfs = require "lfs"
+local log = require "forge.log"
+local services = require "forge.services"
+local store = require "forge.store"
+local util = require "forge.util"
+
+local M = {}
+
+local function mkdirs(path)
+  local cur = ""
+  for part in path:gmatch("[^/]+") do
+    cur = cur .. "/" .. part
+    if not lfs.attributes(cur, "mode") and not lfs.mkdir(cur) and not lfs.attributes(cur, "mode") then
+      return nil, "cannot create " .. cur
+    end
+  end
+  return true
+end
+
+--- Run the broker with the config file at `path` (or defaults); returns the exit status.
+function M.run(path)
+  local config, err = config_mod.load(path)
+  if not config then
+    io.stderr:write("forge serve: ", err, "\n")
+    return 2
+  end
+  log.level(config.log_level)
+  -- no password configured: make one up and show it once on stdout (never in the log)
+  config.auth.password = config.auth.password or crypto.password(24)
+  local ok, merr = mkdirs(config.state_dir)
+  if not ok then
+    io.stderr:write("forge serve: ", merr, "\n")
+    return 1
+  end
+  local db, serr = store.open(config.state_dir .. "/forge.db")
+  if not db then
+    io.stderr:write("forge serve: cannot open the store: ", tostring(serr), "\n")
+    return 1
+  end
+  local registry = services.load(config.services_dir)
+  for _, e in ipairs(registry.errors) do
+    log.error("service refused", { service = e.service, error = e.message })
+  end
+  log.info("services loaded", { count = #registry.list, refused = #registry.errors, dir = config.services_dir })
+
+  local target = Local.new(config.targets["local"], config.state_dir)
+  local reconciler = Reconciler.new(config, db, registry, target)
+  http.trap_signals()
+  local srv, herr = http.serve { listen = config.listen, handler = "forge.app", init = util.json_encode(config),
+    threads = config.threads, body_limit = config.body_limit }
+  if not srv then
+    io.stderr:write("forge serve: ", tostring(herr), "\n")
+    return 1
+  end
+  local host = config.listen:match("^(.*):%d+$")
+  io.stdout:write(string.format("Service Forge listening on http://%s:%d (user %s, password %s)\n",
+    host, srv:port(), config.auth.username, config.auth.password))
+  io.stdout:flush()
+  log.info("listening", { listen = config.listen, port = srv:port(), state_dir = config.state_dir })
+
+  while true do
+    local sig = http.wait(config.reconcile_interval)
+    if sig == "stop" then break end
+    local rok, rerr = pcall(reconciler.tick, reconciler, os.time())
+    if not rok then log.error("reconciler pass failed", { error = tostring(rerr) }) end
+  end
+  log.info("stopping", { in_flight = srv:active() })
+  srv:stop(30)
+  db:close()
+  log.info("stopped")
+  return 0
+end
+
+return M

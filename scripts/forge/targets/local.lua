@@ -1,0 +1,245 @@
+--- The `local` target: a deployment is a set of processes on this machine.
+--
+-- A service's deploy hook renders {processes = {{name, argv, env, files, health}}}; this driver
+-- allocates ports from the configured pool, writes the files under the instance's directory,
+-- spawns each process in its own session with a FORGE_PROCESS marker in its environment,
+-- waits for health, supervises (restart with backoff) and stops (TERM, wait, KILL).
+-- Process identity is pid + start time, so a restarted broker adopts live processes and
+-- never signals a recycled pid; a process spawned just before a crash is found by its marker.
+local lfs = require "lfs"
+local proc = require "forge.proc"
+local log = require "forge.log"
+local model = require "forge.model"
+
+local Local = {}
+Local.__index = Local
+
+--- New driver for the target config `cfg` (targets.local) and the broker's state dir.
+function Local.new(cfg, state_dir)
+  return setmetatable({ cfg = cfg, dir = state_dir .. "/instances" }, Local)
+end
+
+function Local:instance_dir(id) return self.dir .. "/" .. id end
+
+-- mkdir -p
+local function mkdirs(path)
+  local cur = ""
+  for part in path:gmatch("[^/]+") do
+    cur = cur .. "/" .. part
+    if not lfs.attributes(cur, "mode") then
+      local ok, err = lfs.mkdir(cur)
+      if not ok and not lfs.attributes(cur, "mode") then return nil, err end
+    end
+  end
+  return true
+end
+
+-- rm -r (does not follow symlinks)
+local function remove_tree(path)
+  local mode = lfs.symlinkattributes(path, "mode")
+  if not mode then return true end
+  if mode == "directory" then
+    for entry in lfs.dir(path) do
+      if entry ~= "." and entry ~= ".." then remove_tree(path .. "/" .. entry) end
+    end
+    return lfs.rmdir(path)
+  end
+  return os.remove(path)
+end
+
+local function write_file(path, content)
+  local dir = path:match("^(.*)/[^/]*$")
+  local ok, err = mkdirs(dir)
+  if not ok then return nil, err end
+  local tmp = path .. ".tmp"
+  local f, ferr = io.open(tmp, "wb")
+  if not f then return nil, ferr end
+  f:write(content)
+  f:close()
+  return os.rename(tmp, path)
+end
+
+local function tail(path, n)
+  local f = io.open(path, "rb")
+  if not f then return "" end
+  local size = f:seek("end")
+  f:seek("set", math.max(0, size - (n or 400)))
+  local s = f:read("a") or ""
+  f:close()
+  return (s:gsub("%s+$", ""):match("([^\n]*)$") or s)
+end
+
+--- Ports needed for a deployment, as the service says (default 1).
+function Local:allocate_ports(db, count)
+  local used = {}
+  for _, kv in ipairs(model.range(db, "port/")) do used[tonumber(kv.key:sub(6))] = true end
+  local ports = {}
+  for p = self.cfg.ports.from, self.cfg.ports.to do
+    if #ports == count then break end
+    if not used[p] and proc.port_free(p, self.cfg.host) then ports[#ports + 1] = p end
+  end
+  if #ports < count then
+    return nil, string.format("the local port pool %d-%d has no %d free port(s) left",
+      self.cfg.ports.from, self.cfg.ports.to, count)
+  end
+  return ports
+end
+
+local function marker(inst, p) return inst.id .. "/" .. p.name end
+
+-- A process of ours whose spawn was never recorded (broker killed in between): find it by
+-- the FORGE_PROCESS marker in its environment.
+local function find_by_marker(mark)
+  local needle = "FORGE_PROCESS=" .. mark .. "\0"
+  for entry in lfs.dir("/proc") do
+    if entry:match("^%d+$") then
+      local f = io.open("/proc/" .. entry .. "/environ", "rb")
+      if f then
+        local env = f:read("a") or ""
+        f:close()
+        if env:find(needle, 1, true) then
+          local pid = tonumber(entry)
+          local start = proc.identity(pid)
+          if start then return { pid = pid, start_time = start } end
+        end
+      end
+    end
+  end
+end
+
+function Local:spawn(inst, p)
+  local dir = self:instance_dir(inst.id)
+  local env = { PATH = os.getenv("PATH") or "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+    FORGE_PROCESS = marker(inst, p) }
+  for k, v in pairs(p.env or {}) do env[k] = v end
+  return proc.spawn { argv = p.argv, cwd = dir, env = env, stdout = dir .. "/" .. p.name .. ".log" }
+end
+
+--- Write the deployment's files (first provision step only; restarts keep what the service
+-- changed since, e.g. redis ACL files).
+function Local:write_files(inst)
+  local dir = self:instance_dir(inst.id)
+  local ok, err = mkdirs(dir)
+  if not ok then return nil, "cannot create " .. dir .. ": " .. tostring(err) end
+  for _, p in ipairs(inst.deployment.processes) do
+    for rel, content in pairs(p.files or {}) do
+      if rel:find("%.%.") or rel:sub(1, 1) == "/" then return nil, "file path '" .. rel .. "' leaves the instance dir" end
+      local wok, werr = write_file(dir .. "/" .. rel, content)
+      if not wok then return nil, "cannot write " .. rel .. ": " .. tostring(werr) end
+    end
+  end
+  return true
+end
+
+--- Run a command declared by a service (health check, bind/unbind step).
+-- cmd = {argv, env, stdin, expect = {lua patterns, one per output line}}
+function Local:run(cmd)
+  local env = { PATH = os.getenv("PATH") or "/usr/bin:/bin" }
+  for k, v in pairs(cmd.env or {}) do env[k] = v end
+  local res, err = proc.run { argv = cmd.argv, env = env, stdin = cmd.stdin, timeout = self.cfg.command_timeout }
+  if not res then return nil, tostring(err and err.message or err) end
+  if res.code ~= 0 then
+    return nil, string.format("%s exited with %s: %s", cmd.argv[1], tostring(res.code or res.signal),
+      (res.stderr ~= "" and res.stderr or res.stdout):sub(1, 300))
+  end
+  local i = 0
+  for line in (res.stdout .. "\n"):gmatch("([^\n]*)\n") do
+    i = i + 1
+    local want = cmd.expect and cmd.expect[i]
+    if want and not line:match(want) then
+      return nil, string.format("%s: unexpected reply %q", cmd.argv[1], line:sub(1, 200))
+    end
+  end
+  if cmd.expect and i < #cmd.expect then return nil, cmd.argv[1] .. ": missing replies" end
+  return true
+end
+
+local function healthy(self, p)
+  local h = p.health
+  if not h then return true end
+  if h.tcp then return proc.tcp_check(self.cfg.host, h.tcp, 1) end
+  return self:run(h) ~= nil
+end
+
+--- Advance a provision. Spawns what is not running, checks health.
+-- record(name, identity) persists a spawned process at once.
+-- @return "done" | "wait" | "failed", reason
+function Local:step_provision(inst, record)
+  inst.processes = inst.processes or {}
+  if not inst.files_written then
+    local ok, err = self:write_files(inst)
+    if not ok then return "failed", err end
+    record(nil, nil, true)
+  end
+  local all_healthy = true
+  for _, p in ipairs(inst.deployment.processes) do
+    local rec = inst.processes[p.name]
+    if not rec then
+      rec = find_by_marker(marker(inst, p))
+      if not rec then
+        local spawned, err = self:spawn(inst, p)
+        if not spawned then return "failed", p.name .. ": " .. tostring(err and err.message or err) end
+        rec = spawned
+      end
+      inst.processes[p.name] = rec
+      record(p.name, rec)
+    end
+    if not proc.alive(rec.pid, rec.start_time) then
+      local why = tail(self:instance_dir(inst.id) .. "/" .. p.name .. ".log")
+      return "failed", string.format("%s exited during start-up%s", p.name, why ~= "" and (": " .. why) or "")
+    end
+    if not rec.healthy then
+      if healthy(self, p) then
+        rec.healthy = true
+        record(p.name, rec)
+      else
+        all_healthy = false
+      end
+    end
+  end
+  return all_healthy and "done" or "wait"
+end
+
+--- Stop every process of the instance (TERM, wait, KILL).
+function Local:stop_all(inst)
+  for _, p in ipairs((inst.deployment or {}).processes or {}) do
+    local rec = (inst.processes or {})[p.name] or find_by_marker(marker(inst, p))
+    if rec and proc.alive(rec.pid, rec.start_time) then
+      local ok, err = proc.stop(rec.pid, rec.start_time, self.cfg.stop_timeout)
+      if not ok then return nil, p.name .. ": " .. tostring(err and err.message or err) end
+    end
+  end
+  return true
+end
+
+--- Stop everything and remove the instance's directory.
+function Local:destroy(inst)
+  local ok, err = self:stop_all(inst)
+  if not ok then return nil, err end
+  remove_tree(self:instance_dir(inst.id))
+  return true
+end
+
+--- Restart dead processes of a running instance, with exponential backoff.
+-- @return true if inst.processes changed
+function Local:supervise(inst, now)
+  local changed = false
+  for _, p in ipairs(inst.deployment.processes) do
+    local rec = inst.processes[p.name]
+    if rec and not proc.alive(rec.pid, rec.start_time) and (rec.retry_at or 0) <= now then
+      local restarts = (rec.restarts or 0) + 1
+      local spawned, err = self:spawn(inst, p)
+      log.warn("process died, restarting", { instance = inst.id, process = p.name, restarts = restarts,
+        error = spawned == nil and tostring(err and err.message or err) or nil })
+      local nrec = spawned or { pid = 0, start_time = 0 }
+      nrec.restarts = restarts
+      nrec.retry_at = now + math.min(60, 2 ^ math.min(restarts, 6))
+      nrec.healthy = true
+      inst.processes[p.name] = nrec
+      changed = true
+    end
+  end
+  return changed
+end
+
+return Local

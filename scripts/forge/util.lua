@@ -1,0 +1,86 @@
+--- Small shared helpers for the broker library: URL decoding, query strings, JSON, time.
+local cjson = require "cjson.safe"
+
+local M = {}
+
+M.null = cjson.null
+
+--- Percent-decode a URL component; returns nil for malformed escapes.
+function M.url_decode(s, plus_is_space)
+  if plus_is_space then s = s:gsub("+", " ") end
+  if s:find("%%[^%x]") or s:find("%%%x[^%x]") or s:find("%%%x?$") then return nil end
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+--- Parse a query string into {name = value}; an empty value counts as absent.
+-- Returns nil, message on a malformed escape.
+function M.parse_query(qs)
+  local q = {}
+  for pair in (qs or ""):gmatch("[^&;]+") do
+    local k, v = pair:match("^([^=]*)=?(.*)$")
+    k, v = M.url_decode(k, true), M.url_decode(v, true)
+    if not k or not v then return nil, "malformed percent-escape in the query string" end
+    if k ~= "" and v ~= "" then q[k] = v end
+  end
+  return q
+end
+
+--- Split a raw request path into decoded segments (trailing slash ignored).
+-- Returns nil, message when a segment is not valid percent-encoding.
+function M.split_path(path)
+  local segs = {}
+  for raw in path:gmatch("[^/]+") do
+    local seg = M.url_decode(raw)
+    if not seg then return nil, "malformed percent-escape in the path" end
+    segs[#segs + 1] = seg
+  end
+  return segs
+end
+
+M.json_encode = cjson.encode
+
+-- lua-cjson 2.1 decodes every number as a float; integral values become integers again
+-- so ports, counts and revisions print as "30000", not "30000.0".
+local function integers(v)
+  if type(v) == "number" then return math.tointeger(v) or v end
+  if type(v) == "table" then
+    for k, x in pairs(v) do v[k] = integers(x) end
+  end
+  return v
+end
+
+--- Decode JSON text; nil, message on failure.
+function M.json_decode(text)
+  local v, err = cjson.decode(text)
+  if v == nil and err then return nil, err end
+  return integers(v)
+end
+
+--- Deep equality of JSON-like values (tables compared by content).
+function M.deep_equal(a, b)
+  if a == b then return true end
+  if type(a) ~= "table" or type(b) ~= "table" then return false end
+  for k, v in pairs(a) do
+    if not M.deep_equal(v, b[k]) then return false end
+  end
+  for k in pairs(b) do
+    if a[k] == nil then return false end
+  end
+  return true
+end
+
+--- Deep copy of a JSON-like value.
+function M.copy(v)
+  if type(v) ~= "table" then return v end
+  local t = {}
+  for k, x in pairs(v) do t[k] = M.copy(x) end
+  return setmetatable(t, getmetatable(v))
+end
+
+--- UTC timestamp as RFC 3339 with milliseconds.
+function M.iso_time(t)
+  local secs = math.floor(t)
+  return os.date("!%Y-%m-%dT%H:%M:%S", secs) .. string.format(".%03dZ", math.floor((t - secs) * 1000))
+end
+
+return M

@@ -1,0 +1,137 @@
+-- Redis as a service on the local target: one server, or a primary with two replicas.
+--
+-- Each instance gets its own redis-server process(es) on ports from the broker's pool, data
+-- under the instance's directory, an admin user with a generated password, and the default
+-- user switched off. Each binding gets its own ACL user with a random password, created on
+-- bind and deleted on unbind, on every node (ACLs are not replicated) and saved to the
+-- node's ACL file so a restarted node keeps them.
+local crypto = forge.crypto
+
+local ADMIN = "forge-admin"
+
+local service = {
+  id = "6f0f3c1e-3b5e-4c2a-9a43-1f6b7f3f2f01",
+  name = "redis",
+  description = "Redis in-memory key-value store",
+  bindable = true,
+  tags = { "redis", "key-value", "cache" },
+  metadata = { displayName = "Redis", providerDisplayName = "Service Forge" },
+  plan_updateable = false,
+  plans = {
+    {
+      id = "68ec5c0f-7289-47a5-87ba-aff068f3aa2f",
+      name = "1-server",
+      description = "A single Redis server",
+      free = true,
+      metadata = { bullets = { "1 redis-server", "AOF persistence" } },
+      nodes = 1,
+    },
+    {
+      id = "8ff52a10-1314-4a33-8127-68d8c4961c05",
+      name = "3-servers",
+      description = "One Redis primary and two replicas",
+      free = true,
+      metadata = { bullets = { "1 primary + 2 replicas", "AOF persistence" } },
+      nodes = 3,
+    },
+  },
+}
+
+--- Ports this plan needs from the local pool: one per node.
+function service.ports(plan)
+  return plan.nodes
+end
+
+local function node_name(i) return "redis-" .. (i - 1) end
+
+local function admin_cli(host, port, password, stdin, expect)
+  return {
+    argv = { "redis-cli", "-h", host, "-p", tostring(port), "--user", ADMIN, "--no-auth-warning" },
+    env = { REDISCLI_AUTH = password },
+    stdin = stdin,
+    expect = expect,
+  }
+end
+
+local function redis_conf(ctx, i, admin_password)
+  local name = node_name(i)
+  local lines = {
+    "bind " .. ctx.host,
+    "port " .. ctx.ports[i],
+    "daemonize no",
+    "protected-mode yes",
+    "dir " .. ctx.dir .. "/" .. name,
+    "aclfile " .. ctx.dir .. "/" .. name .. "/users.acl",
+    "appendonly yes",
+    "save ''",
+    "logfile ''",
+  }
+  if i > 1 then
+    lines[#lines + 1] = "replicaof " .. ctx.host .. " " .. ctx.ports[1]
+    lines[#lines + 1] = "masteruser " .. ADMIN
+    lines[#lines + 1] = "masterauth " .. admin_password
+  end
+  return table.concat(lines, "\n") .. "\n"
+end
+
+--- Render the deployment: one redis-server process per node.
+function service.deploy(ctx)
+  local admin_password = ctx.secret("admin_password")
+  local acl = "user default off\n" ..
+    "user " .. ADMIN .. " on #" .. crypto.sha256_hex(admin_password) .. " ~* &* +@all\n"
+  local processes = {}
+  for i = 1, ctx.plan.nodes do
+    local name = node_name(i)
+    processes[i] = {
+      name = name,
+      argv = { "redis-server", ctx.dir .. "/" .. name .. "/redis.conf" },
+      files = {
+        [name .. "/redis.conf"] = redis_conf(ctx, i, admin_password),
+        [name .. "/users.acl"] = acl,
+      },
+      health = admin_cli(ctx.host, ctx.ports[i], admin_password, "PING\n", { "^PONG$" }),
+    }
+  end
+  return { processes = processes }
+end
+
+local function username(binding_id)
+  return "b-" .. crypto.sha256_hex(binding_id):sub(1, 24)
+end
+
+--- A binding: its own ACL user on every node; credentials list every host.
+function service.bind(ctx)
+  local user, password = username(ctx.binding_id), crypto.password(32)
+  local admin_password = ctx.secret("admin_password")
+  local setuser = "ACL SETUSER " .. user .. " reset on #" .. crypto.sha256_hex(password) ..
+    " ~* &* +@all -@admin\nACL SAVE\n"
+  local run, hosts = {}, {}
+  for i, port in ipairs(ctx.ports) do
+    run[i] = admin_cli(ctx.host, port, admin_password, setuser, { "^OK$", "^OK$" })
+    hosts[i] = ctx.host .. ":" .. port
+  end
+  return {
+    credentials = {
+      host = ctx.host,
+      port = ctx.ports[1],
+      username = user,
+      password = password,
+      uri = string.format("redis://%s:%s@%s:%d", user, password, ctx.host, ctx.ports[1]),
+      hosts = hosts,
+    },
+    run = run,
+  }
+end
+
+--- Unbind: delete the binding's user (which also drops its connections) on every node.
+function service.unbind(ctx)
+  local admin_password = ctx.secret("admin_password")
+  local deluser = "ACL DELUSER " .. username(ctx.binding_id) .. "\nACL SAVE\n"
+  local run = {}
+  for i, port in ipairs(ctx.ports) do
+    run[i] = admin_cli(ctx.host, port, admin_password, deluser, { "^%d+$", "^OK$" })
+  end
+  return { run = run }
+end
+
+return service

@@ -1,0 +1,179 @@
+-- Bad input and faults against a real broker: every case answers a clear OSB error and
+-- leaves the store unchanged.
+local Broker = require "spec.support.broker"
+local client = require "spec.support.client"
+local store = require "forge.store"
+
+local R = Broker.redis
+
+local function store_revision(b)
+  local db = assert(store.open(b.state_dir .. "/forge.db"))
+  local rev = db:revision()
+  db:close()
+  return rev
+end
+
+local function provision_body(plan)
+  return { service_id = R.service, plan_id = plan or R.one, organization_guid = "o", space_guid = "s" }
+end
+
+describe("broker input checks", function()
+  local b, rev
+
+  setup(function() b = Broker.start() end)
+  teardown(function() if b then b:cleanup() end end)
+  before_each(function() rev = store_revision(b) end)
+  after_each(function() assert.equal(rev, store_revision(b), "a refused request changed the store") end)
+
+  local function expect_error(status, code, method, path, body, headers)
+    local got, raw, hdrs, json = b:call(method, path, body, headers)
+    assert.equal(status, got, raw)
+    assert.is_table(json, raw)
+    assert.equal(code, json.error)
+    assert.is_string(json.description)
+    assert.is_true(#json.description > 0)
+    assert.equal("application/json", hdrs["content-type"])
+    return json, hdrs
+  end
+
+  it("401 on missing or wrong credentials, before anything else", function()
+    for _, creds in ipairs({ {}, { user = "admin", password = "wrong" }, { user = "x", password = b.password } }) do
+      local status, _, hdrs, json = client.request("PUT", b:url("/v2/service_instances/x"),
+        { user = creds.user, password = creds.password, body = "" })
+      assert.equal(401, status)
+      assert.equal("Unauthorized", json.error)
+      assert.matches("Basic", hdrs["www-authenticate"])
+    end
+  end)
+
+  it("412 on a missing, empty or non-2.x version header", function()
+    for _, v in ipairs({ "", "1.0", "3.0", "two" }) do
+      local status, _, _, json = client.request("GET", b:url("/v2/catalog"),
+        { user = b.user, password = b.password, headers = { ["X-Broker-API-Version"] = v } })
+      assert.equal(412, status)
+      assert.equal("PreconditionFailed", json.error)
+    end
+    local status = client.request("GET", b:url("/v2/catalog"), { user = b.user, password = b.password })
+    assert.equal(412, status)
+  end)
+
+  it("accepts every 2.x version seen in the field", function()
+    for _, v in ipairs({ "2.13", "2.14", "2.15", "2.16", "2.17" }) do
+      assert.equal(200, (b:call("GET", "/v2/catalog", nil, { ["X-Broker-API-Version"] = v })))
+    end
+  end)
+
+  it("400 on malformed JSON and non-object bodies", function()
+    for _, body in ipairs({ "{", "[]", "null", "42", '"x"', "" }) do
+      expect_error(400, "BadRequest", "PUT", "/v2/service_instances/m1?accepts_incomplete=true", body)
+    end
+  end)
+
+  it("400 on missing fields, unknown service or plan", function()
+    local cases = {
+      { plan_id = R.one, organization_guid = "o", space_guid = "s" },
+      { service_id = R.service, organization_guid = "o", space_guid = "s" },
+      { service_id = R.service, plan_id = R.one, space_guid = "s" },
+      { service_id = R.service, plan_id = R.one, organization_guid = "o" },
+      { service_id = "nope", plan_id = R.one, organization_guid = "o", space_guid = "s" },
+      { service_id = R.service, plan_id = "nope", organization_guid = "o", space_guid = "s" },
+      { service_id = R.service, plan_id = R.one, organization_guid = "", space_guid = "s" },
+      { service_id = R.service, plan_id = R.one, organization_guid = "o", space_guid = "s", parameters = "x" },
+    }
+    for _, body in ipairs(cases) do
+      expect_error(400, "BadRequest", "PUT", "/v2/service_instances/m2?accepts_incomplete=true", body)
+    end
+  end)
+
+  it("413 on a body over the limit", function()
+    local status = b:call("PUT", "/v2/service_instances/big?accepts_incomplete=true", string.rep("x", 1048577))
+    assert.equal(413, status)
+  end)
+
+  it("400 on ids with '/', '..', NUL or 300+ characters", function()
+    for _, id in ipairs({ "a%2Fb", "..", "a..b", "a%00b", string.rep("i", 300), "%2e%2e", "a%20b" }) do
+      expect_error(400, "BadRequest", "PUT", "/v2/service_instances/" .. id .. "?accepts_incomplete=true",
+        provision_body())
+    end
+    expect_error(400, "BadRequest", "PUT", "/v2/service_instances/ok/service_bindings/..%2Fx", { service_id = R.service,
+      plan_id = R.one })
+  end)
+
+  it("422 AsyncRequired without accepts_incomplete", function()
+    expect_error(422, "AsyncRequired", "PUT", "/v2/service_instances/sync1", provision_body())
+    expect_error(422, "AsyncRequired", "PUT", "/v2/service_instances/sync1?accepts_incomplete=false", provision_body())
+  end)
+
+  it("410 for deletes of unknown instances and bindings, 404 for unknown last_operation", function()
+    expect_error(410, "Gone", "DELETE", "/v2/service_instances/none?service_id=" .. R.service .. "&plan_id=" .. R.one
+      .. "&accepts_incomplete=true")
+    expect_error(410, "Gone", "DELETE", "/v2/service_instances/none/service_bindings/b?service_id=" .. R.service
+      .. "&plan_id=" .. R.one)
+    expect_error(404, "NotFound", "GET", "/v2/service_instances/none/last_operation")
+  end)
+
+  it("400 for deletes without service_id or plan_id", function()
+    expect_error(400, "BadRequest", "DELETE", "/v2/service_instances/none?plan_id=" .. R.one)
+    expect_error(400, "BadRequest", "DELETE", "/v2/service_instances/none?service_id=&plan_id=" .. R.one)
+  end)
+
+  it("404 on a bind to an unknown instance", function()
+    expect_error(404, "NotFound", "PUT", "/v2/service_instances/none/service_bindings/b1",
+      { service_id = R.service, plan_id = R.one })
+  end)
+
+  it("404 for unknown endpoints and 405 for wrong methods", function()
+    expect_error(404, "NotFound", "GET", "/v2/nothing")
+    expect_error(405, "MethodNotAllowed", "POST", "/v2/catalog", "{}")
+  end)
+
+  it("echoes X-Broker-API-Request-Identity and gives every response a request id", function()
+    local _, _, hdrs = b:call("GET", "/v2/catalog", nil, { ["X-Broker-API-Request-Identity"] = "req-42" })
+    assert.equal("req-42", hdrs["x-broker-api-request-identity"])
+    assert.is_string(hdrs["x-request-id"])
+  end)
+end)
+
+describe("broker faults", function()
+  it("answers a clear error when the port pool is exhausted, creating nothing", function()
+    local b = Broker.start { pool = 1 }
+    finally(function() b:cleanup() end)
+    assert.equal(202, (b:call("PUT", "/v2/service_instances/p1?accepts_incomplete=true", provision_body())))
+    local rev = store_revision(b)
+    local status, raw, hdrs, json = b:call("PUT", "/v2/service_instances/p2?accepts_incomplete=true", provision_body())
+    assert.equal(503, status, raw)
+    assert.matches("port pool", json.description)
+    assert.is_string(hdrs["retry-after"])
+    assert.equal(rev, store_revision(b))
+    assert.equal(404, (b:call("GET", "/v2/service_instances/p2/last_operation")))
+  end)
+
+  it("fails the operation with the reason when redis-server cannot start, releasing its ports", function()
+    local dir = Broker.tmpdir()
+    os.execute("mkdir -p " .. dir .. "/badredis && sed -e 's/\"daemonize no\"/\"no-such-directive yes\"/' " ..
+      "-e 's/6f0f3c1e-3b5e-4c2a-9a43-1f6b7f3f2f01/0b9e0f39-0000-4000-8000-000000000001/' " ..
+      "-e 's/name = \"redis\"/name = \"badredis\"/' " ..
+      "-e 's/68ec5c0f-7289-47a5-87ba-aff068f3aa2f/0b9e0f39-0000-4000-8000-000000000002/' " ..
+      "-e 's/8ff52a10-1314-4a33-8127-68d8c4961c05/0b9e0f39-0000-4000-8000-000000000003/' " ..
+      "services/redis/service.lua > " .. dir .. "/badredis/service.lua")
+    local b = Broker.start { services_dir = dir, pool = 1 }
+    finally(function() b:cleanup(); os.execute("rm -rf " .. dir) end)
+    local body = { service_id = "0b9e0f39-0000-4000-8000-000000000001", plan_id = "0b9e0f39-0000-4000-8000-000000000002",
+      organization_guid = "o", space_guid = "s" }
+    assert.equal(202, (b:call("PUT", "/v2/service_instances/bad?accepts_incomplete=true", body)))
+    local op = b:wait_operation("/v2/service_instances/bad")
+    assert.equal("failed", op.state)
+    assert.matches("redis%-0 exited during start%-up", op.description)
+    assert.matches("no%-such%-directive", op.description)
+    -- the only port in the pool is free again: a second instance gets it
+    assert.equal(202, (b:call("PUT", "/v2/service_instances/bad2?accepts_incomplete=true", body)))
+  end)
+
+  it("stops gracefully on SIGTERM", function()
+    local b = Broker.start()
+    finally(function() b:cleanup() end)
+    local w = b:stop("TERM")
+    assert.equal(0, w.code)
+    assert.matches('"stopped"', b:read_log())
+  end)
+end)

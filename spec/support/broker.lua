@@ -1,0 +1,140 @@
+-- Start and stop a real `forge serve` for specs: temp state dir, free ports, own port pool.
+local proc = require "forge.proc"
+local client = require "spec.support.client"
+local cjson = require "cjson"
+
+local M = {}
+M.__index = M
+
+local REDIS_SERVICE = "6f0f3c1e-3b5e-4c2a-9a43-1f6b7f3f2f01"
+M.redis = { service = REDIS_SERVICE, one = "68ec5c0f-7289-47a5-87ba-aff068f3aa2f",
+  three = "8ff52a10-1314-4a33-8127-68d8c4961c05" }
+
+local function free_port()
+  for _ = 1, 200 do
+    local p = math.random(20000, 29999)
+    if proc.port_free(p) and proc.port_free(p + 1) then return p end
+  end
+  error("no free port")
+end
+
+--- A temp directory (removed by :cleanup()).
+function M.tmpdir()
+  local p = os.tmpname()
+  os.remove(p)
+  assert(os.execute("mkdir -p " .. p))
+  return p
+end
+
+--- Start a broker. opts: services_dir, ports ("a-b" or count), env (extra), state_dir.
+function M.start(opts)
+  opts = opts or {}
+  local self = setmetatable({}, M)
+  self.state_dir = opts.state_dir or M.tmpdir()
+  self.port = free_port()
+  self.user, self.password = "admin", "s3cret-" .. math.random(1e6)
+  local pool = opts.pool or 8
+  local base = opts.pool_base or (40000 + math.random(0, 2000) * 10)
+  self.pool = { from = base, to = base + pool - 1 }
+  local env = {
+    PATH = os.getenv("PATH"), HOME = os.getenv("HOME") or "/root",
+    FORGE_LISTEN = "127.0.0.1:" .. self.port, FORGE_USER = self.user, FORGE_PASSWORD = self.password,
+    FORGE_STATE_DIR = self.state_dir, FORGE_SERVICES_DIR = opts.services_dir or (os.getenv("PWD") .. "/services"),
+    FORGE_PORTS = self.pool.from .. "-" .. self.pool.to, FORGE_LOG_LEVEL = opts.log_level or "info",
+  }
+  for k, v in pairs(opts.env or {}) do env[k] = v end
+  self.env = env
+  self.log = self.state_dir .. "/broker.log"
+  return self:launch()
+end
+
+--- (Re)start the broker process on the same state dir and port.
+function M:launch()
+  local p = assert(proc.spawn { argv = { "build/bin/forge", "serve", "--config", "/dev/null" }, env = self.env,
+    stdout = self.log, cwd = os.getenv("PWD") })
+  self.pid, self.start_time = p.pid, p.start_time
+  local deadline = proc.monotonic() + 15
+  while proc.monotonic() < deadline do
+    if not proc.alive(self.pid, self.start_time) then
+      error("broker exited at start:\n" .. self:read_log())
+    end
+    local status = client.request("GET", self:url("/healthz"))
+    if status == 200 then return self end
+    proc.sleep(0.05)
+  end
+  error("broker did not come up:\n" .. self:read_log())
+end
+
+function M:read_log()
+  local f = io.open(self.log, "rb")
+  if not f then return "" end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+function M:url(path) return "http://127.0.0.1:" .. self.port .. path end
+
+--- An authenticated OSB request with the version header; body tables are JSON-encoded.
+function M:call(method, path, body, headers)
+  local h = { ["X-Broker-API-Version"] = "2.17" }
+  if body ~= nil then h["Content-Type"] = "application/json" end
+  for k, v in pairs(headers or {}) do h[k] = v end
+  if type(body) == "table" then body = cjson.encode(body) end
+  return client.request(method, self:url(path), { body = body, headers = h, user = self.user, password = self.password })
+end
+
+--- Poll last_operation until it is no longer in progress; returns the final body.
+function M:wait_operation(path, timeout)
+  local deadline = proc.monotonic() + (timeout or 30)
+  while proc.monotonic() < deadline do
+    local status, _, _, body = self:call("GET", path .. "/last_operation")
+    if status ~= 200 then return nil, status end
+    if body.state ~= "in progress" then return body end
+    proc.sleep(0.1)
+  end
+  error("operation still in progress after timeout:\n" .. self:read_log())
+end
+
+--- Stop with SIGTERM (graceful) or `sig`; returns the exit status.
+function M:stop(sig)
+  if not self.pid then return end
+  if sig == "KILL" then
+    proc.kill(self.pid, self.start_time, "KILL")
+    local w = proc.wait(self.pid, 10)
+    self.pid = nil
+    return w
+  end
+  proc.kill(self.pid, self.start_time, sig or "TERM")
+  local w = proc.wait(self.pid, 40)
+  self.pid = nil
+  return w
+end
+
+--- Stop the broker and every process it started (found by their FORGE_PROCESS marker), remove state.
+function M:cleanup()
+  self:stop("TERM")
+  for _, pid in ipairs(M.marked_pids(self.state_dir)) do
+    proc.kill(pid, proc.identity(pid), "KILL")
+  end
+  os.execute("rm -rf '" .. self.state_dir .. "'")
+end
+
+--- Pids of live processes spawned for instances under state_dir (by their config path).
+function M.marked_pids(state_dir, instance_id)
+  local pids = {}
+  local p = io.popen("ls /proc")
+  for entry in p:lines() do
+    if entry:match("^%d+$") then
+      local f = io.open("/proc/" .. entry .. "/cmdline", "rb")
+      local cmd = f and f:read("a") or ""
+      if f then f:close() end
+      local needle = state_dir .. "/instances/" .. (instance_id and (instance_id .. "/") or "")
+      if cmd:find(needle, 1, true) and proc.identity(tonumber(entry)) then pids[#pids + 1] = tonumber(entry) end
+    end
+  end
+  p:close()
+  return pids
+end
+
+return M

@@ -1,0 +1,53 @@
+-- A minimal HTTP client for specs, on the curl command line tool.
+local cjson = require "cjson.safe"
+
+local M = {}
+
+local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+
+local function tmpfile()
+  local p = os.tmpname()
+  return p
+end
+
+--- request(method, url, {body=, headers={}, user=, password=, form = {...}})
+-- @return status, body (raw), headers (lowercase names), json (decoded body or nil)
+function M.request(method, url, opts)
+  opts = opts or {}
+  local out, hdr = tmpfile(), tmpfile()
+  local args = { "curl", "-s", "-g", "-X", method, "-o", out, "-D", hdr, "-w", "%{http_code}",
+    "--max-time", tostring(opts.timeout or 30) }
+  if opts.user then args[#args + 1] = "-u"; args[#args + 1] = opts.user .. ":" .. (opts.password or "") end
+  for k, v in pairs(opts.headers or {}) do args[#args + 1] = "-H"; args[#args + 1] = k .. ": " .. v end
+  local bodyfile
+  if opts.body then
+    bodyfile = tmpfile()
+    local f = assert(io.open(bodyfile, "wb"))
+    f:write(opts.body)
+    f:close()
+    args[#args + 1] = "--data-binary"
+    args[#args + 1] = "@" .. bodyfile
+  end
+  args[#args + 1] = url
+  local cmd = {}
+  for i, a in ipairs(args) do cmd[i] = q(a) end
+  local p = assert(io.popen(table.concat(cmd, " ")))
+  local code = p:read("a")
+  p:close()
+  local f = assert(io.open(out, "rb"))
+  local body = f:read("a")
+  f:close()
+  local headers = {}
+  local hf = assert(io.open(hdr, "rb"))
+  for line in hf:lines() do
+    local k, v = line:match("^([^:]+):%s*(.-)%s*$")
+    if k then headers[k:lower()] = v end
+  end
+  hf:close()
+  os.remove(out)
+  os.remove(hdr)
+  if bodyfile then os.remove(bodyfile) end
+  return tonumber(code), body, headers, cjson.decode(body)
+end
+
+return M
