@@ -63,8 +63,7 @@ end
 
 local function absolute(path)
   if path:sub(1, 1) == "/" then return path end
-  local cwd = os.getenv("PWD") or "."
-  return cwd .. "/" .. path
+  return require("lfs").currentdir() .. "/" .. path
 end
 
 -- FORGE_* overrides: variable, setter.

@@ -65,6 +65,7 @@ local function redis_conf(ctx, i, admin_password)
     "appendonly yes",
     "save ''",
     "logfile ''",
+    "repl-diskless-sync-delay 0",
   }
   if i > 1 then
     lines[#lines + 1] = "replicaof " .. ctx.host .. " " .. ctx.ports[1]

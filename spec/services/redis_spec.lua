@@ -166,6 +166,20 @@ describe("broker restarts", function()
     assert.equal("PONG", redis_cli(body.credentials, "PING"))
   end)
 
+  it("adopts a process spawned just before a crash instead of starting a second one", function()
+    b:cleanup()
+    b = Broker.start { env = { FORGE_FAILPOINT = "after_spawn" } }
+    assert.equal(202, (provision(b, "window", R.one)))
+    local w = proc.wait(b.pid, 20)
+    assert.equal(99, w.code)
+    b.env.FORGE_FAILPOINT = nil
+    b:launch()
+    assert.equal("succeeded", b:wait_operation("/v2/service_instances/window").state)
+    local live = Broker.marked_pids(b.state_dir, "window")
+    assert.equal(1, #live)
+    assert.equal(live[1], instance_record(b, "window").processes["redis-0"].pid)
+  end)
+
   it("finishes a provision after kill -9 mid-operation, with no orphan", function()
     assert.equal(202, (provision(b, "crash", R.three)))
     b:stop("KILL")

@@ -50,8 +50,9 @@ end
 
 --- (Re)start the broker process on the same state dir and port.
 function M:launch()
-  local p = assert(proc.spawn { argv = { "build/bin/forge", "serve", "--config", "/dev/null" }, env = self.env,
-    stdout = self.log, cwd = os.getenv("PWD") })
+  -- run in the state dir: no forge.yml there, so defaults + the FORGE_* environment apply
+  local p = assert(proc.spawn { argv = { os.getenv("PWD") .. "/build/bin/forge", "serve" }, env = self.env,
+    stdout = self.log, cwd = self.state_dir })
   self.pid, self.start_time = p.pid, p.start_time
   local deadline = proc.monotonic() + 15
   while proc.monotonic() < deadline do
@@ -120,20 +121,17 @@ function M:cleanup()
   os.execute("rm -rf '" .. self.state_dir .. "'")
 end
 
---- Pids of live processes spawned for instances under state_dir (by their config path).
+--- Pids of live processes spawned for instances under state_dir (by their working directory).
 function M.marked_pids(state_dir, instance_id)
+  local lfs = require "lfs"
   local pids = {}
-  local p = io.popen("ls /proc")
-  for entry in p:lines() do
+  local prefix = state_dir .. "/instances/" .. (instance_id and (instance_id .. "/") or "")
+  for entry in lfs.dir("/proc") do
     if entry:match("^%d+$") then
-      local f = io.open("/proc/" .. entry .. "/cmdline", "rb")
-      local cmd = f and f:read("a") or ""
-      if f then f:close() end
-      local needle = state_dir .. "/instances/" .. (instance_id and (instance_id .. "/") or "")
-      if cmd:find(needle, 1, true) and proc.identity(tonumber(entry)) then pids[#pids + 1] = tonumber(entry) end
+      local cwd = lfs.symlinkattributes("/proc/" .. entry .. "/cwd", "target") or ""
+      if cwd:sub(1, #prefix) == prefix and proc.identity(tonumber(entry)) then pids[#pids + 1] = tonumber(entry) end
     end
   end
-  p:close()
   return pids
 end
 

@@ -15,7 +15,7 @@ end
 function M.request(method, url, opts)
   opts = opts or {}
   local out, hdr = tmpfile(), tmpfile()
-  local args = { "curl", "-s", "-g", "-X", method, "-o", out, "-D", hdr, "-w", "%{http_code}",
+  local args = { "curl", "-s", "-g", "--path-as-is", "-X", method, "-o", out, "-D", hdr, "-w", "%{http_code}",
     "--max-time", tostring(opts.timeout or 30) }
   if opts.user then args[#args + 1] = "-u"; args[#args + 1] = opts.user .. ":" .. (opts.password or "") end
   for k, v in pairs(opts.headers or {}) do args[#args + 1] = "-H"; args[#args + 1] = k .. ": " .. v end

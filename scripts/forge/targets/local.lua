@@ -59,14 +59,19 @@ local function write_file(path, content)
   return os.rename(tmp, path)
 end
 
-local function tail(path, n)
+-- The last few lines of a log file, on one line: the reason a process gave for dying.
+local function tail(path)
   local f = io.open(path, "rb")
   if not f then return "" end
   local size = f:seek("end")
-  f:seek("set", math.max(0, size - (n or 400)))
-  local s = f:read("a") or ""
+  f:seek("set", math.max(0, size - 600))
+  local lines = {}
+  for line in (f:read("a") or ""):gmatch("[^\n]+") do
+    line = line:gsub("^%s+", ""):gsub("%s+$", "")
+    if line ~= "" then lines[#lines + 1] = line end
+  end
   f:close()
-  return (s:gsub("%s+$", ""):match("([^\n]*)$") or s)
+  return table.concat(lines, " / ", math.max(1, #lines - 2))
 end
 
 --- Ports needed for a deployment, as the service says (default 1).
@@ -85,34 +90,42 @@ function Local:allocate_ports(db, count)
   return ports
 end
 
-local function marker(inst, p) return inst.id .. "/" .. p.name end
+-- Each process runs in its own directory under this broker's state dir, which is unique on
+-- this machine; it is also put in the process's environment as FORGE_PROCESS.
+function Local:process_dir(inst, p) return self:instance_dir(inst.id) .. "/" .. p.name end
 
--- A process of ours whose spawn was never recorded (broker killed in between): find it by
--- the FORGE_PROCESS marker in its environment.
-local function find_by_marker(mark)
-  local needle = "FORGE_PROCESS=" .. mark .. "\0"
+-- A process of ours whose spawn was never recorded (broker killed in between): find it by its
+-- working directory, or by the FORGE_PROCESS marker for processes that change directory.
+-- (Some servers, redis among them, overwrite their environment for the process title.)
+function Local:find_unrecorded(inst, p)
+  local dir = self:process_dir(inst, p)
+  local needle = "FORGE_PROCESS=" .. dir .. "\0"
   for entry in lfs.dir("/proc") do
     if entry:match("^%d+$") then
-      local f = io.open("/proc/" .. entry .. "/environ", "rb")
-      if f then
-        local env = f:read("a") or ""
-        f:close()
-        if env:find(needle, 1, true) then
-          local pid = tonumber(entry)
-          local start = proc.identity(pid)
-          if start then return { pid = pid, start_time = start } end
+      local found = lfs.symlinkattributes("/proc/" .. entry .. "/cwd", "target") == dir
+      if not found then
+        local f = io.open("/proc/" .. entry .. "/environ", "rb")
+        if f then
+          found = (f:read("a") or ""):find(needle, 1, true) ~= nil
+          f:close()
         end
+      end
+      if found then
+        local pid = tonumber(entry)
+        local start = proc.identity(pid)
+        if start then return { pid = pid, start_time = start } end
       end
     end
   end
 end
 
 function Local:spawn(inst, p)
-  local dir = self:instance_dir(inst.id)
-  local env = { PATH = os.getenv("PATH") or "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
-    FORGE_PROCESS = marker(inst, p) }
+  local dir = self:process_dir(inst, p)
+  local ok, err = mkdirs(dir)
+  if not ok then return nil, "cannot create " .. dir .. ": " .. tostring(err) end
+  local env = { PATH = os.getenv("PATH") or "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", FORGE_PROCESS = dir }
   for k, v in pairs(p.env or {}) do env[k] = v end
-  return proc.spawn { argv = p.argv, cwd = dir, env = env, stdout = dir .. "/" .. p.name .. ".log" }
+  return proc.spawn { argv = p.argv, cwd = dir, env = env, stdout = self:instance_dir(inst.id) .. "/" .. p.name .. ".log" }
 end
 
 --- Write the deployment's files (first provision step only; restarts keep what the service
@@ -175,11 +188,13 @@ function Local:step_provision(inst, record)
   for _, p in ipairs(inst.deployment.processes) do
     local rec = inst.processes[p.name]
     if not rec then
-      rec = find_by_marker(marker(inst, p))
+      rec = self:find_unrecorded(inst, p)
       if not rec then
         local spawned, err = self:spawn(inst, p)
         if not spawned then return "failed", p.name .. ": " .. tostring(err and err.message or err) end
         rec = spawned
+        -- failpoint for the crash-recovery spec: die between spawn and journal
+        if os.getenv("FORGE_FAILPOINT") == "after_spawn" then os.exit(99, false) end
       end
       inst.processes[p.name] = rec
       record(p.name, rec)
@@ -203,7 +218,7 @@ end
 --- Stop every process of the instance (TERM, wait, KILL).
 function Local:stop_all(inst)
   for _, p in ipairs((inst.deployment or {}).processes or {}) do
-    local rec = (inst.processes or {})[p.name] or find_by_marker(marker(inst, p))
+    local rec = (inst.processes or {})[p.name] or self:find_unrecorded(inst, p)
     if rec and proc.alive(rec.pid, rec.start_time) then
       local ok, err = proc.stop(rec.pid, rec.start_time, self.cfg.stop_timeout)
       if not ok then return nil, p.name .. ": " .. tostring(err and err.message or err) end
