@@ -79,6 +79,9 @@ typedef struct yctx {
     int event_live;
     ybuf out;               /* emitter output */
     ybuf path;              /* current path while merging / walking */
+    ybuf tmp;               /* scratch (canonical paths while computing dependencies) */
+    ynode *root;            /* the merged document while operators run */
+    int envidx;             /* stack index of opts.env (0: use the process environment) */
     /* decode */
     yanchor *anchors;
     size_t nanchors, capanchors;
@@ -202,6 +205,9 @@ static void ctx_release(yctx *c)
     free(c->path.p);
     c->path.p = NULL;
     c->path.n = c->path.cap = 0;
+    free(c->tmp.p);
+    c->tmp.p = NULL;
+    c->tmp.n = c->tmp.cap = 0;
     while (c->arena) {
         chunk *n = c->arena->next;
         free(c->arena);
@@ -361,11 +367,6 @@ static ynode *nbool(yctx *c, int b, const ynode *src)
     ynode *n = nnew(c, T_BOOL, src);
     n->u.b = b != 0;
     return n;
-}
-
-static int is_str(const ynode *n, const char *s)
-{
-    return n && n->t == T_STR && strlen(s) == n->u.s.n && memcmp(n->u.s.p, s, n->u.s.n) == 0;
 }
 
 static int is_scalar(const ynode *n)
