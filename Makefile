@@ -10,7 +10,7 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 BINDIR   = $(PREFIX)/bin
 DATADIR  = $(PREFIX)/share/forge
-LIBDIR   = $(PREFIX)/lib/forge
+LIBDIR   = $(PREFIX)/lib/lua/5.4/forge
 
 CC      ?= cc
 PKGS     = lua5.4 libmicrohttpd libcurl yaml-0.1 sqlite3
@@ -33,10 +33,10 @@ MOD_SO     = $(MODULES:%=build/lib/forge/%.so) build/lib/forge/error.so
 HEADERS    = $(wildcard include/forge/*.h runtime/*.h)
 
 DEBIAN_PKGS = build-essential pkg-config lua5.4 liblua5.4-dev libmicrohttpd-dev libcurl4-openssl-dev \
-              lua-cjson libyaml-dev libsqlite3-dev sqlite3 lua-busted lua-check redis-server redis-tools \
+              lua-cjson lua-filesystem libyaml-dev libsqlite3-dev sqlite3 lua-busted lua-check redis-server redis-tools \
               etcd-server etcd-client wrk curl
 
-.PHONY: all deps run test bench install clean lint
+.PHONY: all deps run test bench install clean lint FORCE
 all: build/bin/forge $(MOD_SO)
 
 deps:
@@ -52,14 +52,16 @@ build/obj/%.o: runtime/%.c $(HEADERS) | build/obj
 	$(CC) $(CFLAGS) -c -o $@ $<
 
 # package.preload table for the binary, one entry per module (so adding runtime/x.c is enough).
-build/obj/preload.c: $(wildcard runtime/*.c) Makefile | build/obj
+# Regenerated on every build, replaced only when the module list changed.
+build/obj/preload.c: FORCE | build/obj
 	@{ echo '#include "forge/forge.h"'; \
 	  for m in error $(MODULES); do echo "int luaopen_forge_$$m(lua_State *L);"; done; \
 	  echo 'void forge_preload(lua_State *L) {'; \
 	  echo '    luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);'; \
 	  for m in error $(MODULES); do \
 	    echo "    lua_pushcfunction(L, luaopen_forge_$$m); lua_setfield(L, -2, \"forge.$$m\");"; done; \
-	  echo '    lua_pop(L, 1);'; echo '}'; } > $@.tmp && mv $@.tmp $@
+	  echo '    lua_pop(L, 1);'; echo '}'; } > $@.tmp
+	@cmp -s $@.tmp $@ && rm -f $@.tmp || mv $@.tmp $@
 
 build/obj/preload.o: build/obj/preload.c $(HEADERS)
 	$(CC) $(CFLAGS) -c -o $@ $<

@@ -39,15 +39,17 @@ local SCHEMA = {
 }
 
 -- Merge `src` onto `dst` following SCHEMA; returns nil, message on a bad key or type.
-local function merge(dst, src, schema, path)
-  if type(src) ~= "table" then return nil, (path == "" and "the file" or path) .. " must be a map" end
+local function merge(dst, src, schema, path, kind)
+  if type(src) ~= "table" or kind(src) ~= "map" then
+    return nil, (path == "" and "the file" or path) .. " must be a map"
+  end
   for k, v in pairs(src) do
     local p = path == "" and tostring(k) or path .. "." .. tostring(k)
     local want = schema[k]
     if want == nil then return nil, "unknown setting '" .. p .. "'" end
     if type(want) == "table" then
       dst[k] = dst[k] or {}
-      local ok, err = merge(dst[k], v, want, p)
+      local ok, err = merge(dst[k], v, want, p, kind)
       if not ok then return nil, err end
     elseif want == "integer" then
       if math.type(v) ~= "integer" then return nil, p .. " must be an integer" end
@@ -112,7 +114,7 @@ function M.load(path, getenv)
     local doc, err = yaml.decode(text, path)
     if err then return nil, tostring(err) end
     if doc ~= nil and doc ~= yaml.null then
-      local ok, merr = merge(c, doc, SCHEMA, "")
+      local ok, merr = merge(c, doc, SCHEMA, "", yaml.kind)
       if not ok then return nil, path .. ": " .. merr end
     end
   end
