@@ -215,13 +215,12 @@ describe("yaml.merge case vectors (spec/yaml/cases)", function()
   end)
 
   local function parse_case(text)
-    local sections, order, cur = {}, {}, nil
+    local sections, cur = {}, nil
     for line in (text .. "\n"):gmatch("(.-)\n") do
       local sec = line:match("^#> (%S+)$")
       if sec then
         cur = sec
         sections[cur] = {}
-        order[#order + 1] = cur
       elseif cur then
         table.insert(sections[cur], line)
       end
