@@ -62,7 +62,7 @@ static int push_error_value(lua_State *L, int errtab, int total)
         n = 1;
     }
     sort_errors(L, errtab, n);
-    luaL_Buffer msg, sp;
+    luaL_Buffer msg;
     /* build the per-record message and spruce lines */
     for (int i = 1; i <= n; i++) {
         lua_rawgeti(L, errtab, i);
@@ -115,36 +115,31 @@ static int push_error_value(lua_State *L, int errtab, int total)
         lua_getfield(L, first, fields[i]);
         lua_setfield(L, err, fields[i]);
     }
-    luaL_buffinit(L, &msg);
-    if (n > 1 || total > n) {
+    /* message: accumulate with lua_concat (no luaL_Buffer while the stack moves) */
+    if (n > 1 || total > n)
         lua_pushfstring(L, "%d errors detected:", total);
-        luaL_addvalue(&msg);
-    }
+    else
+        lua_pushliteral(L, "");
     for (int i = 1; i <= n; i++) {
+        lua_pushstring(L, (n > 1 || total > n) ? "\n - " : "");
         lua_rawgeti(L, errtab, i);
         lua_getfield(L, -1, "message");
-        if (n > 1 || total > n)
-            luaL_addstring(&msg, "\n - ");
-        luaL_addstring(&msg, lua_tostring(L, -1));
-        lua_pop(L, 2);
+        lua_remove(L, -2);
+        lua_concat(L, 3);
     }
     if (total > n) {
         lua_pushfstring(L, "\n (and %d more)", total - n);
-        luaL_addvalue(&msg);
+        lua_concat(L, 2);
     }
-    luaL_pushresult(&msg);
     lua_setfield(L, err, "message");
-    luaL_buffinit(L, &sp);
     lua_pushfstring(L, "%d error(s) detected:", total);
-    luaL_addvalue(&sp);
     for (int i = 1; i <= n; i++) {
+        lua_pushliteral(L, "\n - ");
         lua_rawgeti(L, errtab, i);
         lua_getfield(L, -1, "spruce");
-        luaL_addstring(&sp, "\n - ");
-        luaL_addstring(&sp, lua_tostring(L, -1));
-        lua_pop(L, 2);
+        lua_remove(L, -2);
+        lua_concat(L, 3);
     }
-    luaL_pushresult(&sp);
     lua_setfield(L, err, "spruce");
     lua_pushvalue(L, errtab);
     lua_setfield(L, err, "errors");

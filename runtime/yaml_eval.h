@@ -1998,14 +1998,13 @@ static void prune_all(yctx *c, const char *const *extra, int nextra)
 }
 
 typedef struct sortctx { yctx *c; const char *key; int kind; } sortctx;
-static sortctx *g_sort;   /* qsort has no user data in C11; set only around the call */
 
-static int sort_cmp(const void *pa, const void *pb)
+/* No globals: several lua_States may merge on different threads at once. */
+static int sort_cmp(const sortctx *sc, const ynode *a, const ynode *b)
 {
-    const ynode *a = *(ynode *const *)pa, *b = *(ynode *const *)pb;
-    if (g_sort->kind == T_MAP) {
-        a = map_gets(g_sort->c, (ynode *)a, g_sort->key);
-        b = map_gets(g_sort->c, (ynode *)b, g_sort->key);
+    if (sc->kind == T_MAP) {
+        a = map_gets(sc->c, (ynode *)a, sc->key);
+        b = map_gets(sc->c, (ynode *)b, sc->key);
     }
     if ((a->t == T_INT || a->t == T_FLOAT) && (b->t == T_INT || b->t == T_FLOAT))
         return key_cmp(&a, &b);
@@ -2017,10 +2016,10 @@ static int sort_cmp(const void *pa, const void *pb)
     return r ? r : (la < lb ? -1 : la > lb);
 }
 
-static void stable_sort(ynode **v, size_t n)
+static void stable_sort(const sortctx *sc, ynode **v, size_t n)
 {
     for (size_t i = 1; i < n; i++)
-        for (size_t j = i; j > 0 && sort_cmp(&v[j - 1], &v[j]) > 0; j--) {
+        for (size_t j = i; j > 0 && sort_cmp(sc, v[j - 1], v[j]) > 0; j--) {
             ynode *t = v[j];
             v[j] = v[j - 1];
             v[j - 1] = t;
@@ -2075,9 +2074,7 @@ static void sort_all(yctx *c)
             }
         }
         sortctx sc = {c, key, kind};
-        g_sort = &sc;
-        stable_sort(l->u.c.v, l->u.c.n);
-        g_sort = NULL;
+        stable_sort(&sc, l->u.c.v, l->u.c.n);
     }
 }
 
