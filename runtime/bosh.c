@@ -92,7 +92,7 @@ struct req {
 static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
 static int json_decode_key;     /* registry key: cjson.decode */
 
-#define todirector(L) ((struct director *)luaL_checkudata(L, 1, DIRECTOR_MT))
+#define todirector(L) (check_open(L))
 
 
 /* ---- small helpers ---------------------------------------------------------------- */
@@ -114,6 +114,15 @@ static void sleep_ms(long ms)
 static void init_curl(void)
 {
     curl_global_init(CURL_GLOBAL_DEFAULT);
+}
+
+/* The director at index 1, which must not be closed. May longjmp. */
+static struct director *check_open(lua_State *L)
+{
+    struct director *d = luaL_checkudata(L, 1, DIRECTOR_MT);
+    if (d->closed)
+        luaL_error(L, "forge.bosh: the director handle is closed");
+    return d;
 }
 
 /* strdup that raises on OOM; the result must go straight into the userdata. May longjmp. */

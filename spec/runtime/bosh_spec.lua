@@ -72,6 +72,28 @@ describe("forge.bosh", function()
     if tmp then os.execute("rm -rf '" .. tmp .. "'") end
   end)
 
+  describe("handles", function()
+    it("raises on misuse and reports bad local configuration as errors", function()
+      assert.has_error(function() bosh.new { url = "ftp://x" } end)
+      assert.has_error(function() bosh.new { url = basic.url, colour = "blue" } end)
+      assert.has_error(function() bosh.new { url = basic.url, client = "c" } end)
+      local d, err = bosh.new { url = basic.url, ca_cert = tmp .. "/no-such-ca.pem" }
+      assert.is_nil(d)
+      assert.equal("bosh.local", err.code)
+      assert.truthy(bosh.new { url = "https://10.0.0.6:25555/", insecure = true,
+        ca_cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n" })
+      d = basic:director()
+      assert.has_error(function() d:deploy("name: x\n", { context_id = string.rep("x", 65) }) end)
+      assert.has_error(function() d:deploy("name: x\n", { recreat = true }) end)
+      assert.has_error(function() d:run_errand("x", "y", { 42 }) end)
+      assert.has_error(function() d:task(0) end)
+      d:close()
+      d:close()
+      assert.matches("closed", tostring(d))
+      assert.has_error(function() d:info() end)
+    end)
+  end)
+
   describe("info and auth", function()
     it("reads /info and learns the auth type", function()
       local d = basic:director()
