@@ -1,0 +1,2349 @@
+/*
+ * forge.etcd — the distributed backend of the store: etcd v3 through its JSON
+ * gateway (grpc-gateway, paths under /v3/ as served by etcd 3.4), on libcurl.
+ *
+ * A db object has exactly the methods and semantics of a forge.store db (see
+ * store.c and ../../shared/DESIGN.md "Store semantics"): get, range, put and
+ * delete with prev_revision (compare-and-swap), txn, revision, close. The
+ * revision is etcd's own cluster revision. Extra, etcd-only methods serve the
+ * replica work: leases (grant, keepalive, revoke; put and txn puts take
+ * `lease=id`) and a bounded watch.
+ *
+ * Wire format: every request is a POST of a JSON body; keys and values travel
+ * base64-encoded, int64 fields as decimal strings, and the gateway omits every
+ * zero-valued field ("kvs", "count", "succeeded" = false, an empty "value").
+ * Responses are read by a small JSON tokenizer (flat token array, each token
+ * knowing where its subtree ends) that never touches Lua, so a malformed or
+ * hostile response is an error value, never a crash or a raise.
+ *
+ * Namespacing: the optional `prefix` is prepended to every key on the way in
+ * and stripped on the way out, so several brokers or test cases can share one
+ * etcd without seeing each other's keys.
+ *
+ * Endpoints and failover: requests go to the last endpoint that answered. A
+ * connection failure moves on to the next endpoint, all within one time budget
+ * (timeout_ms) per call. A write whose request was sent but whose answer never
+ * came is not resent elsewhere (it may have been applied): the caller gets the
+ * retryable "etcd.unavailable" error and decides. Reads are always resent.
+ *
+ * Auth: with `username`, the db authenticates (/v3/auth/authenticate) and sends
+ * the token in the Authorization header; when etcd calls the token invalid
+ * (expired, or etcd restarted) it authenticates again, once, and resends.
+ *
+ * Ownership: the db userdata owns the curl handle, header list, every buffer
+ * and the token array; __gc frees them. Lua arguments are validated (and may
+ * raise) before any request is built; request and response handling run no Lua;
+ * results are pushed afterwards (a memory raise then leaks nothing).
+ */
+#include <limits.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <curl/curl.h>
+
+#include "forge/forge.h"
+
+#define ETCD_MT             "forge.etcd.db"
+#define ETCD_KEY_MAX        1024
+#define ETCD_PREFIX_MAX     1024
+#define ETCD_VALUE_MAX      (8 * 1024 * 1024)
+#define ETCD_RESP_MAX       ((size_t)256 * 1024 * 1024)
+#define ETCD_TOKENS_MAX     ((size_t)8 * 1024 * 1024)
+#define ETCD_JSON_DEPTH     64
+#define ETCD_ENDPOINTS_MAX  16
+#define ETCD_URL_MAX        512
+#define ETCD_TIMEOUT_MS     5000
+#define ETCD_TIMEOUT_MAX    (3600 * 1000)
+#define ETCD_TTL_MAX        9000000000LL        /* etcd's MaxLeaseTTL */
+#define ETCD_KEEP_BYTES     (1024 * 1024)       /* buffers larger than this are freed after a call */
+
+#define checkdb(L)          (etcd_check((L), 1))
+
+
+/* ---------------------------------------------------------------------------
+ * Growable buffers (a failed allocation is sticky: checked once per request)
+ * ------------------------------------------------------------------------- */
+
+struct buf {
+    char *p;
+    size_t len, cap;
+    int failed;
+};
+
+
+static int buf_grow(struct buf *b, size_t extra)
+{
+    if (b->failed)
+        return -1;
+    if (extra >= SIZE_MAX / 2 - b->len) {
+        b->failed = 1;
+        return -1;
+    }
+    size_t need = b->len + extra + 1;
+    if (need <= b->cap)
+        return 0;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < need)
+        cap *= 2;
+    char *p = realloc(b->p, cap);
+    if (!p) {
+        b->failed = 1;
+        return -1;
+    }
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+
+static void buf_add(struct buf *b, const void *s, size_t n)
+{
+    if (buf_grow(b, n) == 0) {
+        if (n)
+            memcpy(b->p + b->len, s, n);
+        b->len += n;
+        b->p[b->len] = '\0';
+    }
+}
+
+
+static void buf_adds(struct buf *b, const char *s)
+{
+    buf_add(b, s, strlen(s));
+}
+
+
+/* Empty the buffer; a large one is freed so one big value does not stay pinned. */
+static void buf_reset(struct buf *b)
+{
+    if (b->cap > ETCD_KEEP_BYTES) {
+        free(b->p);
+        b->p = NULL;
+        b->cap = 0;
+    }
+    b->len = 0;
+    b->failed = 0;
+    if (b->p)
+        b->p[0] = '\0';
+}
+
+
+static void buf_free(struct buf *b)
+{
+    free(b->p);
+    memset(b, 0, sizeof *b);
+}
+
+
+/* ---------------------------------------------------------------------------
+ * Base64 (standard alphabet, padded, as Go's encoding/json writes []byte)
+ * ------------------------------------------------------------------------- */
+
+static const char b64_alphabet[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+
+/* Append base64(a || c) (two parts, so a namespaced key needs no copy). */
+static void buf_addb64(struct buf *b, const char *a, size_t alen, const char *c, size_t clen)
+{
+    size_t n = alen + clen;
+    if (buf_grow(b, (n + 2) / 3 * 4) < 0)
+        return;
+    char *out = b->p + b->len;
+    unsigned char in[3];
+    int k = 0;
+    for (size_t i = 0; i < n; i++) {
+        in[k++] = (unsigned char)(i < alen ? a[i] : c[i - alen]);
+        if (k == 3) {
+            *out++ = b64_alphabet[in[0] >> 2];
+            *out++ = b64_alphabet[((in[0] & 3) << 4) | (in[1] >> 4)];
+            *out++ = b64_alphabet[((in[1] & 15) << 2) | (in[2] >> 6)];
+            *out++ = b64_alphabet[in[2] & 63];
+            k = 0;
+        }
+    }
+    if (k) {
+        if (k == 1)
+            in[1] = 0;
+        *out++ = b64_alphabet[in[0] >> 2];
+        *out++ = b64_alphabet[((in[0] & 3) << 4) | (in[1] >> 4)];
+        *out++ = k == 2 ? b64_alphabet[(in[1] & 15) << 2] : '=';
+        *out++ = '=';
+    }
+    b->len = (size_t)(out - b->p);
+    b->p[b->len] = '\0';
+}
+
+
+static int b64_value(unsigned char ch)
+{
+    if (ch >= 'A' && ch <= 'Z') return ch - 'A';
+    if (ch >= 'a' && ch <= 'z') return ch - 'a' + 26;
+    if (ch >= '0' && ch <= '9') return ch - '0' + 52;
+    if (ch == '+' || ch == '-') return 62;
+    if (ch == '/' || ch == '_') return 63;
+    return -1;
+}
+
+
+/*
+ * Decode base64 (standard or URL alphabet, padding optional) in place: the
+ * output never outgrows the input. Returns the decoded length, or -1.
+ */
+static long b64_decode_inplace(char *s, size_t len)
+{
+    while (len > 0 && s[len - 1] == '=')
+        len--;
+    if (len % 4 == 1)
+        return -1;
+    size_t o = 0;
+    uint32_t acc = 0;
+    int bits = 0;
+    for (size_t i = 0; i < len; i++) {
+        int v = b64_value((unsigned char)s[i]);
+        if (v < 0)
+            return -1;
+        acc = (acc << 6) | (uint32_t)v;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            s[o++] = (char)((acc >> bits) & 0xFF);
+        }
+    }
+    return (long)o;
+}
+
+
+/* ---------------------------------------------------------------------------
+ * JSON writer helpers
+ * ------------------------------------------------------------------------- */
+
+/* A JSON string literal (UTF-8 passed through, control characters escaped). */
+static void buf_addjstr(struct buf *b, const char *s, size_t len)
+{
+    buf_add(b, "\"", 1);
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        char esc[8];
+        if (ch == '"' || ch == '\\') {
+            esc[0] = '\\';
+            esc[1] = (char)ch;
+            buf_add(b, esc, 2);
+        } else if (ch < 0x20 || ch == 0x7F) {
+            snprintf(esc, sizeof esc, "\\u%04x", ch);
+            buf_add(b, esc, 6);
+        } else {
+            buf_add(b, s + i, 1);
+        }
+    }
+    buf_add(b, "\"", 1);
+}
+
+
+/* An int64 the way jsonpb writes it: a decimal string. */
+static void buf_addint(struct buf *b, long long v)
+{
+    char num[32];
+    int n = snprintf(num, sizeof num, "\"%lld\"", v);
+    buf_add(b, num, (size_t)n);
+}
+
+
+/* ---------------------------------------------------------------------------
+ * JSON reader: a flat token array over the response text (no Lua, no raise)
+ * ------------------------------------------------------------------------- */
+
+enum { J_OBJ = 1, J_ARR, J_STR, J_NUM, J_TRUE, J_FALSE, J_NULL };
+enum { JERR_SYNTAX = -1, JERR_NOMEM = -2, JERR_LIMIT = -3 };
+
+struct jtok {
+    uint32_t start, end;            /* text span; inside the quotes for strings */
+    uint32_t next;                  /* index of the first token after this subtree */
+    uint8_t type;
+};
+
+struct etcd;
+
+struct jparse {
+    struct etcd *e;
+    const char *s;
+    size_t len, pos;
+    int err;
+};
+
+
+/* ---------------------------------------------------------------------------
+ * The db object
+ * ------------------------------------------------------------------------- */
+
+struct etcd {
+    CURL *curl;                     /* NULL once closed */
+    struct curl_slist *headers;
+    char *endpoints[ETCD_ENDPOINTS_MAX];
+    int nendpoints;
+    int cur;                        /* the endpoint that answered last */
+    char *prefix;                   /* never NULL while open ("" = no namespace) */
+    size_t plen;
+    long timeout_ms;
+    char *username, *password, *token;
+    struct buf req, aux, resp, scratch;
+    struct jtok *toks;
+    size_t ntok, captok;
+    const char *jbase;              /* text the tokens index into */
+    /* state of the transfer in progress */
+    int too_big;
+    int stream;                     /* newline-delimited messages (watch) */
+    int stream_stop;                /* a message that ends the watch arrived */
+    size_t scan;                    /* stream: bytes of resp already split into lines */
+    size_t stop_start, stop_end;    /* stream: the line that stopped it */
+    long long stream_rev;           /* stream: header revision of the last message */
+    char errbuf[CURL_ERROR_SIZE];
+};
+
+/* An operational failure, formatted in C (no Lua), pushed later as `nil, err`. */
+struct res {
+    const char *code;
+    int retryable;
+    long status;                    /* HTTP status, 0 when there was no answer */
+    long long compact_revision;     /* watch: etcd.compacted */
+    char msg[1536];
+};
+
+
+static int res_fail(struct res *r, const char *code, int retryable, long status, const char *fmt, ...)
+    FORGE_PRINTF(5);
+
+static int res_fail(struct res *r, const char *code, int retryable, long status, const char *fmt, ...)
+{
+    va_list ap;
+    r->code = code;
+    r->retryable = retryable;
+    r->status = status;
+    r->compact_revision = 0;
+    va_start(ap, fmt);
+    vsnprintf(r->msg, sizeof r->msg, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+
+static int malformed(struct res *r, const char *what)
+{
+    return res_fail(r, "etcd.error", 0, 200, "malformed response from etcd (%s)", what);
+}
+
+
+static long jp_fail(struct jparse *p)
+{
+    if (!p->err)
+        p->err = JERR_SYNTAX;
+    return -1;
+}
+
+
+static long jp_newtok(struct jparse *p, int type, size_t start)
+{
+    struct etcd *e = p->e;
+    if (e->ntok == e->captok) {
+        if (e->captok >= ETCD_TOKENS_MAX) {
+            p->err = JERR_LIMIT;
+            return -1;
+        }
+        size_t cap = e->captok ? e->captok * 2 : 256;
+        if (cap > ETCD_TOKENS_MAX)
+            cap = ETCD_TOKENS_MAX;
+        struct jtok *t = realloc(e->toks, cap * sizeof *t);
+        if (!t) {
+            p->err = JERR_NOMEM;
+            return -1;
+        }
+        e->toks = t;
+        e->captok = cap;
+    }
+    struct jtok *t = &e->toks[e->ntok];
+    t->type = (uint8_t)type;
+    t->start = t->end = (uint32_t)start;
+    t->next = 0;
+    return (long)e->ntok++;
+}
+
+
+static void jp_ws(struct jparse *p)
+{
+    while (p->pos < p->len) {
+        char ch = p->s[p->pos];
+        if (ch != ' ' && ch != '\t' && ch != '\n' && ch != '\r')
+            break;
+        p->pos++;
+    }
+}
+
+
+/* At a '"': one string token (escapes are checked when decoded). */
+static long jp_string(struct jparse *p)
+{
+    long t = jp_newtok(p, J_STR, p->pos + 1);
+    if (t < 0)
+        return -1;
+    p->pos++;
+    while (p->pos < p->len) {
+        unsigned char ch = (unsigned char)p->s[p->pos];
+        if (ch == '"')
+            break;
+        if (ch < 0x20)
+            return jp_fail(p);
+        p->pos += ch == '\\' ? 2 : 1;
+    }
+    if (p->pos >= p->len)
+        return jp_fail(p);
+    p->e->toks[t].end = (uint32_t)p->pos;
+    p->e->toks[t].next = (uint32_t)p->e->ntok;
+    p->pos++;
+    return t;
+}
+
+
+static long jp_value(struct jparse *p, int depth)
+{
+    jp_ws(p);
+    if (p->pos >= p->len)
+        return jp_fail(p);
+    if (depth > ETCD_JSON_DEPTH) {
+        p->err = JERR_LIMIT;
+        return -1;
+    }
+    char ch = p->s[p->pos];
+    long t;
+    if (ch == '{' || ch == '[') {
+        int obj = ch == '{';
+        char close = obj ? '}' : ']';
+        if ((t = jp_newtok(p, obj ? J_OBJ : J_ARR, p->pos)) < 0)
+            return -1;
+        p->pos++;
+        jp_ws(p);
+        if (p->pos < p->len && p->s[p->pos] == close) {
+            p->pos++;
+        } else {
+            for (;;) {
+                if (obj) {
+                    jp_ws(p);
+                    if (p->pos >= p->len || p->s[p->pos] != '"' || jp_string(p) < 0)
+                        return jp_fail(p);
+                    jp_ws(p);
+                    if (p->pos >= p->len || p->s[p->pos] != ':')
+                        return jp_fail(p);
+                    p->pos++;
+                }
+                if (jp_value(p, depth + 1) < 0)
+                    return -1;
+                jp_ws(p);
+                if (p->pos >= p->len)
+                    return jp_fail(p);
+                if (p->s[p->pos] == ',') {
+                    p->pos++;
+                    continue;
+                }
+                if (p->s[p->pos] != close)
+                    return jp_fail(p);
+                p->pos++;
+                break;
+            }
+        }
+    } else if (ch == '"') {
+        return jp_string(p);
+    } else if (ch == '-' || (ch >= '0' && ch <= '9')) {
+        if ((t = jp_newtok(p, J_NUM, p->pos)) < 0)
+            return -1;
+        int digits = 0;
+        while (p->pos < p->len && strchr("+-.eE0123456789", p->s[p->pos]) && p->s[p->pos]) {
+            digits += p->s[p->pos] >= '0' && p->s[p->pos] <= '9';
+            p->pos++;
+        }
+        if (!digits)
+            return jp_fail(p);
+    } else {
+        static const struct { const char *word; int type; } lit[] = {
+            {"true", J_TRUE}, {"false", J_FALSE}, {"null", J_NULL},
+        };
+        int type = 0;
+        size_t wlen = 0;
+        for (size_t i = 0; i < sizeof lit / sizeof lit[0]; i++) {
+            wlen = strlen(lit[i].word);
+            if (p->len - p->pos >= wlen && memcmp(p->s + p->pos, lit[i].word, wlen) == 0) {
+                type = lit[i].type;
+                break;
+            }
+        }
+        if (!type)
+            return jp_fail(p);
+        if ((t = jp_newtok(p, type, p->pos)) < 0)
+            return -1;
+        p->pos += wlen;
+    }
+    p->e->toks[t].end = (uint32_t)p->pos;
+    p->e->toks[t].next = (uint32_t)p->e->ntok;
+    return t;
+}
+
+
+/* Tokenize one complete JSON document; token 0 is its root. Returns 0 or JERR_*. */
+static int json_doc(struct etcd *e, const char *s, size_t len)
+{
+    struct jparse p = {.e = e, .s = s, .len = len};
+    e->ntok = 0;
+    e->jbase = s;
+    if (len >= UINT32_MAX)
+        return JERR_LIMIT;
+    if (jp_value(&p, 0) < 0)
+        return p.err ? p.err : JERR_SYNTAX;
+    jp_ws(&p);
+    return p.pos == len ? 0 : JERR_SYNTAX;
+}
+
+
+static const char *jerr_text(int err)
+{
+    return err == JERR_NOMEM ? "out of memory" : err == JERR_LIMIT ? "too deep or too large" : "not JSON";
+}
+
+
+/* The value of member `name` of object token obj; -1 if absent (or obj is not an object). */
+static long jfield(const struct etcd *e, long obj, const char *name)
+{
+    if (obj < 0 || e->toks[obj].type != J_OBJ)
+        return -1;
+    size_t nlen = strlen(name);
+    size_t i = (size_t)obj + 1, end = e->toks[obj].next;
+    while (i + 1 < end) {
+        const struct jtok *k = &e->toks[i];
+        if (k->end - k->start == nlen && memcmp(e->jbase + k->start, name, nlen) == 0)
+            return (long)i + 1;
+        i = e->toks[i + 1].next;
+    }
+    return -1;
+}
+
+
+static long jpath2(const struct etcd *e, long obj, const char *a, const char *b)
+{
+    return jfield(e, jfield(e, obj, a), b);
+}
+
+
+/* Number of elements of an array token; absent or null counts 0; -1 if not an array. */
+static long jlen(const struct etcd *e, long arr)
+{
+    if (arr < 0 || e->toks[arr].type == J_NULL)
+        return 0;
+    if (e->toks[arr].type != J_ARR)
+        return -1;
+    long n = 0;
+    for (size_t i = (size_t)arr + 1; i < e->toks[arr].next; i = e->toks[i].next)
+        n++;
+    return n;
+}
+
+
+/*
+ * An int64 written as a string (jsonpb) or a plain integer number. An absent or
+ * null field is def (the gateway omits zeros). Returns 0, or -1 when malformed.
+ */
+static int jint(const struct etcd *e, long t, long long def, long long *out)
+{
+    *out = def;
+    if (t < 0 || e->toks[t].type == J_NULL)
+        return 0;
+    if (e->toks[t].type != J_STR && e->toks[t].type != J_NUM)
+        return -1;
+    const char *s = e->jbase + e->toks[t].start, *end = e->jbase + e->toks[t].end;
+    int neg = 0;
+    if (s < end && *s == '-') {
+        neg = 1;
+        s++;
+    }
+    if (s == end)
+        return -1;
+    unsigned long long v = 0;
+    for (; s < end; s++) {
+        if (*s < '0' || *s > '9')
+            return -1;
+        unsigned d = (unsigned)(*s - '0');
+        if (v > (ULLONG_MAX - d) / 10)
+            return -1;
+        v = v * 10 + d;
+    }
+    if (v > (unsigned long long)LLONG_MAX + (unsigned long long)neg)
+        return -1;
+    *out = neg ? (long long)(0ULL - v) : (long long)v;
+    return 0;
+}
+
+
+/* A boolean; absent or null is false. Returns 0/1, or -1 when malformed. */
+static int jbool(const struct etcd *e, long t)
+{
+    if (t < 0 || e->toks[t].type == J_NULL || e->toks[t].type == J_FALSE)
+        return 0;
+    return e->toks[t].type == J_TRUE ? 1 : -1;
+}
+
+
+static int hexval(char ch)
+{
+    if (ch >= '0' && ch <= '9') return ch - '0';
+    if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
+    if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
+    return -1;
+}
+
+
+static int read_hex4(const char *s, const char *end, unsigned *out)
+{
+    if (end - s < 4)
+        return -1;
+    unsigned v = 0;
+    for (int i = 0; i < 4; i++) {
+        int h = hexval(s[i]);
+        if (h < 0)
+            return -1;
+        v = (v << 4) | (unsigned)h;
+    }
+    *out = v;
+    return 0;
+}
+
+
+static void buf_addutf8(struct buf *b, unsigned cp)
+{
+    char u[4];
+    size_t n;
+    if (cp < 0x80) {
+        u[0] = (char)cp;
+        n = 1;
+    } else if (cp < 0x800) {
+        u[0] = (char)(0xC0 | (cp >> 6));
+        u[1] = (char)(0x80 | (cp & 0x3F));
+        n = 2;
+    } else if (cp < 0x10000) {
+        u[0] = (char)(0xE0 | (cp >> 12));
+        u[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        u[2] = (char)(0x80 | (cp & 0x3F));
+        n = 3;
+    } else {
+        u[0] = (char)(0xF0 | (cp >> 18));
+        u[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+        u[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        u[3] = (char)(0x80 | (cp & 0x3F));
+        n = 4;
+    }
+    buf_add(b, u, n);
+}
+
+
+/*
+ * Decode string token t (escapes resolved) into out, replacing its content.
+ * Absent or null gives "". Returns 0, or -1 when malformed (or out of memory).
+ */
+static int jstr(const struct etcd *e, long t, struct buf *out)
+{
+    buf_reset(out);
+    buf_add(out, "", 0);
+    if (t < 0 || e->toks[t].type == J_NULL)
+        return out->failed ? -1 : 0;
+    if (e->toks[t].type != J_STR)
+        return -1;
+    const char *s = e->jbase + e->toks[t].start, *end = e->jbase + e->toks[t].end;
+    if (buf_grow(out, (size_t)(end - s)) < 0)
+        return -1;
+    while (s < end) {
+        const char *bs = memchr(s, '\\', (size_t)(end - s));
+        if (!bs) {
+            buf_add(out, s, (size_t)(end - s));
+            break;
+        }
+        buf_add(out, s, (size_t)(bs - s));
+        s = bs + 1;
+        if (s >= end)
+            return -1;
+        char ch = *s++;
+        switch (ch) {
+        case '"': case '\\': case '/': buf_add(out, &ch, 1); break;
+        case 'b': buf_add(out, "\b", 1); break;
+        case 'f': buf_add(out, "\f", 1); break;
+        case 'n': buf_add(out, "\n", 1); break;
+        case 'r': buf_add(out, "\r", 1); break;
+        case 't': buf_add(out, "\t", 1); break;
+        case 'u': {
+            unsigned cp, lo;
+            if (read_hex4(s, end, &cp) < 0)
+                return -1;
+            s += 4;
+            if (cp >= 0xD800 && cp < 0xDC00 && end - s >= 6 && s[0] == '\\' && s[1] == 'u'
+                && read_hex4(s + 2, end, &lo) == 0 && lo >= 0xDC00 && lo < 0xE000) {
+                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+                s += 6;
+            } else if (cp >= 0xD800 && cp < 0xE000) {
+                cp = 0xFFFD;            /* a lone surrogate */
+            }
+            buf_addutf8(out, cp);
+            break;
+        }
+        default:
+            return -1;
+        }
+    }
+    return out->failed ? -1 : 0;
+}
+
+
+/* A base64 bytes field (jsonpb []byte) decoded into out. Absent gives "". */
+static int jbytes(const struct etcd *e, long t, struct buf *out)
+{
+    if (jstr(e, t, out) < 0)
+        return -1;
+    long n = b64_decode_inplace(out->p, out->len);
+    if (n < 0)
+        return -1;
+    out->len = (size_t)n;
+    return 0;
+}
+
+
+/* A message for an error text: at most 400 bytes, control bytes replaced. */
+static void sanitize(char *dst, size_t dstlen, const char *s, size_t len)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < len && n + 1 < dstlen && n < 400; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        dst[n++] = ch < 0x20 || ch == 0x7F ? '?' : (char)ch;
+    }
+    dst[n] = '\0';
+}
+
+
+/* ---------------------------------------------------------------------------
+ * Connection lifetime
+ * ------------------------------------------------------------------------- */
+
+static void etcd_release(struct etcd *e)
+{
+    if (e->curl) {
+        curl_easy_cleanup(e->curl);
+        e->curl = NULL;
+    }
+    curl_slist_free_all(e->headers);
+    e->headers = NULL;
+    for (int i = 0; i < ETCD_ENDPOINTS_MAX; i++) {
+        free(e->endpoints[i]);
+        e->endpoints[i] = NULL;
+    }
+    e->nendpoints = 0;
+    free(e->prefix);
+    free(e->username);
+    if (e->password) {
+        memset(e->password, 0, strlen(e->password));
+        free(e->password);
+    }
+    free(e->token);
+    e->prefix = e->username = e->password = e->token = NULL;
+    buf_free(&e->req);
+    buf_free(&e->aux);
+    buf_free(&e->resp);
+    buf_free(&e->scratch);
+    free(e->toks);
+    e->toks = NULL;
+    e->ntok = e->captok = 0;
+}
+
+
+/* Drop what one large call left behind (after a call; never needed for correctness). */
+static void etcd_trim(struct etcd *e)
+{
+    buf_reset(&e->req);
+    buf_reset(&e->aux);
+    buf_reset(&e->resp);
+    buf_reset(&e->scratch);
+    if (e->captok > 65536) {
+        free(e->toks);
+        e->toks = NULL;
+        e->ntok = e->captok = 0;
+    }
+}
+
+
+/* Content-Type, no "Expect: 100-continue", and the auth token if any. Returns 0 or -1. */
+static int set_headers(struct etcd *e)
+{
+    struct curl_slist *h = curl_slist_append(NULL, "Content-Type: application/json"), *t;
+    if (!h)
+        return -1;
+    if (!(t = curl_slist_append(h, "Expect:")))
+        goto fail;
+    h = t;
+    if (e->token) {
+        struct buf line = {0};
+        buf_adds(&line, "Authorization: ");
+        buf_adds(&line, e->token);
+        t = line.failed ? NULL : curl_slist_append(h, line.p);
+        buf_free(&line);
+        if (!t)
+            goto fail;
+        h = t;
+    }
+    curl_easy_setopt(e->curl, CURLOPT_HTTPHEADER, h);
+    curl_slist_free_all(e->headers);
+    e->headers = h;
+    return 0;
+fail:
+    curl_slist_free_all(h);
+    return -1;
+}
+
+
+static void drop_token(struct etcd *e)
+{
+    free(e->token);
+    e->token = NULL;
+    set_headers(e);             /* only shrinks the list; on failure the old one stays valid */
+}
+
+
+/* ---------------------------------------------------------------------------
+ * HTTP: one POST with failover across endpoints
+ * ------------------------------------------------------------------------- */
+
+enum {
+    CALL_READ = 1,              /* idempotent: may be resent to another endpoint */
+    CALL_STREAM = 2,            /* newline-delimited messages until one ends it, or the time runs out */
+};
+
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+
+/*
+ * Inspect the complete lines of a watch stream received so far. A line with
+ * events, a cancellation or an error ends the watch: its span is recorded and
+ * 1 returned. Runs inside the curl write callback: no Lua.
+ */
+static int stream_scan(struct etcd *e)
+{
+    while (e->scan < e->resp.len) {
+        char *base = e->resp.p;
+        char *nl = memchr(base + e->scan, '\n', e->resp.len - e->scan);
+        if (!nl)
+            return 0;
+        size_t start = e->scan, end = (size_t)(nl - base);
+        e->scan = end + 1;
+        while (start < end && (base[start] == ' ' || base[start] == '\r'))
+            start++;
+        if (start == end)
+            continue;
+        int stop = 1;
+        if (json_doc(e, base + start, end - start) == 0) {
+            long result = jfield(e, 0, "result");
+            long long rev;
+            if (jfield(e, 0, "error") < 0 && result >= 0) {
+                if (jint(e, jpath2(e, result, "header", "revision"), 0, &rev) == 0 && rev > 0)
+                    e->stream_rev = rev;
+                long long compact;
+                stop = jbool(e, jfield(e, result, "canceled")) != 0
+                       || jint(e, jfield(e, result, "compact_revision"), 0, &compact) != 0 || compact != 0
+                       || jlen(e, jfield(e, result, "events")) != 0;
+            }
+        }
+        if (stop) {
+            e->stream_stop = 1;
+            e->stop_start = start;
+            e->stop_end = end;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+
+static size_t write_cb(char *ptr, size_t size, size_t nmemb, void *ud)
+{
+    struct etcd *e = ud;
+    size_t n = size * nmemb;
+    if (e->resp.len + n > ETCD_RESP_MAX) {
+        e->too_big = 1;
+        return 0;
+    }
+    buf_add(&e->resp, ptr, n);
+    if (e->resp.failed)
+        return 0;
+    if (e->stream && !e->stream_stop && stream_scan(e))
+        return 0;               /* enough: end the transfer */
+    return n;
+}
+
+
+/* Failures that retrying elsewhere will not cure: our TLS files or the server's certificate. */
+static int tls_config_error(CURLcode rc)
+{
+    return rc == CURLE_SSL_CERTPROBLEM || rc == CURLE_SSL_CACERT_BADFILE || rc == CURLE_SSL_CRL_BADFILE
+           || rc == CURLE_PEER_FAILED_VERIFICATION || rc == CURLE_SSL_ISSUER_ERROR
+           || rc == CURLE_SSL_ENGINE_NOTFOUND || rc == CURLE_SSL_ENGINE_SETFAILED;
+}
+
+
+/*
+ * POST body to path, starting with the endpoint that answered last and moving
+ * on while the connection fails, until deadline. Sets *status (the answer is
+ * in e->resp) and returns 0, or returns -1 with r filled.
+ */
+static int http_post(struct etcd *e, const char *path, const struct buf *body, int flags,
+                     double deadline, long *status, struct res *r)
+{
+    char last[CURL_ERROR_SIZE + ETCD_URL_MAX + 64] = "no attempt made";
+    int n = e->nendpoints, config_error = 0;
+    double start = now_ms();
+    for (int k = 0; k < n; k++) {
+        int idx = (e->cur + k) % n;
+        double left = deadline - now_ms();
+        if (left < 1)
+            break;
+        char url[ETCD_URL_MAX + 64];
+        snprintf(url, sizeof url, "%s%s", e->endpoints[idx], path);
+        buf_reset(&e->resp);
+        e->too_big = 0;
+        e->stream = (flags & CALL_STREAM) != 0;
+        e->stream_stop = 0;
+        e->scan = 0;
+        e->stream_rev = 0;
+        e->errbuf[0] = '\0';
+        long connect_ms = (long)(left / (n - k));
+        curl_easy_setopt(e->curl, CURLOPT_URL, url);
+        curl_easy_setopt(e->curl, CURLOPT_POSTFIELDS, body->p ? body->p : "");
+        curl_easy_setopt(e->curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body->len);
+        curl_easy_setopt(e->curl, CURLOPT_TIMEOUT_MS, (long)left);
+        curl_easy_setopt(e->curl, CURLOPT_CONNECTTIMEOUT_MS, connect_ms > 0 ? connect_ms : 1L);
+        CURLcode rc = curl_easy_perform(e->curl);
+        e->stream = 0;
+
+        long code = 0;
+        curl_off_t pretransfer = 0;
+        curl_easy_getinfo(e->curl, CURLINFO_RESPONSE_CODE, &code);
+        curl_easy_getinfo(e->curl, CURLINFO_PRETRANSFER_TIME_T, &pretransfer);
+        int sent = pretransfer > 0 || code != 0;
+        if (rc == CURLE_OK || (rc == CURLE_WRITE_ERROR && e->stream_stop)
+            || (rc == CURLE_OPERATION_TIMEDOUT && (flags & CALL_STREAM) && sent && (code == 0 || code == 200))) {
+            e->cur = idx;
+            *status = code ? code : 200;
+            return 0;
+        }
+        if (e->too_big)
+            return res_fail(r, "etcd.error", 0, code, "%s: response larger than %zu MiB", url,
+                            ETCD_RESP_MAX >> 20);
+        if (e->resp.failed)
+            return res_fail(r, "etcd.error", 1, code, "%s: out of memory reading the response", url);
+        snprintf(last, sizeof last, "%s: %s", e->endpoints[idx],
+                 e->errbuf[0] ? e->errbuf : curl_easy_strerror(rc));
+        config_error = tls_config_error(rc);
+        if (sent && !(flags & CALL_READ))
+            return res_fail(r, "etcd.unavailable", 1, 0,
+                            "%s; the request was sent, it may or may not have been applied", last);
+    }
+    if (config_error)
+        return res_fail(r, "etcd.error", 0, 0, "TLS failure: %s", last);
+    return res_fail(r, "etcd.unavailable", 1, 0, "no etcd endpoint answered (time budget %ld ms; last: %s)",
+                    (long)(deadline - start), last);
+}
+
+
+/*
+ * Turn a non-200 answer (or an in-band error object) into r. *grpc gets the
+ * gRPC status code (-1 if unknown). The answer is in e->resp.
+ */
+static int answer_error(struct etcd *e, long status, long obj, struct res *r, long long *grpc)
+{
+    char text[512] = "";
+    *grpc = -1;
+    if (obj >= 0) {
+        long m = jfield(e, obj, "message");
+        if (m < 0)
+            m = jfield(e, obj, "error");
+        if (m >= 0 && e->toks[m].type == J_OBJ) {        /* stream errors nest {grpc_code, message} */
+            if (jint(e, jfield(e, m, "grpc_code"), -1, grpc) < 0)
+                *grpc = -1;
+            m = jfield(e, m, "message");
+        } else if (jint(e, jfield(e, obj, "code"), -1, grpc) < 0) {
+            *grpc = -1;
+        }
+        if (jstr(e, m, &e->scratch) == 0)
+            sanitize(text, sizeof text, e->scratch.p, e->scratch.len);
+    }
+    if (!text[0])
+        sanitize(text, sizeof text, e->resp.p ? e->resp.p : "", e->resp.len);
+    if (!text[0])
+        snprintf(text, sizeof text, "(empty answer)");
+
+    char grpcs[32] = "";
+    if (*grpc >= 0)
+        snprintf(grpcs, sizeof grpcs, ", grpc code %lld", *grpc);
+    const char *code = "etcd.error";
+    int retryable = 0;
+    switch (*grpc) {
+    case 14:                                    /* Unavailable: no leader, leader changed, timed out */
+        code = "etcd.unavailable";
+        retryable = 1;
+        break;
+    case 4: case 8: case 10:                    /* DeadlineExceeded, ResourceExhausted, Aborted */
+        code = "store.busy";
+        retryable = 1;
+        break;
+    case 5:
+        if (strstr(text, "lease not found"))
+            code = "etcd.lease_not_found";
+        break;
+    case 11:
+        if (strstr(text, "compacted"))
+            code = "etcd.compacted";
+        break;
+    case -1:
+        if (status == 502 || status == 503 || status == 504) {
+            code = "etcd.unavailable";
+            retryable = 1;
+        }
+        break;
+    default:
+        break;
+    }
+    return res_fail(r, code, retryable, status, "HTTP %ld: %s%s", status, text, grpcs);
+}
+
+
+/*
+ * Authenticate as e->username: POST /v3/auth/authenticate, keep the token.
+ * Clobbers e->resp. Returns 0 or -1 with r filled.
+ */
+static int authenticate(struct etcd *e, double deadline, struct res *r)
+{
+    long status;
+    buf_reset(&e->aux);
+    buf_adds(&e->aux, "{\"name\":");
+    buf_addjstr(&e->aux, e->username, strlen(e->username));
+    buf_adds(&e->aux, ",\"password\":");
+    buf_addjstr(&e->aux, e->password, strlen(e->password));
+    buf_adds(&e->aux, "}");
+    if (e->aux.failed)
+        return res_fail(r, "etcd.error", 1, 0, "out of memory");
+    int rc = http_post(e, "/v3/auth/authenticate", &e->aux, CALL_READ, deadline, &status, r);
+    memset(e->aux.p, 0, e->aux.len);            /* the password */
+    buf_reset(&e->aux);
+    if (rc < 0)
+        return -1;
+    int jerr = json_doc(e, e->resp.p ? e->resp.p : "", e->resp.len);
+    long long grpc;
+    if (status != 200) {
+        answer_error(e, status, jerr == 0 ? 0 : -1, r, &grpc);
+        char inner[800];
+        snprintf(inner, sizeof inner, "%.799s", r->msg);
+        snprintf(r->msg, sizeof r->msg, "authentication as '%.200s' failed: %s", e->username, inner);
+        return -1;
+    }
+    if (jerr < 0)
+        return malformed(r, jerr_text(jerr));
+    long t = jfield(e, 0, "token");
+    if (t < 0 || jstr(e, t, &e->scratch) < 0 || e->scratch.len == 0)
+        return malformed(r, "no token in the authenticate answer");
+    for (size_t i = 0; i < e->scratch.len; i++)
+        if ((unsigned char)e->scratch.p[i] < 0x20 || (unsigned char)e->scratch.p[i] == 0x7F)
+            return malformed(r, "control character in the auth token");
+    char *token = strdup(e->scratch.p);
+    if (!token)
+        return res_fail(r, "etcd.error", 1, 0, "out of memory");
+    free(e->token);
+    e->token = token;
+    if (set_headers(e) < 0) {
+        free(e->token);
+        e->token = NULL;
+        return res_fail(r, "etcd.error", 1, 0, "out of memory");
+    }
+    return 0;
+}
+
+
+/*
+ * Send e->req to path and read the answer. On success returns 0 with the
+ * answer in e->resp, tokenized (root = token 0) unless CALL_STREAM. Handles
+ * authentication, one re-authentication on an invalid token, and moving on
+ * from an endpoint that answers "unavailable" (reads only).
+ * Returns -1 with r filled on failure.
+ */
+static int etcd_call(struct etcd *e, const char *path, int flags, long budget_ms, struct res *r)
+{
+    double deadline = now_ms() + (double)budget_ms;
+    int reauthed = 0, unavailable = 0;
+    if (e->req.failed)
+        return res_fail(r, "etcd.error", 1, 0, "out of memory building the request");
+    for (;;) {
+        long status;
+        if (e->username && !e->token && authenticate(e, deadline, r) < 0)
+            return -1;
+        if (http_post(e, path, &e->req, flags, deadline, &status, r) < 0)
+            return -1;
+        int jerr = 0;
+        if (status == 200 && (flags & CALL_STREAM))
+            return 0;
+        jerr = json_doc(e, e->resp.p ? e->resp.p : "", e->resp.len);
+        long errobj = jerr == 0 ? jfield(e, 0, "error") : -1;
+        if (status == 200 && errobj < 0) {
+            if (jerr < 0)
+                return malformed(r, jerr_text(jerr));
+            return 0;
+        }
+        long long grpc;
+        answer_error(e, status, jerr == 0 ? 0 : -1, r, &grpc);
+        if (grpc == 16 && e->username && !reauthed) {
+            reauthed = 1;
+            drop_token(e);
+            continue;
+        }
+        if (grpc == 14 && e->nendpoints > 1) {
+            /* This member cannot serve (no leader, leader changed, timed out): move on. A
+             * read is resent at once; a write is not (it may have been applied), but the
+             * next call starts with the next endpoint. */
+            e->cur = (e->cur + 1) % e->nendpoints;
+            if ((flags & CALL_READ) && ++unavailable < e->nendpoints && now_ms() < deadline)
+                continue;
+        }
+        return -1;
+    }
+}
+
+
+/* ---------------------------------------------------------------------------
+ * Request builders (no Lua; strings point into Lua values anchored by the caller)
+ * ------------------------------------------------------------------------- */
+
+enum { CMP_MODREV, CMP_EXISTS, CMP_VALUE };
+enum { OP_PUT, OP_DELETE, OP_DELPREFIX };
+
+struct cmp {
+    int kind;
+    const char *key;
+    size_t klen;
+    lua_Integer n;                  /* mod_revision, or exists as 0/1 */
+    const char *val;
+    size_t vlen;
+};
+
+struct op {
+    int kind;
+    const char *key;                /* key, or prefix for OP_DELPREFIX */
+    size_t klen;
+    const char *val;
+    size_t vlen;
+    lua_Integer lease;              /* 0 = none */
+};
+
+
+static void req_begin(struct etcd *e)
+{
+    etcd_trim(e);
+}
+
+
+/* "key" as base64 of prefix || key */
+static void add_key(struct etcd *e, struct buf *b, const char *key, size_t klen)
+{
+    buf_add(b, "\"", 1);
+    buf_addb64(b, e->prefix, e->plen, key, klen);
+    buf_add(b, "\"", 1);
+}
+
+
+/*
+ * "key":..,"range_end":.. covering every key that starts with prefix || p.
+ * range_end is the prefix with its last non-0xFF byte incremented; "\0" means
+ * "to the end" (etcd's convention), also used for the empty prefix from "\0".
+ */
+static void add_range_keys(struct etcd *e, struct buf *b, const char *p, size_t plen)
+{
+    char full[ETCD_PREFIX_MAX + ETCD_KEY_MAX];
+    size_t n = e->plen + plen;
+    if (n == 0) {
+        buf_adds(b, "\"key\":\"AA==\",\"range_end\":\"AA==\"");
+        return;
+    }
+    memcpy(full, e->prefix, e->plen);
+    if (plen)
+        memcpy(full + e->plen, p, plen);
+    buf_adds(b, "\"key\":\"");
+    buf_addb64(b, full, n, NULL, 0);
+    buf_adds(b, "\",\"range_end\":\"");
+    while (n > 0 && (unsigned char)full[n - 1] == 0xFF)
+        n--;
+    if (n == 0) {
+        buf_adds(b, "AA==\"");
+        return;
+    }
+    full[n - 1] = (char)((unsigned char)full[n - 1] + 1);
+    buf_addb64(b, full, n, NULL, 0);
+    buf_adds(b, "\"");
+}
+
+
+static void add_cmp(struct etcd *e, struct buf *b, const struct cmp *c)
+{
+    buf_adds(b, "{\"key\":");
+    add_key(e, b, c->key, c->klen);
+    switch (c->kind) {
+    case CMP_MODREV:
+        if (c->n == 0) {        /* absent: never created */
+            buf_adds(b, ",\"target\":\"CREATE\",\"result\":\"EQUAL\",\"create_revision\":\"0\"}");
+            return;
+        }
+        buf_adds(b, ",\"target\":\"MOD\",\"result\":\"EQUAL\",\"mod_revision\":");
+        buf_addint(b, (long long)c->n);
+        break;
+    case CMP_EXISTS:
+        buf_adds(b, c->n ? ",\"target\":\"VERSION\",\"result\":\"GREATER\",\"version\":\"0\""
+                         : ",\"target\":\"VERSION\",\"result\":\"EQUAL\",\"version\":\"0\"");
+        break;
+    default:
+        buf_adds(b, ",\"target\":\"VALUE\",\"result\":\"EQUAL\",\"value\":\"");
+        buf_addb64(b, c->val, c->vlen, NULL, 0);
+        buf_adds(b, "\"");
+        break;
+    }
+    buf_adds(b, "}");
+}
+
+
+/* A PutRequest / DeleteRangeRequest body, without the op wrapper. */
+static void add_op_body(struct etcd *e, struct buf *b, const struct op *o)
+{
+    buf_adds(b, "{");
+    if (o->kind == OP_DELPREFIX) {
+        add_range_keys(e, b, o->key, o->klen);
+    } else {
+        buf_adds(b, "\"key\":");
+        add_key(e, b, o->key, o->klen);
+    }
+    if (o->kind == OP_PUT) {
+        buf_adds(b, ",\"value\":\"");
+        buf_addb64(b, o->val, o->vlen, NULL, 0);
+        buf_adds(b, "\"");
+        if (o->lease) {
+            buf_adds(b, ",\"lease\":");
+            buf_addint(b, (long long)o->lease);
+        }
+    }
+    buf_adds(b, "}");
+}
+
+
+static void add_op(struct etcd *e, struct buf *b, const struct op *o)
+{
+    buf_adds(b, o->kind == OP_PUT ? "{\"request_put\":" : "{\"request_delete_range\":");
+    add_op_body(e, b, o);
+    buf_adds(b, "}");
+}
+
+
+/*
+ * A TxnRequest. With probe_key, the failure branch instead reads that key (to
+ * report the mod_revision found on a CAS conflict).
+ */
+static void build_txn(struct etcd *e, const struct cmp *cmps, size_t ncmp,
+                      const struct op *const ops[2], const size_t nops[2], const struct cmp *probe)
+{
+    struct buf *b = &e->req;
+    buf_adds(b, "{\"compare\":[");
+    for (size_t i = 0; i < ncmp; i++) {
+        if (i)
+            buf_adds(b, ",");
+        add_cmp(e, b, &cmps[i]);
+    }
+    for (int br = 0; br < 2; br++) {
+        buf_adds(b, br == 0 ? "],\"success\":[" : "],\"failure\":[");
+        if (br == 1 && probe) {
+            buf_adds(b, "{\"request_range\":{\"key\":");
+            add_key(e, b, probe->key, probe->klen);
+            buf_adds(b, "}}");
+            continue;
+        }
+        for (size_t i = 0; i < nops[br]; i++) {
+            if (i)
+                buf_adds(b, ",");
+            add_op(e, b, &ops[br][i]);
+        }
+    }
+    buf_adds(b, "]}");
+}
+
+
+/* ---------------------------------------------------------------------------
+ * Answer readers
+ * ------------------------------------------------------------------------- */
+
+static int header_revision(struct etcd *e, long root, long long *rev, struct res *r)
+{
+    if (jint(e, jpath2(e, root, "header", "revision"), 0, rev) < 0 || *rev <= 0)
+        return malformed(r, "no header revision");
+    return 0;
+}
+
+
+/*
+ * Push the kv record of token kv, its key stripped of the namespace.
+ * Stack: [...] -> [..., kv] and returns 0; or unchanged and -1 with r filled.
+ * May raise (memory) once the strings are being pushed.
+ */
+static int push_kv(lua_State *L, struct etcd *e, long kv, struct res *r)
+{
+    long long crev, mrev, ver, lease;
+    if (kv < 0 || e->toks[kv].type != J_OBJ
+        || jint(e, jfield(e, kv, "create_revision"), 0, &crev) < 0
+        || jint(e, jfield(e, kv, "mod_revision"), 0, &mrev) < 0
+        || jint(e, jfield(e, kv, "version"), 0, &ver) < 0
+        || jint(e, jfield(e, kv, "lease"), 0, &lease) < 0)
+        return malformed(r, "bad kv record");
+    if (jbytes(e, jfield(e, kv, "key"), &e->scratch) < 0)
+        return malformed(r, "bad key encoding");
+    if (e->scratch.len < e->plen || memcmp(e->scratch.p, e->prefix, e->plen) != 0)
+        return malformed(r, "key outside the prefix");
+    lua_createtable(L, 0, 6);
+    lua_pushlstring(L, e->scratch.p + e->plen, e->scratch.len - e->plen);
+    lua_setfield(L, -2, "key");
+    if (jbytes(e, jfield(e, kv, "value"), &e->scratch) < 0) {
+        lua_pop(L, 1);
+        return malformed(r, "bad value encoding");
+    }
+    lua_pushlstring(L, e->scratch.p, e->scratch.len);
+    lua_setfield(L, -2, "value");
+    lua_pushinteger(L, (lua_Integer)crev);
+    lua_setfield(L, -2, "create_revision");
+    lua_pushinteger(L, (lua_Integer)mrev);
+    lua_setfield(L, -2, "mod_revision");
+    lua_pushinteger(L, (lua_Integer)ver);
+    lua_setfield(L, -2, "version");
+    if (lease) {
+        lua_pushinteger(L, (lua_Integer)lease);
+        lua_setfield(L, -2, "lease");
+    }
+    return 0;
+}
+
+
+/*
+ * Push `nil, err` for r, prefixed with what; err.status is the HTTP status when
+ * there was one.
+ * Stack: [...] -> [..., nil, err]; returns 2.
+ */
+static int push_res(lua_State *L, struct etcd *e, const struct res *r, const char *what)
+{
+    etcd_trim(e);
+    forge_pusherror(L, r->code, r->retryable, "%s: %s", what, r->msg);
+    if (r->status) {
+        lua_pushinteger(L, r->status);
+        lua_setfield(L, -2, "status");
+    }
+    if (r->compact_revision) {
+        lua_pushinteger(L, (lua_Integer)r->compact_revision);
+        lua_setfield(L, -2, "compact_revision");
+    }
+    return 2;
+}
+
+
+/* Stack: [...] -> [..., nil, err]; returns 2. key has no NUL (checked). */
+static int push_conflict(lua_State *L, struct etcd *e, const char *what, const char *key,
+                         lua_Integer expected, long long found)
+{
+    char exp[32], fnd[32];
+    etcd_trim(e);
+    snprintf(exp, sizeof exp, LUA_INTEGER_FMT, (LUAI_UACINT)expected);
+    snprintf(fnd, sizeof fnd, "%lld", found);
+    if (expected == 0)
+        return forge_pusherror(L, "store.conflict", 0,
+                               "%s '%s': expected the key to be absent (mod_revision 0), found mod_revision %s",
+                               what, key, fnd);
+    return forge_pusherror(L, "store.conflict", 0, "%s '%s': expected mod_revision %s, found %s%s",
+                           what, key, exp, fnd, found == 0 ? " (key absent)" : "");
+}
+
+
+/* ---------------------------------------------------------------------------
+ * Argument checks (may raise; run before any request)
+ * ------------------------------------------------------------------------- */
+
+static struct etcd *etcd_check(lua_State *L, int idx)
+{
+    struct etcd *e = luaL_checkudata(L, idx, ETCD_MT);
+    if (!e->curl)
+        luaL_error(L, "store is closed");
+    return e;
+}
+
+
+/* NULL if k is a valid key, else why not. Prefixes may be empty. */
+static const char *key_problem(const char *k, size_t len, int allow_empty)
+{
+    if (len == 0 && !allow_empty)
+        return "key must be a non-empty string";
+    if (len > ETCD_KEY_MAX)
+        return "key longer than 1024 bytes";
+    if (memchr(k, '\0', len))
+        return "key contains a NUL byte";
+    return NULL;
+}
+
+
+static const char *check_key_arg(lua_State *L, int arg, size_t *len, int allow_empty)
+{
+    luaL_argexpected(L, lua_type(L, arg) == LUA_TSTRING, arg, "string");
+    const char *k = lua_tolstring(L, arg, len);
+    const char *why = key_problem(k, *len, allow_empty);
+    if (why)
+        luaL_argerror(L, arg, why);
+    return k;
+}
+
+
+static const char *check_value_arg(lua_State *L, int arg, size_t *len)
+{
+    luaL_argexpected(L, lua_type(L, arg) == LUA_TSTRING, arg, "string");
+    const char *v = lua_tolstring(L, arg, len);
+    luaL_argcheck(L, *len <= ETCD_VALUE_MAX, arg, "value larger than 8 MiB");
+    return v;
+}
+
+
+/* A lease id: an integer > 0. */
+static lua_Integer check_lease_value(lua_State *L, int idx, const char *what)
+{
+    int isint;
+    lua_Integer id = lua_tointegerx(L, idx, &isint);
+    if (!isint || lua_type(L, idx) != LUA_TNUMBER || id <= 0)
+        luaL_error(L, "%s: lease must be an integer id > 0", what);
+    return id;
+}
+
+
+/*
+ * Options of put/delete at arg: {prev_revision=n} (and {lease=id} for put).
+ * Returns 1 and sets *prev if prev_revision was given. Stack unchanged.
+ */
+static int opt_write(lua_State *L, int arg, const char *what, int allow_lease,
+                     lua_Integer *prev, lua_Integer *lease)
+{
+    static const char *const put_keys[] = {"prev_revision", "lease", NULL};
+    static const char *const del_keys[] = {"prev_revision", NULL};
+    int given = 0;
+    if (lua_isnoneornil(L, arg))
+        return 0;
+    luaL_checktype(L, arg, LUA_TTABLE);
+    forge_checkkeys(L, arg, what, allow_lease ? put_keys : del_keys);
+    if (lua_getfield(L, arg, "prev_revision") != LUA_TNIL) {
+        *prev = forge_optintfield(L, arg, "prev_revision", 0);
+        luaL_argcheck(L, *prev >= 0, arg, "prev_revision must be >= 0");
+        given = 1;
+    }
+    lua_pop(L, 1);
+    if (allow_lease) {
+        if (lua_getfield(L, arg, "lease") != LUA_TNIL)
+            *lease = check_lease_value(L, -1, what);
+        lua_pop(L, 1);
+    }
+    return given;
+}
+
+
+/* t[name] without metamethods. Stack: [...] -> [..., t[name]]; returns its type. */
+static int rawfield(lua_State *L, int t, const char *name)
+{
+    lua_pushstring(L, name);
+    return lua_rawget(L, t);
+}
+
+
+#define TXN_USAGE "usage: db:txn{compare={...}, success={...}, failure={...}}"
+
+/*
+ * The array txn[name] (absent or nil = empty); raises unless it is a proper
+ * sequence of tables.
+ * Stack: [...] -> [..., array or nil]; returns its length.
+ */
+static size_t txn_array(lua_State *L, int txn, const char *name)
+{
+    if (rawfield(L, txn, name) == LUA_TNIL)
+        return 0;
+    if (!lua_istable(L, -1))
+        luaL_error(L, "txn: '%s' must be an array of tables (" TXN_USAGE ")", name);
+    int arr = lua_gettop(L);
+    size_t n = (size_t)lua_rawlen(L, arr), count = 0;
+    lua_pushnil(L);
+    while (lua_next(L, arr)) {
+        lua_pop(L, 1);
+        count++;
+    }
+    if (count != n)
+        luaL_error(L, "txn: '%s' must be an array (no holes or named fields)", name);
+    for (size_t i = 1; i <= n; i++) {
+        if (lua_rawgeti(L, arr, (lua_Integer)i) != LUA_TTABLE)
+            luaL_error(L, "txn: %s[%d] must be a table", name, (int)i);
+        lua_pop(L, 1);
+    }
+    return n;
+}
+
+
+/* A key or prefix field of entry e; raises if missing or invalid. Stack unchanged. */
+static const char *txn_keyfield(lua_State *L, int e, const char *field, const char *where,
+                                int i, size_t *len, int allow_empty)
+{
+    if (rawfield(L, e, field) != LUA_TSTRING)
+        luaL_error(L, "txn: %s[%d].%s must be a string", where, i, field);
+    const char *k = lua_tolstring(L, -1, len);
+    lua_pop(L, 1);
+    const char *why = key_problem(k, *len, allow_empty);
+    if (why)
+        luaL_error(L, "txn: %s[%d].%s: %s", where, i, field, why);
+    return k;
+}
+
+
+/* Parse txn.compare into a GC-owned array. Stack: [...] -> [..., buf (userdata)] */
+static struct cmp *txn_parse_cmps(lua_State *L, int txn, size_t *ncmp)
+{
+    static const char *const keys[] = {"key", "mod_revision", "exists", "value", NULL};
+    size_t n = txn_array(L, txn, "compare");
+    int arr = lua_gettop(L);
+    struct cmp *cmps = lua_newuserdatauv(L, n ? n * sizeof *cmps : 1, 0);
+    for (size_t i = 0; i < n; i++) {
+        struct cmp *c = &cmps[i];
+        int ii = (int)i + 1;
+        memset(c, 0, sizeof *c);
+        lua_rawgeti(L, arr, (lua_Integer)ii);
+        int e = lua_gettop(L);
+        forge_checkkeys(L, e, "txn compare", keys);
+        c->key = txn_keyfield(L, e, "key", "compare", ii, &c->klen, 0);
+        int given = 0;
+        if (rawfield(L, e, "mod_revision") != LUA_TNIL) {
+            int isint;
+            c->kind = CMP_MODREV;
+            c->n = lua_tointegerx(L, -1, &isint);
+            if (!isint || c->n < 0)
+                luaL_error(L, "txn: compare[%d].mod_revision must be an integer >= 0", ii);
+            given++;
+        }
+        if (rawfield(L, e, "exists") != LUA_TNIL) {
+            if (!lua_isboolean(L, -1))
+                luaL_error(L, "txn: compare[%d].exists must be a boolean", ii);
+            c->kind = CMP_EXISTS;
+            c->n = lua_toboolean(L, -1);
+            given++;
+        }
+        if (rawfield(L, e, "value") != LUA_TNIL) {
+            if (lua_type(L, -1) != LUA_TSTRING)
+                luaL_error(L, "txn: compare[%d].value must be a string", ii);
+            c->kind = CMP_VALUE;
+            c->val = lua_tolstring(L, -1, &c->vlen);
+            if (c->vlen > ETCD_VALUE_MAX)
+                luaL_error(L, "txn: compare[%d].value larger than 8 MiB", ii);
+            given++;
+        }
+        if (given != 1)
+            luaL_error(L, "txn: compare[%d] needs exactly one of mod_revision, exists, value", ii);
+        lua_settop(L, e - 1);
+    }
+    lua_remove(L, arr);
+    *ncmp = n;
+    return cmps;
+}
+
+
+static int has_prefix(const char *k, size_t klen, const char *p, size_t plen)
+{
+    return klen >= plen && memcmp(k, p, plen) == 0;
+}
+
+
+/*
+ * Parse txn[name] (success or failure) into a GC-owned array. As etcd, a put
+ * key may not be written twice nor also deleted in the same branch.
+ * Stack: [...] -> [..., buf (userdata)]
+ */
+static struct op *txn_parse_ops(lua_State *L, int txn, const char *name, size_t *nops)
+{
+    static const char *const keys[] = {"op", "key", "value", "prefix", "lease", NULL};
+    size_t n = txn_array(L, txn, name);
+    int arr = lua_gettop(L);
+    struct op *ops = lua_newuserdatauv(L, n ? n * sizeof *ops : 1, 0);
+    for (size_t i = 0; i < n; i++) {
+        struct op *o = &ops[i];
+        int ii = (int)i + 1;
+        memset(o, 0, sizeof *o);
+        lua_rawgeti(L, arr, (lua_Integer)ii);
+        int e = lua_gettop(L);
+        forge_checkkeys(L, e, "txn op", keys);
+        if (rawfield(L, e, "op") != LUA_TSTRING)
+            luaL_error(L, "txn: %s[%d].op must be \"put\", \"delete\" or \"delete_prefix\"", name, ii);
+        const char *opname = lua_tostring(L, -1);
+        int has_key = rawfield(L, e, "key") != LUA_TNIL;
+        int has_val = rawfield(L, e, "value") != LUA_TNIL;
+        int has_pfx = rawfield(L, e, "prefix") != LUA_TNIL;
+        int has_lease = rawfield(L, e, "lease") != LUA_TNIL;
+        if (strcmp(opname, "put") == 0) {
+            o->kind = OP_PUT;
+            if (has_pfx)
+                luaL_error(L, "txn: %s[%d]: put takes key and value, not prefix", name, ii);
+            o->key = txn_keyfield(L, e, "key", name, ii, &o->klen, 0);
+            if (rawfield(L, e, "value") != LUA_TSTRING)
+                luaL_error(L, "txn: %s[%d].value must be a string", name, ii);
+            o->val = lua_tolstring(L, -1, &o->vlen);
+            if (o->vlen > ETCD_VALUE_MAX)
+                luaL_error(L, "txn: %s[%d].value larger than 8 MiB", name, ii);
+            if (has_lease) {
+                rawfield(L, e, "lease");
+                o->lease = check_lease_value(L, -1, "txn put");
+            }
+        } else if (strcmp(opname, "delete") == 0) {
+            o->kind = OP_DELETE;
+            if (has_val || has_pfx || has_lease)
+                luaL_error(L, "txn: %s[%d]: delete takes only key", name, ii);
+            o->key = txn_keyfield(L, e, "key", name, ii, &o->klen, 0);
+        } else if (strcmp(opname, "delete_prefix") == 0) {
+            o->kind = OP_DELPREFIX;
+            if (has_val || has_key || has_lease)
+                luaL_error(L, "txn: %s[%d]: delete_prefix takes only prefix", name, ii);
+            o->key = txn_keyfield(L, e, "prefix", name, ii, &o->klen, 1);
+        } else {
+            luaL_error(L, "txn: %s[%d]: unknown op '%s' (put, delete, delete_prefix)", name, ii, opname);
+        }
+        lua_settop(L, e - 1);
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (ops[i].kind != OP_PUT)
+            continue;
+        for (size_t j = 0; j < n; j++) {
+            if (j == i || (ops[j].kind == OP_PUT && j < i))
+                continue;
+            int clash = ops[j].kind == OP_DELPREFIX
+                        ? has_prefix(ops[i].key, ops[i].klen, ops[j].key, ops[j].klen)
+                        : ops[j].klen == ops[i].klen && memcmp(ops[j].key, ops[i].key, ops[i].klen) == 0;
+            if (clash)
+                luaL_error(L, "txn: %s: key '%s' is put and also %s in the same branch", name,
+                           ops[i].key, ops[j].kind == OP_PUT ? "put again" : "deleted");
+        }
+    }
+    lua_remove(L, arr);
+    *nops = n;
+    return ops;
+}
+
+
+/* ---------------------------------------------------------------------------
+ * Lua API
+ * ------------------------------------------------------------------------- */
+
+/* A copy of s in *dst (owned by the db); raises on memory failure (the db's __gc frees). */
+static void set_string(lua_State *L, char **dst, const char *s, size_t len)
+{
+    char *p = malloc(len + 1);
+    if (!p)
+        luaL_error(L, "etcd.open: out of memory");
+    memcpy(p, s, len);
+    p[len] = '\0';
+    *dst = p;
+}
+
+
+/* An optional string option without NUL bytes; NULL when absent. Stack unchanged. */
+static const char *opt_string(lua_State *L, int idx, const char *name, size_t *len)
+{
+    const char *s = forge_optstrfield(L, idx, name, NULL);
+    *len = s ? strlen(s) : 0;
+    if (s) {
+        lua_getfield(L, idx, name);
+        size_t full = lua_rawlen(L, -1);
+        lua_pop(L, 1);
+        if (full != *len)
+            luaL_error(L, "etcd.open: option '%s' contains a NUL byte", name);
+    }
+    return s;
+}
+
+
+/***
+ * Connect to etcd (v3 JSON gateway) and check that it answers.
+ * @function etcd.open
+ * @tparam table opts `{endpoints={"http://127.0.0.1:2379", ...}, prefix="forge/",
+ *   timeout_ms=5000, username=, password=, cacert=, cert=, key=}`: endpoints are
+ *   tried in order on connection failure; prefix namespaces every key (stripped on
+ *   the way out); timeout_ms bounds each call (every endpoint tried within it);
+ *   username/password turn on etcd auth; cacert/cert/key are PEM files for TLS
+ *   (server verification is always on).
+ * @return db (userdata "forge.etcd.db"), or nil, err (etcd.unavailable when no
+ *   endpoint answers, etcd.error for auth or TLS failures)
+ */
+static int l_open(lua_State *L)
+{
+    static const char *const keys[] = {"endpoints", "prefix", "timeout_ms", "username", "password",
+                                       "cacert", "cert", "key", NULL};
+    luaL_argexpected(L, lua_istable(L, 1), 1, "table (usage: etcd.open{endpoints={url, ...}, prefix=?, ...})");
+    lua_settop(L, 1);
+    forge_checkkeys(L, 1, "etcd.open", keys);
+
+    if (lua_getfield(L, 1, "endpoints") != LUA_TTABLE)
+        return luaL_error(L, "etcd.open: 'endpoints' must be an array of URLs (usage: "
+                             "etcd.open{endpoints={\"http://127.0.0.1:2379\"}})");
+    int eps = lua_gettop(L);                                /* [opts, endpoints] */
+    lua_Integer nep = (lua_Integer)lua_rawlen(L, eps), count = 0;
+    lua_pushnil(L);
+    while (lua_next(L, eps)) {
+        lua_pop(L, 1);
+        count++;
+    }
+    if (nep < 1 || nep > ETCD_ENDPOINTS_MAX || count != nep)
+        return luaL_error(L, "etcd.open: 'endpoints' must be an array of 1 to %d URLs", ETCD_ENDPOINTS_MAX);
+    for (lua_Integer i = 1; i <= nep; i++) {
+        if (lua_rawgeti(L, eps, i) != LUA_TSTRING)
+            return luaL_error(L, "etcd.open: endpoints[%d] must be a string", (int)i);
+        size_t len;
+        const char *u = lua_tolstring(L, -1, &len);
+        int ok = len < ETCD_URL_MAX && (strncmp(u, "http://", 7) == 0 || strncmp(u, "https://", 8) == 0)
+                 && len > (size_t)(u[4] == 's' ? 8 : 7);
+        for (size_t j = 0; ok && j < len; j++)
+            ok = (unsigned char)u[j] > 0x20 && (unsigned char)u[j] < 0x7F;
+        if (!ok)
+            return luaL_error(L, "etcd.open: endpoints[%d] must be an http:// or https:// URL "
+                                 "(printable, under %d bytes)", (int)i, ETCD_URL_MAX);
+        lua_pop(L, 1);
+    }
+
+    size_t plen = 0, ulen, pwlen, calen, certlen, keylen;
+    const char *prefix = forge_optstrfield(L, 1, "prefix", "");
+    lua_getfield(L, 1, "prefix");
+    plen = lua_isstring(L, -1) ? lua_rawlen(L, -1) : 0;
+    lua_pop(L, 1);
+    if (plen > ETCD_PREFIX_MAX || memchr(prefix, '\0', plen))
+        return luaL_error(L, "etcd.open: 'prefix' must be at most %d bytes, without NUL", ETCD_PREFIX_MAX);
+    lua_Integer timeout = forge_optintfield(L, 1, "timeout_ms", ETCD_TIMEOUT_MS);
+    if (timeout < 1 || timeout > ETCD_TIMEOUT_MAX)
+        return luaL_error(L, "etcd.open: 'timeout_ms' must be 1..%d", ETCD_TIMEOUT_MAX);
+    const char *user = opt_string(L, 1, "username", &ulen);
+    const char *pass = opt_string(L, 1, "password", &pwlen);
+    const char *cacert = opt_string(L, 1, "cacert", &calen);
+    const char *cert = opt_string(L, 1, "cert", &certlen);
+    const char *key = opt_string(L, 1, "key", &keylen);
+    if ((user == NULL) != (pass == NULL) || (user && ulen == 0))
+        return luaL_error(L, "etcd.open: 'username' and 'password' go together (username non-empty)");
+    if (key && !cert)
+        return luaL_error(L, "etcd.open: 'key' needs 'cert'");
+
+    struct etcd *e = lua_newuserdatauv(L, sizeof *e, 0);
+    memset(e, 0, sizeof *e);
+    luaL_setmetatable(L, ETCD_MT);                      /* from here __gc owns everything */
+    for (lua_Integer i = 1; i <= nep; i++) {
+        size_t len;
+        lua_rawgeti(L, eps, i);
+        const char *u = lua_tolstring(L, -1, &len);
+        while (len > 0 && u[len - 1] == '/')
+            len--;
+        set_string(L, &e->endpoints[i - 1], u, len);
+        e->nendpoints = (int)i;
+        lua_pop(L, 1);
+    }
+    set_string(L, &e->prefix, prefix, plen);
+    e->plen = plen;
+    e->timeout_ms = (long)timeout;
+    if (user) {
+        set_string(L, &e->username, user, ulen);
+        set_string(L, &e->password, pass, pwlen);
+    }
+
+    if (!(e->curl = curl_easy_init()))
+        return luaL_error(L, "etcd.open: cannot create a curl handle");
+    CURL *c = e->curl;
+    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, write_cb);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, e);
+    curl_easy_setopt(c, CURLOPT_ERRORBUFFER, e->errbuf);
+    curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(c, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(c, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 1L);
+    curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 2L);
+    curl_easy_setopt(c, CURLOPT_USERAGENT, "forge-etcd/" FORGE_VERSION);
+    if (cacert)
+        curl_easy_setopt(c, CURLOPT_CAINFO, cacert);    /* curl copies option strings */
+    if (cert)
+        curl_easy_setopt(c, CURLOPT_SSLCERT, cert);
+    if (key)
+        curl_easy_setopt(c, CURLOPT_SSLKEY, key);
+    if (set_headers(e) < 0)
+        return luaL_error(L, "etcd.open: out of memory");
+
+    /* Check now that some endpoint answers (and that the credentials work). */
+    struct res r;
+    int rc;
+    if (e->username) {
+        rc = authenticate(e, now_ms() + (double)e->timeout_ms, &r);
+    } else {
+        req_begin(e);
+        buf_adds(&e->req, "{\"key\":\"AA==\",\"count_only\":true}");
+        rc = etcd_call(e, "/v3/kv/range", CALL_READ, e->timeout_ms, &r);
+    }
+    if (rc < 0) {
+        push_res(L, e, &r, "etcd.open");
+        etcd_release(e);
+        return 2;
+    }
+    etcd_trim(e);
+    return 1;
+}
+
+
+/***
+ * Close the connection (also done by __gc and __close). Idempotent.
+ * @function db:close
+ */
+static int l_close(lua_State *L)
+{
+    etcd_release(luaL_checkudata(L, 1, ETCD_MT));
+    return 0;
+}
+
+
+/***
+ * @function db:__tostring
+ * @return "forge.etcd.db (endpoint that answered last, prefix '...')" or "forge.etcd.db (closed)"
+ */
+static int l_tostring(lua_State *L)
+{
+    struct etcd *e = luaL_checkudata(L, 1, ETCD_MT);
+    if (!e->curl)
+        lua_pushliteral(L, "forge.etcd.db (closed)");
+    else
+        lua_pushfstring(L, "forge.etcd.db (%s, prefix '%s')", e->endpoints[e->cur], e->prefix);
+    return 1;
+}
+
+
+/***
+ * Read one key.
+ * @function db:get
+ * @tparam string key
+ * @return kv `{key=, value=, create_revision=, mod_revision=, version=}` (plus
+ *   `lease=id` when attached to a lease); nil (absent, no second value); or nil, err
+ */
+static int l_get(lua_State *L)
+{
+    struct etcd *e = checkdb(L);
+    size_t klen;
+    const char *k = check_key_arg(L, 2, &klen, 0);
+    struct res r;
+    req_begin(e);
+    buf_adds(&e->req, "{\"key\":");
+    add_key(e, &e->req, k, klen);
+    buf_adds(&e->req, "}");
+    if (etcd_call(e, "/v3/kv/range", CALL_READ, e->timeout_ms, &r) < 0)
+        return push_res(L, e, &r, "get");
+    long kvs = jfield(e, 0, "kvs");
+    long n = jlen(e, kvs);
+    if (n < 0)
+        return malformed(&r, "kvs is not an array"), push_res(L, e, &r, "get");
+    if (n == 0) {
+        etcd_trim(e);
+        lua_pushnil(L);
+        return 1;
+    }
+    if (push_kv(L, e, kvs + 1, &r) < 0)
+        return push_res(L, e, &r, "get");
+    etcd_trim(e);
+    return 1;
+}
+
+
+/***
+ * Every key starting with prefix, sorted by key (byte order).
+ * @function db:range
+ * @tparam string prefix "" for all keys (of the namespace)
+ * @tparam[opt] table opts `{limit=n}` (0 or absent: no limit)
+ * @return array of kv, etcd revision of the snapshot; or nil, err
+ */
+static int l_range(lua_State *L)
+{
+    static const char *const keys[] = {"limit", NULL};
+    struct etcd *e = checkdb(L);
+    size_t plen;
+    const char *p = check_key_arg(L, 2, &plen, 1);
+    lua_Integer limit = 0;
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        forge_checkkeys(L, 3, "range", keys);
+        limit = forge_optintfield(L, 3, "limit", 0);
+        luaL_argcheck(L, limit >= 0, 3, "limit must be >= 0");
+    }
+    struct res r;
+    req_begin(e);
+    buf_adds(&e->req, "{");
+    add_range_keys(e, &e->req, p, plen);
+    if (limit > 0) {
+        buf_adds(&e->req, ",\"limit\":");
+        buf_addint(&e->req, (long long)limit);
+    }
+    buf_adds(&e->req, "}");
+    if (etcd_call(e, "/v3/kv/range", CALL_READ, e->timeout_ms, &r) < 0)
+        return push_res(L, e, &r, "range");
+    long long rev;
+    long kvs = jfield(e, 0, "kvs");
+    long n = jlen(e, kvs);
+    if (header_revision(e, 0, &rev, &r) < 0 || (n < 0 && malformed(&r, "kvs is not an array")))
+        return push_res(L, e, &r, "range");
+    lua_createtable(L, (int)(n < INT_MAX ? n : 0), 0);
+    lua_Integer i = 0;
+    for (size_t t = (size_t)kvs + 1; n > 0 && t < e->toks[kvs].next; t = e->toks[t].next) {
+        if (push_kv(L, e, (long)t, &r) < 0) {
+            lua_pop(L, 1);
+            return push_res(L, e, &r, "range");
+        }
+        lua_rawseti(L, -2, ++i);
+    }
+    lua_pushinteger(L, (lua_Integer)rev);
+    etcd_trim(e);
+    return 2;
+}
+
+
+/*
+ * A single put or delete, with prev_revision as a CAS txn. On success pushes
+ * the revision (and the deleted count for a delete).
+ */
+static int write_one(lua_State *L, struct etcd *e, const char *what, const struct op *o,
+                     int cas, lua_Integer prev)
+{
+    struct res r;
+    long long rev, deleted = 0;
+    req_begin(e);
+    if (!cas) {
+        add_op_body(e, &e->req, o);
+        if (etcd_call(e, o->kind == OP_PUT ? "/v3/kv/put" : "/v3/kv/deleterange", 0, e->timeout_ms, &r) < 0)
+            return push_res(L, e, &r, what);
+        if (header_revision(e, 0, &rev, &r) < 0
+            || jint(e, jfield(e, 0, "deleted"), 0, &deleted) < 0)
+            return malformed(&r, "bad deleted count"), push_res(L, e, &r, what);
+    } else {
+        struct cmp c = {.kind = CMP_MODREV, .key = o->key, .klen = o->klen, .n = prev};
+        const struct op *ops[2] = {o, NULL};
+        const size_t nops[2] = {1, 0};
+        build_txn(e, &c, 1, ops, nops, &c);
+        if (etcd_call(e, "/v3/kv/txn", 0, e->timeout_ms, &r) < 0)
+            return push_res(L, e, &r, what);
+        int ok = jbool(e, jfield(e, 0, "succeeded"));
+        if (ok < 0 || header_revision(e, 0, &rev, &r) < 0)
+            return malformed(&r, "bad txn answer"), push_res(L, e, &r, what);
+        long resp = jfield(e, 0, "responses");
+        if (jlen(e, resp) != 1)
+            return malformed(&r, "txn answer without its response"), push_res(L, e, &r, what);
+        if (!ok) {
+            long kvs = jfield(e, jfield(e, resp + 1, "response_range"), "kvs");
+            long long found = 0;
+            long n = jlen(e, kvs);
+            if (n < 0 || (n > 0 && jint(e, jfield(e, kvs + 1, "mod_revision"), 0, &found) < 0))
+                return malformed(&r, "bad range in txn answer"), push_res(L, e, &r, what);
+            return push_conflict(L, e, what, o->key, prev, found);
+        }
+        if (o->kind != OP_PUT
+            && jint(e, jfield(e, jfield(e, resp + 1, "response_delete_range"), "deleted"), 0, &deleted) < 0)
+            return malformed(&r, "bad deleted count"), push_res(L, e, &r, what);
+    }
+    etcd_trim(e);
+    lua_pushinteger(L, (lua_Integer)rev);
+    if (o->kind == OP_PUT)
+        return 1;
+    lua_pushinteger(L, (lua_Integer)deleted);
+    return 2;
+}
+
+
+/***
+ * Write a key.
+ * @function db:put
+ * @tparam string key
+ * @tparam string value any bytes, at most 8 MiB
+ * @tparam[opt] table opts `{prev_revision=n}`: only if the key's mod_revision is n
+ *   (0: absent); `{lease=id}`: attach the key to a lease (deleted when it expires)
+ * @return new revision; or nil, err (store.conflict when prev_revision does not match)
+ */
+static int l_put(lua_State *L)
+{
+    struct etcd *e = checkdb(L);
+    struct op o = {.kind = OP_PUT};
+    lua_Integer prev = 0;
+    o.key = check_key_arg(L, 2, &o.klen, 0);
+    o.val = check_value_arg(L, 3, &o.vlen);
+    int cas = opt_write(L, 4, "put", 1, &prev, &o.lease);
+    return write_one(L, e, "put", &o, cas, prev);
+}
+
+
+/***
+ * Delete a key.
+ * @function db:delete
+ * @tparam string key
+ * @tparam[opt] table opts `{prev_revision=n}` as for put
+ * @return revision (new if something was deleted), deleted count (0 or 1); or nil, err
+ */
+static int l_delete(lua_State *L)
+{
+    struct etcd *e = checkdb(L);
+    struct op o = {.kind = OP_DELETE};
+    lua_Integer prev = 0, lease = 0;
+    o.key = check_key_arg(L, 2, &o.klen, 0);
+    int cas = opt_write(L, 3, "delete", 0, &prev, &lease);
+    return write_one(L, e, "delete", &o, cas, prev);
+}
+
+
+/***
+ * Atomic compare-then-write (one etcd txn).
+ * @function db:txn
+ * @tparam table t `{compare={...}, success={...}, failure={...}}`; compares are
+ *   `{key=, mod_revision=n}` (0: absent), `{key=, exists=bool}`, `{key=, value=s}`;
+ *   ops are `{op="put", key=, value=, lease=?}`, `{op="delete", key=}`,
+ *   `{op="delete_prefix", prefix=}`
+ * @return succeeded (all compares held: success applied, else failure applied),
+ *   revision after the txn; or nil, err
+ */
+static int l_txn(lua_State *L)
+{
+    static const char *const keys[] = {"compare", "success", "failure", NULL};
+    struct etcd *e = checkdb(L);
+    luaL_argexpected(L, lua_istable(L, 2), 2, "table (" TXN_USAGE ")");
+    lua_settop(L, 2);
+    forge_checkkeys(L, 2, "txn", keys);
+
+    size_t ncmp, nops[2];
+    const struct cmp *cmps = txn_parse_cmps(L, 2, &ncmp);          /* [db, t, cmps] */
+    const struct op *ops[2];
+    ops[0] = txn_parse_ops(L, 2, "success", &nops[0]);             /* [db, t, cmps, ok] */
+    ops[1] = txn_parse_ops(L, 2, "failure", &nops[1]);             /* [db, t, cmps, ok, ko] */
+
+    struct res r;
+    long long rev;
+    req_begin(e);
+    build_txn(e, cmps, ncmp, ops, nops, NULL);
+    if (etcd_call(e, "/v3/kv/txn", 0, e->timeout_ms, &r) < 0)
+        return push_res(L, e, &r, "txn");
+    int ok = jbool(e, jfield(e, 0, "succeeded"));
+    if (ok < 0 || header_revision(e, 0, &rev, &r) < 0)
+        return malformed(&r, "bad txn answer"), push_res(L, e, &r, "txn");
+    etcd_trim(e);
+    lua_pushboolean(L, ok);
+    lua_pushinteger(L, (lua_Integer)rev);
+    return 2;
+}
+
+
+/***
+ * The current etcd revision.
+ * @function db:revision
+ * @return integer; or nil, err
+ */
+static int l_revision(lua_State *L)
+{
+    struct etcd *e = checkdb(L);
+    struct res r;
+    long long rev;
+    req_begin(e);
+    buf_adds(&e->req, "{\"key\":");
+    add_key(e, &e->req, "\0", e->plen ? 0 : 1);
+    buf_adds(&e->req, ",\"count_only\":true}");
+    if (etcd_call(e, "/v3/kv/range", CALL_READ, e->timeout_ms, &r) < 0
+        || header_revision(e, 0, &rev, &r) < 0)
+        return push_res(L, e, &r, "revision");
+    etcd_trim(e);
+    lua_pushinteger(L, (lua_Integer)rev);
+    return 1;
+}
+
+
+/***
+ * Grant a lease.
+ * @function db:lease_grant
+ * @tparam integer ttl seconds (etcd may round it up to its minimum)
+ * @return lease id (integer), granted ttl; or nil, err
+ */
+static int l_lease_grant(lua_State *L)
+{
+    struct etcd *e = checkdb(L);
+    luaL_argexpected(L, lua_type(L, 2) == LUA_TNUMBER, 2, "integer");
+    lua_Integer ttl = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, ttl > 0 && ttl <= ETCD_TTL_MAX, 2, "ttl must be 1..9000000000 seconds");
+    struct res r;
+    long long id, granted;
+    req_begin(e);
+    buf_adds(&e->req, "{\"TTL\":");
+    buf_addint(&e->req, (long long)ttl);
+    buf_adds(&e->req, "}");
+    if (etcd_call(e, "/v3/lease/grant", 0, e->timeout_ms, &r) < 0)
+        return push_res(L, e, &r, "lease_grant");
+    long err = jfield(e, 0, "error");
+    if (err >= 0 && jstr(e, err, &e->scratch) == 0 && e->scratch.len) {
+        char text[512];
+        sanitize(text, sizeof text, e->scratch.p, e->scratch.len);
+        res_fail(&r, "etcd.error", 0, 200, "%s", text);
+        return push_res(L, e, &r, "lease_grant");
+    }
+    if (jint(e, jfield(e, 0, "ID"), 0, &id) < 0 || id <= 0
+        || jint(e, jfield(e, 0, "TTL"), 0, &granted) < 0)
+        return malformed(&r, "bad lease grant answer"), push_res(L, e, &r, "lease_grant");
+    etcd_trim(e);
+    lua_pushinteger(L, (lua_Integer)id);
+    lua_pushinteger(L, (lua_Integer)granted);
+    return 2;
+}
+
+
+/***
+ * Renew a lease once.
+ * @function db:lease_keepalive
+ * @tparam integer id
+ * @return remaining ttl in seconds; or nil, err (etcd.lease_not_found when it expired or was revoked)
+ */
+static int l_lease_keepalive(lua_State *L)
+{
+    struct etcd *e = checkdb(L);
+    lua_Integer id = check_lease_value(L, 2, "lease_keepalive");
+    struct res r;
+    long long ttl;
+    req_begin(e);
+    buf_adds(&e->req, "{\"ID\":");
+    buf_addint(&e->req, (long long)id);
+    buf_adds(&e->req, "}");
+    if (etcd_call(e, "/v3/lease/keepalive", CALL_READ, e->timeout_ms, &r) < 0)
+        return push_res(L, e, &r, "lease_keepalive");
+    long result = jfield(e, 0, "result");
+    if (result < 0 || jint(e, jfield(e, result, "TTL"), 0, &ttl) < 0)
+        return malformed(&r, "bad keepalive answer"), push_res(L, e, &r, "lease_keepalive");
+    if (ttl <= 0) {
+        char ids[32];
+        snprintf(ids, sizeof ids, LUA_INTEGER_FMT, (LUAI_UACINT)id);
+        res_fail(&r, "etcd.lease_not_found", 0, 200, "lease %s not found (expired or revoked)", ids);
+        return push_res(L, e, &r, "lease_keepalive");
+    }
+    etcd_trim(e);
+    lua_pushinteger(L, (lua_Integer)ttl);
+    return 1;
+}
+
+
+/***
+ * Revoke a lease: every key attached to it is deleted.
+ * @function db:lease_revoke
+ * @tparam integer id
+ * @return revision after the revoke; or nil, err (etcd.lease_not_found)
+ */
+static int l_lease_revoke(lua_State *L)
+{
+    struct etcd *e = checkdb(L);
+    lua_Integer id = check_lease_value(L, 2, "lease_revoke");
+    struct res r;
+    long long rev;
+    req_begin(e);
+    buf_adds(&e->req, "{\"ID\":");
+    buf_addint(&e->req, (long long)id);
+    buf_adds(&e->req, "}");
+    if (etcd_call(e, "/v3/lease/revoke", 0, e->timeout_ms, &r) < 0
+        || header_revision(e, 0, &rev, &r) < 0)
+        return push_res(L, e, &r, "lease_revoke");
+    etcd_trim(e);
+    lua_pushinteger(L, (lua_Integer)rev);
+    return 1;
+}
+
+
+/*
+ * Read the watch message that ended the stream (if any) and push its events.
+ * Stack: [...] -> [..., events, revision] and returns 2; or -1 with r filled.
+ */
+static int watch_result(lua_State *L, struct etcd *e, struct res *r, int *auth_retry)
+{
+    long long rev = e->stream_rev;
+    *auth_retry = 0;
+    if (!e->stream_stop && e->scan < e->resp.len) {
+        /* the stream ended without a newline after its last message */
+        buf_add(&e->resp, "\n", 1);
+        if (e->resp.failed)
+            return res_fail(r, "etcd.error", 1, 200, "out of memory");
+        stream_scan(e);
+        rev = e->stream_rev ? e->stream_rev : rev;
+    }
+    if (!e->stream_stop) {
+        lua_newtable(L);
+        lua_pushinteger(L, (lua_Integer)rev);
+        return 2;
+    }
+    int jerr = json_doc(e, e->resp.p + e->stop_start, e->stop_end - e->stop_start);
+    if (jerr < 0)
+        return malformed(r, jerr_text(jerr));
+    long long grpc;
+    if (jfield(e, 0, "error") >= 0)
+        return answer_error(e, 200, 0, r, &grpc);
+    long result = jfield(e, 0, "result");
+    long long compact;
+    if (jint(e, jfield(e, result, "compact_revision"), 0, &compact) < 0)
+        return malformed(r, "bad compact_revision");
+    if (compact > 0) {
+        res_fail(r, "etcd.compacted", 0, 200,
+                 "start revision is compacted; the oldest revision still available is %lld", compact);
+        r->compact_revision = compact;
+        return -1;
+    }
+    if (jbool(e, jfield(e, result, "canceled")) != 0) {
+        char text[512] = "";
+        if (jstr(e, jfield(e, result, "cancel_reason"), &e->scratch) == 0)
+            sanitize(text, sizeof text, e->scratch.p, e->scratch.len);
+        if (strstr(text, "invalid auth token"))
+            *auth_retry = 1;
+        return res_fail(r, "etcd.error", 0, 200, "watch canceled by etcd: %s", text[0] ? text : "no reason given");
+    }
+    long events = jfield(e, result, "events");
+    if (result < 0)
+        return malformed(r, "watch message without a result");
+    if (jint(e, jpath2(e, result, "header", "revision"), rev, &rev) < 0 || jlen(e, events) < 0)
+        return malformed(r, "bad watch events");
+    lua_newtable(L);
+    lua_Integer i = 0;
+    for (size_t t = (size_t)events + 1; events >= 0 && t < e->toks[events].next; t = e->toks[t].next) {
+        long ev = (long)t, kv = jfield(e, ev, "kv");
+        long long mrev;
+        int del;
+        if (jstr(e, jfield(e, ev, "type"), &e->scratch) < 0)
+            goto bad;
+        if (e->scratch.len == 0 || strcmp(e->scratch.p, "PUT") == 0)
+            del = 0;
+        else if (strcmp(e->scratch.p, "DELETE") == 0)
+            del = 1;
+        else
+            goto bad;
+        if (jint(e, jfield(e, kv, "mod_revision"), 0, &mrev) < 0 || jbytes(e, jfield(e, kv, "key"), &e->scratch) < 0
+            || e->scratch.len < e->plen || memcmp(e->scratch.p, e->prefix, e->plen) != 0)
+            goto bad;
+        lua_createtable(L, 0, 4);
+        lua_pushstring(L, del ? "delete" : "put");
+        lua_setfield(L, -2, "type");
+        lua_pushlstring(L, e->scratch.p + e->plen, e->scratch.len - e->plen);
+        lua_setfield(L, -2, "key");
+        if (jbytes(e, jfield(e, kv, "value"), &e->scratch) < 0) {
+            lua_pop(L, 1);
+            goto bad;
+        }
+        lua_pushlstring(L, e->scratch.p, e->scratch.len);
+        lua_setfield(L, -2, "value");
+        lua_pushinteger(L, (lua_Integer)mrev);
+        lua_setfield(L, -2, "mod_revision");
+        lua_rawseti(L, -2, ++i);
+    }
+    lua_pushinteger(L, (lua_Integer)rev);
+    return 2;
+bad:
+    lua_pop(L, 1);
+    return malformed(r, "bad watch event");
+}
+
+
+/***
+ * Watch every key starting with prefix, for a bounded time: returns the first
+ * batch of events etcd sends (one revision's worth or more), or none when the
+ * time runs out.
+ * @function db:watch
+ * @tparam string prefix "" for the whole namespace
+ * @tparam[opt] integer start_revision first revision to report (0 or nil: from now)
+ * @tparam[opt] integer timeout_ms how long to wait (default: the db's timeout_ms)
+ * @return array of events `{type="put"|"delete", key=, value=, mod_revision=}`, and
+ *   the revision etcd reported last (0 if none); or nil, err (etcd.compacted, with
+ *   err.compact_revision, when start_revision is no longer available)
+ */
+static int l_watch(lua_State *L)
+{
+    struct etcd *e = checkdb(L);
+    size_t plen;
+    const char *p = check_key_arg(L, 2, &plen, 1);
+    lua_Integer start = luaL_optinteger(L, 3, 0);
+    luaL_argcheck(L, start >= 0, 3, "start_revision must be >= 0");
+    lua_Integer timeout = luaL_optinteger(L, 4, e->timeout_ms);
+    luaL_argcheck(L, timeout >= 1 && timeout <= ETCD_TIMEOUT_MAX, 4, "timeout_ms must be 1..3600000");
+    struct res r;
+    for (int attempt = 0;; attempt++) {
+        req_begin(e);
+        buf_adds(&e->req, "{\"create_request\":{");
+        add_range_keys(e, &e->req, p, plen);
+        if (start > 0) {
+            buf_adds(&e->req, ",\"start_revision\":");
+            buf_addint(&e->req, (long long)start);
+        }
+        buf_adds(&e->req, "}}");
+        if (etcd_call(e, "/v3/watch", CALL_READ | CALL_STREAM, (long)timeout, &r) < 0)
+            return push_res(L, e, &r, "watch");
+        int auth_retry;
+        int n = watch_result(L, e, &r, &auth_retry);
+        if (n >= 0) {
+            etcd_trim(e);
+            return n;
+        }
+        if (auth_retry && e->username && attempt == 0) {
+            drop_token(e);
+            continue;
+        }
+        return push_res(L, e, &r, "watch");
+    }
+}
+
+
+int luaopen_forge_etcd(lua_State *L)
+{
+    static const luaL_Reg lib[] = {
+        {"open", l_open},
+        {NULL, NULL},
+    };
+    static const luaL_Reg meth[] = {
+        {"get", l_get},
+        {"range", l_range},
+        {"put", l_put},
+        {"delete", l_delete},
+        {"txn", l_txn},
+        {"revision", l_revision},
+        {"close", l_close},
+        {"lease_grant", l_lease_grant},
+        {"lease_keepalive", l_lease_keepalive},
+        {"lease_revoke", l_lease_revoke},
+        {"watch", l_watch},
+        {NULL, NULL},
+    };
+    static const luaL_Reg metameth[] = {
+        {"__gc", l_close},
+        {"__close", l_close},
+        {"__tostring", l_tostring},
+        {"__index", NULL},
+        {NULL, NULL},
+    };
+    /* Thread-safe since curl 7.84 and reference-counted: every module (and state) may call it. */
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+        return luaL_error(L, "forge.etcd: curl_global_init failed");
+    if (luaL_newmetatable(L, ETCD_MT)) {
+        luaL_setfuncs(L, metameth, 0);
+        luaL_newlib(L, meth);
+        lua_setfield(L, -2, "__index");
+    }
+    lua_pop(L, 1);
+    luaL_newlib(L, lib);
+    forge_setmodinfo(L, "forge.etcd");
+    return 1;
+}
