@@ -393,6 +393,8 @@ static int push_sb_error(lua_State *L, struct sandbox *sb, int st)
     lua_pushstring(L, sb->name);
     lua_setfield(L, -2, "service");
     lua_settop(sb->S, 0);
+    if (strcmp(code, "sandbox.memory") == 0)
+        lua_gc(sb->S, LUA_GCCOLLECT, 0);        /* give the bomb back now, not at the next call */
     return 2;
 }
 
@@ -959,6 +961,45 @@ static int l_tab_guard(lua_State *S)
 }
 
 
+/*
+ * A hook that raises leaves hooks disabled (L->allowhook = 0) while Lua runs the
+ * message handler of the enclosing xpcall, and in a coroutine that died of it. So once
+ * a limit has fired, no script handler runs (the error passes through unchanged) and
+ * coroutine.close (which runs __close handlers in the dead thread) is refused.
+ * Upvalue 1: the script's handler.
+ */
+static int l_xpcall_handler(lua_State *S)
+{
+    if (SB(S)->expired)
+        return 1;
+    lua_pushvalue(S, lua_upvalueindex(1));
+    lua_insert(S, 1);
+    lua_call(S, lua_gettop(S) - 1, 1);
+    return 1;
+}
+
+
+/* xpcall(f, handler, ...) with the handler wrapped as above. Upvalue 1: stock xpcall. */
+static int l_xpcall(lua_State *S)
+{
+    luaL_checktype(S, 2, LUA_TFUNCTION);
+    lua_pushvalue(S, 2);
+    lua_pushcclosure(S, l_xpcall_handler, 1);
+    lua_replace(S, 2);
+    return call_stock(S);
+}
+
+
+/* coroutine.close, refused once a limit has fired. Upvalue 1: stock close. */
+static int l_co_close(lua_State *S)
+{
+    struct sandbox *sb = SB(S);
+    if (sb->expired)
+        return luaL_error(S, "%s time limit exceeded", sb->expired == EXP_CPU ? "cpu" : "wall");
+    return call_stock(S);
+}
+
+
 /* coroutine.create, with the caller's hook set in the new thread explicitly. */
 static int l_co_create(lua_State *S)
 {
@@ -1105,26 +1146,25 @@ static int l_yaml_guard(lua_State *S)
 /* read-only proxies and the locked environment                             */
 /* ------------------------------------------------------------------------ */
 
+/* luaL_error's position (level 1) is the script line doing the access. */
 static int l_ro_newindex(lua_State *S)
 {
-    luaL_where(S, 2);
-    return luaL_error(S, "%scannot assign field '%s' of a read-only table", lua_tostring(S, -1),
-                      luaL_tolstring(S, 2, NULL));
+    const char *key = lua_type(S, 2) == LUA_TSTRING ? lua_tostring(S, 2) : luaL_typename(S, 2);
+    return luaL_error(S, "cannot assign field '%s' of a read-only table", key);
 }
 
 
 static int l_env_newindex(lua_State *S)
 {
-    luaL_where(S, 2);
-    return luaL_error(S, "%scannot assign global '%s' (globals are locked: declare it local)",
-                      lua_tostring(S, -1), luaL_tolstring(S, 2, NULL));
+    const char *key = lua_type(S, 2) == LUA_TSTRING ? lua_tostring(S, 2) : luaL_typename(S, 2);
+    return luaL_error(S, "cannot assign global '%s' (globals are locked: declare it local)", key);
 }
 
 
 static int l_env_index(lua_State *S)
 {
-    luaL_where(S, 2);
-    return luaL_error(S, "%sundefined global '%s'", lua_tostring(S, -1), luaL_tolstring(S, 2, NULL));
+    const char *key = lua_type(S, 2) == LUA_TSTRING ? lua_tostring(S, 2) : luaL_typename(S, 2);
+    return luaL_error(S, "undefined global '%s'", key);
 }
 
 
@@ -1297,18 +1337,21 @@ static int t_setup(lua_State *S)
     lua_setmetatable(S, 10);
 
     /* base */
-    lua_pushvalue(S, 1);
-    pick(S, base_names);                                        /* 12 */
+    lua_pushvalue(S, 1);                                        /* 12 */
+    pick(S, base_names);                                        /* 13 */
     lua_pushcfunction(S, l_setmetatable);
-    lua_setfield(S, 12, "setmetatable");
+    lua_setfield(S, 13, "setmetatable");
     lua_pushcfunction(S, l_collectgarbage);
-    lua_setfield(S, 12, "collectgarbage");
+    lua_setfield(S, 13, "collectgarbage");
     lua_getfield(S, 1, "load");
     lua_pushvalue(S, 11);
     lua_pushcclosure(S, l_load, 2);
-    lua_setfield(S, 12, "load");
+    lua_setfield(S, 13, "load");
+    lua_getfield(S, 1, "xpcall");
+    lua_pushcclosure(S, l_xpcall, 1);
+    lua_setfield(S, 13, "xpcall");
     lua_pushnil(S);                                             /* copy base into the backing */
-    while (lua_next(S, 12)) {
+    while (lua_next(S, 13)) {
         lua_pushvalue(S, -2);
         lua_insert(S, -2);
         lua_rawset(S, 10);
@@ -1377,6 +1420,7 @@ static int t_setup(lua_State *S)
     lua_setfield(S, 14, "create");
     lua_getfield(S, 12, "wrap");
     lua_setfield(S, 14, "wrap");
+    wrap_field(S, "close", l_co_close);
     push_proxy(S, l_ro_newindex);
     lua_setfield(S, 10, "coroutine");
     lua_settop(S, 12);
