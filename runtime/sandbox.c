@@ -1230,7 +1230,7 @@ static void wrap_field(lua_State *S, const char *name, lua_CFunction fn)
 
 
 static const char PRELUDE[] =
-    "local create, resume, password, rawlog, name, error, type, tostring, next, ipairs = ...\n"
+    "local create, resume, password, rawlog, name, error, type, tostring, next, ipairs, setmetatable = ...\n"
     "local P = {}\n"
     "local function finish(ok, ...)\n"
     "  if ok then return ... end\n"
@@ -1241,8 +1241,7 @@ static const char PRELUDE[] =
     "  return function(...) return finish(resume(co, ...)) end\n"
     "end\n"
     "function P.prepare(ctx)\n"
-    "  if ctx.secret ~= nil then return end\n"
-    "  ctx.secret = function(key)\n"
+    "  local function secret(key)\n"
     "    if type(key) ~= 'string' then error('ctx.secret(name): name must be a string', 2) end\n"
     "    local s = ctx.secrets\n"
     "    if s == nil then s = {}; ctx.secrets = s end\n"
@@ -1251,6 +1250,7 @@ static const char PRELUDE[] =
     "    if v == nil then v = password(32); s[key] = v end\n"
     "    return v\n"
     "  end\n"
+    "  setmetatable(ctx, { __index = { secret = secret } })\n"
     "end\n"
     "for _, level in ipairs({ 'debug', 'info', 'warn', 'error' }) do\n"
     "  local f = rawlog[level]\n"
@@ -1410,7 +1410,8 @@ static int t_setup(lua_State *S)
     lua_getfield(S, 1, "tostring");
     lua_getfield(S, 1, "next");
     lua_getfield(S, 1, "ipairs");
-    lua_call(S, 10, 1);                                         /* 12: P */
+    lua_getfield(S, 1, "setmetatable");
+    lua_call(S, 11, 1);                                         /* 12: P */
     lua_getfield(S, 12, "prepare");
     lua_rawsetp(S, LUA_REGISTRYINDEX, &K_PREPARE);
 
