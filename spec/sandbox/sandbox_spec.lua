@@ -51,6 +51,13 @@ describe("forge.sandbox", function()
     assert.has_error(function() sandbox.new{ wall = "x" } end)
   end)
 
+  it("finds the capability modules in modules_dir (plain lua5.4) and reports a bad one", function()
+    local sb = sandbox.new{ modules_dir = "build/lib/forge" }
+    assert(sb:load("return { f = function() return forge.crypto.hex('A') end }"))
+    assert.equals("41", sb:call("f"))
+    assert.has_error(function() sandbox.new{ modules_dir = "/nonexistent" } end)
+  end)
+
   it("uses path_prefix for the default chunk name", function()
     local sb = sandbox.new{ name = "x", path_prefix = "/srv/services/x/" }
     local ok, err = sb:load("error('boom')")
