@@ -1,3 +1,4 @@
+-- luacheck: globals wrk thread_number
 -- wrk script: each connection alternates PUT bind / DELETE unbind of a fresh binding id.
 -- Run with as many connections as threads so each connection's requests stay in order.
 local counter = 0
@@ -10,7 +11,7 @@ function setup(thread) -- luacheck: ignore
 end
 
 function init() -- luacheck: ignore
-  prefix = string.format("t%d-%d", thread_number, os.time()) -- luacheck: ignore
+  prefix = string.format("t%d-%d", thread_number, os.time())
 end
 
 local service = os.getenv("BENCH_SERVICE")

@@ -17,6 +17,8 @@ local DEFAULTS = {
   tombstone_ttl = 3600,        -- seconds a deleted instance/binding still answers last_operation
   gone_ttl = 7 * 86400,        -- seconds after that a purged id still answers 410
   reconcile_interval = 0.2,    -- seconds between reconciler passes
+  sync_timeout = 30,           -- seconds a request without accepts_incomplete waits for its operation
+  public_url = nil,            -- base URL of this broker as platforms reach it (dashboard_url)
   supervise_interval = 2,      -- seconds between liveness checks of running instances
   targets = {
     ["local"] = {
@@ -33,7 +35,7 @@ local SCHEMA = {
   listen = "string", auth = { username = "string", password = "string" },
   state_dir = "string", services_dir = "string", threads = "integer", body_limit = "integer",
   log_level = "string", tombstone_ttl = "number", gone_ttl = "number", reconcile_interval = "number",
-  supervise_interval = "number",
+  supervise_interval = "number", sync_timeout = "number", public_url = "string",
   targets = { ["local"] = { host = "string", ports = { from = "integer", to = "integer" },
     deploy_timeout = "number", stop_timeout = "number", command_timeout = "number" } },
 }
@@ -76,6 +78,8 @@ local ENV = {
   { "FORGE_STATE_DIR", function(c, v) c.state_dir = v end },
   { "FORGE_SERVICES_DIR", function(c, v) c.services_dir = v end },
   { "FORGE_LOG_LEVEL", function(c, v) c.log_level = v end },
+  { "FORGE_PUBLIC_URL", function(c, v) c.public_url = v end },
+  { "FORGE_SYNC_TIMEOUT", function(c, v) c.sync_timeout = tonumber(v) end },
   { "FORGE_THREADS", function(c, v) c.threads = tonumber(v) end },
   { "FORGE_PORTS", function(c, v)
       local from, to = v:match("^(%d+)%-(%d+)$")

@@ -1,9 +1,10 @@
---- The reconciler: advances every in-flight operation, supervises running instances, and
--- purges old tombstones. It runs in the main thread between signal checks, so state
--- converges whether or not anybody polls, and a restarted broker resumes where it stopped.
+--- The reconciler: advances every journaled operation (provision, update, deprovision, async
+-- bind and unbind), supervises running instances, and purges old tombstones. It runs in the
+-- main thread between signal checks, so state converges whether or not anybody polls, and a
+-- restarted broker resumes where it stopped.
+local bindings = require "forge.osb.bindings"
 local log = require "forge.log"
 local model = require "forge.model"
-local services = require "forge.services"
 
 local key = model.key
 
@@ -15,30 +16,32 @@ function Reconciler.new(config, db, registry, target)
     next_supervise = 0 }, Reconciler)
 end
 
--- Close the operation `op_id` of instance `id` (unless another operation replaced it).
--- change(r) sets the final state; extra txn ops come back from it.
-function Reconciler:finish(id, op_id, op_state, description, change)
-  return model.update(self.db, key.instance(id), function(r)
+-- Close operation `op_id` of the record at `rkey` (unless another operation replaced it).
+-- change(r) sets the final state and may return extra txn ops.
+function Reconciler:finish(rkey, pending, op_id, op_state, description, change)
+  return model.update(self.db, rkey, function(r)
     if r.operation.id ~= op_id then return false end
     r.operation.state, r.operation.description = op_state, description
     r.operation.finished_at, r.updated_at = os.time(), os.time()
     local ops = change(r) or {}
-    ops[#ops + 1] = model.delete(key.pending(id))
+    ops[#ops + 1] = model.delete(pending)
     return ops
   end)
 end
 
-local function release_ports(r, ops)
-  if r.resources and not r.resources.released then
-    for _, p in ipairs(r.resources.ports or {}) do ops[#ops + 1] = model.delete(key.port(p)) end
-    r.resources.released = true
-  end
+local function release_ports(ports, ops)
+  for _, p in ipairs(ports or {}) do ops[#ops + 1] = model.delete(key.port(p)) end
   return ops
 end
 
-function Reconciler:provision(rec)
-  local id, op = rec.id, rec.operation
-  local function record(name, identity, files_written)
+local function in_list(list, v)
+  for _, x in ipairs(list or {}) do if x == v then return true end end
+  return false
+end
+
+-- Persist a spawned process (or that the files are written) at once, before anything else.
+function Reconciler:recorder(id)
+  return function(name, identity, files_written)
     model.update(self.db, key.instance(id), function(r)
       if files_written then r.files_written = true end
       if name then
@@ -47,20 +50,69 @@ function Reconciler:provision(rec)
       end
     end)
   end
-  local status, reason = self.target:step_provision(rec, record)
+end
+
+-- Re-create every binding on a redeployed instance (new nodes need the binding's user too).
+function Reconciler:reapply_bindings(inst)
+  local svc = self.registry.by_id[inst.service_id]
+  for _, kv in ipairs(model.range(self.db, key.bindings(inst.id))) do
+    if kv.value.state == "created" then
+      local creds, err = bindings.apply(self, svc, inst, kv.value)
+      if not creds then return nil, "binding " .. kv.value.id .. ": " .. err end
+    end
+  end
+  return true
+end
+
+function Reconciler:deploy(rec)
+  local id, op = rec.id, rec.operation
+  local ikey, pending = key.instance(id), key.pending(id)
+  if op.type == "update" and not op.stopped then
+    -- redeploy: stop what runs now, then start the new deployment like a provision
+    local ok, err = self.target:stop_all(rec)
+    if not ok then return log.warn("update: stopping failed, will retry", { instance = id, error = err }) end
+    rec = model.update(self.db, ikey, function(r)
+      if r.operation.id ~= op.id then return false end
+      r.processes, r.operation.stopped = {}, true
+    end)
+    if not rec then return end
+  end
+  local status, reason = self.target:step_provision(rec, self:recorder(id))
   if status == "wait" and os.time() - op.started_at > self.target.cfg.deploy_timeout then
     status, reason = "failed", string.format("not healthy after %ds", self.target.cfg.deploy_timeout)
   end
+  if status == "done" and op.type == "update" then
+    local ok, err = self:reapply_bindings(rec)
+    if not ok then status, reason = "failed", err end
+  end
   if status == "done" then
-    self:finish(id, op.id, "succeeded", "instance is running", function(r) r.state = "running" end)
-    log.info("provision succeeded", { instance = id, operation = op.id })
+    self:finish(ikey, pending, op.id, "succeeded", op.type == "update" and "instance updated" or "instance is running",
+      function(r)
+        r.state = "running"
+        local ops = {}
+        if r.previous then
+          local old = r.previous.resources and r.previous.resources.ports or {}
+          for _, p in ipairs(old) do
+            if not in_list(r.resources.ports, p) then release_ports({ p }, ops) end
+          end
+          self.target:remove_stale(r)
+          r.previous = nil
+        end
+        return ops
+      end)
+    log.info(op.type .. " succeeded", { instance = id, operation = op.id })
   elseif status == "failed" then
     self.target:stop_all(rec)
-    self:finish(id, op.id, "failed", "provision failed: " .. reason, function(r)
+    self:finish(ikey, pending, op.id, "failed", op.type .. " failed: " .. reason, function(r)
       r.state = "failed"
-      return release_ports(r, {})
+      r.operation.instance_usable = false
+      if op.type == "provision" then
+        r.resources.released = true
+        return release_ports(r.resources.ports, {})
+      end
+      r.operation.update_repeatable = true
     end)
-    log.warn("provision failed", { instance = id, operation = op.id, reason = reason })
+    log.warn(op.type .. " failed", { instance = id, operation = op.id, reason = reason })
   end
 end
 
@@ -70,29 +122,82 @@ function Reconciler:deprovision(rec)
     log.warn("deprovision step failed, will retry", { instance = rec.id, error = err })
     return
   end
-  self:finish(rec.id, rec.operation.id, "succeeded", "instance deleted", function(r)
-    r.state, r.deleted_at, r.secrets, r.processes = "deleted", os.time(), nil, nil
-    return release_ports(r, { { op = "delete_prefix", prefix = key.bindings(rec.id) } })
+  self:finish(key.instance(rec.id), key.pending(rec.id), rec.operation.id, "succeeded", "instance deleted", function(r)
+    r.state, r.deleted_at, r.secrets, r.processes, r.deployment = "deleted", os.time(), nil, nil, nil
+    local ops = { { op = "delete_prefix", prefix = key.bindings(rec.id) },
+      { op = "delete_prefix", prefix = key.pending(rec.id .. "/") } }
+    if not r.resources.released then
+      r.resources.released = true
+      release_ports(r.resources.ports, ops)
+    end
+    return ops
   end)
   log.info("deprovision succeeded", { instance = rec.id, operation = rec.operation.id })
 end
 
-function Reconciler:advance(id)
+function Reconciler:advance_instance(id)
   local rec = model.read(self.db, key.instance(id))
   if not rec or rec.operation.state ~= "in progress" then
     model.txn(self.db, { success = { model.delete(key.pending(id)) } })
     return
   end
-  if rec.operation.type == "provision" then
-    self:provision(rec)
-  elseif rec.operation.type == "deprovision" then
-    self:deprovision(rec)
+  if rec.operation.type == "deprovision" then return self:deprovision(rec) end
+  return self:deploy(rec)
+end
+
+function Reconciler:advance_binding(iid, bid)
+  local bkey, pending = key.binding(iid, bid), key.pending(iid .. "/" .. bid)
+  local rec = model.read(self.db, bkey)
+  if not rec or rec.operation.state ~= "in progress" then
+    model.txn(self.db, { success = { model.delete(pending) } })
+    return
+  end
+  local inst = model.read(self.db, key.instance(iid))
+  local svc = inst and self.registry.by_id[inst.service_id]
+  local op = rec.operation
+  if op.type == "bind" then
+    local creds, err
+    if not svc or inst.state ~= "running" then
+      err = "instance " .. iid .. " is not running"
+    else
+      creds, err = bindings.apply(self, svc, inst, rec)
+    end
+    self:finish(bkey, pending, op.id, creds and "succeeded" or "failed", creds and "binding created" or err, function(r)
+      r.state, r.credentials = creds and "created" or "failed", creds
+    end)
+  else
+    if svc and inst.state == "running" then
+      local ok, err = bindings.remove(self, svc, inst, rec)
+      if not ok then return log.warn("unbind failed, will retry", { instance = iid, binding = bid, error = err }) end
+    end
+    self:finish(bkey, pending, op.id, "succeeded", "binding deleted", function(r)
+      r.state, r.deleted_at, r.credentials = "deleted", os.time(), nil
+    end)
+  end
+  log.info(op.type .. " finished", { instance = iid, binding = bid, operation = op.id })
+end
+
+-- Tombstones older than the TTL become `gone/` markers; markers expire after gone_ttl.
+function Reconciler:purge(kv, id, now)
+  local r = kv.value
+  if r.state == "deleted" and now - (r.deleted_at or now) > self.config.tombstone_ttl then
+    model.txn(self.db, { compare = { { key = kv.key, mod_revision = kv.rev } },
+      success = { model.delete(kv.key), model.put(key.gone(id), { deleted_at = r.deleted_at }) } })
   end
 end
 
--- Restart dead processes of running instances; purge expired tombstones and stale bindings.
+-- A sync bind interrupted by a broker crash: undo what it may have done, then forget it.
+function Reconciler:undo_interrupted_bind(kv, now)
+  local b = kv.value
+  if b.state ~= "creating" or b.operation.async or now - (b.updated_at or 0) <= 120 then return end
+  local inst = model.read(self.db, key.instance(b.instance_id))
+  local svc = inst and self.registry.by_id[inst.service_id]
+  if svc and inst.state == "running" then bindings.remove(self, svc, inst, b) end
+  model.txn(self.db, { compare = { { key = kv.key, mod_revision = kv.rev } }, success = { model.delete(kv.key) } })
+  log.warn("removed an interrupted binding", { instance = b.instance_id, binding = b.id })
+end
+
 function Reconciler:housekeeping(now)
-  local ttl, gone_ttl = self.config.tombstone_ttl, self.config.gone_ttl
   for _, kv in ipairs(model.range(self.db, "instance/")) do
     local r = kv.value
     if r.state == "running" and r.operation.state ~= "in progress" then
@@ -102,38 +207,30 @@ function Reconciler:housekeeping(now)
           cur.processes = r.processes
         end)
       end
-    elseif r.state == "deleted" and now - (r.deleted_at or now) > ttl then
-      model.txn(self.db, { compare = { { key = kv.key, mod_revision = kv.rev } },
-        success = { model.delete(kv.key), model.put(key.gone(r.id), { deleted_at = r.deleted_at }) } })
     end
-  end
-  for _, kv in ipairs(model.range(self.db, "gone/")) do
-    if now - (kv.value.deleted_at or 0) > ttl + gone_ttl then
-      model.txn(self.db, { compare = { { key = kv.key, mod_revision = kv.rev } }, success = { model.delete(kv.key) } })
-    end
+    self:purge(kv, r.id, now)
   end
   for _, kv in ipairs(model.range(self.db, "binding/")) do
-    local b = kv.value
-    if b.state == "creating" and now - (b.updated_at or 0) > 120 then
-      -- a bind interrupted by a broker crash: undo what it may have done, then forget it
-      local inst = model.read(self.db, key.instance(b.instance_id))
-      local svc = inst and self.registry.by_id[inst.service_id]
-      if svc and inst.state == "running" then
-        local res = services.call(svc, "unbind", services.binding_context(inst, b.id, { binding = b }))
-        for _, cmd in ipairs(res and res.run or {}) do self.target:run(cmd) end
-      end
+    self:purge(kv, kv.value.instance_id .. "/" .. kv.value.id, now)
+    self:undo_interrupted_bind(kv, now)
+  end
+  for _, kv in ipairs(model.range(self.db, "gone/")) do
+    if now - (kv.value.deleted_at or 0) > self.config.tombstone_ttl + self.config.gone_ttl then
       model.txn(self.db, { compare = { { key = kv.key, mod_revision = kv.rev } }, success = { model.delete(kv.key) } })
-      log.warn("removed an interrupted binding", { instance = b.instance_id, binding = b.id })
     end
   end
 end
 
---- One pass: advance pending operations; supervise every supervise_interval seconds.
+--- One pass: advance pending operations; housekeeping every supervise_interval seconds.
 function Reconciler:tick(now)
   for _, kv in ipairs(model.range(self.db, "pending/")) do
     local id = kv.key:sub(#"pending/" + 1)
-    local ok, err = pcall(self.advance, self, id)
-    if not ok then log.error("reconciler failed on an instance", { instance = id, error = tostring(err) }) end
+    local iid, bid = id:match("^([^/]+)/(.+)$")
+    local ok, err = pcall(function()
+      if iid then return self:advance_binding(iid, bid) end
+      return self:advance_instance(id)
+    end)
+    if not ok then log.error("reconciler failed on an operation", { key = kv.key, error = tostring(err) }) end
   end
   if now >= self.next_supervise then
     self.next_supervise = now + self.config.supervise_interval

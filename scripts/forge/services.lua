@@ -7,6 +7,7 @@ local cjson = require "cjson"
 local crypto = require "forge.crypto"
 local flog = require "forge.log"
 local lfs = require "lfs"
+local schema = require "forge.schema"
 local util = require "forge.util"
 
 local M = {}
@@ -62,32 +63,86 @@ local function read_file(path)
   return s
 end
 
--- OSB catalog rules for one service (ids/names uniqueness across services checked later).
-local function check_service(s, where)
-  local function need_string(t, k, what)
-    if type(t[k]) ~= "string" or t[k] == "" then
-      error(string.format("%s: %s.%s must be a non-empty string", where, what, k), 0)
+-- Raise a catalog error naming the script.
+local function bad(where, fmt, ...) error(where .. ": " .. string.format(fmt, ...), 0) end
+
+local REQUIRES = { syslog_drain = true, route_forwarding = true, volume_mount = true }
+local SCHEMA_SLOTS = { service_instance = { "create", "update" }, service_binding = { "create" } }
+
+local function check_optional(t, what, where, fields)
+  for field, want in pairs(fields) do
+    local v = t[field]
+    if v ~= nil and type(v) ~= want then bad(where, "%s.%s must be a %s", what, field, want) end
+  end
+end
+
+local function check_schemas(p, what, where)
+  if p.schemas == nil then return end
+  if type(p.schemas) ~= "table" then bad(where, "%s.schemas must be a table", what) end
+  for kind, slots in pairs(p.schemas) do
+    if not SCHEMA_SLOTS[kind] then bad(where, "%s.schemas.%s is not an OSB schema kind", what, tostring(kind)) end
+    for action, entry in pairs(slots) do
+      local path = string.format("%s.schemas.%s.%s", what, kind, tostring(action))
+      local known = false
+      for _, a in ipairs(SCHEMA_SLOTS[kind]) do known = known or a == action end
+      if not known then bad(where, "%s is not an OSB schema slot", path) end
+      if type(entry) ~= "table" or type(entry.parameters) ~= "table" then
+        bad(where, "%s must be {parameters = <JSON schema>}", path)
+      end
+      local ok, err = schema.check(entry.parameters)
+      if not ok then bad(where, "%s.parameters: %s", path, err) end
+      local size = #cjson.encode(entry.parameters)
+      if size > 65536 then bad(where, "%s.parameters is %d bytes; OSB allows 64 kB", path, size) end
     end
   end
-  if type(s) ~= "table" then error(where .. ": service.lua must return a table", 0) end
-  for _, k in ipairs({ "id", "name", "description" }) do need_string(s, k, "service") end
-  if type(s.bindable) ~= "boolean" then error(where .. ": service.bindable must be true or false", 0) end
+end
+
+local function check_plan(p, i, where, names)
+  local what = "plans[" .. i .. "]"
+  if type(p) ~= "table" then bad(where, "%s must be a table", what) end
+  for _, k in ipairs({ "id", "name", "description" }) do
+    if type(p[k]) ~= "string" or p[k] == "" then bad(where, "%s.%s must be a non-empty string", what, k) end
+  end
+  if names[p.name] then bad(where, "duplicate plan name '%s'", p.name) end
+  names[p.name] = true
+  check_optional(p, what, where, { free = "boolean", bindable = "boolean", plan_updateable = "boolean",
+    binding_rotatable = "boolean", metadata = "table", async_only = "boolean", bindings_async = "boolean" })
+  if p.maximum_polling_duration ~= nil and (math.type(p.maximum_polling_duration) ~= "integer"
+      or p.maximum_polling_duration <= 0) then
+    bad(where, "%s.maximum_polling_duration must be a positive integer (seconds)", what)
+  end
+  local mi = p.maintenance_info
+  if mi ~= nil then
+    if type(mi) ~= "table" or type(mi.version) ~= "string" or
+       not mi.version:match("^%d+%.%d+%.%d+[%-%+]?[%w%.%-%+]*$") then
+      bad(where, "%s.maintenance_info.version must be a semantic version (e.g. 1.2.3)", what)
+    end
+  end
+  check_schemas(p, what, where)
+end
+
+-- OSB catalog rules for one service (ids/names uniqueness across services checked later).
+local function check_service(s, where)
+  if type(s) ~= "table" then bad(where, "service.lua must return a table") end
+  for _, k in ipairs({ "id", "name", "description" }) do
+    if type(s[k]) ~= "string" or s[k] == "" then bad(where, "service.%s must be a non-empty string", k) end
+  end
+  if type(s.bindable) ~= "boolean" then bad(where, "service.bindable must be true or false") end
   if s.name:find("[^%w%.%-_]") then
-    error(where .. ": service.name '" .. s.name .. "' must use only letters, digits, '.', '-' and '_'", 0)
+    bad(where, "service.name '%s' must use only letters, digits, '.', '-' and '_'", s.name)
   end
-  if type(s.plans) ~= "table" or #s.plans == 0 then
-    error(where .. ": service.plans must list at least one plan", 0)
+  check_optional(s, "service", where, { tags = "table", requires = "table", metadata = "table",
+    instances_retrievable = "boolean", bindings_retrievable = "boolean", allow_context_updates = "boolean",
+    plan_updateable = "boolean", dashboard_client = "table", bindings_async = "boolean" })
+  for _, r in ipairs(s.requires or {}) do
+    if not REQUIRES[r] then bad(where, "service.requires: '%s' is not one of syslog_drain, route_forwarding, "
+      .. "volume_mount", tostring(r)) end
   end
+  if type(s.plans) ~= "table" or #s.plans == 0 then bad(where, "service.plans must list at least one plan") end
   local names = {}
-  for i, p in ipairs(s.plans) do
-    local what = "plans[" .. i .. "]"
-    if type(p) ~= "table" then error(where .. ": " .. what .. " must be a table", 0) end
-    for _, k in ipairs({ "id", "name", "description" }) do need_string(p, k, what) end
-    if names[p.name] then error(where .. ": duplicate plan name '" .. p.name .. "'", 0) end
-    names[p.name] = true
-  end
+  for i, p in ipairs(s.plans) do check_plan(p, i, where, names) end
   for _, hook in ipairs({ "deploy", "bind", "unbind" }) do
-    if type(s[hook]) ~= "function" then error(where .. ": service." .. hook .. " must be a function", 0) end
+    if type(s[hook]) ~= "function" then bad(where, "service.%s must be a function", hook) end
   end
 end
 
@@ -184,7 +239,8 @@ function M.load(dir)
   end
   local services = {}
   for i, svc in ipairs(reg.list) do services[i] = svc.catalog end
-  reg.catalog_json = #services > 0 and cjson.encode({ services = services }) or '{"services":[]}'
+  reg.catalog_json = #services > 0 and util.json_encode_sorted({ services = services }) or '{"services":[]}'
+  reg.catalog_etag = '"' .. crypto.sha256_hex(reg.catalog_json):sub(1, 32) .. '"'
   return reg
 end
 

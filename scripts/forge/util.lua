@@ -39,6 +39,34 @@ end
 
 M.json_encode = cjson.encode
 
+local function is_array(t)
+  local n = #t
+  if n == 0 then return false end
+  local count = 0
+  for _ in pairs(t) do count = count + 1 end
+  return count == n
+end
+
+--- JSON with object keys sorted: the same value always encodes to the same bytes (the
+-- catalog is built in every worker state, and platforms compare it across fetches).
+function M.json_encode_sorted(v)
+  if type(v) ~= "table" then return cjson.encode(v) end
+  local parts = {}
+  if is_array(v) then
+    for i = 1, #v do parts[i] = M.json_encode_sorted(v[i]) end
+    return "[" .. table.concat(parts, ",") .. "]"
+  end
+  local keys = {}
+  for k in pairs(v) do keys[#keys + 1] = tostring(k) end
+  table.sort(keys)
+  for i, k in ipairs(keys) do
+    local x = v[k]
+    if x == nil then x = v[tonumber(k)] end
+    parts[i] = cjson.encode(k) .. ":" .. M.json_encode_sorted(x)
+  end
+  return "{" .. table.concat(parts, ",") .. "}"
+end
+
 -- lua-cjson 2.1 decodes every number as a float; integral values become integers again
 -- so ports, counts and revisions print as "30000", not "30000.0".
 local function integers(v)

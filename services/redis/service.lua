@@ -16,7 +16,9 @@ local service = {
   bindable = true,
   tags = { "redis", "key-value", "cache" },
   metadata = { displayName = "Redis", providerDisplayName = "Service Forge" },
-  plan_updateable = false,
+  plan_updateable = true,          -- 1-server <-> 3-servers: a redeploy on the same data
+  instances_retrievable = true,
+  bindings_retrievable = true,
   plans = {
     {
       id = "68ec5c0f-7289-47a5-87ba-aff068f3aa2f",
@@ -24,6 +26,33 @@ local service = {
       description = "A single Redis server",
       free = true,
       metadata = { bullets = { "1 redis-server", "AOF persistence" } },
+      maintenance_info = { version = "7.0.0", description = "redis 7.0 with AOF persistence" },
+      maximum_polling_duration = 300,
+      schemas = {
+        service_instance = {
+          create = { parameters = {
+            ["$schema"] = "http://json-schema.org/draft-07/schema#",
+            type = "object",
+            additionalProperties = false,
+            properties = {
+              maxmemory_mb = { type = "integer", minimum = 16, maximum = 4096,
+                description = "memory limit in MiB (maxmemory)" },
+              maxmemory_policy = { type = "string",
+                enum = { "noeviction", "allkeys-lru", "volatile-lru", "allkeys-random", "volatile-ttl" } },
+            },
+          } },
+          update = { parameters = {
+            ["$schema"] = "http://json-schema.org/draft-07/schema#",
+            type = "object",
+            additionalProperties = false,
+            properties = {
+              maxmemory_mb = { type = "integer", minimum = 16, maximum = 4096 },
+              maxmemory_policy = { type = "string",
+                enum = { "noeviction", "allkeys-lru", "volatile-lru", "allkeys-random", "volatile-ttl" } },
+            },
+          } },
+        },
+      },
       nodes = 1,
     },
     {
@@ -32,7 +61,11 @@ local service = {
       description = "One Redis primary and two replicas",
       free = true,
       metadata = { bullets = { "1 primary + 2 replicas", "AOF persistence" } },
+      maintenance_info = { version = "7.0.0", description = "redis 7.0 with AOF persistence" },
+      maximum_polling_duration = 600,
       nodes = 3,
+      async_only = true,         -- provision, update and delete answer 202 only
+      bindings_async = true,     -- a binding touches three nodes: async where the platform allows it
     },
   },
 }
@@ -67,6 +100,9 @@ local function redis_conf(ctx, i, admin_password)
     "logfile ''",
     "repl-diskless-sync-delay 0",
   }
+  local params = ctx.parameters or {}
+  if params.maxmemory_mb then lines[#lines + 1] = "maxmemory " .. params.maxmemory_mb .. "mb" end
+  if params.maxmemory_policy then lines[#lines + 1] = "maxmemory-policy " .. params.maxmemory_policy end
   if i > 1 then
     lines[#lines + 1] = "replicaof " .. ctx.host .. " " .. ctx.ports[1]
     lines[#lines + 1] = "masteruser " .. ADMIN
@@ -86,10 +122,9 @@ function service.deploy(ctx)
     processes[i] = {
       name = name,
       argv = { "redis-server", ctx.dir .. "/" .. name .. "/redis.conf" },
-      files = {
-        [name .. "/redis.conf"] = redis_conf(ctx, i, admin_password),
-        [name .. "/users.acl"] = acl,
-      },
+      files = { [name .. "/redis.conf"] = redis_conf(ctx, i, admin_password) },
+      -- redis rewrites its ACL file on ACL SAVE (binding users): written once, kept on redeploys
+      seed_files = { [name .. "/users.acl"] = acl },
       health = admin_cli(ctx.host, ctx.ports[i], admin_password, "PING\n", { "^PONG$" }),
     }
   end
@@ -100,9 +135,11 @@ local function username(binding_id)
   return "b-" .. crypto.sha256_hex(binding_id):sub(1, 24)
 end
 
---- A binding: its own ACL user on every node; credentials list every host.
+--- A binding: its own ACL user on every node; credentials list every host. When the broker
+-- re-applies an existing binding (after a redeploy), ctx.credentials holds its credentials.
 function service.bind(ctx)
-  local user, password = username(ctx.binding_id), crypto.password(32)
+  local user = username(ctx.binding_id)
+  local password = ctx.credentials and ctx.credentials.password or crypto.password(32)
   local admin_password = ctx.secret("admin_password")
   local setuser = "ACL SETUSER " .. user .. " reset on #" .. crypto.sha256_hex(password) ..
     " ~* &* +@all -@admin\nACL SAVE\n"

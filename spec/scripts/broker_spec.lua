@@ -99,9 +99,10 @@ describe("broker input checks", function()
       plan_id = R.one })
   end)
 
-  it("422 AsyncRequired without accepts_incomplete", function()
-    expect_error(422, "AsyncRequired", "PUT", "/v2/service_instances/sync1", provision_body())
-    expect_error(422, "AsyncRequired", "PUT", "/v2/service_instances/sync1?accepts_incomplete=false", provision_body())
+  it("422 AsyncRequired without accepts_incomplete for an async-only plan", function()
+    expect_error(422, "AsyncRequired", "PUT", "/v2/service_instances/sync1", provision_body(R.three))
+    expect_error(422, "AsyncRequired", "PUT", "/v2/service_instances/sync1?accepts_incomplete=false",
+      provision_body(R.three))
   end)
 
   it("410 for deletes of unknown instances and bindings, 404 for unknown last_operation", function()

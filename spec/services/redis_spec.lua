@@ -107,8 +107,12 @@ describe("redis on the local target", function()
   it("runs 3-servers as a primary with two replicas, credentials listing every host", function()
     assert.equal(202, (provision(b, "r3", R.three)))
     assert.equal("succeeded", b:wait_operation("/v2/service_instances/r3").state)
-    local status, _, _, body = bind(b, "r3", "b3", R.three)
-    assert.equal(201, status)
+    -- 3-servers binds asynchronously: 202, poll the binding's last_operation, then fetch it
+    local status = b:call("PUT", "/v2/service_instances/r3/service_bindings/b3?accepts_incomplete=true",
+      { service_id = R.service, plan_id = R.three })
+    assert.equal(202, status)
+    assert.equal("succeeded", b:wait_operation("/v2/service_instances/r3/service_bindings/b3").state)
+    local _, _, _, body = b:call("GET", "/v2/service_instances/r3/service_bindings/b3")
     local creds = body.credentials
     assert.equal(3, #creds.hosts)
     assert.equal("OK", redis_cli(creds, "SET", "rk", "replicated"))

@@ -26,11 +26,24 @@ function M.tmpdir()
   return p
 end
 
---- Start a broker. opts: services_dir, ports ("a-b" or count), env (extra), state_dir.
+--- A services dir holding the shipped services plus the spec fixtures (spec/fixtures/services).
+function M.services_with_fixtures(state_dir)
+  local dir = state_dir .. "/services"
+  local pwd = os.getenv("PWD")
+  assert(os.execute("mkdir -p " .. dir .. " && ln -s " .. pwd .. "/services/* " .. pwd ..
+    "/spec/fixtures/services/* " .. dir .. "/"))
+  return dir
+end
+
+M.dummy = { service = "d0d0d0d0-0000-4000-8000-000000000001", small = "d0d0d0d0-0000-4000-8000-000000000010",
+  large = "d0d0d0d0-0000-4000-8000-000000000020", unbindable = "d0d0d0d0-0000-4000-8000-000000000030" }
+
+--- Start a broker. opts: services_dir, fixtures (add spec fixtures), pool (port count), env, state_dir.
 function M.start(opts)
   opts = opts or {}
   local self = setmetatable({}, M)
   self.state_dir = opts.state_dir or M.tmpdir()
+  if opts.fixtures then opts.services_dir = M.services_with_fixtures(self.state_dir) end
   self.port = free_port()
   self.user, self.password = "admin", "s3cret-" .. math.random(1e6)
   local pool = opts.pool or 8
@@ -44,6 +57,7 @@ function M.start(opts)
   }
   for k, v in pairs(opts.env or {}) do env[k] = v end
   self.env = env
+  self.bin = opts.bin
   self.log = self.state_dir .. "/broker.log"
   return self:launch()
 end
@@ -51,7 +65,7 @@ end
 --- (Re)start the broker process on the same state dir and port.
 function M:launch()
   -- run in the state dir: no forge.yml there, so defaults + the FORGE_* environment apply
-  local p = assert(proc.spawn { argv = { os.getenv("PWD") .. "/build/bin/forge", "serve" }, env = self.env,
+  local p = assert(proc.spawn { argv = { os.getenv("PWD") .. "/" .. (self.bin or "build/bin/forge"), "serve" }, env = self.env,
     stdout = self.log, cwd = self.state_dir })
   self.pid, self.start_time = p.pid, p.start_time
   local deadline = proc.monotonic() + 15

@@ -50,4 +50,52 @@ function M.request(method, url, opts)
   return tonumber(code), body, headers, cjson.decode(body)
 end
 
+
+--- Send many requests at once (curl --parallel). Each request: {method, url, body, headers,
+-- user, password}. Returns an array of {status=, body=, json=} in the same order.
+function M.parallel(requests, max)
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(os.execute("mkdir -p " .. dir))
+  local cfg = {}
+  local function opt(k, v)
+    local escaped = tostring(v):gsub('\\', '\\\\'):gsub('"', '\\"')
+    cfg[#cfg + 1] = string.format('%s = "%s"', k, escaped)
+  end
+  for i, r in ipairs(requests) do
+    if i > 1 then cfg[#cfg + 1] = "next" end
+    opt("url", r.url)
+    opt("request", r.method)
+    opt("output", dir .. "/out" .. i)
+    opt("write-out", "%{http_code} %{filename_effective}\\n")
+    if r.user then opt("user", r.user .. ":" .. (r.password or "")) end
+    for k, v in pairs(r.headers or {}) do opt("header", k .. ": " .. v) end
+    if r.body then
+      local f = assert(io.open(dir .. "/in" .. i, "wb"))
+      f:write(r.body)
+      f:close()
+      opt("data-binary", "@" .. dir .. "/in" .. i)
+    end
+  end
+  local f = assert(io.open(dir .. "/config", "w"))
+  f:write(table.concat(cfg, "\n"), "\n")
+  f:close()
+  local p = assert(io.popen("curl -s -g --path-as-is --parallel --parallel-immediate --parallel-max " ..
+    (max or 100) .. " -K " .. dir .. "/config"))
+  local results = {}
+  for line in p:lines() do
+    local code, file = line:match("^(%d+) (.*)$")
+    local i = file and tonumber(file:match("out(%d+)$"))
+    if i then
+      local bf = io.open(file, "rb")
+      local body = bf and bf:read("a") or ""
+      if bf then bf:close() end
+      results[i] = { status = tonumber(code), body = body, json = cjson.decode(body) }
+    end
+  end
+  p:close()
+  os.execute("rm -rf " .. dir)
+  return results
+end
+
 return M

@@ -128,20 +128,41 @@ function Local:spawn(inst, p)
   return proc.spawn { argv = p.argv, cwd = dir, env = env, stdout = self:instance_dir(inst.id) .. "/" .. p.name .. ".log" }
 end
 
---- Write the deployment's files (first provision step only; restarts keep what the service
--- changed since, e.g. redis ACL files).
+--- Write the deployment's files: `files` always, `seed_files` only where absent (state the
+-- service keeps changing, e.g. redis ACL files, survives restarts and redeploys). A first
+-- provision starts from an empty directory (a failed earlier attempt leaves nothing behind).
 function Local:write_files(inst)
   local dir = self:instance_dir(inst.id)
+  if inst.operation.type == "provision" then remove_tree(dir) end
   local ok, err = mkdirs(dir)
   if not ok then return nil, "cannot create " .. dir .. ": " .. tostring(err) end
   for _, p in ipairs(inst.deployment.processes) do
-    for rel, content in pairs(p.files or {}) do
-      if rel:find("%.%.") or rel:sub(1, 1) == "/" then return nil, "file path '" .. rel .. "' leaves the instance dir" end
-      local wok, werr = write_file(dir .. "/" .. rel, content)
-      if not wok then return nil, "cannot write " .. rel .. ": " .. tostring(werr) end
+    for kind, always in pairs({ files = true, seed_files = false }) do
+      for rel, content in pairs(p[kind] or {}) do
+        if type(rel) ~= "string" or rel:find("%.%.") or rel:sub(1, 1) == "/" or type(content) ~= "string" then
+          return nil, "file '" .. tostring(rel) .. "' must be a relative path inside the instance dir with text content"
+        end
+        local path = dir .. "/" .. rel
+        if always or not lfs.attributes(path, "mode") then
+          local wok, werr = write_file(path, content)
+          if not wok then return nil, "cannot write " .. rel .. ": " .. tostring(werr) end
+        end
+      end
     end
   end
   return true
+end
+
+--- Remove the directories of processes a redeploy dropped.
+function Local:remove_stale(inst)
+  local keep = {}
+  for _, p in ipairs(inst.deployment.processes) do keep[p.name] = true end
+  for name in pairs((inst.previous or {}).processes or {}) do
+    if not keep[name] then
+      remove_tree(self:process_dir(inst, { name = name }))
+      os.remove(self:instance_dir(inst.id) .. "/" .. name .. ".log")
+    end
+  end
 end
 
 --- Run a command declared by a service (health check, bind/unbind step).
@@ -164,6 +185,15 @@ function Local:run(cmd)
     end
   end
   if cmd.expect and i < #cmd.expect then return nil, cmd.argv[1] .. ": missing replies" end
+  return true
+end
+
+--- Run a list of commands in order; the first failure stops and is returned.
+function Local:run_all(cmds)
+  for _, cmd in ipairs(cmds or {}) do
+    local ok, err = self:run(cmd)
+    if not ok then return nil, err end
+  end
   return true
 end
 
@@ -215,13 +245,19 @@ function Local:step_provision(inst, record)
   return all_healthy and "done" or "wait"
 end
 
---- Stop every process of the instance (TERM, wait, KILL).
+--- Stop every process of the instance (TERM, wait, KILL): the recorded ones and any of the
+-- deployment's that were spawned but never recorded.
 function Local:stop_all(inst)
+  local targets = {}
+  for name, rec in pairs(inst.processes or {}) do targets[name] = rec end
   for _, p in ipairs((inst.deployment or {}).processes or {}) do
-    local rec = (inst.processes or {})[p.name] or self:find_unrecorded(inst, p)
+    local rec = targets[p.name]
+    if not rec or not proc.alive(rec.pid, rec.start_time) then targets[p.name] = self:find_unrecorded(inst, p) end
+  end
+  for name, rec in pairs(targets) do
     if rec and proc.alive(rec.pid, rec.start_time) then
       local ok, err = proc.stop(rec.pid, rec.start_time, self.cfg.stop_timeout)
-      if not ok then return nil, p.name .. ": " .. tostring(err and err.message or err) end
+      if not ok then return nil, name .. ": " .. tostring(err and err.message or err) end
     end
   end
   return true

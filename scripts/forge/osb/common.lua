@@ -1,0 +1,124 @@
+--- Shared pieces of the OSB handlers: responses, request checks, operations, sync waits.
+local crypto = require "forge.crypto"
+local model = require "forge.model"
+local proc = require "forge.proc"
+local request = require "forge.request"
+local schema = require "forge.schema"
+local util = require "forge.util"
+
+local M = {}
+local fail = model.fail
+M.fail = fail
+
+--- A JSON response.
+function M.reply(status, body, headers)
+  local h = { ["Content-Type"] = "application/json" }
+  for k, v in pairs(headers or {}) do h[k] = v end
+  return status, h, type(body) == "string" and body or util.json_encode(body or {})
+end
+
+--- An OSB error response from a broker error table.
+function M.error_reply(e)
+  local body = { error = e.error, description = e.description }
+  for _, k in ipairs({ "instance_usable", "update_repeatable" }) do
+    if e[k] ~= nil then body[k] = e[k] end
+  end
+  local headers = e.status == 401 and { ["WWW-Authenticate"] = 'Basic realm="forge"' } or {}
+  if e.retry_after then headers["Retry-After"] = tostring(e.retry_after) end
+  return M.reply(e.status, body, headers)
+end
+
+--- Ids are opaque to OSB, but they become store keys and directory names here.
+function M.check_id(id, what)
+  if #id == 0 or #id > 255 then fail(400, "BadRequest", what .. " must be 1 to 255 characters") end
+  if not id:match("^[%w][%w%.%-_~:]*$") or id:find("..", 1, true) then
+    fail(400, "BadRequest", what .. " may contain only letters, digits and . - _ ~ : (no '..', no '/')")
+  end
+end
+
+--- The request body as a table; 400 when it is not an object.
+function M.body(req)
+  local body, err = request.body(req)
+  if not body then fail(400, "BadRequest", err) end
+  return body
+end
+
+function M.need_string(t, field, where)
+  local v = t[field]
+  if type(v) ~= "string" or v == "" then fail(400, "BadRequest", (where or "") .. field .. " is required") end
+  return v
+end
+
+--- An optional object field: nil when absent, null or {} where `empty_is_absent`.
+function M.optional_object(t, field, empty_is_absent)
+  local v = t[field]
+  if v == nil or v == util.null then return nil end
+  if type(v) ~= "table" or v[1] ~= nil then fail(400, "BadRequest", field .. " must be an object") end
+  if empty_is_absent and next(v) == nil then return nil end
+  return v
+end
+
+function M.truthy(q, name) return q[name] == "true" end
+
+--- The service and plan named by ids; 400 when unknown.
+function M.lookup_plan(registry, service_id, plan_id)
+  local svc = registry.by_id[service_id]
+  if not svc then fail(400, "BadRequest", "unknown service_id '" .. service_id .. "'") end
+  if plan_id == nil then return svc end
+  local plan = svc.plans[plan_id]
+  if not plan then fail(400, "BadRequest", "unknown plan_id '" .. plan_id .. "' for service " .. svc.name) end
+  return svc, plan
+end
+
+--- Validate parameters against the plan's schema at schemas.<kind>.<action>.parameters.
+function M.check_parameters(plan, kind, action, params)
+  local s = plan.schemas and plan.schemas[kind] and plan.schemas[kind][action]
+  s = s and s.parameters
+  if not s then return end
+  local ok, msg = schema.validate(s, params or {}, "parameters")
+  if not ok then fail(400, "BadRequest", "invalid parameters: " .. msg) end
+end
+
+--- maintenance_info.version must match the plan's (an empty object counts as absent).
+function M.check_maintenance(plan, mi)
+  if mi == nil or mi.version == nil then return end
+  local current = plan.maintenance_info and plan.maintenance_info.version
+  if mi.version ~= current then
+    fail(422, "MaintenanceInfoConflict", string.format("maintenance_info.version %s does not match the catalog's %s",
+      tostring(mi.version), tostring(current or "(none)")))
+  end
+end
+
+--- A new operation record.
+function M.new_operation(kind, request_fingerprint)
+  return { id = kind .. "-" .. crypto.token(6), type = kind, state = "in progress", started_at = os.time(),
+    request = request_fingerprint }
+end
+
+function M.in_progress(op) return op ~= nil and op.state == "in progress" end
+
+--- last_operation body of an operation.
+function M.operation_body(op)
+  local body = { state = op.state }
+  if op.description and op.description ~= "" then body.description = op.description end
+  if op.state == "failed" then
+    body.instance_usable = op.instance_usable
+    body.update_repeatable = op.update_repeatable
+  end
+  return body
+end
+
+--- Wait, bounded, for the reconciler to finish operation `op_id` of the record at `key`.
+-- @return the record once the operation is no longer in progress, or nil on timeout
+function M.wait_for(db, key, op_id, timeout)
+  local deadline = proc.monotonic() + timeout
+  repeat
+    proc.sleep(0.05)
+    local rec = model.read(db, key)
+    if not rec or not rec.operation or rec.operation.id ~= op_id or not M.in_progress(rec.operation) then
+      return rec or false
+    end
+  until proc.monotonic() > deadline
+end
+
+return M

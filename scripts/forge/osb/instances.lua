@@ -1,0 +1,317 @@
+--- OSB service instances: provision, update, deprovision, fetch, last_operation; and the
+-- 2014 Service Forge's own GET /service_instances/:id.
+--
+-- A request validates, journals the new operation in the instance record (with a pending/
+-- marker for the reconciler) in one compare-and-swap transaction, and answers 202 — or, for a
+-- plan that allows it and a platform that did not send accepts_incomplete=true, waits (bounded)
+-- for the reconciler and answers 201/200.
+local common = require "forge.osb.common"
+local log = require "forge.log"
+local model = require "forge.model"
+local services = require "forge.services"
+local util = require "forge.util"
+
+local fail, key, reply = common.fail, model.key, common.reply
+
+local M = {}
+
+local function live(rec) return rec ~= nil and rec.state ~= "deleted" end
+
+-- A failed provision may be retried by the same PUT: the record is replaced.
+local function replaceable(rec)
+  return not live(rec) or (rec.state == "failed" and rec.operation.type == "provision")
+end
+
+local function dashboard_url(b, id)
+  return b.public_url .. "/service_instances/" .. id
+end
+
+local function provision_fingerprint(body, params)
+  return { service_id = body.service_id, plan_id = body.plan_id, organization_guid = body.organization_guid,
+    space_guid = body.space_guid, parameters = params or {} }
+end
+
+-- Any binding of the instance with an operation in progress blocks instance operations.
+local function binding_busy(b, id)
+  for _, kv in ipairs(model.range(b.db, key.bindings(id))) do
+    if common.in_progress(kv.value.operation) then return kv.value.id end
+  end
+end
+
+--- Render the deployment of `rec` for `plan`: ports (existing ones kept, in order), secrets, and
+-- the service's deploy hook. Returns the ports newly allocated.
+function M.render(b, svc, plan, rec)
+  local count = 1
+  if svc.script.ports then
+    local n, err = services.call(svc, "ports", plan, rec.parameters or {})
+    count = math.tointeger(n)
+    if not count or count < 1 then
+      fail(500, "ServiceScriptError", "service " .. svc.name .. ": ports() must return a positive integer"
+        .. (err and (": " .. err) or ""))
+    end
+  end
+  local old = rec.resources and not rec.resources.released and rec.resources.ports or {}
+  local ports, added = {}, {}
+  for i = 1, math.min(count, #old) do ports[i] = old[i] end
+  if count > #ports then
+    local more, perr = b.target:allocate_ports(b.db, count - #ports)
+    if not more then fail(503, "ServiceUnavailable", perr, { retry_after = 30 }) end
+    for _, p in ipairs(more) do
+      ports[#ports + 1] = p
+      added[#added + 1] = p
+    end
+  end
+  rec.resources = { ports = ports, host = b.target.cfg.host }
+  rec.secrets = rec.secrets or {}
+  local ctx = {
+    instance_id = rec.id, plan = plan, parameters = rec.parameters or {}, context = rec.context or {},
+    host = b.target.cfg.host, ports = ports, dir = b.target:instance_dir(rec.id),
+    secret = function(name)
+      rec.secrets[name] = rec.secrets[name] or require("forge.crypto").password(32)
+      return rec.secrets[name]
+    end,
+  }
+  local deployment, err = services.call(svc, "deploy", ctx)
+  if not deployment then fail(500, "ServiceScriptError", "service " .. svc.name .. " failed to render: " .. err) end
+  if type(deployment) ~= "table" or type(deployment.processes) ~= "table" or #deployment.processes == 0 then
+    fail(500, "ServiceScriptError", "service " .. svc.name .. ": deploy must return {processes = {...}}")
+  end
+  rec.deployment = deployment
+  rec.files_written, rec.script_hash = false, svc.hash
+  return added
+end
+
+-- Journal `rec` (new operation) with a compare on the record revision and on newly used ports.
+local function journal(b, rec, rev, added_ports)
+  local ikey = key.instance(rec.id)
+  local compares = { { key = ikey, mod_revision = rev } }
+  local ops = { model.put(ikey, rec), model.put(key.pending(rec.id), ""), model.delete(key.gone(rec.id)) }
+  for _, p in ipairs(added_ports) do
+    compares[#compares + 1] = { key = key.port(p), exists = false }
+    ops[#ops + 1] = model.put(key.port(p), rec.id)
+  end
+  return model.txn(b.db, { compare = compares, success = ops })
+end
+
+-- Answer an accepted operation: 202 when async, else wait for it (bounded) and answer `done`.
+local function accepted(b, rec, async, extra, done_status)
+  local body = { operation = rec.operation.id }
+  for k, v in pairs(extra or {}) do body[k] = v end
+  if async then return reply(202, body) end
+  local final = common.wait_for(b.db, key.instance(rec.id), rec.operation.id, b.config.sync_timeout)
+  if final == nil then
+    fail(504, "Timeout", string.format("%s of instance %s is still running after %ds; it goes on: poll "
+      .. "last_operation or retry with accepts_incomplete=true", rec.operation.type, rec.id, b.config.sync_timeout))
+  end
+  if final and final.operation.id == rec.operation.id and final.operation.state == "failed" then
+    fail(500, "OperationFailed", final.operation.description or (rec.operation.type .. " failed"),
+      { instance_usable = final.operation.instance_usable, update_repeatable = final.operation.update_repeatable })
+  end
+  body.operation = nil
+  return reply(done_status, body)
+end
+
+local function require_async(plan, q, what)
+  if plan.async_only and not common.truthy(q, "accepts_incomplete") then
+    fail(422, "AsyncRequired", "plan " .. plan.name .. " " .. what .. " asynchronously only; add accepts_incomplete=true")
+  end
+  return common.truthy(q, "accepts_incomplete")
+end
+
+function M.provision(b, id, req, q)
+  local body = common.body(req)
+  for _, f in ipairs({ "service_id", "plan_id", "organization_guid", "space_guid" }) do common.need_string(body, f) end
+  local params = common.optional_object(body, "parameters")
+  local context = common.optional_object(body, "context")
+  local mi = common.optional_object(body, "maintenance_info", true)
+  local svc, plan = common.lookup_plan(b.registry, body.service_id, body.plan_id)
+  local fingerprint = provision_fingerprint(body, params)
+
+  local ikey = key.instance(id)
+  for _ = 1, 5 do
+    local rec, rev = model.read(b.db, ikey)
+    if not replaceable(rec) then
+      if not util.deep_equal(rec.operation.request or {}, fingerprint) and
+         not util.deep_equal(provision_fingerprint(rec, rec.parameters), fingerprint) then
+        fail(409, "Conflict", "instance " .. id .. " already exists with different attributes")
+      end
+      if common.in_progress(rec.operation) then
+        if rec.operation.type == "provision" then
+          return reply(202, { operation = rec.operation.id, dashboard_url = dashboard_url(b, id) })
+        end
+        fail(422, "ConcurrencyError", "instance " .. id .. " has a " .. rec.operation.type .. " in progress")
+      end
+      return reply(200, { dashboard_url = dashboard_url(b, id) })
+    end
+    common.check_parameters(plan, "service_instance", "create", params)
+    common.check_maintenance(plan, mi)
+    local async = require_async(plan, q, "is provisioned")
+    local now = os.time()
+    local new = { id = id, service_id = svc.script.id, plan_id = plan.id, service = svc.name, plan = plan.name,
+      organization_guid = body.organization_guid, space_guid = body.space_guid, parameters = params,
+      context = context, maintenance_info = plan.maintenance_info, state = "deploying", target = "local",
+      deployment_name = svc.name .. "-" .. id, operation = common.new_operation("provision", fingerprint),
+      created_at = now, updated_at = now }
+    local added = M.render(b, svc, plan, new)
+    if journal(b, new, rev, added) then
+      log.info("provision accepted", { instance = id, service = svc.name, plan = plan.name,
+        operation = new.operation.id, ports = new.resources.ports, request_id = req.id, origin = req.origin })
+      return accepted(b, new, async, { dashboard_url = dashboard_url(b, id) }, 201)
+    end
+    -- lost a race: the instance was created concurrently, or a port was taken; look again
+  end
+  fail(503, "ServiceUnavailable", "too many concurrent changes to instance " .. id .. "; try again", { retry_after = 1 })
+end
+
+local function updateable(svc, plan)
+  if plan and plan.plan_updateable ~= nil then return plan.plan_updateable end
+  return svc.script.plan_updateable == true
+end
+
+function M.update(b, id, req, q)
+  local body = common.body(req)
+  common.need_string(body, "service_id")
+  local svc = common.lookup_plan(b.registry, body.service_id)
+  local new_plan = body.plan_id ~= nil and select(2, common.lookup_plan(b.registry, body.service_id,
+    common.need_string(body, "plan_id"))) or nil
+  local params = common.optional_object(body, "parameters")
+  local context = common.optional_object(body, "context")
+  local mi = common.optional_object(body, "maintenance_info", true)
+  common.optional_object(body, "previous_values")
+  local fingerprint = { service_id = body.service_id, plan_id = body.plan_id, parameters = params,
+    maintenance_info = mi, context = context }
+
+  local ikey = key.instance(id)
+  local rec, rev = model.read(b.db, ikey)
+  if not live(rec) then fail(404, "NotFound", "instance " .. id .. " does not exist") end
+  if rec.service_id ~= body.service_id then
+    fail(400, "BadRequest", "service_id does not match the instance's service")
+  end
+  if common.in_progress(rec.operation) then
+    if rec.operation.type == "update" and util.deep_equal(rec.operation.request, fingerprint) then
+      return reply(202, { operation = rec.operation.id })
+    end
+    fail(422, "ConcurrencyError", "instance " .. id .. " has a " .. rec.operation.type .. " in progress")
+  end
+  local busy = binding_busy(b, id)
+  if busy then fail(422, "ConcurrencyError", "binding " .. busy .. " of instance " .. id .. " has an operation in progress") end
+
+  local cur_plan = svc.plans[rec.plan_id]
+  local plan = new_plan or cur_plan
+  if not plan then fail(400, "BadRequest", "the instance's plan is no longer in the catalog; name a plan_id") end
+  local plan_change = plan.id ~= rec.plan_id
+  if plan_change and not updateable(svc, cur_plan) then
+    fail(422, "PlanChangeNotSupported", "plan " .. (cur_plan and cur_plan.name or rec.plan_id) ..
+      " cannot be changed", { instance_usable = true, update_repeatable = false })
+  end
+  if params then common.check_parameters(plan, "service_instance", "update", params) end
+  common.check_maintenance(plan, mi)
+  local params_change = params ~= nil and not util.deep_equal(params, rec.parameters or {})
+  local upgrade = mi ~= nil and mi.version ~= nil and mi.version ~= (rec.maintenance_info or {}).version
+  local context_change = context ~= nil and not util.deep_equal(context, rec.context or {})
+
+  if not plan_change and not params_change and not upgrade then
+    if context_change then
+      if not svc.script.allow_context_updates then
+        fail(422, "ContextUpdateNotSupported", "service " .. svc.name .. " does not take context-only updates",
+          { instance_usable = true, update_repeatable = false })
+      end
+      model.update(b.db, ikey, function(r)
+        if common.in_progress(r.operation) then return false end
+        r.context, r.updated_at = context, os.time()
+      end)
+    end
+    return reply(200, {})
+  end
+
+  local async = require_async(plan, q, "is updated")
+  local updated = util.copy(rec)
+  updated.previous = { plan_id = rec.plan_id, parameters = rec.parameters, resources = rec.resources,
+    maintenance_info = rec.maintenance_info, processes = rec.processes }
+  updated.plan_id, updated.plan = plan.id, plan.name
+  if params then updated.parameters = params end
+  if context then updated.context = context end
+  if upgrade or plan_change then updated.maintenance_info = plan.maintenance_info end
+  updated.state, updated.updated_at = "deploying", os.time()
+  updated.history = updated.history or {}
+  table.insert(updated.history, 1, rec.operation)
+  while #updated.history > 20 do table.remove(updated.history) end
+  updated.operation = common.new_operation("update", fingerprint)
+  local added = M.render(b, svc, plan, updated)
+  if not journal(b, updated, rev, added) then
+    fail(422, "ConcurrencyError", "instance " .. id .. " changed while the update was being prepared")
+  end
+  log.info("update accepted", { instance = id, plan = plan.name, operation = updated.operation.id,
+    request_id = req.id, origin = req.origin })
+  return accepted(b, updated, async, nil, 200)
+end
+
+function M.deprovision(b, id, req, q)
+  local service_id = common.need_string(q, "service_id", "query parameter ")
+  local plan_id = common.need_string(q, "plan_id", "query parameter ")
+  local ikey = key.instance(id)
+  local rec, rev = model.read(b.db, ikey)
+  if not live(rec) then fail(410, "Gone", "instance " .. id .. " does not exist") end
+  if rec.service_id ~= service_id then fail(400, "BadRequest", "service_id does not match the instance's service") end
+  if common.in_progress(rec.operation) and rec.operation.type == "deprovision" then
+    return reply(202, { operation = rec.operation.id })
+  end
+  if common.in_progress(rec.operation) and rec.operation.type == "update" then
+    fail(422, "ConcurrencyError", "instance " .. id .. " has an update in progress")
+  end
+  local busy = binding_busy(b, id)
+  if busy then fail(422, "ConcurrencyError", "binding " .. busy .. " of instance " .. id .. " has an operation in progress") end
+  local svc = b.registry.by_id[rec.service_id]
+  local plan = svc and (svc.plans[plan_id] or svc.plans[rec.plan_id]) or {}
+  local async = require_async(plan, q, "is deprovisioned")
+  local op = common.new_operation("deprovision")
+  rec.history = rec.history or {}
+  table.insert(rec.history, 1, rec.operation)
+  while #rec.history > 20 do table.remove(rec.history) end
+  -- a delete during provisioning halts the provision: the reconciler now stops the processes
+  rec.operation, rec.state, rec.updated_at = op, "destroying", os.time()
+  if not model.txn(b.db, { compare = { { key = ikey, mod_revision = rev } },
+      success = { model.put(ikey, rec), model.put(key.pending(id), "") } }) then
+    fail(422, "ConcurrencyError", "instance " .. id .. " changed while the delete was being prepared")
+  end
+  log.info("deprovision accepted", { instance = id, operation = op.id, request_id = req.id, origin = req.origin })
+  return accepted(b, rec, async, nil, 200)
+end
+
+function M.fetch(b, id)
+  local rec = model.read(b.db, key.instance(id))
+  if not live(rec) then fail(404, "NotFound", "instance " .. id .. " does not exist") end
+  if common.in_progress(rec.operation) then
+    if rec.operation.type == "provision" then fail(404, "NotFound", "instance " .. id .. " is being provisioned") end
+    fail(422, "ConcurrencyError", "instance " .. id .. " has a " .. rec.operation.type .. " in progress")
+  end
+  return reply(200, { service_id = rec.service_id, plan_id = rec.plan_id, dashboard_url = dashboard_url(b, id),
+    parameters = rec.parameters or {}, maintenance_info = rec.maintenance_info,
+    metadata = { labels = { deployment_name = rec.deployment_name } } })
+end
+
+function M.last_operation(b, id)
+  local rec = model.read(b.db, key.instance(id))
+  if not rec then
+    if model.read(b.db, key.gone(id)) then fail(410, "Gone", "instance " .. id .. " was deleted") end
+    fail(404, "NotFound", "instance " .. id .. " does not exist")
+  end
+  local headers = common.in_progress(rec.operation) and { ["Retry-After"] = "1" } or nil
+  return reply(200, common.operation_body(rec.operation), headers)
+end
+
+--- The 2014 Service Forge's instance view: GET /service_instances/:id.
+function M.seed_view(b, id)
+  local rec = model.read(b.db, key.instance(id))
+  if not live(rec) then fail(404, "NotFound", "instance " .. id .. " does not exist") end
+  local processes = {}
+  for name, p in pairs(rec.processes or {}) do processes[name] = { pid = p.pid, healthy = p.healthy } end
+  return reply(200, { service_id = rec.service_id, service_instance_id = rec.id, service_plan_id = rec.plan_id,
+    deployment_name = rec.deployment_name, state = rec.state, organization_guid = rec.organization_guid,
+    space_guid = rec.space_guid, target = rec.target, host = rec.resources and rec.resources.host,
+    ports = rec.resources and rec.resources.ports, processes = processes,
+    last_operation = { type = rec.operation.type, state = rec.operation.state,
+      description = rec.operation.description, id = rec.operation.id } })
+end
+
+return M
