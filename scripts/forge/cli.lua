@@ -6,6 +6,7 @@ usage: forge <command> [options]
 
 commands:
   serve [--config FILE]    run the broker (default config: ./forge.yml if present)
+  bosh-sim [--help]        run a simulated BOSH director (for authors and specs)
   version                  print the version
   help                     this text
 
@@ -57,6 +58,10 @@ function commands.serve(args)
   end
   local path = opts.config or (file_exists("forge.yml") and "forge.yml" or nil)
   return require("forge.serve").run(path)
+end
+
+commands["bosh-sim"] = function(args)
+  return require("forge.boshsim").main({ table.unpack(args, 2) })
 end
 
 function commands.version()

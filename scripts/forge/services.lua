@@ -247,17 +247,28 @@ end
 --- The context handed to bind/unbind hooks: the live topology and the instance's secrets.
 function M.binding_context(inst, bid, extra)
   local ctx = { instance_id = inst.id, binding_id = bid, host = inst.resources.host,
-    ports = inst.resources.ports, parameters = {}, secret = function(name) return inst.secrets[name] end }
+    ports = inst.resources.ports, parameters = {}, secrets = inst.secrets or {} }
   for k, v in pairs(extra or {}) do ctx[k] = v end
   return ctx
 end
 
 --- Call a service hook in protected mode.
 -- @return result | nil, message (the script's file:line included)
-function M.call(svc, hook, ...)
+-- ctx.secret(name): the instance's secret `name`, generated (and kept in ctx.secrets) if new.
+local function with_secret(ctx)
+  if type(ctx) == "table" and type(ctx.secrets) == "table" then
+    ctx.secret = function(name)
+      ctx.secrets[name] = ctx.secrets[name] or crypto.password(32)
+      return ctx.secrets[name]
+    end
+  end
+  return ctx
+end
+
+function M.call(svc, hook, ctx, ...)
   local fn = svc.script[hook]
   if type(fn) ~= "function" then return nil, "service " .. svc.name .. " has no " .. hook .. " hook" end
-  local ok, res = xpcall(fn, function(e) return tostring(e) end, ...)
+  local ok, res = xpcall(fn, function(e) return tostring(e) end, with_secret(ctx), ...)
   if not ok then return nil, res end
   return res
 end

@@ -65,11 +65,7 @@ function M.render(b, svc, plan, rec)
   rec.secrets = rec.secrets or {}
   local ctx = {
     instance_id = rec.id, plan = plan, parameters = rec.parameters or {}, context = rec.context or {},
-    host = b.target.cfg.host, ports = ports, dir = b.target:instance_dir(rec.id),
-    secret = function(name)
-      rec.secrets[name] = rec.secrets[name] or require("forge.crypto").password(32)
-      return rec.secrets[name]
-    end,
+    host = b.target.cfg.host, ports = ports, dir = b.target:instance_dir(rec.id), secrets = rec.secrets,
   }
   local deployment, err = services.call(svc, "deploy", ctx)
   if not deployment then fail(500, "ServiceScriptError", "service " .. svc.name .. " failed to render: " .. err) end
