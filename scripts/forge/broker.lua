@@ -56,7 +56,21 @@ local ROUTES = {
   { { "v2", "service_instances", ":", "service_bindings", ":", "last_operation" },
     { GET = bindings.last_operation }, osb = true },
   { { "service_instances", ":" }, { GET = instances.seed_view } },
+  { { "admin", "services" }, { GET = function(self) return reply(200, self:services_status()) end } },
 }
+
+--- Loaded service versions and refused edits, as the workers see them (GET /admin/services).
+function Broker:services_status()
+  local list = {}
+  for _, svc in ipairs(self.registry.list) do
+    list[#list + 1] = { name = svc.name, folder = svc.folder, version = svc.hash, plans = #svc.script.plans }
+  end
+  local errors = {}
+  for i, e in ipairs(self.registry.errors) do
+    errors[i] = { service = e.service, message = e.message, kept_version = e.kept }
+  end
+  return { generation = require("forge.reload").generation(), services = list, errors = errors }
+end
 
 local function match(segs)
   for _, r in ipairs(ROUTES) do

@@ -17,6 +17,7 @@ local DEFAULTS = {
   tombstone_ttl = 3600,        -- seconds a deleted instance/binding still answers last_operation
   gone_ttl = 7 * 86400,        -- seconds after that a purged id still answers 410
   reconcile_interval = 0.2,    -- seconds between reconciler passes
+  sandbox = { memory = 64 * 1048576, cpu = 2, wall = 10 }, -- per service call: bytes, CPU s, wall s
   sync_timeout = 30,           -- seconds a request without accepts_incomplete waits for its operation
   public_url = nil,            -- base URL of this broker as platforms reach it (dashboard_url)
   supervise_interval = 2,      -- seconds between liveness checks of running instances
@@ -36,6 +37,7 @@ local SCHEMA = {
   state_dir = "string", services_dir = "string", threads = "integer", body_limit = "integer",
   log_level = "string", tombstone_ttl = "number", gone_ttl = "number", reconcile_interval = "number",
   supervise_interval = "number", sync_timeout = "number", public_url = "string",
+  sandbox = { memory = "integer", cpu = "number", wall = "number" },
   targets = { ["local"] = { host = "string", ports = { from = "integer", to = "integer" },
     deploy_timeout = "number", stop_timeout = "number", command_timeout = "number" } },
 }
@@ -80,6 +82,8 @@ local ENV = {
   { "FORGE_LOG_LEVEL", function(c, v) c.log_level = v end },
   { "FORGE_PUBLIC_URL", function(c, v) c.public_url = v end },
   { "FORGE_SYNC_TIMEOUT", function(c, v) c.sync_timeout = tonumber(v) end },
+  { "FORGE_SANDBOX_CPU", function(c, v) c.sandbox.cpu = tonumber(v) end },
+  { "FORGE_SANDBOX_MEMORY", function(c, v) c.sandbox.memory = math.tointeger(tonumber(v)) end },
   { "FORGE_THREADS", function(c, v) c.threads = tonumber(v) end },
   { "FORGE_PORTS", function(c, v)
       local from, to = v:match("^(%d+)%-(%d+)$")

@@ -7,6 +7,7 @@ local crypto = require "forge.crypto"
 local http = require "forge.http"
 local lfs = require "lfs"
 local log = require "forge.log"
+local reload = require "forge.reload"
 local services = require "forge.services"
 local store = require "forge.store"
 local util = require "forge.util"
@@ -22,6 +23,27 @@ local function mkdirs(path)
     end
   end
   return true
+end
+
+-- Scan the services directory (keeping running versions of unchanged or broken services),
+-- record the versions in the store, and publish a new generation for the workers.
+local function load_services(config, db, previous, generation)
+  local registry = services.attach(services.scan(config.services_dir, config.sandbox, previous), db,
+    config.sandbox, previous)
+  if not generation then
+    local current = db:get(services.CURRENT_KEY)
+    generation = current and (util.json_decode(current.value) or {}).generation or 0
+  end
+  generation = services.publish(db, registry, generation + 1)
+  reload.publish(generation)
+  for _, e in ipairs(registry.errors) do
+    log.error("service refused", { service = e.service, error = e.message, kept_version = e.kept })
+  end
+  local versions = {}
+  for _, svc in ipairs(registry.list) do versions[svc.folder] = svc.hash end
+  log.info("services loaded", { generation = generation, versions = versions, refused = #registry.errors,
+    dir = config.services_dir })
+  return registry, generation
 end
 
 --- Run the broker with the config file at `path` (or defaults); returns the exit status.
@@ -44,11 +66,7 @@ function M.run(path)
     io.stderr:write("forge serve: cannot open the store: ", tostring(serr), "\n")
     return 1
   end
-  local registry = services.load(config.services_dir)
-  for _, e in ipairs(registry.errors) do
-    log.error("service refused", { service = e.service, error = e.message })
-  end
-  log.info("services loaded", { count = #registry.list, refused = #registry.errors, dir = config.services_dir })
+  local registry, generation = load_services(config, db, nil)
 
   local target = Local.new(config.targets["local"], config.state_dir)
   local reconciler = Reconciler.new(config, db, registry, target)
@@ -65,9 +83,21 @@ function M.run(path)
   io.stdout:flush()
   log.info("listening", { listen = config.listen, port = srv:port(), state_dir = config.state_dir })
 
+  local watcher, werr = reload.watch(config.services_dir)
+  if not watcher then log.warn("services are not watched; reload with SIGHUP", { error = tostring(werr) }) end
   while true do
     local sig = http.wait(config.reconcile_interval)
     if sig == "stop" then break end
+    if sig == "reload" or (watcher and watcher:poll(0)) then
+      if watcher then repeat until not watcher:poll(0.05) end -- let an editor finish writing
+      local rok, new, gen = pcall(load_services, config, db, registry, generation)
+      if rok then
+        registry, generation = new, gen
+        reconciler.registry = registry
+      else
+        log.error("service reload failed; the running versions stay", { error = tostring(new) })
+      end
+    end
     local rok, rerr = pcall(reconciler.tick, reconciler, os.time())
     if not rok then log.error("reconciler pass failed", { error = tostring(rerr) }) end
   end

@@ -1,59 +1,21 @@
---- Service registry: loads services/<name>/service.lua, validates the catalog, and calls the
--- service's hooks. A broken service is refused with a clear message; the others still serve.
+--- Service registry: each service script runs in its own forge.sandbox state (capped memory,
+-- CPU and wall time per call, only capability APIs), one per worker thread and per version.
 --
--- Service scripts run in a restricted environment (no io, os, package, debug, load of files):
--- only pure Lua libraries and the capabilities in the `forge` table.
+-- Versions are content hashes of the script and its templates. Every version that was
+-- accepted is kept in the store (script/<name>/<hash>), and services/current names the
+-- versions in force; workers load exactly what the main thread validated and published, and
+-- an instance's hooks run on the version it was rendered with (ctx.script_hash).
 local cjson = require "cjson"
 local crypto = require "forge.crypto"
-local flog = require "forge.log"
 local lfs = require "lfs"
+local sandbox = require "forge.sandbox"
 local schema = require "forge.schema"
 local util = require "forge.util"
 
 local M = {}
 
--- Library functions a service script may use, by name (data, not code: see STYLE.md §2).
-local SAFE_GLOBALS = { "assert", "error", "ipairs", "next", "pairs", "pcall", "select", "tonumber",
-  "tostring", "type", "xpcall", "rawequal", "rawlen", "setmetatable", "getmetatable" }
-local SAFE_LIBS = { "string", "table", "math", "utf8" }
-
-local function readonly_copy(t)
-  local c = {}
-  for k, v in pairs(t) do c[k] = v end
-  return c
-end
-
--- The capabilities handed to every service script.
-local function forge_api(service_name)
-  local log = {}
-  for _, level in ipairs({ "debug", "info", "warn", "error" }) do
-    log[level] = function(msg, fields)
-      local f = util.copy(fields or {})
-      f.service = service_name
-      flog[level](tostring(msg), f)
-    end
-  end
-  return {
-    json = { encode = cjson.encode, decode = util.json_decode, null = cjson.null },
-    crypto = {
-      password = crypto.password, uuid = crypto.uuid, token = crypto.token,
-      sha256_hex = crypto.sha256_hex, hex = crypto.hex,
-      base64_encode = crypto.base64_encode, base64_decode = crypto.base64_decode,
-    },
-    log = log,
-  }
-end
-
-local function new_env(service_name)
-  local env = {}
-  for _, name in ipairs(SAFE_GLOBALS) do env[name] = _G[name] end
-  for _, name in ipairs(SAFE_LIBS) do env[name] = readonly_copy(_G[name]) end
-  env.forge = forge_api(service_name)
-  env._G = env
-  return setmetatable(env, {
-    __index = function(_, k) error("undefined global '" .. tostring(k) .. "'", 2) end,
-  })
-end
+M.CURRENT_KEY = "services/current"
+local function script_key(name, hash) return "script/" .. name .. "/" .. hash end
 
 local function read_file(path)
   local f, err = io.open(path, "rb")
@@ -141,8 +103,9 @@ local function check_service(s, where)
   if type(s.plans) ~= "table" or #s.plans == 0 then bad(where, "service.plans must list at least one plan") end
   local names = {}
   for i, p in ipairs(s.plans) do check_plan(p, i, where, names) end
+  -- functions come out of the sandbox as `true`
   for _, hook in ipairs({ "deploy", "bind", "unbind" }) do
-    if type(s[hook]) ~= "function" then bad(where, "service.%s must be a function", hook) end
+    if s[hook] ~= true then bad(where, "service.%s must be a function", hook) end
   end
 end
 
@@ -168,22 +131,56 @@ local function catalog_entry(s)
   return entry
 end
 
---- Load one service folder. Returns the service record | nil, message.
-function M.load_one(dir, name)
+--- Read a service folder: its script and templates/*.yml, and their content hash.
+-- @return {name, source, templates, hash} | nil, message
+function M.read_folder(dir, name)
   local path = dir .. "/" .. name .. "/service.lua"
-  local src, err = read_file(path)
-  if not src then return nil, "cannot read " .. path .. ": " .. err end
-  local where = "services/" .. name .. "/service.lua"
-  local chunk, cerr = load(src, "@" .. where, "t", new_env(name))
-  if not chunk then return nil, cerr end
-  local ok, s = pcall(chunk)
-  if not ok then return nil, tostring(s) end
-  local vok, verr = pcall(check_service, s, where)
-  if not vok then return nil, verr end
+  local source, err = read_file(path)
+  if not source then return nil, "cannot read " .. path .. ": " .. err end
+  local templates, names = {}, {}
+  local tdir = dir .. "/" .. name .. "/templates"
+  if lfs.attributes(tdir, "mode") == "directory" then
+    for entry in lfs.dir(tdir) do
+      if entry:match("%.ya?ml$") and lfs.attributes(tdir .. "/" .. entry, "mode") == "file" then
+        templates[entry] = assert(read_file(tdir .. "/" .. entry))
+        names[#names + 1] = entry
+      end
+    end
+  end
+  table.sort(names)
+  local parts = { source }
+  for _, n in ipairs(names) do parts[#parts + 1] = n .. "\0" .. templates[n] end
+  return { name = name, source = source, templates = templates,
+    hash = crypto.sha256_hex(table.concat(parts, "\0")):sub(1, 32) }
+end
+
+--- Build a service version in a fresh sandbox and check its catalog entry.
+-- @param src {name, source, templates, hash}
+-- @param limits {memory, cpu, wall} (defaults from forge.sandbox)
+-- @return svc | nil, message
+function M.build(src, limits)
+  limits = limits or {}
+  local where = "services/" .. src.name .. "/service.lua"
+  local sb = sandbox.new { name = src.name, memory = limits.memory, cpu = limits.cpu, wall = limits.wall }
+  local ok, err = sb:load(src.source, "@" .. where)
+  if not ok then
+    sb:close()
+    return nil, tostring(err.message or err)
+  end
+  local data, ferr = sb:field()
+  if not data then
+    sb:close()
+    return nil, tostring(ferr.message or ferr)
+  end
+  local vok, verr = pcall(check_service, data, where)
+  if not vok then
+    sb:close()
+    return nil, verr
+  end
   local plans = {}
-  for _, p in ipairs(s.plans) do plans[p.id] = p end
-  return { name = s.name, dir = dir .. "/" .. name, script = s, plans = plans,
-    hash = crypto.sha256_hex(src), catalog = catalog_entry(s) }
+  for _, p in ipairs(data.plans) do plans[p.id] = p end
+  return { name = data.name, folder = src.name, hash = src.hash, source = src.source, templates = src.templates,
+    sandbox = sb, script = data, plans = plans, catalog = catalog_entry(data) }
 end
 
 local function all_ids(s)
@@ -192,51 +189,37 @@ local function all_ids(s)
   return l
 end
 
---- Load every service under dir.
--- @return registry {by_id, by_name, plans (plan id -> {service, plan}), errors, catalog_json}
-function M.load(dir)
-  local reg = { by_id = {}, by_name = {}, plans = {}, errors = {}, list = {} }
-  local names = {}
-  local ok, iter, state = pcall(lfs.dir, dir)
-  if not ok then
-    reg.errors[#reg.errors + 1] = { service = dir, message = "cannot list services: " .. tostring(iter) }
-  else
-    for entry in iter, state do
-      if entry:sub(1, 1) ~= "." and lfs.attributes(dir .. "/" .. entry .. "/service.lua", "mode") == "file" then
-        names[#names + 1] = entry
-      end
-    end
+-- Why `svc` cannot join services already in reg (ids and names are unique catalog-wide).
+local function conflict(reg, svc)
+  if reg.by_name[svc.name] then return "service name '" .. svc.name .. "' is already used" end
+  local seen = {}
+  for _, id in ipairs(all_ids(svc.script)) do
+    local owner = reg.ids[id] or seen[id]
+    if owner then return string.format("id '%s' is already used by %s", id, owner) end
+    seen[id] = svc.name
   end
-  table.sort(names)
-  local ids = {}
-  for _, name in ipairs(names) do
-    local svc, err = M.load_one(dir, name)
-    if svc then
-      -- ids are unique across the whole catalog, names across services
-      if reg.by_name[svc.name] then err = "service name '" .. svc.name .. "' is already used" end
-      local seen = {}
-      for _, id in ipairs(all_ids(svc.script)) do
-        local owner = ids[id] or seen[id]
-        if owner then
-          err = string.format("services/%s: id '%s' is already used by %s", name, id, owner)
-          break
-        end
-        seen[id] = svc.name
-      end
-    end
-    if svc and not err then
-      ids[svc.script.id] = svc.name
-      reg.by_id[svc.script.id] = svc
-      reg.by_name[svc.name] = svc
-      reg.list[#reg.list + 1] = svc
-      for _, p in ipairs(svc.script.plans) do
-        ids[p.id] = svc.name .. "/" .. p.name
-        reg.plans[p.id] = { service = svc, plan = p }
-      end
-    else
-      reg.errors[#reg.errors + 1] = { service = name, message = err }
-    end
+end
+
+local function new_registry()
+  return { by_id = {}, by_name = {}, plans = {}, ids = {}, list = {}, errors = {} }
+end
+
+local function add(reg, svc)
+  local why = conflict(reg, svc)
+  if why then return nil, why end
+  reg.ids[svc.script.id] = svc.name
+  reg.by_id[svc.script.id] = svc
+  reg.by_name[svc.name] = svc
+  reg.list[#reg.list + 1] = svc
+  for _, p in ipairs(svc.script.plans) do
+    reg.ids[p.id] = svc.name .. "/" .. p.name
+    reg.plans[p.id] = { service = svc, plan = p }
   end
+  return true
+end
+
+local function finish(reg)
+  table.sort(reg.list, function(a, b) return a.name < b.name end)
   local services = {}
   for i, svc in ipairs(reg.list) do services[i] = svc.catalog end
   reg.catalog_json = #services > 0 and util.json_encode_sorted({ services = services }) or '{"services":[]}'
@@ -244,32 +227,153 @@ function M.load(dir)
   return reg
 end
 
+-- Folders under dir that hold a service.lua, sorted.
+local function folders(dir, errors)
+  local names = {}
+  local ok, iter, state = pcall(lfs.dir, dir)
+  if not ok then
+    errors[#errors + 1] = { service = dir, message = "cannot list services: " .. tostring(iter) }
+    return names
+  end
+  for entry in iter, state do
+    if entry:sub(1, 1) ~= "." and lfs.attributes(dir .. "/" .. entry .. "/service.lua", "mode") == "file" then
+      names[#names + 1] = entry
+    end
+  end
+  table.sort(names)
+  return names
+end
+
+--- Scan the services directory. A service whose content is unchanged keeps its running version
+-- (and sandbox) from `previous`; a changed or new one is built in a fresh sandbox and replaces
+-- the old only if it is valid — otherwise the old version stays and the error is reported.
+-- @return registry {by_id, by_name, plans, list, errors, catalog_json, catalog_etag}
+function M.scan(dir, limits, previous)
+  local reg = new_registry()
+  for _, name in ipairs(folders(dir, reg.errors)) do
+    local src, err = M.read_folder(dir, name)
+    local old = previous and previous.by_folder and previous.by_folder[name]
+    local svc
+    if src and old and old.hash == src.hash then
+      svc = old
+    elseif src then
+      svc, err = M.build(src, limits)
+    end
+    if svc then
+      local ok, why = add(reg, svc)
+      if not ok then svc, err = nil, "services/" .. name .. ": " .. why end
+    end
+    if not svc then
+      reg.errors[#reg.errors + 1] = { service = name, message = err }
+      if old and old ~= svc and add(reg, old) then
+        reg.errors[#reg.errors].kept = old.hash
+      end
+    end
+  end
+  reg.by_folder = {}
+  for _, svc in ipairs(reg.list) do reg.by_folder[svc.folder] = svc end
+  return finish(reg)
+end
+
+--- Load every service under dir (no previous versions): forge check/render and specs.
+function M.load(dir, limits) return M.scan(dir, limits, nil) end
+
+--- Record the registry's versions in the store and name them current, with the errors.
+-- @return the stored generation
+function M.publish(db, reg, generation)
+  local model = require "forge.model"
+  local ops, names = {}, {}
+  for _, svc in ipairs(reg.list) do
+    names[svc.folder] = svc.hash
+    local k = script_key(svc.folder, svc.hash)
+    if not db:get(k) then
+      ops[#ops + 1] = model.put(k, { name = svc.folder, source = svc.source, templates = svc.templates })
+    end
+  end
+  ops[#ops + 1] = model.put(M.CURRENT_KEY, { generation = generation, services = names, errors = reg.errors,
+    published_at = os.time() })
+  model.txn(db, { success = ops })
+  return generation
+end
+
+--- A version from the store (script/<folder>/<hash>), built in a fresh sandbox.
+local function from_store(db, folder, hash, limits)
+  local model = require "forge.model"
+  local src = model.read(db, script_key(folder, hash))
+  if not src then return nil, "version " .. hash .. " of service " .. folder .. " is not in the store" end
+  src.hash = src.hash or hash
+  src.name = folder
+  return M.build(src, limits)
+end
+
+--- The registry of the versions named current in the store, reusing sandboxes from `previous`
+-- for unchanged versions. Used by every worker when the generation changes.
+-- @return registry, generation
+function M.load_published(db, limits, previous)
+  local model = require "forge.model"
+  local current = model.read(db, M.CURRENT_KEY) or { services = {}, errors = {}, generation = 0 }
+  local reg = new_registry()
+  local names = {}
+  for folder in pairs(current.services) do names[#names + 1] = folder end
+  table.sort(names)
+  for _, folder in ipairs(names) do
+    local hash = current.services[folder]
+    local old = previous and previous.by_folder and previous.by_folder[folder]
+    local svc, err = old, nil
+    if not old or old.hash ~= hash then svc, err = from_store(db, folder, hash, limits) end
+    if svc then add(reg, svc) else reg.errors[#reg.errors + 1] = { service = folder, message = err } end
+  end
+  for _, e in ipairs(current.errors or {}) do reg.errors[#reg.errors + 1] = e end
+  reg.by_folder = {}
+  for _, svc in ipairs(reg.list) do reg.by_folder[svc.folder] = svc end
+  return finish(M.attach(reg, db, limits, previous)), current.generation
+end
+
+--- Give a registry the store it loads pinned versions from (and keep the version cache).
+function M.attach(reg, db, limits, previous)
+  reg.db, reg.limits, reg.versions = db, limits, previous and previous.versions or {}
+  for _, svc in ipairs(reg.list) do svc.registry = reg end
+  return reg
+end
+
+--- The version of `svc`'s service with content hash `hash` (an instance's pinned version).
+function M.version(svc, hash, reg)
+  if not hash or hash == svc.hash or not reg or not reg.db then return svc end
+  local cache = reg.versions
+  local k = svc.folder .. "/" .. hash
+  if not cache[k] then
+    local v, err = from_store(reg.db, svc.folder, hash, reg.limits)
+    if not v then return nil, err end
+    cache[k] = v
+  end
+  return cache[k]
+end
+
 --- The context handed to bind/unbind hooks: the live topology and the instance's secrets.
 function M.binding_context(inst, bid, extra)
   local ctx = { instance_id = inst.id, binding_id = bid, host = inst.resources.host,
-    ports = inst.resources.ports, parameters = {}, secrets = inst.secrets or {} }
+    ports = inst.resources.ports, parameters = {}, secrets = inst.secrets or {}, script_hash = inst.script_hash }
   for k, v in pairs(extra or {}) do ctx[k] = v end
   return ctx
 end
 
---- Call a service hook in protected mode.
+--- Call a service hook in its sandbox. ctx (plain data) is copied in; ctx.secret(name) works
+-- there and new secrets come back into ctx.secrets. With ctx.script_hash, the call runs on that
+-- version of the service (an instance's pinned version).
 -- @return result | nil, message (the script's file:line included)
--- ctx.secret(name): the instance's secret `name`, generated (and kept in ctx.secrets) if new.
-local function with_secret(ctx)
-  if type(ctx) == "table" and type(ctx.secrets) == "table" then
-    ctx.secret = function(name)
-      ctx.secrets[name] = ctx.secrets[name] or crypto.password(32)
-      return ctx.secrets[name]
-    end
-  end
-  return ctx
-end
-
 function M.call(svc, hook, ctx, ...)
-  local fn = svc.script[hook]
-  if type(fn) ~= "function" then return nil, "service " .. svc.name .. " has no " .. hook .. " hook" end
-  local ok, res = xpcall(fn, function(e) return tostring(e) end, with_secret(ctx), ...)
-  if not ok then return nil, res end
+  if type(ctx) == "table" and ctx.script_hash then
+    local v, err = M.version(svc, ctx.script_hash, svc.registry)
+    if not v then return nil, err end
+    svc = v
+  end
+  if svc.script[hook] == nil then return nil, "service " .. svc.name .. " has no " .. hook .. " hook" end
+  local res, after = svc.sandbox:call(hook, ctx, ...)
+  if res == nil and getmetatable(after) and after.message then return nil, after.message end
+  if type(ctx) == "table" and type(ctx.secrets) == "table" and type(after) == "table"
+      and type(after.secrets) == "table" then
+    for k, v in pairs(after.secrets) do ctx.secrets[k] = v end
+  end
   return res
 end
 

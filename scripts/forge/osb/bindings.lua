@@ -40,9 +40,9 @@ local function binding_async(svc, plan) return (plan and plan.bindings_async) or
 function M.apply(b, svc, inst, rec)
   local result, err = services.call(svc, "bind", services.binding_context(inst, rec.id, {
     parameters = rec.parameters or {}, credentials = rec.credentials }))
-  if not result then return nil, "service " .. svc.name .. " bind failed: " .. err end
+  if not result then return nil, "service " .. svc.name .. " bind failed: " .. tostring(err), "script" end
   if type(result) ~= "table" or type(result.credentials) ~= "table" then
-    return nil, "service " .. svc.name .. ": bind must return {credentials = {...}}"
+    return nil, "service " .. svc.name .. ": bind must return {credentials = {...}}", "script"
   end
   local ok, rerr = b.target:run_all(result.run)
   if not ok then
@@ -121,9 +121,10 @@ function M.bind(b, iid, bid, req, q)
   end
 
   local _, brev = model.read(b.db, bkey)
-  local creds, err = M.apply(b, svc, inst, rec)
+  local creds, err, kind = M.apply(b, svc, inst, rec)
   if not creds then
     model.txn(b.db, { compare = { { key = bkey, mod_revision = brev } }, success = { model.delete(bkey) } })
+    if kind == "script" then fail(500, "ServiceScriptError", err) end
     fail(502, "BindFailed", err)
   end
   rec.credentials, rec.state, rec.updated_at = creds, "created", os.time()
