@@ -5,11 +5,18 @@ local USAGE = [[
 usage: forge <command> [options]
 
 commands:
-  serve [--config FILE]    run the broker (default config: ./forge.yml if present)
-  bosh-sim [--help]        run a simulated BOSH director (for authors and specs)
-  version                  print the version
-  help                     this text
+  serve [--config FILE]                 run the broker (default config: ./forge.yml if present)
+  check [DIR]                           validate services (a service folder or a services dir) in the
+                                        sandbox, render every plan; non-zero exit on problems
+  render SERVICE PLAN [--params JSON]   print what a plan would deploy (dry run, no side effects)
+  new NAME                              scaffold services/NAME that passes `forge check` at once
+  install PKG.tgz                       validate a service package and install it atomically
+  bosh-sim [--help]                     run a simulated BOSH director (for authors and specs)
+  version                               print the version
+  help                                  this text; `forge COMMAND --help` for one command
 
+Options of check/render/new/install: --services DIR (default: services_dir of ./forge.yml, else
+./services), --config FILE.
 Environment overrides: FORGE_LISTEN, FORGE_USER, FORGE_PASSWORD, FORGE_STATE_DIR,
 FORGE_SERVICES_DIR, FORGE_PORTS (e.g. 30000-30999), FORGE_THREADS, FORGE_LOG_LEVEL.
 ]]
@@ -59,6 +66,65 @@ function commands.serve(args)
   local path = opts.config or (file_exists("forge.yml") and "forge.yml" or nil)
   return require("forge.serve").run(path)
 end
+
+local HELP = {
+  check = "usage: forge check [DIR] [--services DIR]\n  Load each service in the sandbox, validate its catalog entry, "
+    .. "render every plan with\n  sample parameters and run bind/unbind; prints one line per problem (file: message).\n",
+  render = "usage: forge render SERVICE PLAN [--params JSON] [--services DIR]\n  Print the deployment a plan "
+    .. "would run, as YAML. Nothing is started or stored.\n",
+  new = "usage: forge new NAME [--services DIR]\n  Scaffold DIR/NAME: service.lua with fresh GUIDs, templates/, "
+    .. "README.md and a spec.\n",
+  install = "usage: forge install PKG.tgz [--services DIR]\n  Check a .tgz holding one service folder and move it "
+    .. "into the services dir atomically;\n  refuses path traversal, links out of the folder, oversized archives and "
+    .. "duplicate ids.\n",
+}
+
+-- The services dir and sandbox limits for the authoring commands.
+local function authoring_setup(opts)
+  local path = opts.config or (file_exists("forge.yml") and "forge.yml" or nil)
+  local config, err = require("forge.config").load(path)
+  if not config then return nil, err end
+  return opts.services or config.services_dir, config.sandbox
+end
+
+local AUTHORING_OPTIONS = { services = "value", config = "value", params = "value", help = "flag" }
+
+local function authoring(name, min_args, max_args, run)
+  commands[name] = function(args)
+    local opts, pos = parse_options(args, 2, AUTHORING_OPTIONS)
+    if not opts then
+      io.stderr:write("forge ", name, ": ", pos, "\n", HELP[name])
+      return 2
+    end
+    if opts.help then
+      io.write(HELP[name])
+      return 0
+    end
+    if #pos < min_args or #pos > max_args then
+      io.stderr:write(HELP[name])
+      return 2
+    end
+    local dir, limits = authoring_setup(opts)
+    if not dir then
+      io.stderr:write("forge ", name, ": ", limits, "\n")
+      return 2
+    end
+    return run(pos, opts, dir, limits)
+  end
+end
+
+authoring("check", 0, 1, function(pos, _, dir, limits)
+  return require("forge.authoring").check(pos[1] or dir, limits)
+end)
+authoring("render", 2, 2, function(pos, opts, dir, limits)
+  return require("forge.authoring").render(dir, pos[1], pos[2], opts.params, limits)
+end)
+authoring("new", 1, 1, function(pos, _, dir)
+  return require("forge.authoring").new(pos[1], dir)
+end)
+authoring("install", 1, 1, function(pos, _, dir, limits)
+  return require("forge.authoring").install(pos[1], dir, limits)
+end)
 
 commands["bosh-sim"] = function(args)
   return require("forge.boshsim").main({ table.unpack(args, 2) })

@@ -1,0 +1,163 @@
+-- The forge command line: help, check, render, new, install (and a running broker picking up
+-- an installed package).
+local Broker = require "spec.support.broker"
+local proc = require "forge.proc"
+
+local FORGE = os.getenv("PWD") .. "/build/bin/forge"
+
+local function run(cmd)
+  local p = io.popen(cmd .. " 2>&1")
+  local out = p:read("a")
+  local _, _, code = p:close()
+  return code, out
+end
+
+local function forge(args) return run(FORGE .. " " .. args) end
+
+local function tmpdir()
+  local d = Broker.tmpdir()
+  return d
+end
+
+describe("forge help", function()
+  it("prints usage for --help and each command's --help", function()
+    local code, out = forge("--help")
+    assert.equal(0, code)
+    for _, cmd in ipairs({ "serve", "check", "render", "new", "install", "bosh-sim" }) do
+      assert.is_truthy(out:find(cmd, 1, true), cmd)
+    end
+    for _, cmd in ipairs({ "check", "render", "new", "install", "serve" }) do
+      local c, o = forge(cmd .. " --help")
+      assert.equal(0, c, o)
+      assert.matches("usage: forge " .. cmd, o)
+    end
+  end)
+
+  it("exits 2 with the usage on unknown commands and options", function()
+    local code, out = forge("frobnicate")
+    assert.equal(2, code)
+    assert.matches("unknown command 'frobnicate'", out)
+    code = forge("check --bogus")
+    assert.equal(2, code)
+    code = forge("render redis")
+    assert.equal(2, code)
+  end)
+end)
+
+describe("forge check and render", function()
+  it("passes the shipped services", function()
+    local code, out = forge("check services")
+    assert.equal(0, code, out)
+    assert.matches("ok  services/redis", out)
+  end)
+
+  it("reports broken services with file:line and exits 1", function()
+    local dir = tmpdir()
+    finally(function() os.execute("rm -rf " .. dir) end)
+    os.execute("mkdir -p " .. dir .. "/broken " .. dir .. "/noplans " .. dir .. "/badschema")
+    local function write(path, text) local f = io.open(path, "w") f:write(text) f:close() end
+    write(dir .. "/broken/service.lua", "local s = {}\nreturn s +\n")
+    write(dir .. "/noplans/service.lua", "return { id = 'a', name = 'noplans', description = 'd', bindable = true,"
+      .. " plans = {}, deploy = function() end, bind = function() end, unbind = function() end }\n")
+    write(dir .. "/badschema/service.lua", "return { id = 'b', name = 'badschema', description = 'd', bindable = true,"
+      .. " plans = { { id = 'p', name = 'p', description = 'd', schemas = { service_instance = { create = {"
+      .. " parameters = { type = 'object' } } } } } }, deploy = function() end, bind = function() end,"
+      .. " unbind = function() end }\n")
+    local code, out = forge("check " .. dir)
+    assert.equal(1, code)
+    assert.matches("services/broken/service.lua:3:", out)
+    assert.matches("services/noplans/service.lua: service.plans must list at least one plan", out, 1, true)
+    assert.matches("services/badschema/service.lua: plans%[1%]%.schemas%.service_instance%.create%.parameters", out)
+    assert.matches("3 service%(s%) checked, 3 with problems", out)
+  end)
+
+  it("renders a plan as YAML without touching any state", function()
+    local code, out = forge("render redis 3-servers --params '{\"maxmemory_mb\": 32}'")
+    assert.equal(0, code, out)
+    assert.matches("redis%-2/redis.conf", out)
+    assert.matches("replicaof 127.0.0.1 30000", out)
+    local c2, o2 = forge("render redis 1-server --params '{\"maxmemory_mb\": 1}'")
+    assert.equal(1, c2)
+    assert.matches("parameters.maxmemory_mb: must be at least 16", o2, 1, true)
+    assert.equal(1, (forge("render redis 9-servers")))
+    assert.equal(1, (forge("render nope 1-server")))
+    assert.equal(2, (forge("render redis 1-server --params '[1'")))
+  end)
+end)
+
+describe("forge new and install", function()
+  local dir, pkgs
+  setup(function()
+    dir, pkgs = tmpdir(), tmpdir()
+  end)
+  teardown(function() os.execute("rm -rf " .. dir .. " " .. pkgs) end)
+
+  it("scaffolds a service that passes check at once, with fresh ids", function()
+    local code, out = forge("new cache --services " .. dir)
+    assert.equal(0, code, out)
+    for _, f in ipairs({ "service.lua", "templates/settings.yml", "README.md", "spec/cache_spec.lua" }) do
+      assert.is_not_nil(io.open(dir .. "/cache/" .. f), f)
+    end
+    local again = forge("new cache --services " .. dir)
+    assert.equal(1, again)
+    assert.equal(2, (forge("new 'Bad Name' --services " .. dir)))
+    forge("new other --services " .. dir)
+    local a = io.open(dir .. "/cache/service.lua"):read("a"):match('id = "([%x%-]+)"')
+    local b = io.open(dir .. "/other/service.lua"):read("a"):match('id = "([%x%-]+)"')
+    assert.are_not.equal(a, b)
+  end)
+
+  local function pack(name, folder, extra)
+    return run(string.format("cd %s && tar -czf %s/%s.tgz %s %s", dir, pkgs, name, extra or "", folder))
+  end
+
+  it("installs a package atomically and refuses dangerous or conflicting ones, leaving the set untouched", function()
+    local target = tmpdir()
+    finally(function() os.execute("rm -rf " .. target) end)
+    pack("cache", "cache")
+    local code, out = forge("install " .. pkgs .. "/cache.tgz --services " .. target)
+    assert.equal(0, code, out)
+    assert.matches("installed", out)
+    local before = io.open(target .. "/cache/service.lua"):read("a")
+
+    pack("traversal", "cache", "-P --transform 's,^cache,../cache,'")
+    os.execute("cp -r " .. dir .. "/cache " .. dir .. "/linky && ln -s /etc/passwd " .. dir .. "/linky/templates/x.yml")
+    pack("symlink", "linky")
+    os.execute("mkdir -p " .. dir .. "/huge && cp " .. dir .. "/cache/service.lua " .. dir .. "/huge/ && "
+      .. "dd if=/dev/zero of=" .. dir .. "/huge/blob bs=1M count=51 2>/dev/null")
+    pack("huge", "huge")
+    os.execute("mkdir -p " .. dir .. "/dup && cp " .. dir .. "/cache/service.lua " .. dir .. "/dup/ && "
+      .. "sed -i 's/name = \"cache\"/name = \"dup\"/' " .. dir .. "/dup/service.lua")
+    pack("dup", "dup")
+    pack("two", "cache other")
+    local f = io.open(pkgs .. "/garbage.tgz", "w") f:write("not a tarball") f:close()
+    for name, why in pairs({ traversal = "a path leaves the package", symlink = "points outside", huge = "unpacks to more",
+        dup = "is used by cache", two = "exactly one service folder", garbage = "not a readable" }) do
+      local c, o = forge("install " .. pkgs .. "/" .. name .. ".tgz --services " .. target)
+      assert.equal(1, c, name .. ": " .. o)
+      assert.matches(why, o, 1, true)
+    end
+    local entries = {}
+    for e in require("lfs").dir(target) do if e ~= "." and e ~= ".." then entries[#entries + 1] = e end end
+    assert.same({ "cache" }, entries)
+    assert.equal(before, io.open(target .. "/cache/service.lua"):read("a"))
+  end)
+
+  it("is picked up by a running broker", function()
+    local target = tmpdir()
+    os.execute("ln -s " .. os.getenv("PWD") .. "/services/redis " .. target .. "/redis")
+    local b = Broker.start { services_dir = target }
+    finally(function() b:cleanup(); os.execute("rm -rf " .. target) end)
+    assert.equal(0, (forge("install " .. pkgs .. "/cache.tgz --services " .. target)))
+    local deadline = proc.monotonic() + 10
+    local names
+    repeat
+      proc.sleep(0.1)
+      local _, _, _, body = b:call("GET", "/v2/catalog")
+      names = {}
+      for _, s in ipairs(body.services) do names[#names + 1] = s.name end
+    until #names == 2 or proc.monotonic() > deadline
+    table.sort(names)
+    assert.same({ "cache", "redis" }, names)
+  end)
+end)
