@@ -1,15 +1,16 @@
 --- `forge serve`: load the config, start the HTTP workers, run the reconciler until a
 -- SIGTERM/SIGINT, then stop gracefully (in-flight requests finish).
-local Local = require "forge.targets.local"
 local Reconciler = require "forge.reconciler"
 local config_mod = require "forge.config"
 local crypto = require "forge.crypto"
 local http = require "forge.http"
 local lfs = require "lfs"
 local log = require "forge.log"
+local proc = require "forge.proc"
 local reload = require "forge.reload"
 local services = require "forge.services"
 local store = require "forge.store"
+local Local = require "forge.targets.local"
 local util = require "forge.util"
 
 local M = {}
@@ -85,11 +86,12 @@ function M.run(path)
 
   local watcher, werr = reload.watch(config.services_dir)
   if not watcher then log.warn("services are not watched; reload with SIGHUP", { error = tostring(werr) }) end
+  local next_tick = 0
   while true do
-    local sig = http.wait(config.reconcile_interval)
+    local sig = http.wait(0.05)
     if sig == "stop" then break end
     if sig == "reload" or (watcher and watcher:poll(0)) then
-      if watcher then repeat until not watcher:poll(0.05) end -- let an editor finish writing
+      if watcher then repeat until not watcher:poll(0.02) end -- let an editor finish writing
       local rok, new, gen = pcall(load_services, config, db, registry, generation)
       if rok then
         registry, generation = new, gen
@@ -98,8 +100,11 @@ function M.run(path)
         log.error("service reload failed; the running versions stay", { error = tostring(new) })
       end
     end
-    local rok, rerr = pcall(reconciler.tick, reconciler, os.time())
-    if not rok then log.error("reconciler pass failed", { error = tostring(rerr) }) end
+    if proc.monotonic() >= next_tick then
+      next_tick = proc.monotonic() + config.reconcile_interval
+      local rok, rerr = pcall(reconciler.tick, reconciler, os.time())
+      if not rok then log.error("reconciler pass failed", { error = tostring(rerr) }) end
+    end
   end
   log.info("stopping", { in_flight = srv:active() })
   srv:stop(30)
