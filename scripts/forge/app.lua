@@ -5,11 +5,11 @@
 -- checks the published generation (one atomic read) before each request; when it moved, the
 -- registry is swapped between requests, so a request finishes on the version it started with.
 local Broker = require "forge.broker"
-local Local = require "forge.targets.local"
 local log = require "forge.log"
 local reload = require "forge.reload"
 local services = require "forge.services"
 local store = require "forge.store"
+local targets = require "forge.targets"
 local util = require "forge.util"
 
 local M = {}
@@ -22,7 +22,7 @@ function M.init(config_json)
   limits = config.sandbox
   local registry
   registry, generation = services.load_published(db, limits)
-  broker = Broker.new(config, db, registry, Local.new(config.targets["local"], config.state_dir))
+  broker = Broker.new(config, db, registry, targets.new(config, config.state_dir))
 end
 
 local function refresh()

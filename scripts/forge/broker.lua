@@ -16,10 +16,10 @@ local fail, reply = common.fail, common.reply
 local Broker = {}
 Broker.__index = Broker
 
---- New broker over an open store, a service registry, a config and the local target driver.
-function Broker.new(config, db, registry, target)
+--- New broker over an open store, a service registry, a config and the target registry (forge.targets).
+function Broker.new(config, db, registry, targets)
   local user, pass = config.auth.username, config.auth.password
-  return setmetatable({ config = config, db = db, registry = registry, target = target,
+  return setmetatable({ config = config, db = db, registry = registry, targets = targets,
     public_url = config.public_url or ("http://" .. config.listen),
     auth_token = "Basic " .. crypto.base64_encode(user .. ":" .. pass) }, Broker)
 end

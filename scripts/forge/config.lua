@@ -18,6 +18,9 @@ local DEFAULTS = {
   gone_ttl = 7 * 86400,        -- seconds after that a purged id still answers 410
   reconcile_interval = 0.2,    -- seconds between reconciler passes
   sandbox = { memory = 64 * 1048576, cpu = 2, wall = 10 }, -- per service call: bytes, CPU s, wall s
+  store = "sqlite",            -- sqlite (state_dir/forge.db) or etcd (shared by several replicas)
+  etcd = { endpoints = { "http://127.0.0.1:2379" }, prefix = "forge/", timeout_ms = 5000 },
+  lock_ttl = 15,               -- seconds an operation lock outlives a replica that stopped renewing it
   sync_timeout = 30,           -- seconds a request without accepts_incomplete waits for its operation
   public_url = nil,            -- base URL of this broker as platforms reach it (dashboard_url)
   supervise_interval = 2,      -- seconds between liveness checks of running instances
@@ -38,9 +41,24 @@ local SCHEMA = {
   log_level = "string", tombstone_ttl = "number", gone_ttl = "number", reconcile_interval = "number",
   supervise_interval = "number", sync_timeout = "number", public_url = "string",
   sandbox = { memory = "integer", cpu = "number", wall = "number" },
+  store = "string", lock_ttl = "number",
+  etcd = { endpoints = "table", prefix = "string", timeout_ms = "integer", username = "string", password = "string",
+    cacert = "string", cert = "string", key = "string" },
+  -- targets.<name> (type: bosh) are checked by bosh_target against BOSH_SCHEMA
   targets = { ["local"] = { host = "string", ports = { from = "integer", to = "integer" },
     deploy_timeout = "number", stop_timeout = "number", command_timeout = "number" } },
 }
+
+-- A BOSH target (targets.<name>, type: bosh). Lists are checked element by element.
+local BOSH_SCHEMA = {
+  type = "string", url = "string", username = "string", password = "string", client = "string",
+  client_secret = "string", ca_cert = "string", insecure = "boolean", timeout_ms = "integer",
+  poll_interval = "number", stemcell = { os = "string", version = "string" },
+  releases = "map:string", services = "list:string",
+  networks = { list = { name = "string", cidr = "string", static = "list:string", azs = "list:string" } },
+}
+
+local bosh_target
 
 -- Merge `src` onto `dst` following SCHEMA; returns nil, message on a bad key or type.
 local function merge(dst, src, schema, path, kind)
@@ -50,6 +68,11 @@ local function merge(dst, src, schema, path, kind)
   for k, v in pairs(src) do
     local p = path == "" and tostring(k) or path .. "." .. tostring(k)
     local want = schema[k]
+    if path == "targets" and k ~= "local" then
+      local ok, err = bosh_target(dst, k, v, p, kind)
+      if not ok then return nil, err end
+      goto continue
+    end
     if want == nil then return nil, "unknown setting '" .. p .. "'" end
     if type(want) == "table" then
       dst[k] = dst[k] or {}
@@ -63,7 +86,61 @@ local function merge(dst, src, schema, path, kind)
     else
       dst[k] = v
     end
+    ::continue::
   end
+  return true
+end
+
+-- Check a value against a BOSH_SCHEMA entry; returns the value (copied) | nil, message.
+local function check_value(v, want, p, kind)
+  if type(want) == "table" and want.list then
+    if type(v) ~= "table" or kind(v) ~= "seq" then return nil, p .. " must be a list" end
+    local out = {}
+    for i, e in ipairs(v) do
+      local ev, err = check_value(e, want.list, p .. "[" .. i .. "]", kind)
+      if ev == nil then return nil, err end
+      out[i] = ev
+    end
+    return out
+  elseif type(want) == "table" then
+    if type(v) ~= "table" or kind(v) ~= "map" then return nil, p .. " must be a map" end
+    local out = {}
+    for k, e in pairs(v) do
+      if want[k] == nil then return nil, "unknown setting '" .. p .. "." .. tostring(k) .. "'" end
+      local ev, err = check_value(e, want[k], p .. "." .. tostring(k), kind)
+      if ev == nil then return nil, err end
+      out[k] = ev
+    end
+    return out
+  elseif want == "list:string" then
+    if type(v) ~= "table" or kind(v) ~= "seq" then return nil, p .. " must be a list of strings" end
+    for _, e in ipairs(v) do if type(e) ~= "string" then return nil, p .. " must be a list of strings" end end
+    return util.copy(v)
+  elseif want == "map:string" then
+    if type(v) ~= "table" or kind(v) ~= "map" then return nil, p .. " must be a map of strings" end
+    local out = {}
+    for k, e in pairs(v) do
+      if type(e) ~= "string" and type(e) ~= "number" then return nil, p .. "." .. tostring(k) .. " must be a string" end
+      out[tostring(k)] = tostring(e)
+    end
+    return out
+  elseif want == "integer" then
+    if math.type(v) ~= "integer" then return nil, p .. " must be an integer" end
+  elseif type(v) ~= want then
+    return nil, p .. " must be a " .. want
+  end
+  return v
+end
+
+bosh_target = function(dst, name, v, p, kind)
+  if type(name) ~= "string" or not name:match("^[%w][%w%-_%.]*$") then
+    return nil, "target name '" .. tostring(name) .. "' must use letters, digits, '-', '_' and '.'"
+  end
+  if type(v) ~= "table" or kind(v) ~= "map" then return nil, p .. " must be a map" end
+  if v.type ~= "bosh" then return nil, p .. ".type must be 'bosh' (the only target type besides 'local')" end
+  local t, err = check_value(v, BOSH_SCHEMA, p, kind)
+  if not t then return nil, err end
+  dst[name] = t
   return true
 end
 
@@ -83,6 +160,13 @@ local ENV = {
   { "FORGE_PUBLIC_URL", function(c, v) c.public_url = v end },
   { "FORGE_SYNC_TIMEOUT", function(c, v) c.sync_timeout = tonumber(v) end },
   { "FORGE_SANDBOX_CPU", function(c, v) c.sandbox.cpu = tonumber(v) end },
+  { "FORGE_STORE", function(c, v) c.store = v end },
+  { "FORGE_ETCD_ENDPOINTS", function(c, v)
+      c.etcd.endpoints = {}
+      for e in v:gmatch("[^,%s]+") do c.etcd.endpoints[#c.etcd.endpoints + 1] = e end
+    end },
+  { "FORGE_ETCD_PREFIX", function(c, v) c.etcd.prefix = v end },
+  { "FORGE_LOCK_TTL", function(c, v) c.lock_ttl = tonumber(v) end },
   { "FORGE_SANDBOX_MEMORY", function(c, v) c.sandbox.memory = math.tointeger(tonumber(v)) end },
   { "FORGE_THREADS", function(c, v) c.threads = tonumber(v) end },
   { "FORGE_PORTS", function(c, v)
@@ -103,6 +187,40 @@ local function validate(c)
     return nil, "log_level must be debug, info, warn or error"
   end
   if c.body_limit <= 0 then return nil, "body_limit must be positive" end
+  if c.store ~= "sqlite" and c.store ~= "etcd" then return nil, "store must be sqlite or etcd" end
+  if c.store == "etcd" and (#c.etcd.endpoints == 0 or type(c.etcd.endpoints[1]) ~= "string") then
+    return nil, "etcd.endpoints must list at least one URL"
+  end
+  local claims = {}
+  local names = {}
+  for name in pairs(c.targets) do if name ~= "local" then names[#names + 1] = name end end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    local t, p = c.targets[name], "targets." .. name
+    if type(t.url) ~= "string" or not t.url:match("^https?://") then return nil, p .. ".url must be an http(s) URL" end
+    if t.client then
+      if not t.client_secret then return nil, p .. ": client needs client_secret" end
+    elseif not (t.username and t.password) then
+      return nil, p .. ": give username and password (basic) or client and client_secret (UAA)"
+    end
+    if type(t.networks) ~= "table" or #t.networks == 0 then return nil, p .. ".networks must list at least one network" end
+    local seen = {}
+    for i, n in ipairs(t.networks) do
+      local np = p .. ".networks[" .. i .. "]"
+      if type(n.name) ~= "string" or n.name == "" then return nil, np .. ".name must be a non-empty string" end
+      if seen[n.name] then return nil, np .. ": duplicate network name '" .. n.name .. "'" end
+      seen[n.name] = true
+      if type(n.static) ~= "table" or #n.static == 0 then return nil, np .. ".static must list IPs or ranges" end
+      local pool, perr = require("forge.targets.bosh").expand_static(n.static, n.cidr)
+      if not pool then return nil, np .. ": " .. perr end
+    end
+    for _, claim in ipairs(t.services or {}) do
+      if claims[claim] then
+        return nil, p .. ".services: '" .. claim .. "' is already served by target " .. claims[claim]
+      end
+      claims[claim] = name
+    end
+  end
   return true
 end
 

@@ -5,15 +5,25 @@
 local bindings = require "forge.osb.bindings"
 local log = require "forge.log"
 local model = require "forge.model"
+local proc = require "forge.proc"
 
 local key = model.key
 
 local Reconciler = {}
 Reconciler.__index = Reconciler
 
-function Reconciler.new(config, db, registry, target)
-  return setmetatable({ config = config, db = db, registry = registry, target = target,
+--- targets: the registry of target drivers (forge.targets); each record names its target.
+function Reconciler.new(config, db, registry, targets)
+  return setmetatable({ config = config, db = db, registry = registry, targets = targets,
     next_supervise = 0 }, Reconciler)
+end
+
+-- The driver of an instance record; raises when its target is not configured (the operation
+-- stays pending and the error is logged each pass).
+function Reconciler:target_of(rec)
+  local d, err = self.targets:of(rec)
+  if not d then error(err, 0) end
+  return d
 end
 
 -- Close operation `op_id` of the record at `rkey` (unless another operation replaced it).
@@ -64,12 +74,60 @@ function Reconciler:reapply_bindings(inst)
   return true
 end
 
+-- Save fn's change to the record of `rec` while it still has the same operation.
+function Reconciler:saver(rec)
+  return function(fn)
+    return model.update(self.db, key.instance(rec.id), function(r)
+      if r.operation.id ~= rec.operation.id then return false end
+      return fn(r)
+    end)
+  end
+end
+
+-- An in-progress operation's description, stored when it changed (BOSH task state, outage).
+function Reconciler:describe(rec, description)
+  if not description or description == rec.operation.description then return end
+  self:saver(rec)(function(r) r.operation.description = description end)
+end
+
+-- A BOSH deploy (provision or update): the driver starts or finds the task and polls it.
+function Reconciler:deploy_bosh(rec, target)
+  local id, op = rec.id, rec.operation
+  local status, reason = target:advance(rec, "deploy", self:saver(rec), proc.monotonic())
+  if status == "wait" then return self:describe(rec, reason) end
+  target:forget(id)
+  if status == "done" then
+    self:finish(key.instance(id), key.pending(id), op.id, "succeeded",
+      (op.type == "update" and "instance updated" or "instance is running") .. " (" .. reason .. ")", function(r)
+        r.state = "running"
+        local ops = {}
+        if r.previous then
+          local old = r.previous.resources or {}
+          if old.network then target:release_unused(old.network, old.ips, r.resources.ips, ops) end
+          r.previous = nil
+        end
+        return ops
+      end)
+    log.info(op.type .. " succeeded", { instance = id, operation = op.id, target = target.name })
+  else
+    -- the IPs stay reserved: the deployment may hold them; deprovision releases them
+    self:finish(key.instance(id), key.pending(id), op.id, "failed", op.type .. " failed: " .. reason, function(r)
+      r.state = "failed"
+      r.operation.instance_usable = false
+      if op.type == "update" then r.operation.update_repeatable = true end
+    end)
+    log.warn(op.type .. " failed", { instance = id, operation = op.id, target = target.name, reason = reason })
+  end
+end
+
 function Reconciler:deploy(rec)
   local id, op = rec.id, rec.operation
   local ikey, pending = key.instance(id), key.pending(id)
+  local target = self:target_of(rec)
+  if target.kind == "bosh" then return self:deploy_bosh(rec, target) end
   if op.type == "update" and not op.stopped then
     -- redeploy: stop what runs now, then start the new deployment like a provision
-    local ok, err = self.target:stop_all(rec)
+    local ok, err = target:stop_all(rec)
     if not ok then return log.warn("update: stopping failed, will retry", { instance = id, error = err }) end
     rec = model.update(self.db, ikey, function(r)
       if r.operation.id ~= op.id then return false end
@@ -77,9 +135,9 @@ function Reconciler:deploy(rec)
     end)
     if not rec then return end
   end
-  local status, reason = self.target:step_provision(rec, self:recorder(id))
-  if status == "wait" and os.time() - op.started_at > self.target.cfg.deploy_timeout then
-    status, reason = "failed", string.format("not healthy after %ds", self.target.cfg.deploy_timeout)
+  local status, reason = target:step_provision(rec, self:recorder(id))
+  if status == "wait" and os.time() - op.started_at > target.cfg.deploy_timeout then
+    status, reason = "failed", string.format("not healthy after %ds", target.cfg.deploy_timeout)
   end
   if status == "done" and op.type == "update" then
     local ok, err = self:reapply_bindings(rec)
@@ -95,14 +153,14 @@ function Reconciler:deploy(rec)
           for _, p in ipairs(old) do
             if not in_list(r.resources.ports, p) then release_ports({ p }, ops) end
           end
-          self.target:remove_stale(r)
+          target:remove_stale(r)
           r.previous = nil
         end
         return ops
       end)
     log.info(op.type .. " succeeded", { instance = id, operation = op.id })
   elseif status == "failed" then
-    self.target:stop_all(rec)
+    target:stop_all(rec)
     self:finish(ikey, pending, op.id, "failed", op.type .. " failed: " .. reason, function(r)
       r.state = "failed"
       r.operation.instance_usable = false
@@ -116,8 +174,32 @@ function Reconciler:deploy(rec)
   end
 end
 
+-- A BOSH deprovision: delete the deployment (force), poll, then release the IPs.
+function Reconciler:deprovision_bosh(rec, target)
+  local status, reason = target:advance(rec, "delete", self:saver(rec), proc.monotonic())
+  if status == "wait" then return self:describe(rec, reason) end
+  target:forget(rec.id)
+  if status == "failed" then
+    self:finish(key.instance(rec.id), key.pending(rec.id), rec.operation.id, "failed", "deprovision failed: " .. reason,
+      function(r) r.state = "failed" end)
+    log.warn("deprovision failed", { instance = rec.id, operation = rec.operation.id, reason = reason })
+    return
+  end
+  self:finish(key.instance(rec.id), key.pending(rec.id), rec.operation.id, "succeeded", "instance deleted (" .. reason .. ")",
+    function(r)
+      r.state, r.deleted_at, r.secrets, r.manifest = "deleted", os.time(), nil, nil
+      r.resources.released = true
+      local ops = { { op = "delete_prefix", prefix = key.bindings(rec.id) },
+        { op = "delete_prefix", prefix = key.pending(rec.id .. "/") } }
+      return target:release_ops(self.db, rec.id, ops)
+    end)
+  log.info("deprovision succeeded", { instance = rec.id, operation = rec.operation.id, target = target.name })
+end
+
 function Reconciler:deprovision(rec)
-  local ok, err = self.target:destroy(rec)
+  local target = self:target_of(rec)
+  if target.kind == "bosh" then return self:deprovision_bosh(rec, target) end
+  local ok, err = target:destroy(rec)
   if not ok then
     log.warn("deprovision step failed, will retry", { instance = rec.id, error = err })
     return
@@ -200,8 +282,9 @@ end
 function Reconciler:housekeeping(now)
   for _, kv in ipairs(model.range(self.db, "instance/")) do
     local r = kv.value
-    if r.state == "running" and r.operation.state ~= "in progress" then
-      if self.target:supervise(r, now) then
+    local target = r.state == "running" and r.operation.state ~= "in progress" and self.targets:of(r)
+    if target and target.supervise then
+      if target:supervise(r, now) then
         model.update(self.db, kv.key, function(cur)
           if cur.operation.id ~= r.operation.id then return false end
           cur.processes = r.processes

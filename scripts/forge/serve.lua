@@ -10,7 +10,7 @@ local proc = require "forge.proc"
 local reload = require "forge.reload"
 local services = require "forge.services"
 local store = require "forge.store"
-local Local = require "forge.targets.local"
+local targets = require "forge.targets"
 local util = require "forge.util"
 
 local M = {}
@@ -69,8 +69,7 @@ function M.run(path)
   end
   local registry, generation = load_services(config, db, nil)
 
-  local target = Local.new(config.targets["local"], config.state_dir)
-  local reconciler = Reconciler.new(config, db, registry, target)
+  local reconciler = Reconciler.new(config, db, registry, targets.new(config, config.state_dir))
   http.trap_signals()
   local srv, herr = http.serve { listen = config.listen, handler = "forge.app", init = util.json_encode(config),
     threads = config.threads, body_limit = config.body_limit }

@@ -1,4 +1,7 @@
--- Redis as a service on the local target: one server, or a primary with two replicas.
+-- Redis as a service: one server, or a primary with two replicas; on the local target
+-- (processes on this machine) or on a BOSH target (a deployment rendered from templates/).
+-- Which target a plan uses is the operator's choice in forge.yml (targets.<name>.services);
+-- nothing here names one, so without a BOSH target everything stays local.
 --
 -- Each instance gets its own redis-server process(es) on ports from the broker's pool, data
 -- under the instance's directory, an admin user with a generated password, and the default
@@ -135,9 +138,46 @@ local function username(binding_id)
   return "b-" .. crypto.sha256_hex(binding_id):sub(1, 24)
 end
 
+--- BOSH: static IPs this plan needs from the target's pool (one per node).
+function service.ips(plan)
+  return plan.nodes
+end
+
+--- BOSH: the manifest documents, merged by the broker in order (then its pool stub, which gives
+-- meta.forge.{deployment_name, network, static_ips, azs, stemcell, releases}).
+function service.manifest(ctx)
+  local params = ctx.parameters or {}
+  local documents = { "redis.yml" }
+  if ctx.plan.nodes == 3 then documents[#documents + 1] = "3-servers.yml" end
+  documents[#documents + 1] = { meta = { redis = { admin_password = ctx.secret("admin_password"),
+    maxmemory_mb = params.maxmemory_mb, maxmemory_policy = params.maxmemory_policy } } }
+  return { documents = documents }
+end
+
+local REDIS_PORT = 6379
+
+-- BOSH bind: the live VMs' IPs (ctx.ips, primary first) and the admin password from the
+-- manifest. Per-binding users would need an errand on the VMs: not done yet.
+local function bosh_bind(ctx)
+  local password = ctx.secret("admin_password")
+  local hosts = {}
+  for i, ip in ipairs(ctx.ips) do hosts[i] = ip .. ":" .. REDIS_PORT end
+  if #hosts == 0 then error("the deployment has no VMs with IPs", 0) end
+  return {
+    credentials = {
+      host = ctx.ips[1],
+      port = REDIS_PORT,
+      password = password,
+      uri = string.format("redis://:%s@%s:%d", password, ctx.ips[1], REDIS_PORT),
+      hosts = hosts,
+    },
+  }
+end
+
 --- A binding: its own ACL user on every node; credentials list every host. When the broker
 -- re-applies an existing binding (after a redeploy), ctx.credentials holds its credentials.
 function service.bind(ctx)
+  if ctx.ips then return bosh_bind(ctx) end
   local user = username(ctx.binding_id)
   local password = ctx.credentials and ctx.credentials.password or crypto.password(32)
   local admin_password = ctx.secret("admin_password")
@@ -163,6 +203,7 @@ end
 
 --- Unbind: delete the binding's user (which also drops its connections) on every node.
 function service.unbind(ctx)
+  if ctx.ips then return { run = {} } end    -- BOSH: nothing was created per binding
   local admin_password = ctx.secret("admin_password")
   local deluser = "ACL DELUSER " .. username(ctx.binding_id) .. "\nACL SAVE\n"
   local run = {}

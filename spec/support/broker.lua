@@ -38,7 +38,9 @@ end
 M.dummy = { service = "d0d0d0d0-0000-4000-8000-000000000001", small = "d0d0d0d0-0000-4000-8000-000000000010",
   large = "d0d0d0d0-0000-4000-8000-000000000020", unbindable = "d0d0d0d0-0000-4000-8000-000000000030" }
 
---- Start a broker. opts: services_dir, fixtures (add spec fixtures), pool (port count), env, state_dir.
+--- Start a broker. opts: services_dir, fixtures (add spec fixtures), pool (port count), env, state_dir,
+-- config (YAML text of a forge.yml, written to <state_dir>/forge-spec.yml and passed as --config;
+-- the FORGE_* environment still overrides it).
 function M.start(opts)
   opts = opts or {}
   local self = setmetatable({}, M)
@@ -58,6 +60,12 @@ function M.start(opts)
   for k, v in pairs(opts.env or {}) do env[k] = v end
   self.env = env
   self.bin = opts.bin
+  if opts.config then
+    self.config_path = self.state_dir .. "/forge-spec.yml"
+    local f = assert(io.open(self.config_path, "w"))
+    f:write(opts.config)
+    f:close()
+  end
   self.log = self.state_dir .. "/broker.log"
   return self:launch()
 end
@@ -65,8 +73,9 @@ end
 --- (Re)start the broker process on the same state dir and port.
 function M:launch()
   -- run in the state dir: no forge.yml there, so defaults + the FORGE_* environment apply
-  local p = assert(proc.spawn { argv = { os.getenv("PWD") .. "/" .. (self.bin or "build/bin/forge"), "serve" }, env = self.env,
-    stdout = self.log, cwd = self.state_dir })
+  local argv = { os.getenv("PWD") .. "/" .. (self.bin or "build/bin/forge"), "serve" }
+  if self.config_path then argv[3], argv[4] = "--config", self.config_path end
+  local p = assert(proc.spawn { argv = argv, env = self.env, stdout = self.log, cwd = self.state_dir })
   self.pid, self.start_time = p.pid, p.start_time
   local deadline = proc.monotonic() + 15
   while proc.monotonic() < deadline do

@@ -38,15 +38,22 @@ local function binding_async(svc, plan) return (plan and plan.bindings_async) or
 
 --- Run the bind hook for `rec` and its commands. Returns credentials | nil, message.
 function M.apply(b, svc, inst, rec)
-  local result, err = services.call(svc, "bind", services.binding_context(inst, rec.id, {
-    parameters = rec.parameters or {}, credentials = rec.credentials }))
+  local target, terr = b.targets:of(inst)
+  if not target then return nil, terr end
+  local extra = { parameters = rec.parameters or {}, credentials = rec.credentials }
+  if target.binding_info then                      -- BOSH: the live VMs' IPs (ctx.vms, ctx.ips)
+    local info, ierr = target:binding_info(inst)
+    if not info then return nil, "could not read the VMs of instance " .. inst.id .. ": " .. ierr end
+    extra.vms, extra.ips = info.vms, info.ips
+  end
+  local result, err = services.call(svc, "bind", services.binding_context(inst, rec.id, extra))
   if not result then return nil, "service " .. svc.name .. " bind failed: " .. tostring(err), "script" end
   if type(result) ~= "table" or type(result.credentials) ~= "table" then
     return nil, "service " .. svc.name .. ": bind must return {credentials = {...}}", "script"
   end
-  local ok, rerr = b.target:run_all(result.run)
+  local ok, rerr = target:run_all(result.run)
   if not ok then
-    b.target:run_all((services.call(svc, "unbind", services.binding_context(inst, rec.id, { binding = rec })) or {}).run)
+    target:run_all((services.call(svc, "unbind", services.binding_context(inst, rec.id, { binding = rec })) or {}).run)
     return nil, "could not create the binding on instance " .. inst.id .. ": " .. rerr
   end
   return result.credentials
@@ -54,9 +61,12 @@ end
 
 --- Run the unbind hook for `rec`. Returns true | nil, message.
 function M.remove(b, svc, inst, rec)
-  local result, err = services.call(svc, "unbind", services.binding_context(inst, rec.id, { binding = rec }))
+  local target, terr = b.targets:of(inst)
+  if not target then return nil, terr end
+  local result, err = services.call(svc, "unbind", services.binding_context(inst, rec.id, { binding = rec,
+    ips = inst.resources and inst.resources.ips }))
   if not result then return nil, "service " .. svc.name .. " unbind failed: " .. err end
-  local ok, rerr = b.target:run_all(result.run)
+  local ok, rerr = target:run_all(result.run)
   if not ok then return nil, "could not remove the binding from instance " .. inst.id .. ": " .. rerr end
   return true
 end

@@ -38,9 +38,26 @@ local function binding_busy(b, id)
   end
 end
 
---- Render the deployment of `rec` for `plan`: ports (existing ones kept, in order), secrets, and
--- the service's deploy hook. Returns the ports newly allocated.
+-- The driver of `rec` (its `target`), or a 503 when that target is no longer configured.
+local function driver_of(b, rec)
+  local d, err = b.targets:of(rec)
+  if not d then fail(503, "ServiceUnavailable", err, { retry_after = 30 }) end
+  return d
+end
+
+--- Render the deployment of `rec` for `plan` on its target. Local: ports (existing ones kept, in
+-- order), secrets, and the service's deploy hook. BOSH: IPs from the target's pool and the
+-- manifest (forge.targets.bosh). Returns the store keys newly claimed (port/ or ip/ keys), which
+-- the journal compares absent and points at the instance in the same transaction.
 function M.render(b, svc, plan, rec)
+  local target = driver_of(b, rec)
+  if target.kind == "bosh" then
+    local claim, status, code, msg = target:render(b.db, svc, plan, rec, function(hook, ...)
+      return services.call(svc, hook, ...)
+    end)
+    if not claim then fail(status, code, msg, status == 503 and { retry_after = 30 } or nil) end
+    return claim
+  end
   local count = 1
   if svc.script.ports then
     local n, err = services.call(svc, "ports", plan, rec.parameters or {})
@@ -54,18 +71,18 @@ function M.render(b, svc, plan, rec)
   local ports, added = {}, {}
   for i = 1, math.min(count, #old) do ports[i] = old[i] end
   if count > #ports then
-    local more, perr = b.target:allocate_ports(b.db, count - #ports)
+    local more, perr = target:allocate_ports(b.db, count - #ports)
     if not more then fail(503, "ServiceUnavailable", perr, { retry_after = 30 }) end
     for _, p in ipairs(more) do
       ports[#ports + 1] = p
-      added[#added + 1] = p
+      added[#added + 1] = key.port(p)
     end
   end
-  rec.resources = { ports = ports, host = b.target.cfg.host }
+  rec.resources = { ports = ports, host = target.cfg.host }
   rec.secrets = rec.secrets or {}
   local ctx = {
     instance_id = rec.id, plan = plan, parameters = rec.parameters or {}, context = rec.context or {},
-    host = b.target.cfg.host, ports = ports, dir = b.target:instance_dir(rec.id), secrets = rec.secrets,
+    host = target.cfg.host, ports = ports, dir = target:instance_dir(rec.id), secrets = rec.secrets,
   }
   local deployment, err = services.call(svc, "deploy", ctx)
   if not deployment then fail(500, "ServiceScriptError", "service " .. svc.name .. " failed to render: " .. err) end
@@ -77,14 +94,15 @@ function M.render(b, svc, plan, rec)
   return added
 end
 
--- Journal `rec` (new operation) with a compare on the record revision and on newly used ports.
-local function journal(b, rec, rev, added_ports)
+-- Journal `rec` (new operation) with a compare on the record revision and on newly claimed
+-- resource keys (port/, ip/).
+local function journal(b, rec, rev, claimed)
   local ikey = key.instance(rec.id)
   local compares = { { key = ikey, mod_revision = rev } }
   local ops = { model.put(ikey, rec), model.put(key.pending(rec.id), ""), model.delete(key.gone(rec.id)) }
-  for _, p in ipairs(added_ports) do
-    compares[#compares + 1] = { key = key.port(p), exists = false }
-    ops[#ops + 1] = model.put(key.port(p), rec.id)
+  for _, k in ipairs(claimed) do
+    compares[#compares + 1] = { key = k, exists = false }
+    ops[#ops + 1] = model.put(k, rec.id)
   end
   return model.txn(b.db, { compare = compares, success = ops })
 end
@@ -142,19 +160,22 @@ function M.provision(b, id, req, q)
     common.check_parameters(plan, "service_instance", "create", params)
     common.check_maintenance(plan, mi)
     local async = require_async(plan, q, "is provisioned")
+    local target, terr = b.targets:choose(svc, plan, params)
+    if not target then fail(500, "ServiceScriptError", terr) end
     local now = os.time()
     local new = { id = id, service_id = svc.script.id, plan_id = plan.id, service = svc.name, plan = plan.name,
       organization_guid = body.organization_guid, space_guid = body.space_guid, parameters = params,
-      context = context, maintenance_info = plan.maintenance_info, state = "deploying", target = "local",
+      context = context, maintenance_info = plan.maintenance_info, state = "deploying", target = target,
       deployment_name = svc.name .. "-" .. id, operation = common.new_operation("provision", fingerprint),
       created_at = now, updated_at = now }
     local added = M.render(b, svc, plan, new)
     if journal(b, new, rev, added) then
-      log.info("provision accepted", { instance = id, service = svc.name, plan = plan.name,
-        operation = new.operation.id, ports = new.resources.ports, request_id = req.id, origin = req.origin })
+      log.info("provision accepted", { instance = id, service = svc.name, plan = plan.name, target = target,
+        operation = new.operation.id, ports = new.resources.ports, ips = new.resources.ips, request_id = req.id,
+        origin = req.origin })
       return accepted(b, new, async, { dashboard_url = dashboard_url(b, id) }, 201)
     end
-    -- lost a race: the instance was created concurrently, or a port was taken; look again
+    -- lost a race: the instance was created concurrently, or a port or IP was taken; look again
   end
   fail(503, "ServiceUnavailable", "too many concurrent changes to instance " .. id .. "; try again", { retry_after = 1 })
 end
@@ -199,6 +220,14 @@ function M.update(b, id, req, q)
   if plan_change and not updateable(svc, cur_plan) then
     fail(422, "PlanChangeNotSupported", "plan " .. (cur_plan and cur_plan.name or rec.plan_id) ..
       " cannot be changed", { instance_usable = true, update_repeatable = false })
+  end
+  if plan_change then
+    local want = b.targets:choose(svc, plan, params or rec.parameters)
+    if want and want ~= (rec.target or "local") then
+      fail(422, "PlanChangeNotSupported", "plan " .. plan.name .. " deploys to target " .. want .. ", the instance "
+        .. "runs on " .. (rec.target or "local") .. ": moving between targets is not supported",
+        { instance_usable = true, update_repeatable = false })
+    end
   end
   if params then common.check_parameters(plan, "service_instance", "update", params) end
   common.check_maintenance(plan, mi)
@@ -302,10 +331,14 @@ function M.seed_view(b, id)
   if not live(rec) then fail(404, "NotFound", "instance " .. id .. " does not exist") end
   local processes = {}
   for name, p in pairs(rec.processes or {}) do processes[name] = { pid = p.pid, healthy = p.healthy } end
+  local res = rec.resources or {}
+  local bosh = rec.bosh and { task_id = rec.bosh.task or (rec.bosh.tasks and rec.bosh.tasks[1] and rec.bosh.tasks[1].id),
+    tasks = rec.bosh.tasks, deployment = rec.bosh.deployment } or nil
   return reply(200, { service_id = rec.service_id, service_instance_id = rec.id, service_plan_id = rec.plan_id,
     deployment_name = rec.deployment_name, state = rec.state, organization_guid = rec.organization_guid,
-    space_guid = rec.space_guid, target = rec.target, host = rec.resources and rec.resources.host,
-    ports = rec.resources and rec.resources.ports, processes = processes,
+    space_guid = rec.space_guid, target = rec.target or "local", host = res.host, ports = res.ports,
+    network = res.network, ips = res.ips, bosh_task_id = bosh and bosh.task_id, bosh = bosh,
+    processes = rec.bosh == nil and processes or nil,
     last_operation = { type = rec.operation.type, state = rec.operation.state,
       description = rec.operation.description, id = rec.operation.id } })
 end
