@@ -242,6 +242,15 @@ function Local:step_provision(inst, record)
       end
     end
   end
+  if all_healthy and inst.deployment.setup then
+    -- one-time setup once everything answers (idempotent: it reruns after a broker crash);
+    -- a failure is retried until the deploy timeout, as servers may still be warming up
+    local ok, err = self:run_all(inst.deployment.setup)
+    if not ok then
+      log.warn("setup not done yet, will retry", { instance = inst.id, error = err })
+      return "wait", "setup: " .. err
+    end
+  end
   return all_healthy and "done" or "wait"
 end
 
