@@ -8,7 +8,7 @@ local Broker = require "forge.broker"
 local log = require "forge.log"
 local reload = require "forge.reload"
 local services = require "forge.services"
-local store = require "forge.store"
+local storage = require "forge.storage"
 local targets = require "forge.targets"
 local util = require "forge.util"
 
@@ -18,7 +18,7 @@ local broker, generation, limits
 function M.init(config_json)
   local config = assert(util.json_decode(config_json))
   log.level(config.log_level)
-  local db = assert(store.open(config.state_dir .. "/forge.db"))
+  local db = assert(storage.open(config))
   limits = config.sandbox
   local registry
   registry, generation = services.load_published(db, limits)

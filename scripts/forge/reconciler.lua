@@ -3,6 +3,7 @@
 -- main thread between signal checks, so state converges whether or not anybody polls, and a
 -- restarted broker resumes where it stopped.
 local bindings = require "forge.osb.bindings"
+local crypto = require "forge.crypto"
 local log = require "forge.log"
 local model = require "forge.model"
 local proc = require "forge.proc"
@@ -14,8 +15,14 @@ Reconciler.__index = Reconciler
 
 --- targets: the registry of target drivers (forge.targets); each record names its target.
 function Reconciler.new(config, db, registry, targets)
+  -- this replica's identity in operation locks
+  local f = io.open("/proc/sys/kernel/hostname")
+  local host = f and f:read("l") or "unknown"
+  if f then f:close() end
+  local pid = proc.getpid()
   return setmetatable({ config = config, db = db, registry = registry, targets = targets,
-    next_supervise = 0 }, Reconciler)
+    next_supervise = 0, replica = crypto.token(8), host = host, pid = pid,
+    start_time = proc.identity(pid) }, Reconciler)
 end
 
 -- The driver of an instance record; raises when its target is not configured (the operation
@@ -305,20 +312,66 @@ function Reconciler:housekeeping(now)
 end
 
 --- One pass: advance pending operations; housekeeping every supervise_interval seconds.
+--- Take or renew the lock `name` for this replica. Locks are compare-and-swap records with an
+-- expiry, so they work the same on SQLite and etcd; a replica that dies stops renewing, and
+-- after lock_ttl another replica takes its operations over.
+-- @return true if this replica holds the lock now
+function Reconciler:lock(name, now)
+  local k = "lock/" .. name
+  local cur, rev = model.read(self.db, k)
+  if cur and cur.owner ~= self.replica and (cur.expires or 0) > now and not self:owner_gone(cur) then
+    return false
+  end
+  local value = { owner = self.replica, expires = now + self.config.lock_ttl, host = self.host, pid = self.pid,
+    start_time = self.start_time }
+  return model.txn(self.db, { compare = { { key = k, mod_revision = rev } }, success = { model.put(k, value) } })
+end
+
+-- A lock whose owner ran on this host and is no longer alive (a broker restarted after a
+-- crash) is taken over at once instead of after lock_ttl.
+function Reconciler:owner_gone(lock)
+  return lock.host == self.host and lock.pid ~= nil and not proc.alive(lock.pid, lock.start_time or 0)
+end
+
+function Reconciler:unlock(name)
+  local k = "lock/" .. name
+  local cur, rev = model.read(self.db, k)
+  if cur and cur.owner == self.replica then
+    model.txn(self.db, { compare = { { key = k, mod_revision = rev } }, success = { model.delete(k) } })
+  end
+end
+
+-- Log a failure, but a store outage only once every 10 s (it is retried every pass anyway).
+function Reconciler:report(what, err, now)
+  if type(err) == "table" and err.status == 503 then
+    if now < (self.quiet_until or 0) then return end
+    self.quiet_until = now + 10
+    return log.warn(what .. ": the store is unavailable, retrying", { error = tostring(err.description) })
+  end
+  log.error(what, { error = tostring(err) })
+end
+
+--- One pass: advance the pending operations this replica holds (or can take), then
+-- housekeeping every supervise_interval seconds by whichever replica holds its lock.
 function Reconciler:tick(now)
-  for _, kv in ipairs(model.range(self.db, "pending/")) do
+  local ok, pending = pcall(model.range, self.db, "pending/")
+  if not ok then return self:report("reconciler pass failed", pending, now) end
+  for _, kv in ipairs(pending) do
     local id = kv.key:sub(#"pending/" + 1)
     local iid, bid = id:match("^([^/]+)/(.+)$")
-    local ok, err = pcall(function()
-      if iid then return self:advance_binding(iid, bid) end
-      return self:advance_instance(id)
+    local aok, err = pcall(function()
+      if not self:lock("op/" .. id, now) then return end
+      if iid then self:advance_binding(iid, bid) else self:advance_instance(id) end
+      if not self.db:get(kv.key) then self:unlock("op/" .. id) end
     end)
-    if not ok then log.error("reconciler failed on an operation", { key = kv.key, error = tostring(err) }) end
+    if not aok then self:report("reconciler failed on " .. kv.key, err, now) end
   end
   if now >= self.next_supervise then
     self.next_supervise = now + self.config.supervise_interval
-    local ok, err = pcall(self.housekeeping, self, now)
-    if not ok then log.error("reconciler housekeeping failed", { error = tostring(err) }) end
+    local hok, err = pcall(function()
+      if self:lock("housekeeping", now) then self:housekeeping(now) end
+    end)
+    if not hok then self:report("reconciler housekeeping failed", err, now) end
   end
 end
 

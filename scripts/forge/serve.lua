@@ -9,7 +9,7 @@ local log = require "forge.log"
 local proc = require "forge.proc"
 local reload = require "forge.reload"
 local services = require "forge.services"
-local store = require "forge.store"
+local storage = require "forge.storage"
 local targets = require "forge.targets"
 local util = require "forge.util"
 
@@ -26,25 +26,69 @@ local function mkdirs(path)
   return true
 end
 
--- Scan the services directory (keeping running versions of unchanged or broken services),
--- record the versions in the store, and publish a new generation for the workers.
-local function load_services(config, db, previous, generation)
-  local registry = services.attach(services.scan(config.services_dir, config.sandbox, previous), db,
-    config.sandbox, previous)
-  if not generation then
-    local current = db:get(services.CURRENT_KEY)
-    generation = current and (util.json_decode(current.value) or {}).generation or 0
+-- What a scan changes in the published set. With SQLite (one broker) the directory is the truth
+-- at start; with etcd, replicas adopt the versions already in the store and publish only
+-- services the store does not have. After that, every local edit (watch, SIGHUP) is published.
+local function local_changes(config, scanned, local_hashes, published)
+  local changes = {}
+  for _, svc in ipairs(scanned.list) do
+    local at_start = local_hashes == nil
+    if (at_start and (config.store ~= "etcd" or not published[svc.folder]))
+        or (not at_start and local_hashes[svc.folder] ~= svc.hash) then
+      changes[svc.folder] = true
+    end
   end
-  generation = services.publish(db, registry, generation + 1)
-  reload.publish(generation)
-  for _, e in ipairs(registry.errors) do
+  for folder in pairs(local_hashes or (config.store ~= "etcd" and published) or {}) do
+    if not scanned.by_folder[folder] then
+      local broken = false
+      for _, e in ipairs(scanned.errors) do broken = broken or e.service == folder end
+      if not broken then changes[folder] = false end
+    end
+  end
+  return changes
+end
+
+-- Scan the services directory (keeping running versions of unchanged or broken services),
+-- publish what changed locally in the store, and load the published set.
+-- @return registry, generation, local_hashes
+local function sync_services(config, db, registry, local_hashes)
+  local scanned = services.scan(config.services_dir, config.sandbox, registry)
+  local _, current = services.published_generation(db)
+  local changes = local_changes(config, scanned, local_hashes, current and current.services or {})
+  services.publish(db, scanned, changes) -- also when nothing changed: the refused edits are news
+  for _, e in ipairs(scanned.errors) do
     log.error("service refused", { service = e.service, error = e.message, kept_version = e.kept })
   end
+  local hashes = {}
+  for _, svc in ipairs(scanned.list) do hashes[svc.folder] = svc.hash end
+  local loaded, generation = services.load_published(db, config.sandbox, scanned)
+  reload.publish(generation)
   local versions = {}
-  for _, svc in ipairs(registry.list) do versions[svc.folder] = svc.hash end
-  log.info("services loaded", { generation = generation, versions = versions, refused = #registry.errors,
+  for _, svc in ipairs(loaded.list) do versions[svc.folder] = svc.hash end
+  log.info("services loaded", { generation = generation, versions = versions, refused = #scanned.errors,
     dir = config.services_dir })
-  return registry, generation
+  return loaded, generation, hashes
+end
+
+-- Another replica (or forge install) published new versions: load them.
+local function follow_store(config, db, registry, generation)
+  local published = services.published_generation(db)
+  if published <= generation then return registry, generation end
+  local loaded, gen = services.load_published(db, config.sandbox, registry)
+  reload.publish(gen)
+  log.info("services follow the store", { generation = gen })
+  return loaded, gen
+end
+
+-- The store, retried while it is unreachable (etcd may start after the broker).
+local function open_store(config)
+  local deadline = proc.monotonic() + 60
+  while true do
+    local db, err = storage.open(config)
+    if db or not (err and err.retryable) or proc.monotonic() > deadline then return db, err end
+    log.warn("store unavailable, retrying", { store = storage.describe(config), error = tostring(err) })
+    proc.sleep(1)
+  end
 end
 
 --- Run the broker with the config file at `path` (or defaults); returns the exit status.
@@ -62,12 +106,12 @@ function M.run(path)
     io.stderr:write("forge serve: ", merr, "\n")
     return 1
   end
-  local db, serr = store.open(config.state_dir .. "/forge.db")
+  local db, serr = open_store(config)
   if not db then
-    io.stderr:write("forge serve: cannot open the store: ", tostring(serr), "\n")
+    io.stderr:write("forge serve: cannot open the store (", storage.describe(config), "): ", tostring(serr), "\n")
     return 1
   end
-  local registry, generation = load_services(config, db, nil)
+  local registry, generation, local_hashes = sync_services(config, db, nil, nil)
 
   local reconciler = Reconciler.new(config, db, registry, targets.new(config, config.state_dir))
   http.trap_signals()
@@ -91,9 +135,9 @@ function M.run(path)
     if sig == "stop" then break end
     if sig == "reload" or (watcher and watcher:poll(0)) then
       if watcher then repeat until not watcher:poll(0.02) end -- let an editor finish writing
-      local rok, new, gen = pcall(load_services, config, db, registry, generation)
+      local rok, new, gen, hashes = pcall(sync_services, config, db, registry, local_hashes)
       if rok then
-        registry, generation = new, gen
+        registry, generation, local_hashes = new, gen, hashes
         reconciler.registry = registry
       else
         log.error("service reload failed; the running versions stay", { error = tostring(new) })
@@ -101,6 +145,11 @@ function M.run(path)
     end
     if proc.monotonic() >= next_tick then
       next_tick = proc.monotonic() + config.reconcile_interval
+      local fok, freg, fgen = pcall(follow_store, config, db, registry, generation)
+      if fok then
+        registry, generation = freg, fgen
+        reconciler.registry = registry
+      end
       local rok, rerr = pcall(reconciler.tick, reconciler, os.time())
       if not rok then log.error("reconciler pass failed", { error = tostring(rerr) }) end
     end

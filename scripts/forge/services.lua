@@ -278,22 +278,43 @@ end
 --- Load every service under dir (no previous versions): forge check/render and specs.
 function M.load(dir, limits) return M.scan(dir, limits, nil) end
 
---- Record the registry's versions in the store and name them current, with the errors.
--- @return the stored generation
-function M.publish(db, reg, generation)
+--- Publish local versions into the store's current set (services/current), keeping what other
+-- replicas published for other services. `changes` maps folder -> true (publish the version in
+-- reg) or false (the service was removed); nil publishes every service in reg. The current set
+-- is updated by compare-and-swap, so replicas publishing at once lose nothing.
+-- @return the new generation
+function M.publish(db, reg, changes)
   local model = require "forge.model"
-  local ops, names = {}, {}
-  for _, svc in ipairs(reg.list) do
-    names[svc.folder] = svc.hash
-    local k = script_key(svc.folder, svc.hash)
-    if not db:get(k) then
-      ops[#ops + 1] = model.put(k, { name = svc.folder, source = svc.source, templates = svc.templates })
+  for _ = 1, 20 do
+    local current, rev = model.read(db, M.CURRENT_KEY)
+    current = current or { generation = 0, services = {} }
+    local ops = {}
+    for _, svc in ipairs(reg.list) do
+      if changes == nil or changes[svc.folder] then
+        current.services[svc.folder] = svc.hash
+        local k = script_key(svc.folder, svc.hash)
+        if not db:get(k) then
+          ops[#ops + 1] = model.put(k, { name = svc.folder, source = svc.source, templates = svc.templates })
+        end
+      end
+    end
+    for folder, keep in pairs(changes or {}) do
+      if keep == false then current.services[folder] = nil end
+    end
+    current.generation, current.errors, current.published_at = (current.generation or 0) + 1, reg.errors, os.time()
+    ops[#ops + 1] = model.put(M.CURRENT_KEY, current)
+    if model.txn(db, { compare = { { key = M.CURRENT_KEY, mod_revision = rev } }, success = ops }) then
+      return current.generation
     end
   end
-  ops[#ops + 1] = model.put(M.CURRENT_KEY, { generation = generation, services = names, errors = reg.errors,
-    published_at = os.time() })
-  model.txn(db, { success = ops })
-  return generation
+  error("could not publish service versions: too much contention on " .. M.CURRENT_KEY)
+end
+
+--- The generation named current in the store (0 when nothing was published yet).
+function M.published_generation(db)
+  local model = require "forge.model"
+  local current = model.read(db, M.CURRENT_KEY)
+  return current and current.generation or 0, current
 end
 
 --- A version from the store (script/<folder>/<hash>), built in a fresh sandbox.

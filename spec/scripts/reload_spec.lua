@@ -34,7 +34,7 @@ function service.deploy() return { processes = { { name = "p", argv = { "sleep",
 function service.bind(ctx)
   if ctx.binding_id == "loop" then while true do end end
   if ctx.binding_id == "pcall-loop" then while true do pcall(function() while true do end end) end end
-  if ctx.binding_id == "memory" then local t = {} for i = 1, 1e9 do t[i] = ("x"):rep(1024) .. i end end
+  if ctx.binding_id == "memory" then local t = {} for i = 1, 1e9 do t[i] = ("x"):rep(1000000) .. i end end
   if ctx.binding_id == "escape" then return { credentials = { out = io.open("/etc/passwd"):read("a") } } end
   error("bind refused on purpose")
 end

@@ -80,7 +80,7 @@ function M.parallel(requests, max)
   local f = assert(io.open(dir .. "/config", "w"))
   f:write(table.concat(cfg, "\n"), "\n")
   f:close()
-  local p = assert(io.popen("curl -s -g --path-as-is --parallel --parallel-immediate --parallel-max " ..
+  local p = assert(io.popen("curl -s --no-progress-meter -g --path-as-is --parallel --parallel-immediate --parallel-max " ..
     (max or 100) .. " -K " .. dir .. "/config"))
   local results = {}
   for line in p:lines() do
