@@ -13,16 +13,29 @@ local targets = require "forge.targets"
 local util = require "forge.util"
 
 local M = {}
-local broker, generation, limits
+local broker, generation, limits, config
+
+-- Open the store and load the published services. A store that is unreachable (etcd down when
+-- this worker starts) is retried on the next request instead of failing the worker for good.
+local function connect()
+  local db, err = storage.open(config)
+  if not db then return nil, err end
+  local ok, registry, gen = pcall(services.load_published, db, limits)
+  if not ok then
+    db:close()
+    return nil, registry
+  end
+  generation = gen
+  broker = Broker.new(config, db, registry, targets.new(config, config.state_dir))
+  return true
+end
 
 function M.init(config_json)
-  local config = assert(util.json_decode(config_json))
+  config = assert(util.json_decode(config_json))
   log.level(config.log_level)
-  local db = assert(storage.open(config))
   limits = config.sandbox
-  local registry
-  registry, generation = services.load_published(db, limits)
-  broker = Broker.new(config, db, registry, targets.new(config, config.state_dir))
+  local ok, err = connect()
+  if not ok then log.warn("worker started without its store; retrying on each request", { error = tostring(err) }) end
 end
 
 local function refresh()
@@ -37,7 +50,17 @@ local function refresh()
   end
 end
 
+local function unavailable(err)
+  local e = type(err) == "table" and (err.description or err.message) or tostring(err)
+  return 503, { ["Content-Type"] = "application/json", ["Retry-After"] = "2" },
+    util.json_encode({ error = "ServiceUnavailable", description = "the broker's store is unavailable: " .. e })
+end
+
 function M.handle(req)
+  if not broker then
+    local ok, err = connect()
+    if not ok then return unavailable(err) end
+  end
   refresh()
   return broker:handle(req)
 end

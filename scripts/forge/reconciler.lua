@@ -322,6 +322,8 @@ function Reconciler:lock(name, now)
   if cur and cur.owner ~= self.replica and (cur.expires or 0) > now and not self:owner_gone(cur) then
     return false
   end
+  -- held and far from expiry: no write (renewals are bookkeeping, not state changes)
+  if cur and cur.owner == self.replica and cur.expires - now > self.config.lock_ttl / 2 then return true end
   local value = { owner = self.replica, expires = now + self.config.lock_ttl, host = self.host, pid = self.pid,
     start_time = self.start_time }
   return model.txn(self.db, { compare = { { key = k, mod_revision = rev } }, success = { model.put(k, value) } })

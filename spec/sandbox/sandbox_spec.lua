@@ -296,17 +296,16 @@ describe("forge.sandbox", function()
         ports = { 1, 2, 3 }, dir = "/tmp/x", secrets = secrets or {}, parameters = {} }
     end
 
-    -- today's way: services.lua's plain env, ctx.secret reading the instance's secrets
+    -- the broker's way: forge.services builds the service in its own sandbox and calls hooks
+    -- with ctx.secrets (ctx.secret generates into it, new secrets come back)
     local function direct_call(hook, c)
-      local secrets = c.secrets
-      c.secret = function(name) return secrets[name] end
       return assert(services.call(direct, hook, c))
     end
 
     setup(function()
       sb = sandbox.new{ name = "redis" }
       assert(sb:load(src, "@" .. REDIS))
-      direct = assert(services.load_one("services", "redis"))
+      direct = assert(services.build(assert(services.read_folder("services", "redis"))))
     end)
 
     it("exposes the same catalog data", function()

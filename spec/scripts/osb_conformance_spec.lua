@@ -33,7 +33,9 @@ local function store_dump()
   local kvs = db:range("")
   db:close()
   local t = {}
-  for _, kv in ipairs(kvs) do t[kv.key] = kv.value end
+  for _, kv in ipairs(kvs) do
+    if not kv.key:match("^lock/") then t[kv.key] = kv.value end
+  end
   return t
 end
 

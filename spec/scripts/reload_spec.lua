@@ -120,6 +120,11 @@ describe("hot reload", function()
     assert.equal(201, (provision("new")))
     local _, _, _, nbody = bind("new", "b-new")
     assert.equal("v3", nbody.credentials.version)
+    -- an update that is not a maintenance_info upgrade keeps the instance's version
+    local us, uraw = b:call("PATCH", "/v2/service_instances/old", { service_id = SVC, parameters = { x = 1 } })
+    assert.equal(200, us, uraw)
+    local _, _, _, after = bind("old", "b-old-2")
+    assert.equal("v1", after.credentials.version)
   end)
 
   it("finishes a request in flight on the version it started with", function()

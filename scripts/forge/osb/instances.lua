@@ -49,7 +49,9 @@ end
 -- order), secrets, and the service's deploy hook. BOSH: IPs from the target's pool and the
 -- manifest (forge.targets.bosh). Returns the store keys newly claimed (port/ or ip/ keys), which
 -- the journal compares absent and points at the instance in the same transaction.
-function M.render(b, svc, plan, rec)
+-- An instance keeps the service version (content hash) that rendered it; only a provision or
+-- a maintenance_info upgrade moves it to the current version (`pinned` = the hash to keep).
+function M.render(b, svc, plan, rec, pinned)
   local target = driver_of(b, rec)
   if target.kind == "bosh" then
     local claim, status, code, msg = target:render(b.db, svc, plan, rec, function(hook, ...)
@@ -83,6 +85,7 @@ function M.render(b, svc, plan, rec)
   local ctx = {
     instance_id = rec.id, plan = plan, parameters = rec.parameters or {}, context = rec.context or {},
     host = target.cfg.host, ports = ports, dir = target:instance_dir(rec.id), secrets = rec.secrets,
+    templates = svc.templates, script_hash = pinned,
   }
   local deployment, err = services.call(svc, "deploy", ctx)
   if not deployment then fail(500, "ServiceScriptError", "service " .. svc.name .. " failed to render: " .. err) end
@@ -90,7 +93,7 @@ function M.render(b, svc, plan, rec)
     fail(500, "ServiceScriptError", "service " .. svc.name .. ": deploy must return {processes = {...}}")
   end
   rec.deployment = deployment
-  rec.files_written, rec.script_hash = false, svc.hash
+  rec.files_written, rec.script_hash = false, pinned or svc.hash
   return added
 end
 
@@ -262,7 +265,7 @@ function M.update(b, id, req, q)
   table.insert(updated.history, 1, rec.operation)
   while #updated.history > 20 do table.remove(updated.history) end
   updated.operation = common.new_operation("update", fingerprint)
-  local added = M.render(b, svc, plan, updated)
+  local added = M.render(b, svc, plan, updated, not upgrade and rec.script_hash or nil)
   if not journal(b, updated, rev, added) then
     fail(422, "ConcurrencyError", "instance " .. id .. " changed while the update was being prepared")
   end
