@@ -20,12 +20,7 @@ return service
 ]]):format(SVC, version, PLAN, version)
 end
 
-local function write(path, text)
-  local f = assert(io.open(path .. ".tmp", "w"))
-  f:write(text)
-  f:close()
-  assert(os.rename(path .. ".tmp", path))
-end
+local write = require("spec.support.files").write
 
 local dir = Broker.tmpdir()
 os.execute("mkdir -p " .. dir .. "/bench")

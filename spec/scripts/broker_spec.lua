@@ -2,21 +2,8 @@
 -- leaves the store unchanged.
 local Broker = require "spec.support.broker"
 local client = require "spec.support.client"
-local store = require "forge.store"
 
 local R = Broker.redis
-
--- The stored records, without the reconciler's lock bookkeeping (lock/ keys).
-local function store_revision(b)
-  local db = assert(store.open(b.state_dir .. "/forge.db"))
-  local kvs = db:range("")
-  db:close()
-  local t = {}
-  for _, kv in ipairs(kvs) do
-    if not kv.key:match("^lock/") then t[kv.key] = kv.mod_revision end
-  end
-  return t
-end
 
 local function provision_body(plan)
   return { service_id = R.service, plan_id = plan or R.one, organization_guid = "o", space_guid = "s" }
@@ -27,8 +14,8 @@ describe("broker input checks", function()
 
   setup(function() b = Broker.start() end)
   teardown(function() if b then b:cleanup() end end)
-  before_each(function() rev = store_revision(b) end)
-  after_each(function() assert.same(rev, store_revision(b), "a refused request changed the store") end)
+  before_each(function() rev = b:records() end)
+  after_each(function() assert.same(rev, b:records(), "a refused request changed the store") end)
 
   local function expect_error(status, code, method, path, body, headers)
     local got, raw, hdrs, json = b:call(method, path, body, headers)
@@ -146,12 +133,12 @@ describe("broker faults", function()
     finally(function() b:cleanup() end)
     assert.equal(202, (b:call("PUT", "/v2/service_instances/p1?accepts_incomplete=true", provision_body())))
     assert.equal("succeeded", b:wait_operation("/v2/service_instances/p1").state)
-    local rev = store_revision(b)
+    local rev = b:records()
     local status, raw, hdrs, json = b:call("PUT", "/v2/service_instances/p2?accepts_incomplete=true", provision_body())
     assert.equal(503, status, raw)
     assert.matches("port pool", json.description)
     assert.is_string(hdrs["retry-after"])
-    assert.same(rev, store_revision(b))
+    assert.same(rev, b:records())
     assert.equal(404, (b:call("GET", "/v2/service_instances/p2/last_operation")))
   end)
 

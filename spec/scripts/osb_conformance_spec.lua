@@ -2,7 +2,6 @@
 -- ../shared/OSB-CHECKLIST.md endpoint by endpoint. Real broker, real processes.
 local Broker = require "spec.support.broker"
 local proc = require "forge.proc"
-local store = require "forge.store"
 
 local R, D = Broker.redis, Broker.dummy
 
@@ -28,25 +27,14 @@ local b
 local function inst(id) return "/v2/service_instances/" .. id end
 local function bnd(id, bid) return inst(id) .. "/service_bindings/" .. bid end
 
-local function store_dump()
-  local db = assert(store.open(b.state_dir .. "/forge.db"))
-  local kvs = db:range("")
-  db:close()
-  local t = {}
-  for _, kv in ipairs(kvs) do
-    if not kv.key:match("^lock/") then t[kv.key] = kv.value end
-  end
-  return t
-end
-
 -- Call and assert that a refused request changed nothing in the store.
 local function refused(status, code, method, path, body, headers)
-  local before = store_dump()
+  local before = b:records()
   local got, raw, hdrs, json = b:call(method, path, body, headers)
   assert.equal(status, got, raw)
   assert.equal(code, json and json.error, raw)
   assert.is_true(type(json.description) == "string" and #json.description > 0)
-  assert.same(before, store_dump())
+  assert.same(before, b:records())
   return json, hdrs
 end
 

@@ -42,12 +42,7 @@ function service.unbind() return { run = {} } end
 return service
 ]]):format(HOSTILE, HOSTILE_PLAN)
 
-local function write(path, text)
-  local f = assert(io.open(path .. ".tmp", "w"))
-  f:write(text)
-  f:close()
-  assert(os.rename(path .. ".tmp", path))
-end
+local write = require("spec.support.files").write
 
 describe("hot reload", function()
   local b, dir

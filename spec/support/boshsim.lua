@@ -1,5 +1,6 @@
 -- Start and stop simulated BOSH directors (scripts/forge/boshsim.lua) as child processes for specs.
 local proc = require "forge.proc"
+local files = require "spec.support.files"
 local client = require "spec.support.client"
 local cjson = require "cjson"
 
@@ -61,13 +62,7 @@ function M.start(opts)
   error("boshsim did not come up:\n" .. self:read_log())
 end
 
-function M:read_log()
-  local f = io.open(self.log, "rb")
-  if not f then return "" end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+function M:read_log() return files.read(self.log) end
 
 --- A forge.bosh handle for this sim (opts override the credentials).
 function M:director(opts)

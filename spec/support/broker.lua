@@ -2,6 +2,7 @@
 local proc = require "forge.proc"
 local client = require "spec.support.client"
 local cjson = require "cjson"
+local files = require "spec.support.files"
 
 local M = {}
 M.__index = M
@@ -89,12 +90,19 @@ function M:launch()
   error("broker did not come up:\n" .. self:read_log())
 end
 
-function M:read_log()
-  local f = io.open(self.log, "rb")
-  if not f then return "" end
-  local s = f:read("a")
-  f:close()
-  return s
+function M:read_log() return files.read(self.log) end
+
+--- The stored records as key -> "mod_revision:value", without the reconciler's lock
+-- bookkeeping (lock/ keys): what a refused request must leave unchanged.
+function M:records()
+  local db = assert(require("forge.store").open(self.state_dir .. "/forge.db"))
+  local kvs = db:range("")
+  db:close()
+  local t = {}
+  for _, kv in ipairs(kvs) do
+    if not kv.key:match("^lock/") then t[kv.key] = kv.mod_revision .. ":" .. kv.value end
+  end
+  return t
 end
 
 function M:url(path) return "http://127.0.0.1:" .. self.port .. path end
