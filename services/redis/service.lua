@@ -89,28 +89,29 @@ local function admin_cli(host, port, password, stdin, expect)
   }
 end
 
+-- redis.conf of node i: templates/local.yml merged with the node's own settings (forge.yaml).
 local function redis_conf(ctx, i, admin_password)
   local name = node_name(i)
-  local lines = {
-    "bind " .. ctx.host,
-    "port " .. ctx.ports[i],
-    "daemonize no",
-    "protected-mode yes",
-    "dir " .. ctx.dir .. "/" .. name,
-    "aclfile " .. ctx.dir .. "/" .. name .. "/users.acl",
-    "appendonly yes",
-    "save ''",
-    "logfile ''",
-    "repl-diskless-sync-delay 0",
+  local node = {
+    bind = ctx.host,
+    port = ctx.ports[i],
+    dir = ctx.dir .. "/" .. name,
+    aclfile = ctx.dir .. "/" .. name .. "/users.acl",
   }
   local params = ctx.parameters or {}
-  if params.maxmemory_mb then lines[#lines + 1] = "maxmemory " .. params.maxmemory_mb .. "mb" end
-  if params.maxmemory_policy then lines[#lines + 1] = "maxmemory-policy " .. params.maxmemory_policy end
+  if params.maxmemory_mb then node.maxmemory = params.maxmemory_mb .. "mb" end
+  if params.maxmemory_policy then node["maxmemory-policy"] = params.maxmemory_policy end
   if i > 1 then
-    lines[#lines + 1] = "replicaof " .. ctx.host .. " " .. ctx.ports[1]
-    lines[#lines + 1] = "masteruser " .. ADMIN
-    lines[#lines + 1] = "masterauth " .. admin_password
+    node.replicaof = ctx.host .. " " .. ctx.ports[1]
+    node.masteruser = ADMIN
+    node.masterauth = admin_password
   end
+  local doc = assert(forge.yaml.merge({ ctx.templates["local.yml"], { settings = node } }))
+  local keys = {}
+  for k in pairs(doc.settings) do keys[#keys + 1] = k end
+  table.sort(keys)
+  local lines = {}
+  for n, k in ipairs(keys) do lines[n] = k .. " " .. tostring(doc.settings[k]) end
   return table.concat(lines, "\n") .. "\n"
 end
 

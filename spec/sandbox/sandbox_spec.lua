@@ -293,7 +293,8 @@ describe("forge.sandbox", function()
 
     local function ctx(secrets)
       return { instance_id = "i1", binding_id = "b1", plan = { nodes = 3, name = "3-servers" }, host = "127.0.0.1",
-        ports = { 1, 2, 3 }, dir = "/tmp/x", secrets = secrets or {}, parameters = {} }
+        ports = { 1, 2, 3 }, dir = "/tmp/x", secrets = secrets or {}, parameters = {},
+        templates = { ["local.yml"] = read("services/redis/templates/local.yml") } }
     end
 
     -- the broker's way: forge.services builds the service in its own sandbox and calls hooks
