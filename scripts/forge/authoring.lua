@@ -131,8 +131,26 @@ function M.check(path, limits)
   return failed == 0 and 0 or 1
 end
 
---- forge render <service> <plan> [--params JSON]: the deployment that would run (dry run).
-function M.render(dir, service_name, plan_name, params_json, limits)
+-- A sample BOSH target for dry runs when no director is configured.
+local SAMPLE_BOSH = { type = "bosh", url = "https://192.0.2.6:25555", networks = { { name = "default",
+  cidr = "10.244.0.0/24", static = { "10.244.0.10 - 10.244.0.100" }, azs = { "z1" } } } }
+
+-- The BOSH manifest a plan renders on `target_cfg`, with IPs from a throw-away in-memory pool.
+local function render_bosh(svc, plan, params, name, target_cfg)
+  local bosh = require("forge.targets.bosh").new(name, target_cfg, "/nonexistent")
+  local db = assert(require("forge.store").open(":memory:"))
+  local rec = { id = "dry-run", parameters = params, deployment_name = svc.name .. "-dry-run", secrets = {} }
+  local ok, claim, _, _, msg = pcall(bosh.render, bosh, db, svc, plan, rec, function(hook, ...)
+    return services.call(svc, hook, ...)
+  end)
+  db:close()
+  if not ok then return nil, tostring(claim) end
+  if not claim then return nil, msg end
+  return rec.manifest
+end
+
+--- forge render <service> <plan> [--params JSON] [--target NAME]: what would run (dry run).
+function M.render(dir, service_name, plan_name, params_json, limits, target, config)
   local params = {}
   if params_json then
     params = util.json_decode(params_json)
@@ -164,6 +182,21 @@ function M.render(dir, service_name, plan_name, params_json, limits)
       complain("forge render: ", msg)
       return 1
     end
+  end
+  if target and target ~= "local" then
+    local cfg = target == "sample" and SAMPLE_BOSH or (config and config.targets[target])
+    if not cfg or cfg.type ~= "bosh" then
+      complain("forge render: no BOSH target '", target, "' in the config (or use --target sample)")
+      return 1
+    end
+    local manifest, merr = render_bosh(svc, plan, params, target, cfg)
+    if not manifest then
+      complain("forge render: ", merr)
+      return 1
+    end
+    io.stdout:write("# dry run of ", svc.name, "/", plan.name, " on BOSH target ", target, " (version ", svc.hash,
+      "); IPs and secrets are samples\n", manifest)
+    return 0
   end
   local deployment, err = render(svc, plan, params)
   if not deployment then

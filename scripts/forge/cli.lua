@@ -70,8 +70,9 @@ end
 local HELP = {
   check = "usage: forge check [DIR] [--services DIR]\n  Load each service in the sandbox, validate its catalog entry, "
     .. "render every plan with\n  sample parameters and run bind/unbind; prints one line per problem (file: message).\n",
-  render = "usage: forge render SERVICE PLAN [--params JSON] [--services DIR]\n  Print the deployment a plan "
-    .. "would run, as YAML. Nothing is started or stored.\n",
+  render = "usage: forge render SERVICE PLAN [--params JSON] [--target NAME] [--services DIR]\n  Print the "
+    .. "deployment a plan would run, as YAML: local processes, or with --target the BOSH manifest\n  for that "
+    .. "configured director (--target sample: a sample network). Nothing is started or stored.\n",
   new = "usage: forge new NAME [--services DIR]\n  Scaffold DIR/NAME: service.lua with fresh GUIDs, templates/, "
     .. "README.md and a spec.\n",
   install = "usage: forge install PKG.tgz [--services DIR]\n  Check a .tgz holding one service folder and move it "
@@ -84,10 +85,10 @@ local function authoring_setup(opts)
   local path = opts.config or (file_exists("forge.yml") and "forge.yml" or nil)
   local config, err = require("forge.config").load(path)
   if not config then return nil, err end
-  return opts.services or config.services_dir, config.sandbox
+  return opts.services or config.services_dir, config.sandbox, config
 end
 
-local AUTHORING_OPTIONS = { services = "value", config = "value", params = "value", help = "flag" }
+local AUTHORING_OPTIONS = { services = "value", config = "value", params = "value", target = "value", help = "flag" }
 
 local function authoring(name, min_args, max_args, run)
   commands[name] = function(args)
@@ -104,20 +105,20 @@ local function authoring(name, min_args, max_args, run)
       io.stderr:write(HELP[name])
       return 2
     end
-    local dir, limits = authoring_setup(opts)
+    local dir, limits, config = authoring_setup(opts)
     if not dir then
       io.stderr:write("forge ", name, ": ", limits, "\n")
       return 2
     end
-    return run(pos, opts, dir, limits)
+    return run(pos, opts, dir, limits, config)
   end
 end
 
 authoring("check", 0, 1, function(pos, _, dir, limits)
   return require("forge.authoring").check(pos[1] or dir, limits)
 end)
-authoring("render", 2, 2, function(pos, opts, dir, limits)
-  return require("forge.authoring").render(dir, pos[1], pos[2], opts.params, limits)
+authoring("render", 2, 2, function(pos, opts, dir, limits, config)
+  return require("forge.authoring").render(dir, pos[1], pos[2], opts.params, limits, opts.target, config)
 end)
 authoring("new", 1, 1, function(pos, _, dir)
   return require("forge.authoring").new(pos[1], dir)
