@@ -46,6 +46,7 @@
 #include <curl/curl.h>
 
 #include "forge/forge.h"
+#include "ltxn.h"
 
 #define ETCD_MT             "forge.etcd.db"
 #define ETCD_KEY_MAX        1024
@@ -1128,28 +1129,6 @@ static int etcd_call(struct etcd *e, const char *path, int flags, long budget_ms
  * Request builders (no Lua; strings point into Lua values anchored by the caller)
  * ------------------------------------------------------------------------- */
 
-enum { CMP_MODREV, CMP_EXISTS, CMP_VALUE };
-enum { OP_PUT, OP_DELETE, OP_DELPREFIX };
-
-struct cmp {
-    int kind;
-    const char *key;
-    size_t klen;
-    lua_Integer n;                  /* mod_revision, or exists as 0/1 */
-    const char *val;
-    size_t vlen;
-};
-
-struct op {
-    int kind;
-    const char *key;                /* key, or prefix for OP_DELPREFIX */
-    size_t klen;
-    const char *val;
-    size_t vlen;
-    lua_Integer lease;              /* 0 = none */
-};
-
-
 static void req_begin(struct etcd *e)
 {
     etcd_trim(e);
@@ -1196,12 +1175,12 @@ static void add_range_keys(struct etcd *e, struct buf *b, const char *p, size_t 
 }
 
 
-static void add_cmp(struct etcd *e, struct buf *b, const struct cmp *c)
+static void add_cmp(struct etcd *e, struct buf *b, const struct txn_cmp *c)
 {
     buf_adds(b, "{\"key\":");
     add_key(e, b, c->key, c->klen);
     switch (c->kind) {
-    case CMP_MODREV:
+    case TXN_CMP_MODREV:
         if (c->n == 0) {        /* absent: never created */
             buf_adds(b, ",\"target\":\"CREATE\",\"result\":\"EQUAL\",\"create_revision\":\"0\"}");
             return;
@@ -1209,7 +1188,7 @@ static void add_cmp(struct etcd *e, struct buf *b, const struct cmp *c)
         buf_adds(b, ",\"target\":\"MOD\",\"result\":\"EQUAL\",\"mod_revision\":");
         buf_addint(b, (long long)c->n);
         break;
-    case CMP_EXISTS:
+    case TXN_CMP_EXISTS:
         buf_adds(b, c->n ? ",\"target\":\"VERSION\",\"result\":\"GREATER\",\"version\":\"0\""
                          : ",\"target\":\"VERSION\",\"result\":\"EQUAL\",\"version\":\"0\"");
         break;
@@ -1224,16 +1203,16 @@ static void add_cmp(struct etcd *e, struct buf *b, const struct cmp *c)
 
 
 /* A PutRequest / DeleteRangeRequest body, without the op wrapper. */
-static void add_op_body(struct etcd *e, struct buf *b, const struct op *o)
+static void add_op_body(struct etcd *e, struct buf *b, const struct txn_op *o)
 {
     buf_adds(b, "{");
-    if (o->kind == OP_DELPREFIX) {
+    if (o->kind == TXN_OP_DELPREFIX) {
         add_range_keys(e, b, o->key, o->klen);
     } else {
         buf_adds(b, "\"key\":");
         add_key(e, b, o->key, o->klen);
     }
-    if (o->kind == OP_PUT) {
+    if (o->kind == TXN_OP_PUT) {
         buf_adds(b, ",\"value\":\"");
         buf_addb64(b, o->val, o->vlen, NULL, 0);
         buf_adds(b, "\"");
@@ -1246,9 +1225,9 @@ static void add_op_body(struct etcd *e, struct buf *b, const struct op *o)
 }
 
 
-static void add_op(struct etcd *e, struct buf *b, const struct op *o)
+static void add_op(struct etcd *e, struct buf *b, const struct txn_op *o)
 {
-    buf_adds(b, o->kind == OP_PUT ? "{\"request_put\":" : "{\"request_delete_range\":");
+    buf_adds(b, o->kind == TXN_OP_PUT ? "{\"request_put\":" : "{\"request_delete_range\":");
     add_op_body(e, b, o);
     buf_adds(b, "}");
 }
@@ -1258,8 +1237,8 @@ static void add_op(struct etcd *e, struct buf *b, const struct op *o)
  * A TxnRequest. With probe_key, the failure branch instead reads that key (to
  * report the mod_revision found on a CAS conflict).
  */
-static void build_txn(struct etcd *e, const struct cmp *cmps, size_t ncmp,
-                      const struct op *const ops[2], const size_t nops[2], const struct cmp *probe)
+static void build_txn(struct etcd *e, const struct txn_cmp *cmps, size_t ncmp,
+                      const struct txn_op *const ops[2], const size_t nops[2], const struct txn_cmp *probe)
 {
     struct buf *b = &e->req;
     buf_adds(b, "{\"compare\":[");
@@ -1390,24 +1369,11 @@ static struct etcd *etcd_check(lua_State *L, int idx)
 }
 
 
-/* NULL if k is a valid key, else why not. Prefixes may be empty. */
-static const char *key_problem(const char *k, size_t len, int allow_empty)
-{
-    if (len == 0 && !allow_empty)
-        return "key must be a non-empty string";
-    if (len > ETCD_KEY_MAX)
-        return "key longer than 1024 bytes";
-    if (memchr(k, '\0', len))
-        return "key contains a NUL byte";
-    return NULL;
-}
-
-
 static const char *check_key_arg(lua_State *L, int arg, size_t *len, int allow_empty)
 {
     luaL_argexpected(L, lua_type(L, arg) == LUA_TSTRING, arg, "string");
     const char *k = lua_tolstring(L, arg, len);
-    const char *why = key_problem(k, *len, allow_empty);
+    const char *why = forge_txn_keyproblem(k, *len, allow_empty);
     if (why)
         luaL_argerror(L, arg, why);
     return k;
@@ -1432,6 +1398,11 @@ static lua_Integer check_lease_value(lua_State *L, int idx, const char *what)
         luaL_error(L, "%s: lease must be an integer id > 0", what);
     return id;
 }
+
+
+/* etcd bounds compare values like put values, and a txn put may carry a lease. */
+static const struct txn_rules etcd_txn_rules = {.bound_cmp_value = 1, .check_lease = check_lease_value};
+_Static_assert(ETCD_KEY_MAX == TXN_KEY_MAX && ETCD_VALUE_MAX == TXN_VALUE_MAX, "etcd and txn limits differ");
 
 
 /*
@@ -1460,190 +1431,6 @@ static int opt_write(lua_State *L, int arg, const char *what, int allow_lease,
         lua_pop(L, 1);
     }
     return given;
-}
-
-
-/* t[name] without metamethods. Stack: [...] -> [..., t[name]]; returns its type. */
-static int rawfield(lua_State *L, int t, const char *name)
-{
-    lua_pushstring(L, name);
-    return lua_rawget(L, t);
-}
-
-
-#define TXN_USAGE "usage: db:txn{compare={...}, success={...}, failure={...}}"
-
-/*
- * The array txn[name] (absent or nil = empty); raises unless it is a proper
- * sequence of tables.
- * Stack: [...] -> [..., array or nil]; returns its length.
- */
-static size_t txn_array(lua_State *L, int txn, const char *name)
-{
-    if (rawfield(L, txn, name) == LUA_TNIL)
-        return 0;
-    if (!lua_istable(L, -1))
-        luaL_error(L, "txn: '%s' must be an array of tables (" TXN_USAGE ")", name);
-    int arr = lua_gettop(L);
-    size_t n = (size_t)lua_rawlen(L, arr), count = 0;
-    lua_pushnil(L);
-    while (lua_next(L, arr)) {
-        lua_pop(L, 1);
-        count++;
-    }
-    if (count != n)
-        luaL_error(L, "txn: '%s' must be an array (no holes or named fields)", name);
-    for (size_t i = 1; i <= n; i++) {
-        if (lua_rawgeti(L, arr, (lua_Integer)i) != LUA_TTABLE)
-            luaL_error(L, "txn: %s[%d] must be a table", name, (int)i);
-        lua_pop(L, 1);
-    }
-    return n;
-}
-
-
-/* A key or prefix field of entry e; raises if missing or invalid. Stack unchanged. */
-static const char *txn_keyfield(lua_State *L, int e, const char *field, const char *where,
-                                int i, size_t *len, int allow_empty)
-{
-    if (rawfield(L, e, field) != LUA_TSTRING)
-        luaL_error(L, "txn: %s[%d].%s must be a string", where, i, field);
-    const char *k = lua_tolstring(L, -1, len);
-    lua_pop(L, 1);
-    const char *why = key_problem(k, *len, allow_empty);
-    if (why)
-        luaL_error(L, "txn: %s[%d].%s: %s", where, i, field, why);
-    return k;
-}
-
-
-/* Parse txn.compare into a GC-owned array. Stack: [...] -> [..., buf (userdata)] */
-static struct cmp *txn_parse_cmps(lua_State *L, int txn, size_t *ncmp)
-{
-    static const char *const keys[] = {"key", "mod_revision", "exists", "value", NULL};
-    size_t n = txn_array(L, txn, "compare");
-    int arr = lua_gettop(L);
-    struct cmp *cmps = lua_newuserdatauv(L, n ? n * sizeof *cmps : 1, 0);
-    for (size_t i = 0; i < n; i++) {
-        struct cmp *c = &cmps[i];
-        int ii = (int)i + 1;
-        memset(c, 0, sizeof *c);
-        lua_rawgeti(L, arr, (lua_Integer)ii);
-        int e = lua_gettop(L);
-        forge_checkkeys(L, e, "txn compare", keys);
-        c->key = txn_keyfield(L, e, "key", "compare", ii, &c->klen, 0);
-        int given = 0;
-        if (rawfield(L, e, "mod_revision") != LUA_TNIL) {
-            int isint;
-            c->kind = CMP_MODREV;
-            c->n = lua_tointegerx(L, -1, &isint);
-            if (!isint || c->n < 0)
-                luaL_error(L, "txn: compare[%d].mod_revision must be an integer >= 0", ii);
-            given++;
-        }
-        if (rawfield(L, e, "exists") != LUA_TNIL) {
-            if (!lua_isboolean(L, -1))
-                luaL_error(L, "txn: compare[%d].exists must be a boolean", ii);
-            c->kind = CMP_EXISTS;
-            c->n = lua_toboolean(L, -1);
-            given++;
-        }
-        if (rawfield(L, e, "value") != LUA_TNIL) {
-            if (lua_type(L, -1) != LUA_TSTRING)
-                luaL_error(L, "txn: compare[%d].value must be a string", ii);
-            c->kind = CMP_VALUE;
-            c->val = lua_tolstring(L, -1, &c->vlen);
-            if (c->vlen > ETCD_VALUE_MAX)
-                luaL_error(L, "txn: compare[%d].value larger than 8 MiB", ii);
-            given++;
-        }
-        if (given != 1)
-            luaL_error(L, "txn: compare[%d] needs exactly one of mod_revision, exists, value", ii);
-        lua_settop(L, e - 1);
-    }
-    lua_remove(L, arr);
-    *ncmp = n;
-    return cmps;
-}
-
-
-static int has_prefix(const char *k, size_t klen, const char *p, size_t plen)
-{
-    return klen >= plen && memcmp(k, p, plen) == 0;
-}
-
-
-/*
- * Parse txn[name] (success or failure) into a GC-owned array. As etcd, a put
- * key may not be written twice nor also deleted in the same branch.
- * Stack: [...] -> [..., buf (userdata)]
- */
-static struct op *txn_parse_ops(lua_State *L, int txn, const char *name, size_t *nops)
-{
-    static const char *const keys[] = {"op", "key", "value", "prefix", "lease", NULL};
-    size_t n = txn_array(L, txn, name);
-    int arr = lua_gettop(L);
-    struct op *ops = lua_newuserdatauv(L, n ? n * sizeof *ops : 1, 0);
-    for (size_t i = 0; i < n; i++) {
-        struct op *o = &ops[i];
-        int ii = (int)i + 1;
-        memset(o, 0, sizeof *o);
-        lua_rawgeti(L, arr, (lua_Integer)ii);
-        int e = lua_gettop(L);
-        forge_checkkeys(L, e, "txn op", keys);
-        if (rawfield(L, e, "op") != LUA_TSTRING)
-            luaL_error(L, "txn: %s[%d].op must be \"put\", \"delete\" or \"delete_prefix\"", name, ii);
-        const char *opname = lua_tostring(L, -1);
-        int has_key = rawfield(L, e, "key") != LUA_TNIL;
-        int has_val = rawfield(L, e, "value") != LUA_TNIL;
-        int has_pfx = rawfield(L, e, "prefix") != LUA_TNIL;
-        int has_lease = rawfield(L, e, "lease") != LUA_TNIL;
-        if (strcmp(opname, "put") == 0) {
-            o->kind = OP_PUT;
-            if (has_pfx)
-                luaL_error(L, "txn: %s[%d]: put takes key and value, not prefix", name, ii);
-            o->key = txn_keyfield(L, e, "key", name, ii, &o->klen, 0);
-            if (rawfield(L, e, "value") != LUA_TSTRING)
-                luaL_error(L, "txn: %s[%d].value must be a string", name, ii);
-            o->val = lua_tolstring(L, -1, &o->vlen);
-            if (o->vlen > ETCD_VALUE_MAX)
-                luaL_error(L, "txn: %s[%d].value larger than 8 MiB", name, ii);
-            if (has_lease) {
-                rawfield(L, e, "lease");
-                o->lease = check_lease_value(L, -1, "txn put");
-            }
-        } else if (strcmp(opname, "delete") == 0) {
-            o->kind = OP_DELETE;
-            if (has_val || has_pfx || has_lease)
-                luaL_error(L, "txn: %s[%d]: delete takes only key", name, ii);
-            o->key = txn_keyfield(L, e, "key", name, ii, &o->klen, 0);
-        } else if (strcmp(opname, "delete_prefix") == 0) {
-            o->kind = OP_DELPREFIX;
-            if (has_val || has_key || has_lease)
-                luaL_error(L, "txn: %s[%d]: delete_prefix takes only prefix", name, ii);
-            o->key = txn_keyfield(L, e, "prefix", name, ii, &o->klen, 1);
-        } else {
-            luaL_error(L, "txn: %s[%d]: unknown op '%s' (put, delete, delete_prefix)", name, ii, opname);
-        }
-        lua_settop(L, e - 1);
-    }
-    for (size_t i = 0; i < n; i++) {
-        if (ops[i].kind != OP_PUT)
-            continue;
-        for (size_t j = 0; j < n; j++) {
-            if (j == i || (ops[j].kind == OP_PUT && j < i))
-                continue;
-            int clash = ops[j].kind == OP_DELPREFIX
-                        ? has_prefix(ops[i].key, ops[i].klen, ops[j].key, ops[j].klen)
-                        : ops[j].klen == ops[i].klen && memcmp(ops[j].key, ops[i].key, ops[i].klen) == 0;
-            if (clash)
-                luaL_error(L, "txn: %s: key '%s' is put and also %s in the same branch", name,
-                           ops[i].key, ops[j].kind == OP_PUT ? "put again" : "deleted");
-        }
-    }
-    lua_remove(L, arr);
-    *nops = n;
-    return ops;
 }
 
 
@@ -1925,7 +1712,7 @@ static int l_range(lua_State *L)
  * A single put or delete, with prev_revision as a CAS txn. On success pushes
  * the revision (and the deleted count for a delete).
  */
-static int write_one(lua_State *L, struct etcd *e, const char *what, const struct op *o,
+static int write_one(lua_State *L, struct etcd *e, const char *what, const struct txn_op *o,
                      int cas, lua_Integer prev)
 {
     struct res r;
@@ -1933,14 +1720,14 @@ static int write_one(lua_State *L, struct etcd *e, const char *what, const struc
     req_begin(e);
     if (!cas) {
         add_op_body(e, &e->req, o);
-        if (etcd_call(e, o->kind == OP_PUT ? "/v3/kv/put" : "/v3/kv/deleterange", 0, e->timeout_ms, &r) < 0)
+        if (etcd_call(e, o->kind == TXN_OP_PUT ? "/v3/kv/put" : "/v3/kv/deleterange", 0, e->timeout_ms, &r) < 0)
             return push_res(L, e, &r, what);
         if (header_revision(e, 0, &rev, &r) < 0
             || jint(e, jfield(e, 0, "deleted"), 0, &deleted) < 0)
             return malformed(&r, "bad deleted count"), push_res(L, e, &r, what);
     } else {
-        struct cmp c = {.kind = CMP_MODREV, .key = o->key, .klen = o->klen, .n = prev};
-        const struct op *ops[2] = {o, NULL};
+        struct txn_cmp c = {.kind = TXN_CMP_MODREV, .key = o->key, .klen = o->klen, .n = prev};
+        const struct txn_op *ops[2] = {o, NULL};
         const size_t nops[2] = {1, 0};
         build_txn(e, &c, 1, ops, nops, &c);
         if (etcd_call(e, "/v3/kv/txn", 0, e->timeout_ms, &r) < 0)
@@ -1959,13 +1746,13 @@ static int write_one(lua_State *L, struct etcd *e, const char *what, const struc
                 return malformed(&r, "bad range in txn answer"), push_res(L, e, &r, what);
             return push_conflict(L, e, what, o->key, prev, found);
         }
-        if (o->kind != OP_PUT
+        if (o->kind != TXN_OP_PUT
             && jint(e, jfield(e, jfield(e, resp + 1, "response_delete_range"), "deleted"), 0, &deleted) < 0)
             return malformed(&r, "bad deleted count"), push_res(L, e, &r, what);
     }
     etcd_trim(e);
     lua_pushinteger(L, (lua_Integer)rev);
-    if (o->kind == OP_PUT)
+    if (o->kind == TXN_OP_PUT)
         return 1;
     lua_pushinteger(L, (lua_Integer)deleted);
     return 2;
@@ -1984,7 +1771,7 @@ static int write_one(lua_State *L, struct etcd *e, const char *what, const struc
 static int l_put(lua_State *L)
 {
     struct etcd *e = checkdb(L);
-    struct op o = {.kind = OP_PUT};
+    struct txn_op o = {.kind = TXN_OP_PUT};
     lua_Integer prev = 0;
     o.key = check_key_arg(L, 2, &o.klen, 0);
     o.val = check_value_arg(L, 3, &o.vlen);
@@ -2003,7 +1790,7 @@ static int l_put(lua_State *L)
 static int l_delete(lua_State *L)
 {
     struct etcd *e = checkdb(L);
-    struct op o = {.kind = OP_DELETE};
+    struct txn_op o = {.kind = TXN_OP_DELETE};
     lua_Integer prev = 0, lease = 0;
     o.key = check_key_arg(L, 2, &o.klen, 0);
     int cas = opt_write(L, 3, "delete", 0, &prev, &lease);
@@ -2029,16 +1816,13 @@ static int l_txn(lua_State *L)
     lua_settop(L, 2);
     forge_checkkeys(L, 2, "txn", keys);
 
-    size_t ncmp, nops[2];
-    const struct cmp *cmps = txn_parse_cmps(L, 2, &ncmp);          /* [db, t, cmps] */
-    const struct op *ops[2];
-    ops[0] = txn_parse_ops(L, 2, "success", &nops[0]);             /* [db, t, cmps, ok] */
-    ops[1] = txn_parse_ops(L, 2, "failure", &nops[1]);             /* [db, t, cmps, ok, ko] */
+    struct txn t;
+    forge_txn_parse(L, 2, &etcd_txn_rules, &t);                     /* [db, t, cmps, ok, ko] */
 
     struct res r;
     long long rev;
     req_begin(e);
-    build_txn(e, cmps, ncmp, ops, nops, NULL);
+    build_txn(e, t.cmps, t.ncmp, t.ops, t.nops, NULL);
     if (etcd_call(e, "/v3/kv/txn", 0, e->timeout_ms, &r) < 0)
         return push_res(L, e, &r, "txn");
     int ok = jbool(e, jfield(e, 0, "succeeded"));

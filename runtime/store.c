@@ -33,6 +33,7 @@
 #include <sqlite3.h>
 
 #include "forge/forge.h"
+#include "ltxn.h"
 
 #define STORE_MT          "forge.store.db"
 #define STORE_KEY_MAX     1024
@@ -282,24 +283,11 @@ static struct store *store_check(lua_State *L, int idx)
 }
 
 
-/* NULL if k is a valid key, else why not. Prefixes may be empty. */
-static const char *key_problem(const char *k, size_t len, int allow_empty)
-{
-    if (len == 0 && !allow_empty)
-        return "key must be a non-empty string";
-    if (len > STORE_KEY_MAX)
-        return "key longer than 1024 bytes";
-    if (memchr(k, '\0', len))
-        return "key contains a NUL byte";
-    return NULL;
-}
-
-
 static const char *check_key_arg(lua_State *L, int arg, size_t *len, int allow_empty)
 {
     luaL_argexpected(L, lua_type(L, arg) == LUA_TSTRING, arg, "string");
     const char *k = lua_tolstring(L, arg, len);
-    const char *why = key_problem(k, *len, allow_empty);
+    const char *why = forge_txn_keyproblem(k, *len, allow_empty);
     if (why)
         luaL_argerror(L, arg, why);
     return k;
@@ -363,27 +351,6 @@ static size_t prefix_end(const char *prefix, size_t plen, char *buf)
  * The write engine: compares + one branch of ops in one IMMEDIATE transaction
  * ------------------------------------------------------------------------- */
 
-enum { CMP_MODREV, CMP_EXISTS, CMP_VALUE };
-enum { OP_PUT, OP_DELETE, OP_DELPREFIX };
-
-/* Strings point into Lua strings anchored by the caller's arguments. */
-struct cmp {
-    int kind;
-    const char *key;
-    size_t klen;
-    lua_Integer n;                  /* mod_revision, or exists as 0/1 */
-    const char *val;
-    size_t vlen;
-};
-
-struct op {
-    int kind;
-    const char *key;                /* key, or prefix for OP_DELPREFIX */
-    size_t klen;
-    const char *val;
-    size_t vlen;
-};
-
 struct txnres {
     int succeeded;
     lua_Integer revision;
@@ -412,7 +379,7 @@ static int read_revision(struct store *s, lua_Integer *rev, struct sqlerr *e)
 }
 
 
-static int eval_cmp(struct store *s, const struct cmp *c, int *ok, lua_Integer *found, struct sqlerr *e)
+static int eval_cmp(struct store *s, const struct txn_cmp *c, int *ok, lua_Integer *found, struct sqlerr *e)
 {
     sqlite3_stmt *st = s->st[ST_GET];
     sqlite3_bind_blob(st, 1, c->key, (int)c->klen, SQLITE_STATIC);
@@ -420,10 +387,10 @@ static int eval_cmp(struct store *s, const struct cmp *c, int *ok, lua_Integer *
     if (rc == SQLITE_ROW) {
         *found = sqlite3_column_int64(st, 1);
         switch (c->kind) {
-        case CMP_MODREV:
+        case TXN_CMP_MODREV:
             *ok = *found == c->n;
             break;
-        case CMP_EXISTS:
+        case TXN_CMP_EXISTS:
             *ok = c->n != 0;
             break;
         default: {
@@ -435,7 +402,7 @@ static int eval_cmp(struct store *s, const struct cmp *c, int *ok, lua_Integer *
         rc = SQLITE_OK;
     } else if (rc == SQLITE_DONE) {
         *found = 0;
-        *ok = c->kind == CMP_MODREV ? c->n == 0 : c->kind == CMP_EXISTS ? c->n == 0 : 0;
+        *ok = c->kind == TXN_CMP_MODREV ? c->n == 0 : c->kind == TXN_CMP_EXISTS ? c->n == 0 : 0;
         rc = SQLITE_OK;
     } else {
         sql_fail(s, e, rc);
@@ -446,18 +413,18 @@ static int eval_cmp(struct store *s, const struct cmp *c, int *ok, lua_Integer *
 
 
 /* Apply one op at revision rev; *changed = number of keys written. */
-static int apply_op(struct store *s, const struct op *o, lua_Integer rev, int *changed, struct sqlerr *e)
+static int apply_op(struct store *s, const struct txn_op *o, lua_Integer rev, int *changed, struct sqlerr *e)
 {
     sqlite3_stmt *st;
     char end[STORE_KEY_MAX + 1];
     switch (o->kind) {
-    case OP_PUT:
+    case TXN_OP_PUT:
         st = s->st[ST_PUT];
         sqlite3_bind_blob(st, 1, o->key, (int)o->klen, SQLITE_STATIC);
         sqlite3_bind_blob(st, 2, o->val, (int)o->vlen, SQLITE_STATIC);
         sqlite3_bind_int64(st, 3, rev);
         break;
-    case OP_DELETE:
+    case TXN_OP_DELETE:
         st = s->st[ST_DEL];
         sqlite3_bind_blob(st, 1, o->key, (int)o->klen, SQLITE_STATIC);
         break;
@@ -485,8 +452,8 @@ static int apply_op(struct store *s, const struct op *o, lua_Integer rev, int *c
  * written. Returns SQLITE_OK (r filled) or an error code (r->err filled,
  * nothing written).
  */
-static int txn_run(struct store *s, const struct cmp *cmps, size_t ncmp,
-                   const struct op *const ops[2], const size_t nops[2], struct txnres *r)
+static int txn_run(struct store *s, const struct txn_cmp *cmps, size_t ncmp,
+                   const struct txn_op *const ops[2], const size_t nops[2], struct txnres *r)
 {
     lua_Integer rev;
     int rc, writes = 0;
@@ -516,7 +483,7 @@ static int txn_run(struct store *s, const struct cmp *cmps, size_t ncmp,
         if ((rc = apply_op(s, &ops[b][i], rev + 1, &changed, &r->err)) != SQLITE_OK)
             goto fail;
         writes += changed;
-        if (ops[b][i].kind != OP_PUT)
+        if (ops[b][i].kind != TXN_OP_PUT)
             r->deleted += changed;
     }
     if (writes) {
@@ -763,14 +730,14 @@ static int l_range(lua_State *L)
 static int l_put(lua_State *L)
 {
     struct store *s = checkdb(L);
-    struct cmp c = {.kind = CMP_MODREV};
-    struct op o = {.kind = OP_PUT};
+    struct txn_cmp c = {.kind = TXN_CMP_MODREV};
+    struct txn_op o = {.kind = TXN_OP_PUT};
     o.key = c.key = check_key_arg(L, 2, &o.klen, 0);
     c.klen = o.klen;
     o.val = check_value_arg(L, 3, &o.vlen);
     size_t ncmp = (size_t)opt_prev_revision(L, 4, "put", &c.n);
 
-    const struct op *ops[2] = {&o, NULL};
+    const struct txn_op *ops[2] = {&o, NULL};
     const size_t nops[2] = {1, 0};
     struct txnres r;
     if (txn_run(s, &c, ncmp, ops, nops, &r) != SQLITE_OK)
@@ -792,13 +759,13 @@ static int l_put(lua_State *L)
 static int l_delete(lua_State *L)
 {
     struct store *s = checkdb(L);
-    struct cmp c = {.kind = CMP_MODREV};
-    struct op o = {.kind = OP_DELETE};
+    struct txn_cmp c = {.kind = TXN_CMP_MODREV};
+    struct txn_op o = {.kind = TXN_OP_DELETE};
     o.key = c.key = check_key_arg(L, 2, &o.klen, 0);
     c.klen = o.klen;
     size_t ncmp = (size_t)opt_prev_revision(L, 3, "delete", &c.n);
 
-    const struct op *ops[2] = {&o, NULL};
+    const struct txn_op *ops[2] = {&o, NULL};
     const size_t nops[2] = {1, 0};
     struct txnres r;
     if (txn_run(s, &c, ncmp, ops, nops, &r) != SQLITE_OK)
@@ -811,188 +778,9 @@ static int l_delete(lua_State *L)
 }
 
 
-/*
- * t[name] without metamethods, so a string it returns stays anchored by t.
- * Stack: [...] -> [..., t[name]]; returns its type.
- */
-static int rawfield(lua_State *L, int t, const char *name)
-{
-    lua_pushstring(L, name);
-    return lua_rawget(L, t);
-}
-
-
-#define TXN_USAGE "usage: db:txn{compare={...}, success={...}, failure={...}}"
-
-/*
- * The array txn[name] (absent or nil = empty); raises unless it is a proper
- * sequence of tables.
- * Stack: [...] -> [..., array or nil]; returns its length.
- */
-static size_t txn_array(lua_State *L, int txn, const char *name)
-{
-    if (rawfield(L, txn, name) == LUA_TNIL)
-        return 0;
-    if (!lua_istable(L, -1))
-        luaL_error(L, "txn: '%s' must be an array of tables (" TXN_USAGE ")", name);
-    int arr = lua_gettop(L);
-    size_t n = (size_t)lua_rawlen(L, arr), count = 0;
-    lua_pushnil(L);
-    while (lua_next(L, arr)) {
-        lua_pop(L, 1);
-        count++;
-    }
-    if (count != n)
-        luaL_error(L, "txn: '%s' must be an array (no holes or named fields)", name);
-    for (size_t i = 1; i <= n; i++) {
-        if (lua_rawgeti(L, arr, (lua_Integer)i) != LUA_TTABLE)
-            luaL_error(L, "txn: %s[%d] must be a table", name, (int)i);
-        lua_pop(L, 1);
-    }
-    return n;
-}
-
-
-/*
- * A key or prefix field of entry e; raises if missing or invalid.
- * Stack unchanged (the string stays anchored by the entry table).
- */
-static const char *txn_keyfield(lua_State *L, int e, const char *field, const char *where,
-                                int i, size_t *len, int allow_empty)
-{
-    if (rawfield(L, e, field) != LUA_TSTRING)
-        luaL_error(L, "txn: %s[%d].%s must be a string", where, i, field);
-    const char *k = lua_tolstring(L, -1, len);
-    lua_pop(L, 1);
-    const char *why = key_problem(k, *len, allow_empty);
-    if (why)
-        luaL_error(L, "txn: %s[%d].%s: %s", where, i, field, why);
-    return k;
-}
-
-
-/*
- * Parse txn.compare into a GC-owned array.
- * Stack: [...] -> [..., buf (userdata)]
- */
-static struct cmp *txn_parse_cmps(lua_State *L, int txn, size_t *ncmp)
-{
-    static const char *const keys[] = {"key", "mod_revision", "exists", "value", NULL};
-    size_t n = txn_array(L, txn, "compare");
-    int arr = lua_gettop(L);
-    struct cmp *cmps = lua_newuserdatauv(L, n ? n * sizeof *cmps : 1, 0);
-    for (size_t i = 0; i < n; i++) {
-        struct cmp *c = &cmps[i];
-        int ii = (int)i + 1;
-        lua_rawgeti(L, arr, (lua_Integer)ii);
-        int e = lua_gettop(L);
-        forge_checkkeys(L, e, "txn compare", keys);
-        c->key = txn_keyfield(L, e, "key", "compare", ii, &c->klen, 0);
-        int given = 0;
-        if (rawfield(L, e, "mod_revision") != LUA_TNIL) {
-            int isint;
-            c->kind = CMP_MODREV;
-            c->n = lua_tointegerx(L, -1, &isint);
-            if (!isint || c->n < 0)
-                luaL_error(L, "txn: compare[%d].mod_revision must be an integer >= 0", ii);
-            given++;
-        }
-        if (rawfield(L, e, "exists") != LUA_TNIL) {
-            if (!lua_isboolean(L, -1))
-                luaL_error(L, "txn: compare[%d].exists must be a boolean", ii);
-            c->kind = CMP_EXISTS;
-            c->n = lua_toboolean(L, -1);
-            given++;
-        }
-        if (rawfield(L, e, "value") != LUA_TNIL) {
-            if (lua_type(L, -1) != LUA_TSTRING)
-                luaL_error(L, "txn: compare[%d].value must be a string", ii);
-            c->kind = CMP_VALUE;
-            c->val = lua_tolstring(L, -1, &c->vlen);
-            given++;
-        }
-        if (given != 1)
-            luaL_error(L, "txn: compare[%d] needs exactly one of mod_revision, exists, value", ii);
-        lua_settop(L, e - 1);
-    }
-    lua_remove(L, arr);
-    *ncmp = n;
-    return cmps;
-}
-
-
-static int has_prefix(const char *k, size_t klen, const char *p, size_t plen)
-{
-    return klen >= plen && memcmp(k, p, plen) == 0;
-}
-
-
-/*
- * Parse txn[name] (success or failure) into a GC-owned array. As etcd, a put
- * key may not be written twice nor also deleted in the same branch.
- * Stack: [...] -> [..., buf (userdata)]
- */
-static struct op *txn_parse_ops(lua_State *L, int txn, const char *name, size_t *nops)
-{
-    static const char *const keys[] = {"op", "key", "value", "prefix", NULL};
-    size_t n = txn_array(L, txn, name);
-    int arr = lua_gettop(L);
-    struct op *ops = lua_newuserdatauv(L, n ? n * sizeof *ops : 1, 0);
-    for (size_t i = 0; i < n; i++) {
-        struct op *o = &ops[i];
-        int ii = (int)i + 1;
-        lua_rawgeti(L, arr, (lua_Integer)ii);
-        int e = lua_gettop(L);
-        forge_checkkeys(L, e, "txn op", keys);
-        if (rawfield(L, e, "op") != LUA_TSTRING)
-            luaL_error(L, "txn: %s[%d].op must be \"put\", \"delete\" or \"delete_prefix\"", name, ii);
-        const char *opname = lua_tostring(L, -1);
-        int has_key = rawfield(L, e, "key") != LUA_TNIL;
-        int has_val = rawfield(L, e, "value") != LUA_TNIL;
-        int has_pfx = rawfield(L, e, "prefix") != LUA_TNIL;
-        if (strcmp(opname, "put") == 0) {
-            o->kind = OP_PUT;
-            if (has_pfx)
-                luaL_error(L, "txn: %s[%d]: put takes key and value, not prefix", name, ii);
-            o->key = txn_keyfield(L, e, "key", name, ii, &o->klen, 0);
-            if (rawfield(L, e, "value") != LUA_TSTRING)
-                luaL_error(L, "txn: %s[%d].value must be a string", name, ii);
-            o->val = lua_tolstring(L, -1, &o->vlen);
-            if (o->vlen > STORE_VALUE_MAX)
-                luaL_error(L, "txn: %s[%d].value larger than 8 MiB", name, ii);
-        } else if (strcmp(opname, "delete") == 0) {
-            o->kind = OP_DELETE;
-            if (has_val || has_pfx)
-                luaL_error(L, "txn: %s[%d]: delete takes only key", name, ii);
-            o->key = txn_keyfield(L, e, "key", name, ii, &o->klen, 0);
-        } else if (strcmp(opname, "delete_prefix") == 0) {
-            o->kind = OP_DELPREFIX;
-            if (has_val || has_key)
-                luaL_error(L, "txn: %s[%d]: delete_prefix takes only prefix", name, ii);
-            o->key = txn_keyfield(L, e, "prefix", name, ii, &o->klen, 1);
-        } else {
-            luaL_error(L, "txn: %s[%d]: unknown op '%s' (put, delete, delete_prefix)", name, ii, opname);
-        }
-        lua_settop(L, e - 1);
-    }
-    for (size_t i = 0; i < n; i++) {
-        if (ops[i].kind != OP_PUT)
-            continue;
-        for (size_t j = 0; j < n; j++) {
-            if (j == i || (ops[j].kind == OP_PUT && j < i))
-                continue;
-            int clash = ops[j].kind == OP_DELPREFIX
-                        ? has_prefix(ops[i].key, ops[i].klen, ops[j].key, ops[j].klen)
-                        : ops[j].klen == ops[i].klen && memcmp(ops[j].key, ops[i].key, ops[i].klen) == 0;
-            if (clash)
-                luaL_error(L, "txn: %s: key '%s' is put and also %s in the same branch", name,
-                           ops[i].key, ops[j].kind == OP_PUT ? "put again" : "deleted");
-        }
-    }
-    lua_remove(L, arr);
-    *nops = n;
-    return ops;
-}
+/* The store has no leases and leaves compare values unbounded. */
+static const struct txn_rules store_txn_rules = {.bound_cmp_value = 0, .check_lease = NULL};
+_Static_assert(STORE_KEY_MAX == TXN_KEY_MAX && STORE_VALUE_MAX == TXN_VALUE_MAX, "store and txn limits differ");
 
 
 /***
@@ -1012,14 +800,11 @@ static int l_txn(lua_State *L)
     lua_settop(L, 2);
     forge_checkkeys(L, 2, "txn", keys);
 
-    size_t ncmp, nops[2];
-    const struct cmp *cmps = txn_parse_cmps(L, 2, &ncmp);          /* [db, t, cmps] */
-    const struct op *ops[2];
-    ops[0] = txn_parse_ops(L, 2, "success", &nops[0]);             /* [db, t, cmps, ok] */
-    ops[1] = txn_parse_ops(L, 2, "failure", &nops[1]);             /* [db, t, cmps, ok, ko] */
+    struct txn t;
+    forge_txn_parse(L, 2, &store_txn_rules, &t);                     /* [db, t, cmps, ok, ko] */
 
     struct txnres r;
-    if (txn_run(s, cmps, ncmp, ops, nops, &r) != SQLITE_OK)
+    if (txn_run(s, t.cmps, t.ncmp, t.ops, t.nops, &r) != SQLITE_OK)
         return push_sqlerr(L, &r.err, "txn");
     lua_pushboolean(L, r.succeeded);
     lua_pushinteger(L, r.revision);
