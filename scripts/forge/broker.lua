@@ -18,15 +18,16 @@ Broker.__index = Broker
 
 --- New broker over an open store, a service registry, a config and the target registry (forge.targets).
 function Broker.new(config, db, registry, targets)
-  local user, pass = config.auth.username, config.auth.password
+  local function token(a) return "Basic " .. crypto.base64_encode(a.username .. ":" .. a.password) end
+  local admin = config.admin and config.admin.password and config.admin or config.auth
   return setmetatable({ config = config, db = db, registry = registry, targets = targets,
     public_url = config.public_url or ("http://" .. config.listen),
-    auth_token = "Basic " .. crypto.base64_encode(user .. ":" .. pass) }, Broker)
+    auth_token = token(config.auth), admin_token = token(admin) }, Broker)
 end
 
-local function check_auth(self, req)
-  if not crypto.equal(req.headers.authorization or "", self.auth_token) then
-    fail(401, "Unauthorized", "missing or wrong broker credentials")
+local function check_auth(req, token, who)
+  if not crypto.equal(req.headers.authorization or "", token) then
+    fail(401, "Unauthorized", "missing or wrong " .. who .. " credentials")
   end
 end
 
@@ -56,7 +57,7 @@ local ROUTES = {
   { { "v2", "service_instances", ":", "service_bindings", ":", "last_operation" },
     { GET = bindings.last_operation }, osb = true },
   { { "service_instances", ":" }, { GET = instances.seed_view } },
-  { { "admin", "services" }, { GET = function(self) return reply(200, self:services_status()) end } },
+  { { "admin", "services" }, { GET = function(self) return reply(200, self:services_status()) end }, admin = true },
 }
 
 --- Loaded service versions and refused edits, as the workers see them (GET /admin/services).
@@ -89,8 +90,12 @@ function Broker:route(req)
   local segs, q, path = request.target(req.uri)
   if not segs then fail(400, "BadRequest", q) end
   if #segs == 1 and segs[1] == "healthz" then return reply(200, { status = "ok" }) end
-  check_auth(self, req)
   local route, ids = match(segs)
+  if route and route.admin then
+    check_auth(req, self.admin_token, "admin")
+  else
+    check_auth(req, self.auth_token, "broker")
+  end
   if not route then fail(404, "NotFound", "no such endpoint: " .. req.method .. " " .. path) end
   if route.osb then check_version(req) end
   local handler = route[2][req.method]

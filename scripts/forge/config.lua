@@ -9,6 +9,8 @@ local M = {}
 local DEFAULTS = {
   listen = "127.0.0.1:5000",
   auth = { username = "admin", password = nil },
+  admin = { username = "forge-admin", password = nil }, -- admin API (/admin/*); no password: the broker's
+                                                          -- credentials
   state_dir = "state",
   services_dir = "services",
   threads = 0,                 -- 0: 2 x cores
@@ -37,6 +39,7 @@ local DEFAULTS = {
 
 local SCHEMA = {
   listen = "string", auth = { username = "string", password = "string" },
+  admin = { username = "string", password = "string" },
   state_dir = "string", services_dir = "string", threads = "integer", body_limit = "integer",
   log_level = "string", tombstone_ttl = "number", gone_ttl = "number", reconcile_interval = "number",
   supervise_interval = "number", sync_timeout = "number", public_url = "string",
@@ -154,6 +157,8 @@ local ENV = {
   { "FORGE_LISTEN", function(c, v) c.listen = v end },
   { "FORGE_USER", function(c, v) c.auth.username = v end },
   { "FORGE_PASSWORD", function(c, v) c.auth.password = v end },
+  { "FORGE_ADMIN_USER", function(c, v) c.admin.username = v end },
+  { "FORGE_ADMIN_PASSWORD", function(c, v) c.admin.password = v end },
   { "FORGE_STATE_DIR", function(c, v) c.state_dir = v end },
   { "FORGE_SERVICES_DIR", function(c, v) c.services_dir = v end },
   { "FORGE_LOG_LEVEL", function(c, v) c.log_level = v end },

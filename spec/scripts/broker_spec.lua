@@ -144,12 +144,13 @@ describe("broker faults", function()
 
   it("fails the operation with the reason when redis-server cannot start, releasing its ports", function()
     local dir = Broker.tmpdir()
-    os.execute("mkdir -p " .. dir .. "/badredis && sed -e 's/\"daemonize no\"/\"no-such-directive yes\"/' " ..
+    os.execute("cp -r services/redis " .. dir .. "/badredis && printf '  no-such-directive: \"yes\"\\n' >> " .. dir ..
+      "/badredis/templates/local.yml && sed " ..
       "-e 's/6f0f3c1e-3b5e-4c2a-9a43-1f6b7f3f2f01/0b9e0f39-0000-4000-8000-000000000001/' " ..
       "-e 's/name = \"redis\"/name = \"badredis\"/' " ..
       "-e 's/68ec5c0f-7289-47a5-87ba-aff068f3aa2f/0b9e0f39-0000-4000-8000-000000000002/' " ..
       "-e 's/8ff52a10-1314-4a33-8127-68d8c4961c05/0b9e0f39-0000-4000-8000-000000000003/' " ..
-      "services/redis/service.lua > " .. dir .. "/badredis/service.lua")
+      "-i " .. dir .. "/badredis/service.lua")
     local b = Broker.start { services_dir = dir, pool = 1 }
     finally(function() b:cleanup(); os.execute("rm -rf " .. dir) end)
     local body = { service_id = "0b9e0f39-0000-4000-8000-000000000001", plan_id = "0b9e0f39-0000-4000-8000-000000000002",
@@ -161,6 +162,19 @@ describe("broker faults", function()
     assert.matches("no%-such%-directive", op.description)
     -- the only port in the pool is free again: a second instance gets it
     assert.equal(202, (b:call("PUT", "/v2/service_instances/bad2?accepts_incomplete=true", body)))
+  end)
+
+  it("guards the admin API with its own credentials when they are configured", function()
+    local b = Broker.start { env = { FORGE_ADMIN_USER = "ops", FORGE_ADMIN_PASSWORD = "ops-secret" } }
+    finally(function() b:cleanup() end)
+    local admin = { user = "ops", password = "ops-secret" }
+    local status = client.request("GET", b:url("/admin/services"), { user = b.user, password = b.password })
+    assert.equal(401, status)
+    local s2, _, _, body = client.request("GET", b:url("/admin/services"), admin)
+    assert.equal(200, s2)
+    assert.is_table(body.services)
+    assert.equal(401, (client.request("GET", b:url("/v2/catalog"), { user = "ops", password = "ops-secret",
+      headers = { ["X-Broker-API-Version"] = "2.17" } })))
   end)
 
   it("stops gracefully on SIGTERM", function()
