@@ -1895,6 +1895,22 @@ static int l_lease_grant(lua_State *L)
 }
 
 
+/*
+ * Send {"ID":id} to the lease endpoint path, id being the lease at arg 2 (checked
+ * with what; may raise). Returns what etcd_call returns (< 0: r filled). Stack unchanged.
+ */
+static int lease_call(lua_State *L, struct etcd *e, const char *what, const char *path, int flags,
+                      lua_Integer *id, struct res *r)
+{
+    *id = check_lease_value(L, 2, what);
+    req_begin(e);
+    buf_adds(&e->req, "{\"ID\":");
+    buf_addint(&e->req, (long long)*id);
+    buf_adds(&e->req, "}");
+    return etcd_call(e, path, flags, e->timeout_ms, r);
+}
+
+
 /***
  * Renew a lease once.
  * @function db:lease_keepalive
@@ -1904,14 +1920,10 @@ static int l_lease_grant(lua_State *L)
 static int l_lease_keepalive(lua_State *L)
 {
     struct etcd *e = checkdb(L);
-    lua_Integer id = check_lease_value(L, 2, "lease_keepalive");
+    lua_Integer id;
     struct res r;
     long long ttl;
-    req_begin(e);
-    buf_adds(&e->req, "{\"ID\":");
-    buf_addint(&e->req, (long long)id);
-    buf_adds(&e->req, "}");
-    if (etcd_call(e, "/v3/lease/keepalive", CALL_READ, e->timeout_ms, &r) < 0)
+    if (lease_call(L, e, "lease_keepalive", "/v3/lease/keepalive", CALL_READ, &id, &r) < 0)
         return push_res(L, e, &r, "lease_keepalive");
     long result = jfield(e, 0, "result");
     if (result < 0 || jint(e, jfield(e, result, "TTL"), 0, &ttl) < 0)
@@ -1937,14 +1949,10 @@ static int l_lease_keepalive(lua_State *L)
 static int l_lease_revoke(lua_State *L)
 {
     struct etcd *e = checkdb(L);
-    lua_Integer id = check_lease_value(L, 2, "lease_revoke");
+    lua_Integer id;
     struct res r;
     long long rev;
-    req_begin(e);
-    buf_adds(&e->req, "{\"ID\":");
-    buf_addint(&e->req, (long long)id);
-    buf_adds(&e->req, "}");
-    if (etcd_call(e, "/v3/lease/revoke", 0, e->timeout_ms, &r) < 0
+    if (lease_call(L, e, "lease_revoke", "/v3/lease/revoke", 0, &id, &r) < 0
         || header_revision(e, 0, &rev, &r) < 0)
         return push_res(L, e, &r, "lease_revoke");
     etcd_trim(e);

@@ -598,6 +598,25 @@ static int open_out(const char *path)
 }
 
 
+/*
+ * The options table at 1 of spawn/run: check its keys (`allowed`) and read its
+ * command into a zeroed `cs`, anchoring strings in a new table at 2.
+ *
+ * Stack: [opts ...] -> [opts, anchor, argv_ud [envp_ud]]
+ * May longjmp (usage errors, memory).
+ */
+static void check_command(lua_State *L, const char *what, const char *const allowed[],
+                          struct child_spec *cs)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    forge_checkkeys(L, 1, what, allowed);
+    lua_settop(L, 1);
+    lua_newtable(L);                            /* 2: anchor */
+    memset(cs, 0, sizeof *cs);
+    read_command(L, 1, 2, cs, what);
+}
+
+
 /* ------------------------------------------------------------------------ */
 /* Lua API                                                                  */
 /* ------------------------------------------------------------------------ */
@@ -616,13 +635,8 @@ static int open_out(const char *path)
 static int l_proc_spawn(lua_State *L)
 {
     static const char *const keys[] = {"argv", "cwd", "env", "stdout", "stderr", NULL};
-    luaL_checktype(L, 1, LUA_TTABLE);
-    forge_checkkeys(L, 1, "proc.spawn", keys);
-    lua_settop(L, 1);
-    lua_newtable(L);                            /* 2: anchor */
     struct child_spec cs;
-    memset(&cs, 0, sizeof cs);
-    read_command(L, 1, 2, &cs, "proc.spawn");
+    check_command(L, "proc.spawn", keys, &cs);     /* [opts, anchor, argv_ud [envp_ud]] */
     const char *out_path = forge_optstrfield(L, 1, "stdout", NULL);
     const char *err_path = forge_optstrfield(L, 1, "stderr", NULL);
 
@@ -929,13 +943,8 @@ static int make_pipe(int p[2], int parent_end)
 static int l_proc_run(lua_State *L)
 {
     static const char *const keys[] = {"argv", "stdin", "env", "cwd", "timeout", "max_output", NULL};
-    luaL_checktype(L, 1, LUA_TTABLE);
-    forge_checkkeys(L, 1, "proc.run", keys);
-    lua_settop(L, 1);
-    lua_newtable(L);                            /* 2: anchor */
     struct child_spec cs;
-    memset(&cs, 0, sizeof cs);
-    read_command(L, 1, 2, &cs, "proc.run");
+    check_command(L, "proc.run", keys, &cs);     /* [opts, anchor, argv_ud [envp_ud]] */
     double timeout = opt_number_field(L, 1, "timeout", 10);
     if (!(timeout > 0))
         luaL_error(L, "proc.run: option 'timeout' must be > 0");

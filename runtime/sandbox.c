@@ -364,6 +364,23 @@ static void push_cut(lua_State *L, lua_State *S, int idx, size_t max)
 
 
 /*
+ * Run f(arg) in the sandbox state under its limits (sb_arm .. sb_disarm), with
+ * sb_msgh as message handler. Returns the lua_pcall status.
+ * Stack of sb->S: [...] -> [sb_msgh, nresults results] or [sb_msgh, err]
+ */
+static int sb_pcall(struct sandbox *sb, lua_CFunction f, void *arg, int nresults)
+{
+    sb_arm(sb);                                 /* clears the stack */
+    lua_pushcfunction(sb->S, sb_msgh);
+    lua_pushcfunction(sb->S, f);
+    lua_pushlightuserdata(sb->S, arg);
+    int st = lua_pcall(sb->S, 1, nresults, 1);
+    sb_disarm(sb);
+    return st;
+}
+
+
+/*
  * Turn the outcome of a failed protected operation (status st, error message at the top
  * of S) into `nil, err` on L. Stack of L: [...] -> [..., nil, err]
  */
@@ -1683,13 +1700,8 @@ static int l_sb_load(lua_State *L)
     if (chunk)
         snprintf(sb->chunk, sizeof sb->chunk, "%s", chunk);
     struct loadargs a = {src, len, sb->chunk};
-    sb_arm(sb);
     lua_State *S = sb->S;
-    lua_pushcfunction(S, sb_msgh);
-    lua_pushcfunction(S, t_load);
-    lua_pushlightuserdata(S, &a);
-    int st = lua_pcall(S, 1, 0, 1);
-    sb_disarm(sb);
+    int st = sb_pcall(sb, t_load, &a, 0);
     if (st != LUA_OK)
         return push_sb_error(L, sb, st);
     lua_settop(S, 0);
@@ -1764,13 +1776,8 @@ static int l_sb_field(lua_State *L)
     struct sandbox *sb = checkopen(L);
     const char *path = luaL_optstring(L, 2, NULL);
     need_service(L, sb);
-    sb_arm(sb);
     lua_State *S = sb->S;
-    lua_pushcfunction(S, sb_msgh);
-    lua_pushcfunction(S, t_field);
-    lua_pushlightuserdata(S, (void *)path);
-    int st = lua_pcall(S, 1, 1, 1);
-    sb_disarm(sb);
+    int st = sb_pcall(sb, t_field, (void *)path, 1);
     if (st != LUA_OK)
         return push_sb_error(L, sb, st);
     if (copy_out(L, sb, 2, CP_TRUE, path ? path : "service") != 0)
@@ -1835,13 +1842,8 @@ static int l_sb_call(lua_State *L)
     const char *fn = luaL_checkstring(L, 2);
     need_service(L, sb);
     struct callargs a = {L, 3, lua_gettop(L) - 2, fn};
-    sb_arm(sb);
     lua_State *S = sb->S;
-    lua_pushcfunction(S, sb_msgh);
-    lua_pushcfunction(S, t_call);
-    lua_pushlightuserdata(S, &a);
-    int st = lua_pcall(S, 1, 2, 1);
-    sb_disarm(sb);
+    int st = sb_pcall(sb, t_call, &a, 2);
     if (st != LUA_OK)
         return push_sb_error(L, sb, st);
     if (copy_out(L, sb, 2, CP_SKIP, "result") != 0 || copy_out(L, sb, 3, CP_SKIP, "ctx") != 0)

@@ -1518,29 +1518,22 @@ static cval cp_cmp(cpar *p)
     return a;
 }
 
-static cval cp_and(cpar *p)
+/* A left-associative boolean level: operand (op operand)*, op "&&" or "||". */
+static cval cp_logic(cpar *p, cval (*operand)(cpar *), int is_or)
 {
-    cval a = cp_cmp(p);
-    while (cp_eat(p, "&&")) {
-        cval b = cp_cmp(p);
+    cval a = operand(p);
+    while (cp_eat(p, is_or ? "||" : "&&")) {
+        cval b = operand(p);
         if (!a.isbool || !b.isbool)
-            return cp_fail(p, "calc: && needs booleans");
-        a.v = a.v && b.v;
+            return cp_fail(p, is_or ? "calc: || needs booleans" : "calc: && needs booleans");
+        a.v = is_or ? (a.v || b.v) : (a.v && b.v);
     }
     return a;
 }
 
-static cval cp_or(cpar *p)
-{
-    cval a = cp_and(p);
-    while (cp_eat(p, "||")) {
-        cval b = cp_and(p);
-        if (!a.isbool || !b.isbool)
-            return cp_fail(p, "calc: || needs booleans");
-        a.v = a.v || b.v;
-    }
-    return a;
-}
+static cval cp_and(cpar *p) { return cp_logic(p, cp_cmp, 0); }
+
+static cval cp_or(cpar *p) { return cp_logic(p, cp_and, 1); }
 
 static cval cp_expr(cpar *p)
 {
