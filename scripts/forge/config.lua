@@ -56,7 +56,7 @@ local SCHEMA = {
 local BOSH_SCHEMA = {
   type = "string", url = "string", username = "string", password = "string", client = "string",
   client_secret = "string", ca_cert = "string", insecure = "boolean", timeout_ms = "integer",
-  poll_interval = "number", stemcell = { os = "string", version = "string" },
+  poll_interval = "number", task_timeout = "number", stemcell = { os = "string", version = "string" },
   releases = "map:string", services = "list:string",
   networks = { list = { name = "string", cidr = "string", static = "list:string", azs = "list:string" } },
 }

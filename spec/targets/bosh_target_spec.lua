@@ -118,6 +118,7 @@ setup(function()
     "    client: " .. dc2.client,
     "    client_secret: " .. dc2.secret,
     "    timeout_ms: 3000",
+    "    task_timeout: 3",
     "    poll_interval: 0.1",
     "    networks:",
     "    - name: services",
@@ -287,6 +288,18 @@ describe("BOSH targets", function()
     assert.equal("failed", seed("bad").state)
     delete_and_check("bad", R.one, dc1, "ip/")
     assert.equal(0, count(store_dump("ip/dc1/")))
+  end)
+
+  it("fails an operation whose BOSH task outlives task_timeout, cancelling the task", function()
+    dc2:config { task_delay = 60 }
+    finally(function() dc2:config { task_delay = 0.3 } end)
+    assert.equal(202, (provision("stuck", R.three)))
+    local op = b:wait_operation(inst("stuck"), 30)
+    assert.equal("failed", op.state)
+    assert.matches("after 3s; cancelled", op.description, 1, true)
+    dc2:config { task_delay = 0.3 }
+    assert.equal(202, (deprovision("stuck", R.three)))
+    assert.equal("succeeded", b:wait_operation(inst("stuck"), 30).state)
   end)
 
   it("keeps the operation in progress while the director is unreachable, and resumes", function()

@@ -349,6 +349,12 @@ function Bosh:advance(rec, what, save, now)
   if FINAL[t.state] then
     return "failed", string.format("BOSH task %s on %s ended %s: %s", t.id, self.name, t.state, task_reason(d, t))
   end
+  -- a task that never ends (a stuck director) fails the operation after task_timeout (default 2 h)
+  local limit = self.cfg.task_timeout or 7200
+  if os.time() - (op.started_at or os.time()) > limit then
+    d:cancel_task(t.id)
+    return "failed", string.format("BOSH task %s on %s still %s after %ds; cancelled", t.id, self.name, t.state, limit)
+  end
   return "wait", string.format("BOSH task %s (%s deployment) on %s: %s", t.id, what, self.name, t.state)
 end
 
