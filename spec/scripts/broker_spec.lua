@@ -110,6 +110,19 @@ describe("broker input checks", function()
     expect_error(400, "BadRequest", "DELETE", "/v2/service_instances/none?service_id=&plan_id=" .. R.one)
   end)
 
+  it("checks the version header before parsing the body", function()
+    local status, _, _, json = client.request("PUT", b:url("/v2/service_instances/v1?accepts_incomplete=true"),
+      { user = b.user, password = b.password, body = "{not json" })
+    assert.equal(412, status)
+    assert.equal("PreconditionFailed", json.error)
+  end)
+
+  it("400 for a malformed query string and for unbinds without service_id or plan_id", function()
+    expect_error(400, "BadRequest", "GET", "/v2/service_instances/x/last_operation?operation=%zz")
+    expect_error(400, "BadRequest", "DELETE", "/v2/service_instances/x/service_bindings/y?plan_id=" .. R.one)
+    expect_error(400, "BadRequest", "DELETE", "/v2/service_instances/x/service_bindings/y?service_id=" .. R.service)
+  end)
+
   it("404 on a bind to an unknown instance", function()
     expect_error(404, "NotFound", "PUT", "/v2/service_instances/none/service_bindings/b1",
       { service_id = R.service, plan_id = R.one })

@@ -234,6 +234,15 @@ describe("redis 3-servers, async only", function()
       organization_guid = "o", space_guid = "s" })
   end)
 
+  it("ignores unknown fields in request bodies", function()
+    local status, raw = provision("extra", R.one, true, { surprise = { nested = true }, another_field = 7 })
+    assert.equal(202, status, raw)
+    wait_ok(inst("extra"))
+    refused(422, "AsyncRequired", "DELETE", inst("extra") .. q { service_id = R.service, plan_id = R.three })
+    assert.equal(202, (deprovision("extra", R.one, true)))
+    wait_ok(inst("extra"))
+  end)
+
   it("runs the whole lifecycle with async bindings", function()
     assert.equal(202, (provision("three", R.three, true)))
     -- while deploying: fetch 404, bind 422 naming the state, a second change 422
