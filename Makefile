@@ -38,7 +38,7 @@ HEADERS    = $(wildcard include/forge/*.h runtime/*.h)
 
 DEBIAN_PKGS = build-essential pkg-config lua5.4 liblua5.4-dev libmicrohttpd-dev libcurl4-openssl-dev \
               lua-cjson lua-filesystem libyaml-dev libsqlite3-dev sqlite3 lua-busted lua-check redis-server redis-tools \
-              etcd-server etcd-client wrk curl
+              etcd-server etcd-client wrk curl openssl python3-minimal tar
 
 .PHONY: all deps run test bench install clean lint asan FORCE
 all: $(B)/bin/forge $(MOD_SO)
