@@ -1465,12 +1465,7 @@ int luaopen_forge_bosh(lua_State *L)
     lua_getfield(L, -1, "decode");
     lua_rawsetp(L, LUA_REGISTRYINDEX, &json_decode_key);
     lua_pop(L, 1);
-    if (luaL_newmetatable(L, DIRECTOR_MT)) {
-        luaL_setfuncs(L, metamethods, 0);
-        luaL_newlib(L, methods);
-        lua_setfield(L, -2, "__index");
-    }
-    lua_pop(L, 1);
+    forge_newclass(L, DIRECTOR_MT, methods, metamethods);
     luaL_newlib(L, lib);
     forge_setmodinfo(L, "forge.bosh");
     return 1;

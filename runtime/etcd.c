@@ -2129,12 +2129,7 @@ int luaopen_forge_etcd(lua_State *L)
     /* Thread-safe since curl 7.84 and reference-counted: every module (and state) may call it. */
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
         return luaL_error(L, "forge.etcd: curl_global_init failed");
-    if (luaL_newmetatable(L, ETCD_MT)) {
-        luaL_setfuncs(L, metameth, 0);
-        luaL_newlib(L, meth);
-        lua_setfield(L, -2, "__index");
-    }
-    lua_pop(L, 1);
+    forge_newclass(L, ETCD_MT, meth, metameth);
     luaL_newlib(L, lib);
     forge_setmodinfo(L, "forge.etcd");
     return 1;

@@ -722,12 +722,7 @@ int luaopen_forge_http(lua_State *L)
         {"__close", l_server_gc},
         {NULL, NULL},
     };
-    if (luaL_newmetatable(L, SERVER_MT)) {
-        luaL_setfuncs(L, metamethods, 0);
-        luaL_newlib(L, methods);
-        lua_setfield(L, -2, "__index");
-    }
-    lua_pop(L, 1);
+    forge_newclass(L, SERVER_MT, methods, metamethods);
     luaL_newlib(L, lib);
     forge_setmodinfo(L, "forge.http");
     return 1;

@@ -1,5 +1,5 @@
 /*
- * Small auxiliary helpers for the forge.* bindings: option-table checks.
+ * Small auxiliary helpers for the forge.* bindings: option-table checks, userdata classes.
  */
 #include <string.h>
 
@@ -57,4 +57,23 @@ int forge_optboolfield(lua_State *L, int idx, const char *key, int def)
     int v = lua_isnil(L, -1) ? def : lua_toboolean(L, -1);
     lua_pop(L, 1);
     return v;
+}
+
+
+void forge_newclass(lua_State *L, const char *name, const luaL_Reg *methods, const luaL_Reg *metamethods)
+{
+    if (luaL_newmetatable(L, name)) {                       /* [mt] */
+        if (metamethods)
+            luaL_setfuncs(L, metamethods, 0);
+        if (methods) {
+            int n = 0;
+            while (methods[n].name)
+                n++;
+            luaL_checkversion(L);
+            lua_createtable(L, 0, n);                       /* [mt, methods] */
+            luaL_setfuncs(L, methods, 0);
+            lua_setfield(L, -2, "__index");                 /* [mt] */
+        }
+    }
+    lua_pop(L, 1);
 }

@@ -170,15 +170,12 @@ int luaopen_forge_reload(lua_State *L)
         {"close", l_watcher_close},
         {NULL, NULL},
     };
-    if (luaL_newmetatable(L, WATCHER_MT)) {
-        lua_pushcfunction(L, l_watcher_close);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, l_watcher_close);
-        lua_setfield(L, -2, "__close");
-        luaL_newlib(L, methods);
-        lua_setfield(L, -2, "__index");
-    }
-    lua_pop(L, 1);
+    static const luaL_Reg metamethods[] = {
+        {"__gc", l_watcher_close},
+        {"__close", l_watcher_close},
+        {NULL, NULL},
+    };
+    forge_newclass(L, WATCHER_MT, methods, metamethods);
     luaL_newlib(L, lib);
     forge_setmodinfo(L, "forge.reload");
     return 1;

@@ -1937,12 +1937,7 @@ int luaopen_forge_sandbox(lua_State *L)
         {"new", l_sandbox_new},
         {NULL, NULL},
     };
-    if (luaL_newmetatable(L, FORGE_SANDBOX_MT)) {
-        luaL_setfuncs(L, metameth, 0);
-        luaL_newlib(L, methods);
-        lua_setfield(L, -2, "__index");
-    }
-    lua_pop(L, 1);
+    forge_newclass(L, FORGE_SANDBOX_MT, methods, metameth);
     luaL_newlib(L, lib);
     lua_pushinteger(L, FORGE_SANDBOX_MEMORY);
     lua_setfield(L, -2, "MEMORY");

@@ -854,12 +854,7 @@ int luaopen_forge_store(lua_State *L)
         {"__index", NULL},
         {NULL, NULL},
     };
-    if (luaL_newmetatable(L, STORE_MT)) {
-        luaL_setfuncs(L, metameth, 0);
-        luaL_newlib(L, meth);
-        lua_setfield(L, -2, "__index");
-    }
-    lua_pop(L, 1);
+    forge_newclass(L, STORE_MT, meth, metameth);
     luaL_newlib(L, lib);
     forge_setmodinfo(L, "forge.store");
     return 1;

@@ -368,11 +368,11 @@ int luaopen_forge_yaml(lua_State *L)
         {"seq", l_seq},
         {NULL, NULL},
     };
-    if (luaL_newmetatable(L, CTX_MT)) {
-        lua_pushcfunction(L, l_ctx_gc);
-        lua_setfield(L, -2, "__gc");
-    }
-    lua_pop(L, 1);
+    static const luaL_Reg ctx_meta[] = {
+        {"__gc", l_ctx_gc},
+        {NULL, NULL},
+    };
+    forge_newclass(L, CTX_MT, NULL, ctx_meta);
     /* kinds and key orders of tables, weak-keyed */
     if (lua_getfield(L, LUA_REGISTRYINDEX, META_KEY) != LUA_TTABLE) {
         lua_pop(L, 1);
