@@ -1369,26 +1369,6 @@ static struct etcd *etcd_check(lua_State *L, int idx)
 }
 
 
-static const char *check_key_arg(lua_State *L, int arg, size_t *len, int allow_empty)
-{
-    luaL_argexpected(L, lua_type(L, arg) == LUA_TSTRING, arg, "string");
-    const char *k = lua_tolstring(L, arg, len);
-    const char *why = forge_txn_keyproblem(k, *len, allow_empty);
-    if (why)
-        luaL_argerror(L, arg, why);
-    return k;
-}
-
-
-static const char *check_value_arg(lua_State *L, int arg, size_t *len)
-{
-    luaL_argexpected(L, lua_type(L, arg) == LUA_TSTRING, arg, "string");
-    const char *v = lua_tolstring(L, arg, len);
-    luaL_argcheck(L, *len <= ETCD_VALUE_MAX, arg, "value larger than 8 MiB");
-    return v;
-}
-
-
 /* A lease id: an integer > 0. */
 static lua_Integer check_lease_value(lua_State *L, int idx, const char *what)
 {
@@ -1633,7 +1613,7 @@ static int l_get(lua_State *L)
 {
     struct etcd *e = checkdb(L);
     size_t klen;
-    const char *k = check_key_arg(L, 2, &klen, 0);
+    const char *k = forge_txn_checkkey(L, 2, &klen, 0);
     struct res r;
     req_begin(e);
     buf_adds(&e->req, "{\"key\":");
@@ -1669,7 +1649,7 @@ static int l_range(lua_State *L)
     static const char *const keys[] = {"limit", NULL};
     struct etcd *e = checkdb(L);
     size_t plen;
-    const char *p = check_key_arg(L, 2, &plen, 1);
+    const char *p = forge_txn_checkkey(L, 2, &plen, 1);
     lua_Integer limit = 0;
     if (!lua_isnoneornil(L, 3)) {
         luaL_checktype(L, 3, LUA_TTABLE);
@@ -1773,8 +1753,8 @@ static int l_put(lua_State *L)
     struct etcd *e = checkdb(L);
     struct txn_op o = {.kind = TXN_OP_PUT};
     lua_Integer prev = 0;
-    o.key = check_key_arg(L, 2, &o.klen, 0);
-    o.val = check_value_arg(L, 3, &o.vlen);
+    o.key = forge_txn_checkkey(L, 2, &o.klen, 0);
+    o.val = forge_txn_checkvalue(L, 3, &o.vlen);
     int cas = opt_write(L, 4, "put", 1, &prev, &o.lease);
     return write_one(L, e, "put", &o, cas, prev);
 }
@@ -1792,7 +1772,7 @@ static int l_delete(lua_State *L)
     struct etcd *e = checkdb(L);
     struct txn_op o = {.kind = TXN_OP_DELETE};
     lua_Integer prev = 0, lease = 0;
-    o.key = check_key_arg(L, 2, &o.klen, 0);
+    o.key = forge_txn_checkkey(L, 2, &o.klen, 0);
     int cas = opt_write(L, 3, "delete", 0, &prev, &lease);
     return write_one(L, e, "delete", &o, cas, prev);
 }
@@ -2067,7 +2047,7 @@ static int l_watch(lua_State *L)
 {
     struct etcd *e = checkdb(L);
     size_t plen;
-    const char *p = check_key_arg(L, 2, &plen, 1);
+    const char *p = forge_txn_checkkey(L, 2, &plen, 1);
     lua_Integer start = luaL_optinteger(L, 3, 0);
     luaL_argcheck(L, start >= 0, 3, "start_revision must be >= 0");
     lua_Integer timeout = luaL_optinteger(L, 4, e->timeout_ms);

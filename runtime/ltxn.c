@@ -30,6 +30,26 @@ const char *forge_txn_keyproblem(const char *k, size_t len, int allow_empty)
 }
 
 
+const char *forge_txn_checkkey(lua_State *L, int arg, size_t *len, int allow_empty)
+{
+    luaL_argexpected(L, lua_type(L, arg) == LUA_TSTRING, arg, "string");
+    const char *k = lua_tolstring(L, arg, len);
+    const char *why = forge_txn_keyproblem(k, *len, allow_empty);
+    if (why)
+        luaL_argerror(L, arg, why);
+    return k;
+}
+
+
+const char *forge_txn_checkvalue(lua_State *L, int arg, size_t *len)
+{
+    luaL_argexpected(L, lua_type(L, arg) == LUA_TSTRING, arg, "string");
+    const char *v = lua_tolstring(L, arg, len);
+    luaL_argcheck(L, *len <= TXN_VALUE_MAX, arg, "value larger than 8 MiB");
+    return v;
+}
+
+
 /*
  * The array txn[name] (absent or nil = empty); raises unless it is a proper
  * sequence of tables.

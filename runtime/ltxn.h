@@ -1,7 +1,8 @@
 /*
  * The Lua txn table shared by the key-value backends (forge.store, forge.etcd):
  *   db:txn{compare={...}, success={...}, failure={...}}
- * Parsing only; each backend runs the parsed txn its own way. No Lua API.
+ * Parsing and key/value argument checks only; each backend runs the txn its own way.
+ * No Lua API.
  */
 #ifndef FORGE_LTXN_H
 #define FORGE_LTXN_H
@@ -53,6 +54,12 @@ struct txn_rules {
 
 /* NULL if k is a valid key, else why not. Prefixes (allow_empty) may be empty. */
 const char *forge_txn_keyproblem(const char *k, size_t len, int allow_empty);
+
+/* The key (prefix if allow_empty) at arg of a db method; raises a usage error if invalid. */
+const char *forge_txn_checkkey(lua_State *L, int arg, size_t *len, int allow_empty);
+
+/* The value at arg of a db method: a string of at most TXN_VALUE_MAX bytes, else raises. */
+const char *forge_txn_checkvalue(lua_State *L, int arg, size_t *len);
 
 /*
  * Parse the txn fields compare, success and failure of the table at t (its keys

@@ -283,26 +283,6 @@ static struct store *store_check(lua_State *L, int idx)
 }
 
 
-static const char *check_key_arg(lua_State *L, int arg, size_t *len, int allow_empty)
-{
-    luaL_argexpected(L, lua_type(L, arg) == LUA_TSTRING, arg, "string");
-    const char *k = lua_tolstring(L, arg, len);
-    const char *why = forge_txn_keyproblem(k, *len, allow_empty);
-    if (why)
-        luaL_argerror(L, arg, why);
-    return k;
-}
-
-
-static const char *check_value_arg(lua_State *L, int arg, size_t *len)
-{
-    luaL_argexpected(L, lua_type(L, arg) == LUA_TSTRING, arg, "string");
-    const char *v = lua_tolstring(L, arg, len);
-    luaL_argcheck(L, *len <= STORE_VALUE_MAX, arg, "value larger than 8 MiB");
-    return v;
-}
-
-
 /*
  * Optional {prev_revision=n} at arg. Returns 1 and sets *prev if given.
  * Stack unchanged.
@@ -692,7 +672,7 @@ static int l_tostring(lua_State *L)
 static int l_get(lua_State *L)
 {
     struct readctx c = {.s = checkdb(L)};
-    c.key = check_key_arg(L, 2, &c.klen, 0);
+    c.key = forge_txn_checkkey(L, 2, &c.klen, 0);
     return run_read(L, &c, get_body, "get");
 }
 
@@ -708,7 +688,7 @@ static int l_range(lua_State *L)
 {
     static const char *const keys[] = {"limit", NULL};
     struct readctx c = {.s = checkdb(L)};
-    c.key = check_key_arg(L, 2, &c.klen, 1);
+    c.key = forge_txn_checkkey(L, 2, &c.klen, 1);
     if (!lua_isnoneornil(L, 3)) {
         luaL_checktype(L, 3, LUA_TTABLE);
         forge_checkkeys(L, 3, "range", keys);
@@ -732,9 +712,9 @@ static int l_put(lua_State *L)
     struct store *s = checkdb(L);
     struct txn_cmp c = {.kind = TXN_CMP_MODREV};
     struct txn_op o = {.kind = TXN_OP_PUT};
-    o.key = c.key = check_key_arg(L, 2, &o.klen, 0);
+    o.key = c.key = forge_txn_checkkey(L, 2, &o.klen, 0);
     c.klen = o.klen;
-    o.val = check_value_arg(L, 3, &o.vlen);
+    o.val = forge_txn_checkvalue(L, 3, &o.vlen);
     size_t ncmp = (size_t)opt_prev_revision(L, 4, "put", &c.n);
 
     const struct txn_op *ops[2] = {&o, NULL};
@@ -761,7 +741,7 @@ static int l_delete(lua_State *L)
     struct store *s = checkdb(L);
     struct txn_cmp c = {.kind = TXN_CMP_MODREV};
     struct txn_op o = {.kind = TXN_OP_DELETE};
-    o.key = c.key = check_key_arg(L, 2, &o.klen, 0);
+    o.key = c.key = forge_txn_checkkey(L, 2, &o.klen, 0);
     c.klen = o.klen;
     size_t ncmp = (size_t)opt_prev_revision(L, 3, "delete", &c.n);
 
