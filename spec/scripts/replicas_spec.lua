@@ -19,7 +19,7 @@ describe("replicas on etcd", function()
     local env = { FORGE_STORE = "etcd", FORGE_ETCD_ENDPOINTS = etcd.url, FORGE_ETCD_PREFIX = "replicas/",
       FORGE_STATE_DIR = shared, FORGE_LOCK_TTL = "2" }
     for k, v in pairs(extra_env or {}) do env[k] = v end
-    local b = Broker.start { env = env, pool_base = 47000, pool = 40 }
+    local b = Broker.start { env = env, pool_base = 32700, pool = 40 }
     replicas[#replicas + 1] = b
     return b
   end

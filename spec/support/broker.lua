@@ -50,7 +50,8 @@ function M.start(opts)
   self.port = free_port()
   self.user, self.password = "admin", "s3cret-" .. math.random(1e6)
   local pool = opts.pool or 8
-  local base = opts.pool_base or (40000 + math.random(0, 2000) * 10)
+  -- below the kernel's ephemeral range (32768-60999): a client's local port never sits in the pool
+  local base = opts.pool_base or (30000 + math.random(0, 260) * 10)
   self.pool = { from = base, to = base + pool - 1 }
   local env = {
     PATH = os.getenv("PATH"), HOME = os.getenv("HOME") or "/root",
