@@ -11,7 +11,8 @@
  * (nil, booleans, numbers, strings, tables; json null). Inside, a script sees a locked
  * global environment holding only base/string/table/math/utf8/coroutine (minus what
  * docs/sandbox.md lists as excluded, each with a reason) and a `forge` capability table
- * (json, yaml, crypto, log). Everything shared is a read-only proxy.
+ * (json, yaml, crypto, log). Everything shared is a read-only proxy. string.find/match/
+ * gmatch/gsub are forge.pattern's, which stop a pathological pattern with a step budget.
  *
  * Limits (per sandbox):
  *   memory  an accounting allocator (after HAProxy's hlua_alloc): growth past the limit is
@@ -46,7 +47,8 @@
 #define SB_MSG_MAX      4096            /* error message copied out */
 #define SB_TB_MAX       8192            /* traceback copied out */
 #define SB_MOVE_MAX     (1 << 24)       /* elements table.move/insert/remove may shift in C */
-#define SB_NMODS        3
+#define SB_NMODS        4               /* crypto, log, yaml (on the setup stack), pattern */
+#define SB_PATTERN      3               /* index of forge.pattern in MOD_NAMES */
 
 enum { EXP_NONE = 0, EXP_CPU, EXP_WALL };
 enum { CP_TRUE, CP_SKIP };              /* what a function/userdata/thread becomes in a copy */
@@ -1286,10 +1288,10 @@ static const char PRELUDE[] =
 
 struct setup {
     struct sandbox *sb;
-    lua_CFunction open[SB_NMODS];       /* crypto, log, yaml */
+    lua_CFunction open[SB_NMODS];       /* crypto, log, yaml, pattern */
 };
 
-static const char *const MOD_NAMES[SB_NMODS] = {"crypto", "log", "yaml"};
+static const char *const MOD_NAMES[SB_NMODS] = {"crypto", "log", "yaml", "pattern"};
 
 
 /*
@@ -1326,7 +1328,7 @@ static int t_setup(lua_State *S)
     luaL_requiref(S, LUA_MATHLIBNAME, luaopen_math, 0);         /* 4 */
     luaL_requiref(S, LUA_UTF8LIBNAME, luaopen_utf8, 0);         /* 5 */
     luaL_requiref(S, LUA_COLIBNAME, luaopen_coroutine, 0);      /* 6 */
-    for (int i = 0; i < SB_NMODS; i++) {                        /* 7 crypto, 8 log, 9 yaml */
+    for (int i = 0; i < SB_PATTERN; i++) {                      /* 7 crypto, 8 log, 9 yaml */
         char modname[32];
         snprintf(modname, sizeof modname, "forge.%s", MOD_NAMES[i]);
         luaL_requiref(S, modname, su->open[i], 0);
@@ -1375,11 +1377,22 @@ static int t_setup(lua_State *S)
     }
     lua_settop(S, 11);
 
-    /* string: the copy also serves as the string metatable's __index */
+    /*
+     * string: the copy also serves as the string metatable's __index. find, match, gmatch
+     * and gsub are forge.pattern's: same semantics, but a step budget per call, because the
+     * stock matcher runs in C where the count hook never fires.
+     */
     lua_pushvalue(S, 2);
     pick(S, string_names);                                      /* 13 */
     lua_pushcfunction(S, l_str_rep);
     lua_setfield(S, -2, "rep");
+    luaL_requiref(S, "forge.pattern", su->open[SB_PATTERN], 0); /* 14 */
+    for (int i = 0; i < 4; i++) {
+        static const char *const matchers[] = {"find", "match", "gmatch", "gsub"};
+        lua_getfield(S, 14, matchers[i]);
+        lua_setfield(S, 13, matchers[i]);
+    }
+    lua_pop(S, 1);
     lua_pushliteral(S, "");
     lua_getmetatable(S, -1);
     lua_pushvalue(S, 13);

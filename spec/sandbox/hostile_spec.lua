@@ -152,6 +152,25 @@ describe("forge.sandbox hostile scripts", function()
     assert.same({ s = "" }, sb:call("attack", { n = 1 }))
   end)
 
+  it("a pathological pattern fails that call with the step limit, well within the cpu limit", function()
+    local top = "local long = ('a'):rep(20000)"
+    local limit = "^services/evil/service.lua:%d+: pattern too complex %(step limit%)"
+    contained("return long:find('.-.-.-b')", "sandbox.error", limit, nil, top)
+    contained("return string.gsub(long, 'a*a*a*b', 'x')", "sandbox.error", limit, nil, top)
+    contained("return long:match('(.-)(.-)(.-)b')", "sandbox.error", limit, nil, top)
+    contained("for _ in long:gmatch('.-.-.-b') do end", "sandbox.error", limit, nil, top)
+    -- a script's pcall sees the error, and matching keeps working in the same call
+    local sb = new()
+    assert(sb:load(script([[
+      local ok, e = pcall(string.find, long, '.-.-.-b')
+      return { ok = ok, e = e, k = ('x=1'):match('(%w)=(%d)'), n = select(2, long:gsub('a', 'b')) }
+    ]], top)))
+    local t0 = os.clock()
+    assert.same({ ok = false, e = "pattern too complex (step limit)", k = "x", n = 20000 }, sb:call("attack", { n = 1 }))
+    assert(os.clock() - t0 < LIMITS.cpu, "the step limit took longer than the cpu limit")
+    still_works(sb)
+  end)
+
   it("string concatenation memory bomb hits the memory limit", function()
     local err = contained("local s = ('x'):rep(2^20) ; for _ = 1, 40 do s = s .. s end ; return s", "sandbox.memory",
       "memory limit exceeded")
