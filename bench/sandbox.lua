@@ -6,7 +6,6 @@ package.cpath = "build/lib/?.so;" .. package.cpath
 
 local sandbox = require "forge.sandbox"
 local flog = require "forge.log"
-local services = require "forge.services"
 
 flog.level("error")
 local N = tonumber(arg and arg[1]) or 20000
@@ -18,9 +17,12 @@ local function read(path)
   return s
 end
 
+local TEMPLATES = { ["local.yml"] = read("services/redis/templates/local.yml") }
+
 local function ctx()
   return { instance_id = "i1", binding_id = "b1", plan = { nodes = 3 }, host = "127.0.0.1",
-    ports = { 1, 2, 3 }, dir = "/tmp/x", secrets = { admin_password = "pw" }, parameters = {} }
+    ports = { 1, 2, 3 }, dir = "/tmp/x", secrets = { admin_password = "pw" }, parameters = {},
+    templates = TEMPLATES }
 end
 
 local function clock(n, f)
@@ -32,7 +34,10 @@ end
 local src = read("services/redis/service.lua")
 local sb = sandbox.new{ name = "redis" }
 assert(sb:load(src, "@services/redis/service.lua"))
-local direct = assert(services.load_one("services", "redis"))
+-- the same script loaded straight into this state, with the same capabilities
+local env = setmetatable({ forge = { crypto = require "forge.crypto", yaml = require "forge.yaml",
+  json = require "cjson", log = flog } }, { __index = _G })
+local direct = { script = assert(load(src, "@services/redis/service.lua", "t", env))() }
 
 local function direct_call(hook)
   local c = ctx()
