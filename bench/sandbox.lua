@@ -1,7 +1,7 @@
 -- Per-call cost of sb:call (copy ctx in, limits armed, call, copy result and ctx out)
 -- against a direct call of the same function in the broker's own state.
 --   lua5.4 bench/sandbox.lua [iterations]
-package.path = "scripts/?.lua;scripts/?/init.lua;" .. package.path
+package.path = "scripts/?.lua;scripts/?/init.lua;spec/?.lua;./?.lua;" .. package.path
 package.cpath = "build/lib/?.so;" .. package.cpath
 
 local sandbox = require "forge.sandbox"
@@ -10,12 +10,7 @@ local flog = require "forge.log"
 flog.level("error")
 local N = tonumber(arg and arg[1]) or 20000
 
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local read = require("spec.support.files").read
 
 local TEMPLATES = { ["local.yml"] = read("services/redis/templates/local.yml") }
 

@@ -7,12 +7,7 @@ local util = require "forge.util"
 
 local REDIS = "services/redis/service.lua"
 
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local read = require("spec.support.files").read
 
 local function loaded(src, opts)
   local sb = sandbox.new(opts or { name = "t" })

@@ -1,12 +1,6 @@
 local config = require "forge.config"
 
-local function write(text)
-  local p = os.tmpname()
-  local f = assert(io.open(p, "w"))
-  f:write(text)
-  f:close()
-  return p
-end
+local write = require("spec.support.files").temp
 
 local function env(t) return function(name) return t[name] end end
 

@@ -18,4 +18,13 @@ function M.write(path, text)
   assert(os.rename(path .. ".tmp", path))
 end
 
+--- Write text to a new temporary file; returns its path.
+function M.temp(text)
+  local p = os.tmpname()
+  local f = assert(io.open(p, "w"))
+  f:write(text)
+  f:close()
+  return p
+end
+
 return M

@@ -3,13 +3,7 @@ local Bosh = require "forge.targets.bosh"
 local config = require "forge.config"
 local targets = require "forge.targets"
 
-local function write(text)
-  local p = os.tmpname()
-  local f = assert(io.open(p, "w"))
-  f:write(text)
-  f:close()
-  return p
-end
+local write = require("spec.support.files").temp
 
 local function load(text)
   local p = write(text)
