@@ -11,6 +11,7 @@ commands:
   render SERVICE PLAN [--params JSON]   print what a plan would deploy (dry run, no side effects)
   new NAME                              scaffold services/NAME that passes `forge check` at once
   install PKG.tgz                       validate a service package and install it atomically
+  status [--url URL]                    the service versions a running broker serves, refused edits
   bosh-sim [--help]                     run a simulated BOSH director (for authors and specs)
   version                               print the version
   help                                  this text; `forge COMMAND --help` for one command
@@ -88,7 +89,8 @@ local function authoring_setup(opts)
   return opts.services or config.services_dir, config.sandbox, config
 end
 
-local AUTHORING_OPTIONS = { services = "value", config = "value", params = "value", target = "value", help = "flag" }
+local AUTHORING_OPTIONS = { services = "value", config = "value", params = "value", target = "value", url = "value",
+  help = "flag" }
 
 local function authoring(name, min_args, max_args, run)
   commands[name] = function(args)
@@ -125,6 +127,42 @@ authoring("new", 1, 1, function(pos, _, dir)
 end)
 authoring("install", 1, 1, function(pos, _, dir, limits)
   return require("forge.authoring").install(pos[1], dir, limits)
+end)
+
+HELP.status = "usage: forge status [--url URL] [--config FILE]\n  Ask a running broker (GET /admin/services, admin "
+  .. "credentials from the config or\n  FORGE_ADMIN_USER/FORGE_ADMIN_PASSWORD) which service versions it serves and "
+  .. "which edits it refused.\n  Exit 1 when an edit was refused or the broker does not answer.\n"
+
+authoring("status", 0, 0, function(_, opts, _, _, config)
+  local admin = config.admin.password and config.admin or config.auth
+  if not admin.password then
+    io.stderr:write("forge status: no admin password configured (FORGE_ADMIN_PASSWORD or FORGE_PASSWORD)\n")
+    return 2
+  end
+  -- credentials go to curl through a private config file, never on its command line
+  local cfg = os.tmpname()
+  local f = assert(io.open(cfg, "w"))
+  f:write(string.format('user = "%s:%s"\n', admin.username, admin.password))
+  f:close()
+  local url = (opts.url or ("http://" .. config.listen)) .. "/admin/services"
+  local p = io.popen("curl -s -S --max-time 10 -K " .. cfg .. " '" .. url:gsub("'", "") .. "' 2>&1")
+  local out = p:read("a")
+  p:close()
+  os.remove(cfg)
+  local status = require("forge.util").json_decode(out)
+  if type(status) ~= "table" or type(status.services) ~= "table" then
+    io.stderr:write("forge status: no answer from ", url, ": ", out:sub(1, 300), "\n")
+    return 1
+  end
+  io.write("generation ", tostring(status.generation), "\n")
+  for _, svc in ipairs(status.services) do
+    io.write(string.format("  %-20s version %s  (%d plan(s))\n", svc.name, svc.version, svc.plans))
+  end
+  for _, e in ipairs(status.errors or {}) do
+    io.write(string.format("  REFUSED %s: %s%s\n", e.service, e.message,
+      e.kept_version and (" (still serving " .. e.kept_version .. ")") or ""))
+  end
+  return #(status.errors or {}) == 0 and 0 or 1
 end)
 
 commands["bosh-sim"] = function(args)

@@ -100,6 +100,14 @@ describe("hot reload", function()
     assert.matches("services/versioned/service.lua:3:", found.message)
     assert.is_string(found.kept_version)
     assert.matches("service refused", b:read_log())
+    -- forge status shows the same, and exits 1
+    local p = io.popen(string.format("FORGE_USER=%s FORGE_PASSWORD=%s build/bin/forge status --url %s 2>&1",
+      b.user, b.password, b:url("")))
+    local out = p:read("a")
+    local _, _, code = p:close()
+    assert.equal(1, code, out)
+    assert.matches("REFUSED versioned: services/versioned/service.lua:3:", out, 1, true)
+    assert.matches("versioned%s+version %x+", out)
   end)
 
   it("rescans on SIGHUP", function()
