@@ -80,12 +80,11 @@ end
 
 local function node_name(i) return "redis-" .. (i - 1) end
 
-local function admin_cli(host, port, password, stdin, expect)
+-- Redis commands for the broker to run as the admin user: it speaks the Redis protocol itself
+-- (no redis-cli process); each reply must match its expect pattern (integers as text).
+local function admin_redis(host, port, password, commands, expect)
   return {
-    argv = { "redis-cli", "-h", host, "-p", tostring(port), "--user", ADMIN, "--no-auth-warning" },
-    env = { REDISCLI_AUTH = password },
-    stdin = stdin,
-    expect = expect,
+    redis = { host = host, port = port, user = ADMIN, password = password, commands = commands, expect = expect },
   }
 end
 
@@ -129,7 +128,7 @@ function service.deploy(ctx)
       files = { [name .. "/redis.conf"] = redis_conf(ctx, i, admin_password) },
       -- redis rewrites its ACL file on ACL SAVE (binding users): written once, kept on redeploys
       seed_files = { [name .. "/users.acl"] = acl },
-      health = admin_cli(ctx.host, ctx.ports[i], admin_password, "PING\n", { "^PONG$" }),
+      health = admin_redis(ctx.host, ctx.ports[i], admin_password, { { "PING" } }, { "^PONG$" }),
     }
   end
   return { processes = processes }
@@ -182,11 +181,13 @@ function service.bind(ctx)
   local user = username(ctx.binding_id)
   local password = ctx.credentials and ctx.credentials.password or crypto.password(32)
   local admin_password = ctx.secret("admin_password")
-  local setuser = "ACL SETUSER " .. user .. " reset on #" .. crypto.sha256_hex(password) ..
-    " ~* &* +@all -@admin\nACL SAVE\n"
+  local setuser = {
+    { "ACL", "SETUSER", user, "reset", "on", "#" .. crypto.sha256_hex(password), "~*", "&*", "+@all", "-@admin" },
+    { "ACL", "SAVE" },
+  }
   local run, hosts = {}, {}
   for i, port in ipairs(ctx.ports) do
-    run[i] = admin_cli(ctx.host, port, admin_password, setuser, { "^OK$", "^OK$" })
+    run[i] = admin_redis(ctx.host, port, admin_password, setuser, { "^OK$", "^OK$" })
     hosts[i] = ctx.host .. ":" .. port
   end
   return {
@@ -206,10 +207,10 @@ end
 function service.unbind(ctx)
   if ctx.ips then return { run = {} } end    -- BOSH: nothing was created per binding
   local admin_password = ctx.secret("admin_password")
-  local deluser = "ACL DELUSER " .. username(ctx.binding_id) .. "\nACL SAVE\n"
+  local deluser = { { "ACL", "DELUSER", username(ctx.binding_id) }, { "ACL", "SAVE" } }
   local run = {}
   for i, port in ipairs(ctx.ports) do
-    run[i] = admin_cli(ctx.host, port, admin_password, deluser, { "^%d+$", "^OK$" })
+    run[i] = admin_redis(ctx.host, port, admin_password, deluser, { "^%d+$", "^OK$" })
   end
   return { run = run }
 end
