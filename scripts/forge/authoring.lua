@@ -241,6 +241,8 @@ local service = {
   },
 }
 
+local admin -- defined below, used by deploy's health check
+
 -- Settings from templates/settings.yml, overridden by the instance's parameters.
 local function settings(ctx)
   local base = ctx.templates and ctx.templates["settings.yml"] or "maxmemory_mb: 64\n"
@@ -261,14 +263,14 @@ function service.deploy(ctx)
     files = { ["server/redis.conf"] = conf },
     seed_files = { ["server/users.acl"] = "user default off\nuser admin on #" .. crypto.sha256_hex(password)
       .. " ~* &* +@all\n" },
-    health = { argv = { "redis-cli", "-h", ctx.host, "-p", tostring(ctx.ports[1]), "--user", "admin",
-      "--no-auth-warning", "PING" }, env = { REDISCLI_AUTH = password }, expect = { "^PONG$" } },
+    health = admin(ctx, { { "PING" } }, { "^PONG$" }),
   } } }
 end
 
-local function admin(ctx, stdin, expect)
-  return { argv = { "redis-cli", "-h", ctx.host, "-p", tostring(ctx.ports[1]), "--user", "admin",
-    "--no-auth-warning" }, env = { REDISCLI_AUTH = ctx.secret("admin_password") }, stdin = stdin, expect = expect }
+-- Commands the broker sends to the server itself (Redis protocol), as the admin user.
+function admin(ctx, commands, expect)
+  return { redis = { host = ctx.host, port = ctx.ports[1], user = "admin", password = ctx.secret("admin_password"),
+    commands = commands, expect = expect } }
 end
 
 --- A binding: its own ACL user.
@@ -277,14 +279,14 @@ function service.bind(ctx)
   local password = ctx.credentials and ctx.credentials.password or crypto.password(32)
   return {
     credentials = { host = ctx.host, port = ctx.ports[1], username = user, password = password },
-    run = { admin(ctx, "ACL SETUSER " .. user .. " reset on #" .. crypto.sha256_hex(password)
-      .. " ~* &* +@all -@admin\nACL SAVE\n", { "^OK$", "^OK$" }) },
+    run = { admin(ctx, { { "ACL", "SETUSER", user, "reset", "on", "#" .. crypto.sha256_hex(password), "~*", "&*",
+      "+@all", "-@admin" }, { "ACL", "SAVE" } }, { "^OK$", "^OK$" }) },
   }
 end
 
 function service.unbind(ctx)
   local user = "b-" .. crypto.sha256_hex(ctx.binding_id):sub(1, 20)
-  return { run = { admin(ctx, "ACL DELUSER " .. user .. "\nACL SAVE\n", { "^%%d+$", "^OK$" }) } }
+  return { run = { admin(ctx, { { "ACL", "DELUSER", user }, { "ACL", "SAVE" } }, { "^%%d+$", "^OK$" }) } }
 end
 
 return service

@@ -170,5 +170,24 @@ describe("forge new and install", function()
     until #names == 2 or proc.monotonic() > deadline
     table.sort(names)
     assert.same({ "cache", "redis" }, names)
+    -- the scaffold is a working service: provision, bind, use, unbind
+    local _, _, _, catalog = b:call("GET", "/v2/catalog")
+    local svc
+    for _, s in ipairs(catalog.services) do if s.name == "cache" then svc = s end end
+    local ids = { service_id = svc.id, plan_id = svc.plans[1].id }
+    local status, raw = b:call("PUT", "/v2/service_instances/c1", { service_id = ids.service_id,
+      plan_id = ids.plan_id, organization_guid = "o", space_guid = "s" })
+    assert.equal(201, status, raw)
+    local bs, braw, _, body = b:call("PUT", "/v2/service_instances/c1/service_bindings/x", ids)
+    assert.equal(201, bs, braw)
+    local c = body.credentials
+    local code, out = run(string.format("REDISCLI_AUTH=%s redis-cli -h %s -p %d --user %s --no-auth-warning PING",
+      c.password, c.host, c.port, c.username))
+    assert.equal(0, code)
+    assert.equal("PONG", (out:gsub("%s+$", "")))
+    assert.equal(200, (b:call("DELETE", "/v2/service_instances/c1/service_bindings/x?service_id=" .. ids.service_id
+      .. "&plan_id=" .. ids.plan_id)))
+    assert.equal(200, (b:call("DELETE", "/v2/service_instances/c1?service_id=" .. ids.service_id .. "&plan_id="
+      .. ids.plan_id)))
   end)
 end)
