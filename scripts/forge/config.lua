@@ -33,6 +33,8 @@ local DEFAULTS = {
       deploy_timeout = 60,     -- seconds for a deployment to become healthy
       stop_timeout = 10,       -- seconds between TERM and KILL
       command_timeout = 10,    -- seconds for a bind/unbind command
+      -- executables service scripts may start or run on this machine (exact argv[1])
+      commands = { "redis-server", "redis-cli", "etcd", "etcdctl", "sleep", "true" },
     },
   },
 }
@@ -49,7 +51,7 @@ local SCHEMA = {
     cacert = "string", cert = "string", key = "string" },
   -- targets.<name> (type: bosh) are checked by bosh_target against BOSH_SCHEMA
   targets = { ["local"] = { host = "string", ports = { from = "integer", to = "integer" },
-    deploy_timeout = "number", stop_timeout = "number", command_timeout = "number" } },
+    deploy_timeout = "number", stop_timeout = "number", command_timeout = "number", commands = "table" } },
 }
 
 -- A BOSH target (targets.<name>, type: bosh). Lists are checked element by element.
@@ -192,6 +194,9 @@ local function validate(c)
     return nil, "log_level must be debug, info, warn or error"
   end
   if c.body_limit <= 0 then return nil, "body_limit must be positive" end
+  for i, cmd in ipairs(c.targets["local"].commands) do
+    if type(cmd) ~= "string" or cmd == "" then return nil, "targets.local.commands[" .. i .. "] must be a name" end
+  end
   if c.store ~= "sqlite" and c.store ~= "etcd" then return nil, "store must be sqlite or etcd" end
   if c.store == "etcd" and (#c.etcd.endpoints == 0 or type(c.etcd.endpoints[1]) ~= "string") then
     return nil, "etcd.endpoints must list at least one URL"

@@ -39,18 +39,18 @@ local function etcdctl(ctx, args, stdin, expect)
     stdin = stdin, expect = expect }
 end
 
---- One etcd member; setup creates root and turns auth on (idempotent: a rerun after a broker
--- crash finds auth already on and does nothing).
+--- One etcd member; setup creates root and turns auth on. Each step is idempotent: once auth
+-- is on, a rerun (after a broker crash) is refused by etcd for want of credentials, which is
+-- the state the step wants, so those refusals are tolerated.
 function service.deploy(ctx)
   local peer = "http://" .. ctx.host .. ":" .. ctx.ports[2]
   local root = ctx.secret("root_password")
-  local setup_script = table.concat({
-    'export ETCDCTL_API=3 E="$1"',
-    'if ETCDCTL_USER="root:$ROOT_PASSWORD" etcdctl --endpoints="$E" user get root >/dev/null 2>&1; then exit 0; fi',
-    'printf "%s" "$ROOT_PASSWORD" | etcdctl --endpoints="$E" user add root --interactive=false >/dev/null 2>&1 || true',
-    'etcdctl --endpoints="$E" user grant-role root root >/dev/null 2>&1 || true',
-    'etcdctl --endpoints="$E" auth enable',
-  }, "\n")
+  local done = { "already exists", "user name is empty", "permission denied", "Authentication Enabled" }
+  local function setup(args, stdin)
+    local argv = { "etcdctl", "--endpoints=" .. endpoint(ctx), "--dial-timeout=3s", "--command-timeout=5s" }
+    for _, a in ipairs(args) do argv[#argv + 1] = a end
+    return { argv = argv, env = { ETCDCTL_API = "3" }, stdin = stdin, tolerate = done }
+  end
   return {
     processes = { {
       name = "etcd-0",
@@ -61,7 +61,11 @@ function service.deploy(ctx)
         "--initial-cluster-token", "forge-" .. ctx.instance_id, "--logger", "zap", "--log-outputs", "stderr" },
       health = { tcp = ctx.ports[1] },
     } },
-    setup = { { argv = { "sh", "-c", setup_script, "setup", endpoint(ctx) }, env = { ROOT_PASSWORD = root } } },
+    setup = {
+      setup({ "user", "add", "root", "--interactive=false" }, root),
+      setup({ "user", "grant-role", "root", "root" }),
+      setup({ "auth", "enable" }),
+    },
   }
 end
 

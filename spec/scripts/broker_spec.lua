@@ -177,6 +177,34 @@ describe("broker faults", function()
     assert.equal(202, (b:call("PUT", "/v2/service_instances/bad2?accepts_incomplete=true", body)))
   end)
 
+  it("refuses to start commands outside targets.local.commands, storing nothing", function()
+    local dir = Broker.tmpdir()
+    os.execute("mkdir -p " .. dir .. "/rogue")
+    local f = io.open(dir .. "/rogue/service.lua", "w")
+    f:write([[
+local service = { id = "70000000-0000-4000-8000-000000000001", name = "rogue", description = "d", bindable = false,
+  plans = { { id = "70000000-0000-4000-8000-000000000002", name = "p", description = "d" } } }
+function service.deploy(ctx)
+  return { processes = { { name = "x", argv = { "touch", ctx.dir .. "/../../pwned" } } } }
+end
+function service.bind() return {} end
+function service.unbind() return {} end
+return service
+]])
+    f:close()
+    local b = Broker.start { services_dir = dir }
+    finally(function() b:cleanup(); os.execute("rm -rf " .. dir) end)
+    local before = b:records()
+    local status, raw, _, json = b:call("PUT", "/v2/service_instances/r?accepts_incomplete=true",
+      { service_id = "70000000-0000-4000-8000-000000000001", plan_id = "70000000-0000-4000-8000-000000000002",
+        organization_guid = "o", space_guid = "s" })
+    assert.equal(500, status, raw)
+    assert.equal("ServiceScriptError", json.error)
+    assert.matches("command 'touch' is not allowed on the local target", json.description, 1, true)
+    assert.same(before, b:records())
+    assert.is_nil(io.open(b.state_dir .. "/pwned"))
+  end)
+
   it("guards the admin API with its own credentials when they are configured", function()
     local b = Broker.start { env = { FORGE_ADMIN_USER = "ops", FORGE_ADMIN_PASSWORD = "ops-secret" } }
     finally(function() b:cleanup() end)

@@ -92,6 +92,8 @@ function M.render(b, svc, plan, rec, pinned)
   if type(deployment) ~= "table" or type(deployment.processes) ~= "table" or #deployment.processes == 0 then
     fail(500, "ServiceScriptError", "service " .. svc.name .. ": deploy must return {processes = {...}}")
   end
+  local allowed, why = target:check_deployment(deployment)
+  if not allowed then fail(500, "ServiceScriptError", "service " .. svc.name .. ": " .. why) end
   rec.deployment = deployment
   rec.files_written, rec.script_hash = false, pinned or svc.hash
   return added

@@ -120,7 +120,41 @@ function Local:find_unrecorded(inst, p)
   end
 end
 
+--- Whether argv names an executable this target may start (targets.local.commands): a service
+-- script only declares commands, and this list is what keeps it from declaring anything else.
+-- @return true | nil, message
+function Local:allowed(argv)
+  local exe = type(argv) == "table" and argv[1]
+  if type(exe) ~= "string" then return nil, "a command's argv must be a list of strings" end
+  for _, c in ipairs(self.cfg.commands or {}) do
+    if exe == c then return true end
+  end
+  return nil, string.format("command '%s' is not allowed on the local target (targets.local.commands)", exe)
+end
+
+--- Check every command a deployment declares (processes, health checks, setup) before anything
+-- is stored. Returns true | nil, message.
+function Local:check_deployment(deployment)
+  for _, p in ipairs(deployment.processes) do
+    local ok, err = self:allowed(p.argv)
+    if not ok then return nil, "process " .. tostring(p.name) .. ": " .. err end
+    if type(p.health) == "table" and p.health.argv then
+      ok, err = self:allowed(p.health.argv)
+      if not ok then return nil, "health check of " .. tostring(p.name) .. ": " .. err end
+    end
+  end
+  for _, cmd in ipairs(deployment.setup or {}) do
+    if cmd.argv then
+      local ok, err = self:allowed(cmd.argv)
+      if not ok then return nil, "setup: " .. err end
+    end
+  end
+  return true
+end
+
 function Local:spawn(inst, p)
+  local allowed, why = self:allowed(p.argv)
+  if not allowed then return nil, why end
   local dir = self:process_dir(inst, p)
   local ok, err = mkdirs(dir)
   if not ok then return nil, "cannot create " .. dir .. ": " .. tostring(err) end
@@ -222,11 +256,18 @@ end
 -- expect = {lua patterns, one per reply}}} (see Local:run_redis).
 function Local:run(cmd)
   if cmd.redis then return self:run_redis(cmd.redis) end
+  local allowed, why = self:allowed(cmd.argv)
+  if not allowed then return nil, why end
   local env = { PATH = os.getenv("PATH") or "/usr/bin:/bin" }
   for k, v in pairs(cmd.env or {}) do env[k] = v end
   local res, err = proc.run { argv = cmd.argv, env = env, stdin = cmd.stdin, timeout = self.cfg.command_timeout }
   if not res then return nil, tostring(err and err.message or err) end
   if res.code ~= 0 then
+    -- a failure whose output matches a `tolerate` pattern is the state already reached
+    -- (idempotent setup steps: "already exists")
+    for _, pattern in ipairs(cmd.tolerate or {}) do
+      if (res.stderr .. res.stdout):match(pattern) then return true end
+    end
     return nil, string.format("%s exited with %s: %s", cmd.argv[1], tostring(res.code or res.signal),
       (res.stderr ~= "" and res.stderr or res.stdout):sub(1, 300))
   end
