@@ -262,7 +262,7 @@ describe("forge.resp", function()
     local target
 
     setup(function()
-      target = Local.new({ host = "127.0.0.1", command_timeout = 2 }, dir)
+      target = Local.new({ host = "127.0.0.1", command_timeout = 2, commands = { "printf" } }, dir)
       assert(call { { "ACL", "SETUSER", "admin2", "reset", "on", ">adm1n", "~*", "&*", "+@all" } })
     end)
 
