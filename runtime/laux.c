@@ -38,6 +38,19 @@ lua_Integer forge_optintfield(lua_State *L, int idx, const char *key, lua_Intege
 }
 
 /* The returned string stays valid while the options table holds it. */
+lua_Number forge_optnumfield(lua_State *L, int idx, const char *key, lua_Number def)
+{
+    lua_getfield(L, idx, key);
+    lua_Number v = def;
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TNUMBER)
+            luaL_error(L, "option '%s' must be a number", key);
+        v = lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
 const char *forge_optstrfield(lua_State *L, int idx, const char *key, const char *def)
 {
     lua_getfield(L, idx, key);

@@ -273,18 +273,6 @@ static void push_status(lua_State *L, int status)
 }
 
 
-static double opt_number_field(lua_State *L, int idx, const char *key, double def)
-{
-    lua_getfield(L, idx, key);
-    double v = def;
-    if (!lua_isnil(L, -1)) {
-        if (lua_type(L, -1) != LUA_TNUMBER)
-            luaL_error(L, "option '%s' must be a number", key);
-        v = lua_tonumber(L, -1);
-    }
-    lua_pop(L, 1);
-    return v;
-}
 
 
 /* ------------------------------------------------------------------------ */
@@ -945,7 +933,7 @@ static int l_proc_run(lua_State *L)
     static const char *const keys[] = {"argv", "stdin", "env", "cwd", "timeout", "max_output", NULL};
     struct child_spec cs;
     check_command(L, "proc.run", keys, &cs);     /* [opts, anchor, argv_ud [envp_ud]] */
-    double timeout = opt_number_field(L, 1, "timeout", 10);
+    double timeout = forge_optnumfield(L, 1, "timeout", 10);
     if (!(timeout > 0))
         luaL_error(L, "proc.run: option 'timeout' must be > 0");
     lua_Integer max_output = forge_optintfield(L, 1, "max_output", 1 << 20);

@@ -499,18 +499,6 @@ static void push_reply(lua_State *L, const char *buf, size_t len, size_t *pos)
 }
 
 
-static double opt_number_field(lua_State *L, int idx, const char *key, double def)
-{
-    lua_getfield(L, idx, key);
-    double v = def;
-    if (!lua_isnil(L, -1)) {
-        if (lua_type(L, -1) != LUA_TNUMBER)
-            luaL_error(L, "resp.call: option '%s' must be a number", key);
-        v = lua_tonumber(L, -1);
-    }
-    lua_pop(L, 1);
-    return v;
-}
 
 
 /*
@@ -641,7 +629,7 @@ static int l_resp_call(lua_State *L)
     lua_Integer port = forge_optintfield(L, 1, "port", 0);
     if (port < 1 || port > 65535)
         luaL_error(L, "resp.call: option 'port' must be an integer in 1..65535");
-    double timeout = opt_number_field(L, 1, "timeout", 5);
+    double timeout = forge_optnumfield(L, 1, "timeout", 5);
     if (!(timeout > 0 && timeout < 86400))
         luaL_error(L, "resp.call: option 'timeout' must be in (0, 86400) seconds");
     lua_Integer max_reply = forge_optintfield(L, 1, "max_reply", RESP_MAX_REPLY);

@@ -45,6 +45,7 @@ void forge_checkkeys(lua_State *L, int idx, const char *what, const char *const 
 
 /* Optional typed fields of an options table at `idx` (the field absent or nil → default). */
 lua_Integer forge_optintfield(lua_State *L, int idx, const char *key, lua_Integer def);
+lua_Number forge_optnumfield(lua_State *L, int idx, const char *key, lua_Number def);
 const char *forge_optstrfield(lua_State *L, int idx, const char *key, const char *def);
 int forge_optboolfield(lua_State *L, int idx, const char *key, int def);
 

@@ -3,12 +3,7 @@ local client = require "spec.support.client"
 local proc = require "forge.proc"
 local cjson = require "cjson"
 
-local function free_port()
-  for _ = 1, 100 do
-    local p = math.random(20000, 29999)
-    if proc.port_free(p) then return p end
-  end
-end
+local free_port = require("spec.support.net").free_port
 
 local function start(handler, limit)
   local port = free_port()

@@ -31,13 +31,7 @@ local function eventually(pred, timeout)
   return pred()
 end
 
-local function free_port()
-  for _ = 1, 200 do
-    local p = math.random(20000, 60000)
-    if proc.port_free(p) then return p end
-  end
-  error("no free port")
-end
+local free_port = require("spec.support.net").free_port
 
 describe("forge.proc", function()
   local dir

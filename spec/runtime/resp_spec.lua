@@ -9,13 +9,7 @@ local function tmpdir()
   return (r.stdout:gsub("%s+$", ""))
 end
 
-local function free_port()
-  for _ = 1, 200 do
-    local p = math.random(20000, 29999)
-    if proc.port_free(p) then return p end
-  end
-  error("no free port")
-end
+local free_port = require("spec.support.net").free_port
 
 local function wait_port(port, what, log)
   local deadline = proc.monotonic() + 10

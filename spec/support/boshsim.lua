@@ -7,13 +7,7 @@ local cjson = require "cjson"
 local M = {}
 M.__index = M
 
-local function free_port()
-  for _ = 1, 200 do
-    local p = math.random(20000, 29999)
-    if proc.port_free(p) then return p end
-  end
-  error("no free port")
-end
+local free_port = require("spec.support.net").free_port
 
 local function tmpdir()
   local p = os.tmpname()
