@@ -110,6 +110,37 @@ static enum MHD_Result queue_bytes(struct MHD_Connection *con, unsigned status, 
     return ret;
 }
 
+/*
+ * One log line of JSON on stderr, as forge.log writes them: {"level":"error","msg":..,
+ * "request_id":..,"error":<detail, escaped>}. Used where no Lua state can log (a worker that
+ * failed to load, a handler that raised). One fputs of a whole line keeps lines whole.
+ */
+static void log_error(const char *msg, const char *request_id, const char *detail)
+{
+    size_t cap = strlen(detail) * 6 + strlen(msg) + 160, n = 0;
+    char *line = malloc(cap);
+    if (!line)
+        return;
+    n += (size_t)snprintf(line, cap, "{\"level\":\"error\",\"msg\":\"%s\",\"request_id\":\"%s\",\"error\":\"",
+                          msg, request_id);
+    for (const unsigned char *c = (const unsigned char *)detail; *c && n + 8 < cap; c++) {
+        if (*c == '"' || *c == '\\') {
+            line[n++] = '\\';
+            line[n++] = (char)*c;
+        } else if (*c == '\n') {
+            line[n++] = '\\';
+            line[n++] = 'n';
+        } else if (*c < 0x20) {
+            n += (size_t)snprintf(line + n, cap - n, "\\u%04x", *c);
+        } else {
+            line[n++] = (char)*c;
+        }
+    }
+    snprintf(line + n, cap - n, "\"}\n");
+    fputs(line, stderr);
+    free(line);
+}
+
 /* A JSON error body {"error","description"}; description must not need escaping. */
 static enum MHD_Result queue_error(struct MHD_Connection *con, unsigned status, const char *error,
                                    const char *description, const char *request_id)
@@ -322,8 +353,7 @@ static enum MHD_Result dispatch(struct server *s, struct MHD_Connection *con, co
     char err[1024];
     struct worker *w = worker_get(s, err, sizeof err);
     if (!w) {
-        fprintf(stderr, "{\"level\":\"error\",\"msg\":\"broker handler failed to load\",\"request_id\":\"%s\"}\n", r->id);
-        fprintf(stderr, "%s\n", err);
+        log_error("broker handler failed to load", r->id, err);
         return queue_error(con, 503, "ServiceUnavailable", "broker is not ready; see the broker log", r->id);
     }
     lua_State *L = w->L;
@@ -332,8 +362,7 @@ static enum MHD_Result dispatch(struct server *s, struct MHD_Connection *con, co
     lua_rawgeti(L, LUA_REGISTRYINDEX, w->handle_ref);     /* [msgh, handle] */
     push_request(L, con, method, r);                      /* [msgh, handle, req] */
     if (lua_pcall(L, 1, 3, 1) != LUA_OK) {                /* [msgh, err] */
-        fprintf(stderr, "{\"level\":\"error\",\"msg\":\"request handler raised\",\"request_id\":\"%s\"}\n", r->id);
-        fprintf(stderr, "%s\n", lua_tostring(L, -1));
+        log_error("request handler raised", r->id, lua_tostring(L, -1));
         lua_settop(L, 0);
         return queue_error(con, 500, "InternalError", "the broker failed on this request; see the broker log", r->id);
     }

@@ -80,6 +80,12 @@ describe("forge.http", function()
     assert.equal(500, status)
     assert.equal("InternalError", body.error)
     assert.equal(200, (client.request("GET", s.url("/"))))
+    -- the error is logged as one line of JSON carrying the traceback
+    local line = require("spec.support.files").read(s.out):match("[^\n]*request handler raised[^\n]*")
+    local entry = cjson.decode(line)
+    assert.equal("error", entry.level)
+    assert.matches("handler raised on purpose", entry.error)
+    assert.matches("stack traceback", entry.error)
   end)
 
   it("keeps connections alive", function()
