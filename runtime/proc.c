@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "forge/forge.h"
+#include "lnet.h"
 
 #ifndef PIDFD_SIGNAL_PROCESS_GROUP
 #define PIDFD_SIGNAL_PROCESS_GROUP (1U << 2)
@@ -71,12 +72,6 @@ static void sleep_s(double s)
         req = rem;
 }
 
-
-static const char *errstr(int err, char *buf, size_t len)
-{
-    /* GNU strerror_r (the Makefile defines _GNU_SOURCE): thread-safe, returns a pointer. */
-    return strerror_r(err, buf, len);
-}
 
 
 struct proc_stat {
@@ -477,7 +472,7 @@ static pid_t fork_exec(struct child_spec *cs, int *stage, int *err)
 static int push_spawn_error(lua_State *L, const struct child_spec *cs, int stage, int err)
 {
     char eb[128];
-    const char *msg = errstr(err, eb, sizeof eb);
+    const char *msg = forge_strerror(err, eb, sizeof eb);
     switch (stage) {
     case STAGE_EXEC:
         return forge_pusherror(L, "proc.exec", 0, "%s: %s", cs->argv[0], msg);
@@ -632,13 +627,13 @@ static int l_proc_spawn(lua_State *L)
     char eb[128];
     int fd_in = open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (fd_in < 0)
-        return forge_pusherror(L, "proc.io", 0, "/dev/null: %s", errstr(errno, eb, sizeof eb));
+        return forge_pusherror(L, "proc.io", 0, "/dev/null: %s", forge_strerror(errno, eb, sizeof eb));
     int fd_out = out_path ? open_out(out_path) : open("/dev/null", O_WRONLY | O_CLOEXEC);
     if (fd_out < 0) {
         int e = out_path ? -fd_out : errno;
         close(fd_in);
         return forge_pusherror(L, "proc.io", 0, "%s: %s", out_path ? out_path : "/dev/null",
-                               errstr(e, eb, sizeof eb));
+                               forge_strerror(e, eb, sizeof eb));
     }
     int fd_err = fd_out;
     if (err_path && !(out_path && strcmp(err_path, out_path) == 0)) {
@@ -646,7 +641,7 @@ static int l_proc_spawn(lua_State *L)
         if (fd_err < 0) {
             close(fd_in);
             close(fd_out);
-            return forge_pusherror(L, "proc.io", 0, "%s: %s", err_path, errstr(-fd_err, eb, sizeof eb));
+            return forge_pusherror(L, "proc.io", 0, "%s: %s", err_path, forge_strerror(-fd_err, eb, sizeof eb));
         }
     }
     cs.fd_in = fd_in;
@@ -665,7 +660,7 @@ static int l_proc_spawn(lua_State *L)
     int rc = read_stat(pid, &ps);               /* our child: even a zombie is still there */
     if (rc != 0)
         return forge_pusherror(L, "proc.spawn", 0, "%s: pid %d: reading start time: %s",
-                               cs.argv[0], (int)pid, errstr(-rc, eb, sizeof eb));
+                               cs.argv[0], (int)pid, forge_strerror(-rc, eb, sizeof eb));
     lua_createtable(L, 0, 2);
     lua_pushinteger(L, pid);
     lua_setfield(L, -2, "pid");
@@ -734,7 +729,7 @@ static int l_proc_kill(lua_State *L)
     }
     if (rc < 0) {
         char eb[128];
-        return forge_pusherror(L, "proc.kill", 0, "kill %d: %s", (int)pid, errstr(-rc, eb, sizeof eb));
+        return forge_pusherror(L, "proc.kill", 0, "kill %d: %s", (int)pid, forge_strerror(-rc, eb, sizeof eb));
     }
     lua_pushboolean(L, 1);
     return 1;
@@ -764,7 +759,7 @@ static int l_proc_stop(lua_State *L)
         return 1;
     }
     if (rc < 0)
-        return forge_pusherror(L, "proc.stop", 0, "kill %d: %s", (int)pid, errstr(-rc, eb, sizeof eb));
+        return forge_pusherror(L, "proc.stop", 0, "kill %d: %s", (int)pid, forge_strerror(-rc, eb, sizeof eb));
     double deadline = now_mono() + timeout;
     for (;;) {
         if (!check_alive(pid, st)) {
@@ -778,7 +773,7 @@ static int l_proc_stop(lua_State *L)
     }
     rc = signal_identity(pid, st, SIGKILL);
     if (rc < 0 && rc != -ESRCH)
-        return forge_pusherror(L, "proc.stop", 0, "kill %d: %s", (int)pid, errstr(-rc, eb, sizeof eb));
+        return forge_pusherror(L, "proc.stop", 0, "kill %d: %s", (int)pid, forge_strerror(-rc, eb, sizeof eb));
     deadline = now_mono() + STOP_KILL_WAIT_S;
     while (check_alive(pid, st)) {
         if (now_mono() > deadline)
@@ -819,7 +814,7 @@ static int l_proc_wait(lua_State *L)
             char eb[128];
             int e = errno;
             return forge_pusherror(L, e == ECHILD ? "proc.not_child" : "proc.wait", 0, "waitpid %d: %s",
-                                   (int)pid, errstr(e, eb, sizeof eb));
+                                   (int)pid, forge_strerror(e, eb, sizeof eb));
         }
         double left = deadline - now_mono();
         if (left <= 0) {
@@ -977,7 +972,7 @@ static int l_proc_run(lua_State *L)
         for (int i = 0; i < 6; i++)
             if (fds[i] >= 0)
                 close(fds[i]);
-        return forge_pusherror(L, "proc.io", 1, "pipe: %s", errstr(-e, eb, sizeof eb));
+        return forge_pusherror(L, "proc.io", 1, "pipe: %s", forge_strerror(-e, eb, sizeof eb));
     }
     rc->in_fd = pin[1];
     rc->out_fd[0] = pout[0];
@@ -1120,7 +1115,7 @@ static int l_proc_run(lua_State *L)
             return forge_pusherror(L, "proc.output", 0, "%s: %s exceeds %s bytes", cs.argv[0],
                                    fail_errno ? "stderr" : "stdout", nb);
         }
-        return forge_pusherror(L, "proc.io", 1, "%s: %s", cs.argv[0], errstr(fail_errno, eb, sizeof eb));
+        return forge_pusherror(L, "proc.io", 1, "%s: %s", cs.argv[0], forge_strerror(fail_errno, eb, sizeof eb));
     }
     push_status(L, status);
     lua_pushlstring(L, rc->buf[0] ? rc->buf[0] : "", rc->len[0]);
@@ -1247,47 +1242,9 @@ static int l_proc_port_free(lua_State *L)
     }
     freeaddrinfo(res);
     if (result < 0)
-        return forge_pusherror(L, "proc.net", 0, "%s:%d: %s", host, port, errstr(last, eb, sizeof eb));
+        return forge_pusherror(L, "proc.net", 0, "%s:%d: %s", host, port, forge_strerror(last, eb, sizeof eb));
     lua_pushboolean(L, result);
     return 1;
-}
-
-
-/* Non-blocking connect to one address within `ms`. Returns 0 or -errno. */
-static int try_connect(const struct addrinfo *ai, int ms)
-{
-    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, ai->ai_protocol);
-    if (fd < 0)
-        return -errno;
-    int rc = 0;
-    if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
-        if (errno != EINPROGRESS) {
-            rc = -errno;
-        } else {
-            struct pollfd pf = {.fd = fd, .events = POLLOUT};
-            double end = now_mono() + ms / 1000.0;
-            int n;
-            for (;;) {
-                int left = (int)((end - now_mono()) * 1000);
-                n = poll(&pf, 1, left > 0 ? left : 0);
-                if (n >= 0 || errno != EINTR)
-                    break;
-            }
-            if (n == 0) {
-                rc = -ETIMEDOUT;
-            } else if (n < 0) {
-                rc = -errno;
-            } else {
-                int soerr = 0;
-                socklen_t sl = sizeof soerr;
-                if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0)
-                    soerr = errno;
-                rc = -soerr;
-            }
-        }
-    }
-    close(fd);
-    return rc;
 }
 
 
@@ -1305,34 +1262,21 @@ static int l_proc_tcp_check(lua_State *L)
     int port = check_port(L, 2);
     double timeout = luaL_optnumber(L, 3, 1);
     luaL_argcheck(L, timeout >= 0 && timeout < 86400, 3, "timeout must be in [0, 86400)");
-    char serv[8], eb[128];
-    snprintf(serv, sizeof serv, "%d", port);
-    struct addrinfo hints, *res = NULL;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_NUMERICSERV;
-    int g = getaddrinfo(host, serv, &hints, &res);
-    if (g != 0) {
+    char eb[128];
+    int gai;
+    int rc = forge_tcp_connect(host, port, (int)(timeout * 1000), &gai);
+    if (gai != 0) {
         lua_pushboolean(L, 0);
-        forge_newerror(L, "proc.net", 0, "%s: %s", host, gai_strerror(g));
+        forge_newerror(L, "proc.net", 0, "%s: %s", host, gai_strerror(gai));
         return 2;
     }
-    double end = now_mono() + timeout;
-    int rc = -ECONNREFUSED;
-    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
-        int ms = (int)((end - now_mono()) * 1000);
-        rc = try_connect(ai, ms > 0 ? ms : 0);
-        if (rc == 0 || ms <= 0)
-            break;
-    }
-    freeaddrinfo(res);
-    if (rc == 0) {
+    if (rc >= 0) {
+        close(rc);
         lua_pushboolean(L, 1);
         return 1;
     }
     lua_pushboolean(L, 0);
-    forge_newerror(L, "proc.net", rc == -ETIMEDOUT, "%s:%d: %s", host, port, errstr(-rc, eb, sizeof eb));
+    forge_newerror(L, "proc.net", rc == -ETIMEDOUT, "%s:%d: %s", host, port, forge_strerror(-rc, eb, sizeof eb));
     return 2;
 }
 

@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "forge/forge.h"
+#include "lnet.h"
 
 #define RESP_CALL_MT      "forge.resp.call"
 #define RESP_MAX_REPLY    (16 * 1024 * 1024)    /* default cap on all replies of a call */
@@ -88,12 +89,6 @@ static int ms_left(double deadline)
     return (int)(left * 1000) + 1;
 }
 
-
-static const char *errstr(int err, char *buf, size_t len)
-{
-    /* GNU strerror_r (the Makefile defines _GNU_SOURCE): thread-safe, returns a pointer. */
-    return strerror_r(err, buf, len);
-}
 
 
 static void ctx_close_fd(struct resp_ctx *c)
@@ -286,62 +281,22 @@ static int scan_replies(struct resp_scan *s, const char *buf, size_t len, size_t
  */
 static int resp_connect(struct resp_ctx *c, const char *host, int port, double deadline)
 {
-    char serv[8], eb[128];
-    snprintf(serv, sizeof serv, "%d", port);
-    struct addrinfo hints, *res = NULL;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_NUMERICSERV;
-    int g = getaddrinfo(host, serv, &hints, &res);
-    if (g != 0) {
-        snprintf(c->why, sizeof c->why, "%s:%d: %s", host, port, gai_strerror(g));
-        return g == EAI_AGAIN ? RESP_FAIL_CONNECT : RESP_FAIL_RESOLVE;
+    char eb[128];
+    int gai;
+    int fd = forge_tcp_connect(host, port, ms_left(deadline), &gai);
+    if (gai != 0) {
+        snprintf(c->why, sizeof c->why, "%s:%d: %s", host, port, gai_strerror(gai));
+        return gai == EAI_AGAIN ? RESP_FAIL_CONNECT : RESP_FAIL_RESOLVE;
     }
-    int err = ECONNREFUSED;
-    for (struct addrinfo *ai = res; ai && c->fd < 0; ai = ai->ai_next) {
-        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, ai->ai_protocol);
-        if (fd < 0) {
-            err = errno;
-            continue;
-        }
-        if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
-            err = errno;
-            if (err == EINPROGRESS) {
-                struct pollfd pf = {.fd = fd, .events = POLLOUT};
-                int n;
-                do
-                    n = poll(&pf, 1, ms_left(deadline));
-                while (n < 0 && errno == EINTR);
-                if (n == 0) {
-                    err = ETIMEDOUT;
-                } else if (n < 0) {
-                    err = errno;
-                } else {
-                    socklen_t sl = sizeof err;
-                    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &sl) < 0)
-                        err = errno;
-                }
-            }
-        } else {
-            err = 0;
-        }
-        if (err == 0) {
-            int one = 1;
-            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-            c->fd = fd;
-        } else {
-            close(fd);
-            if (err == ETIMEDOUT)
-                break;                          /* the deadline is shared: nothing left */
-        }
+    if (fd < 0) {
+        snprintf(c->why, sizeof c->why, "%s:%d: %s", host, port,
+                 fd == -ETIMEDOUT ? "connect timed out" : forge_strerror(-fd, eb, sizeof eb));
+        return RESP_FAIL_CONNECT;
     }
-    freeaddrinfo(res);
-    if (c->fd >= 0)
-        return RESP_OK;
-    snprintf(c->why, sizeof c->why, "%s:%d: %s", host, port,
-             err == ETIMEDOUT ? "connect timed out" : errstr(err, eb, sizeof eb));
-    return RESP_FAIL_CONNECT;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->fd = fd;
+    return RESP_OK;
 }
 
 
@@ -398,7 +353,7 @@ static int resp_exchange(struct resp_ctx *c, const char *req, size_t reqlen, siz
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0) {
-            snprintf(c->why, sizeof c->why, "%s: poll: %s", peer, errstr(errno, eb, sizeof eb));
+            snprintf(c->why, sizeof c->why, "%s: poll: %s", peer, forge_strerror(errno, eb, sizeof eb));
             return RESP_FAIL_IO;
         }
         if (n == 0) {
@@ -411,7 +366,7 @@ static int resp_exchange(struct resp_ctx *c, const char *req, size_t reqlen, siz
             if (w > 0) {
                 off += (size_t)w;
             } else if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
-                snprintf(c->why, sizeof c->why, "%s: send: %s", peer, errstr(errno, eb, sizeof eb));
+                snprintf(c->why, sizeof c->why, "%s: send: %s", peer, forge_strerror(errno, eb, sizeof eb));
                 return RESP_FAIL_IO;
             }
         }
@@ -434,7 +389,7 @@ static int resp_exchange(struct resp_ctx *c, const char *req, size_t reqlen, siz
                     continue;
                 if (errno == EAGAIN || errno == EWOULDBLOCK)
                     break;
-                snprintf(c->why, sizeof c->why, "%s: recv: %s", peer, errstr(errno, eb, sizeof eb));
+                snprintf(c->why, sizeof c->why, "%s: recv: %s", peer, forge_strerror(errno, eb, sizeof eb));
                 return RESP_FAIL_IO;
             }
         }
