@@ -126,7 +126,7 @@ authoring("new", 1, 1, function(pos, _, dir)
   return require("forge.authoring").new(pos[1], dir)
 end)
 authoring("install", 1, 1, function(pos, _, dir, limits)
-  return require("forge.authoring").install(pos[1], dir, limits)
+  return require("forge.install").install(pos[1], dir, limits)
 end)
 
 HELP.status = "usage: forge status [--url URL] [--config FILE]\n  Ask a running broker (GET /admin/services, admin "
