@@ -1,27 +1,32 @@
 /*
  * forge.proc — process control for the local target.
  *
- * The broker starts service processes on this machine (redis-server, ...), supervises
- * them, and after its own restart adopts them by identity: pid + start time (field 22
- * of /proc/<pid>/stat), so a recycled pid is never signalled.
+ * The broker starts service processes on this machine (redis-server, ...), as their own
+ * user when asked, supervises them, and after its own restart adopts them by identity:
+ * pid + start time (field 22 of /proc/<pid>/stat), so a recycled pid is never signalled.
  *
  * Threads: the broker is multi-threaded, each thread with its own lua_State. Nothing
  * here keeps mutable static state; the child side of fork() only makes
  * async-signal-safe calls (no malloc, no Lua, no locks); waitpid() is only ever called
  * on one given pid, never -1, because other threads wait on their own children.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <limits.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
+#include <pwd.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -170,6 +175,18 @@ static const struct { const char *name; int sig; } signames[] = {
 };
 
 
+/* The signal called `name` ("TERM", "SIGTERM", in any case), or -1. */
+static int signal_by_name(const char *name)
+{
+    if (strncasecmp(name, "SIG", 3) == 0)
+        name += 3;
+    for (int i = 0; signames[i].name; i++)
+        if (strcasecmp(name, signames[i].name) == 0)
+            return signames[i].sig;
+    return -1;
+}
+
+
 /* Signal at `idx`: a name ("TERM", "SIGTERM") or a number 0..NSIG-1. May longjmp. */
 static int check_signal(lua_State *L, int idx)
 {
@@ -178,14 +195,11 @@ static int check_signal(lua_State *L, int idx)
         luaL_argcheck(L, s >= 0 && s < NSIG, idx, "signal number out of range");
         return (int)s;
     }
-    const char *name = luaL_checkstring(L, idx);
-    if (strncmp(name, "SIG", 3) == 0)
-        name += 3;
-    for (int i = 0; signames[i].name; i++)
-        if (strcmp(name, signames[i].name) == 0)
-            return signames[i].sig;
-    return luaL_argerror(L, idx, "expected a signal name (TERM, KILL, HUP, INT, USR1, USR2, QUIT, STOP, CONT) "
-                                 "or number");
+    int sig = signal_by_name(luaL_checkstring(L, idx));
+    if (sig < 0)
+        return luaL_argerror(L, idx, "expected a signal name (TERM, KILL, HUP, INT, USR1, USR2, QUIT, STOP, "
+                                     "CONT) or number");
+    return sig;
 }
 
 
@@ -280,11 +294,22 @@ struct child_spec {
     char *const *envp;          /* NULL: inherit environ */
     const char *path;           /* PATH used to find argv[0] when it has no '/' */
     const char *cwd;            /* NULL: stay */
+    const char *user;           /* NULL: keep our ids; else become uid, gid, groups */
+    uid_t uid;
+    gid_t gid;
+    const gid_t *groups;        /* supplementary groups (the primary one included) */
+    size_t ngroups;
     int fd_in, fd_out, fd_err;  /* become 0, 1, 2 */
     int errfd;                  /* CLOEXEC pipe: (stage, errno) on failure */
 };
 
-enum { STAGE_EXEC = 0, STAGE_CHDIR = 1, STAGE_SETUP = 2 };
+/* Where the child failed; the user stages index user_steps[] from STAGE_SETGROUPS. */
+enum {
+    STAGE_EXEC = 0, STAGE_CHDIR = 1, STAGE_SETUP = 2,
+    STAGE_SETGROUPS = 3, STAGE_SETGID = 4, STAGE_SETUID = 5, STAGE_NO_NEW_PRIVS = 6,
+};
+
+static const char *const user_steps[] = {"setgroups", "setgid", "setuid", "prctl(PR_SET_NO_NEW_PRIVS)"};
 
 
 static FORGE_NORETURN void child_fail(int errfd, int stage, int err)
@@ -336,6 +361,24 @@ static void reset_reserved_signal(int sig)
 }
 
 
+/*
+ * Become cs->user: groups, then gid, then uid (each step needs the privilege the next
+ * one drops), and no exec may grant privileges again (setuid binaries, file caps).
+ * Async-signal-safe: the parent resolved every id.
+ */
+static void child_become_user(const struct child_spec *cs, int errfd)
+{
+    if (setgroups(cs->ngroups, cs->groups) < 0)
+        child_fail(errfd, STAGE_SETGROUPS, errno);
+    if (setgid(cs->gid) < 0)
+        child_fail(errfd, STAGE_SETGID, errno);
+    if (setuid(cs->uid) < 0)
+        child_fail(errfd, STAGE_SETUID, errno);
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        child_fail(errfd, STAGE_NO_NEW_PRIVS, errno);
+}
+
+
 /* Runs in the child: async-signal-safe calls only. Never returns. */
 static FORGE_NORETURN void child_exec(const struct child_spec *cs)
 {
@@ -370,6 +413,8 @@ static FORGE_NORETURN void child_exec(const struct child_spec *cs)
     close_from(3, (unsigned)errfd - 1);
     close_from((unsigned)errfd + 1, ~0U);
 
+    if (cs->user)
+        child_become_user(cs, errfd);           /* before chdir and exec: checked as the user */
     if (cs->cwd && chdir(cs->cwd) < 0)
         child_fail(errfd, STAGE_CHDIR, errno);
 
@@ -480,6 +525,9 @@ static int push_spawn_error(lua_State *L, const struct child_spec *cs, int stage
         return forge_pusherror(L, "proc.exec", 0, "%s: chdir %s: %s", cs->argv[0], cs->cwd, msg);
     case STAGE_SETUP:
         return forge_pusherror(L, "proc.exec", 0, "%s: child setup: %s", cs->argv[0], msg);
+    case STAGE_SETGROUPS: case STAGE_SETGID: case STAGE_SETUID: case STAGE_NO_NEW_PRIVS:
+        return forge_pusherror(L, "proc.user", 0, "%s: cannot switch to user '%s': %s: %s", cs->argv[0],
+                               cs->user, user_steps[stage - STAGE_SETGROUPS], msg);
     default:
         return forge_pusherror(L, "proc.spawn", err == EAGAIN || err == ENOMEM || err == EMFILE ||
                                err == ENFILE, "%s: fork: %s", cs->argv[0], msg);
@@ -601,6 +649,142 @@ static void check_command(lua_State *L, const char *what, const char *const allo
 
 
 /* ------------------------------------------------------------------------ */
+/* users                                                                    */
+/* ------------------------------------------------------------------------ */
+
+/* A uid written as a string of decimal digits, or -1. */
+static long long parse_uid(const char *s)
+{
+    if (*s == '\0' || strspn(s, "0123456789") != strlen(s) || strlen(s) > 10)
+        return -1;
+    long long v = strtoll(s, NULL, 10);
+    return v < (long long)(uid_t)-1 ? v : -1;
+}
+
+
+/* The getpw*_r results that mean "no such user" (see getpwnam_r(3)). */
+static int user_not_found(int rc)
+{
+    return rc == 0 || rc == ENOENT || rc == ESRCH || rc == EBADF || rc == EPERM;
+}
+
+
+/*
+ * The passwd entry of `name` or, when there is no such name, of `uid` (-1: none).
+ * Returns 0, ENOENT when neither exists, ERANGE when `buf` is too small, or an errno.
+ */
+static int find_passwd(const char *name, long long uid, struct passwd *pw, char *buf, size_t size)
+{
+    struct passwd *res = NULL;
+    int rc = name ? getpwnam_r(name, pw, buf, size, &res) : 0;
+    if (!res && user_not_found(rc) && uid >= 0)
+        rc = getpwuid_r((uid_t)uid, pw, buf, size, &res);
+    if (res)
+        return 0;
+    return user_not_found(rc) ? ENOENT : rc;
+}
+
+
+/*
+ * Look up the user at `idx`: a name, or a uid (an integer, or a string of digits that
+ * is not a user name). `what` names the caller in usage errors.
+ * Found: returns 0 and fills *pw, whose strings live in a userdata.
+ *   Stack: [...] -> [... pwbuf_ud]
+ * Not found or lookup failed: returns 2 (for `return`), err code "proc.user".
+ *   Stack: [...] -> [... nil, err]
+ * May longjmp (a value that is neither a name nor a uid, memory).
+ */
+static int lookup_user(lua_State *L, int idx, const char *what, struct passwd *pw)
+{
+    const char *name = NULL;
+    long long uid;
+    char num[24];
+    if (lua_type(L, idx) == LUA_TSTRING) {
+        name = lua_tostring(L, idx);
+        uid = parse_uid(name);
+    } else {
+        int isint = 0;
+        lua_Integer v = lua_type(L, idx) == LUA_TNUMBER ? lua_tointegerx(L, idx, &isint) : -1;
+        if (!isint || v < 0 || v >= (lua_Integer)(uid_t)-1)
+            luaL_error(L, "%s: expected a user name or a uid (an integer >= 0)", what);
+        uid = (long long)v;
+        snprintf(num, sizeof num, "%lld", uid);
+    }
+    for (size_t size = 1024;; size *= 2) {
+        char *buf = lua_newuserdatauv(L, size, 0);
+        int rc = find_passwd(name, uid, pw, buf, size);
+        if (rc == 0)
+            return 0;
+        lua_pop(L, 1);
+        if (rc == ERANGE && size < (1u << 20))
+            continue;
+        const char *label = name ? name : num;
+        if (rc == ENOENT)
+            return forge_pusherror(L, "proc.user", 0, "no such user '%s'", label);
+        char eb[128];
+        return forge_pusherror(L, "proc.user", 1, "cannot look up user '%s': %s", label,
+                               forge_strerror(rc, eb, sizeof eb));
+    }
+}
+
+
+/*
+ * The groups of `pw` (getgrouplist: its primary group included) in a new userdata;
+ * *n gets their count.
+ * Stack: [...] -> [... groups_ud]
+ * May longjmp (memory).
+ */
+static gid_t *user_groups(lua_State *L, const struct passwd *pw, int *n)
+{
+    for (int cap = 32;;) {
+        gid_t *groups = lua_newuserdatauv(L, (size_t)cap * sizeof *groups, 0);
+        int want = cap;
+        if (getgrouplist(pw->pw_name, pw->pw_gid, groups, &want) >= 0) {
+            *n = want;
+            return groups;
+        }
+        lua_pop(L, 1);
+        cap = want > cap ? want : cap * 2;      /* want: the count getgrouplist needs */
+    }
+}
+
+
+/*
+ * The `user` option of the spawn/run options at 1, resolved in the parent (the child
+ * may not call NSS) into `cs`. Absent, or already who we are: cs->user stays NULL.
+ * `what` names the option in usage errors. Returns 0, or 2 with nil, err pushed ("proc.user").
+ * Stack: [opts, anchor, ...] -> unchanged (buffers go into the anchor), or [... nil, err]
+ * May longjmp (usage errors, memory).
+ */
+static int read_user(lua_State *L, struct child_spec *cs, const char *what)
+{
+    if (lua_getfield(L, 1, "user") == LUA_TNIL) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    struct passwd pw;
+    int rc = lookup_user(L, -1, what, &pw);     /* [... user, pwbuf_ud] */
+    if (rc != 0)
+        return rc;
+    lua_rawseti(L, 2, (lua_Integer)lua_rawlen(L, 2) + 1);
+    lua_pop(L, 1);                              /* user: held by opts */
+    uid_t euid = geteuid();
+    if (pw.pw_uid == euid)
+        return 0;
+    if (euid != 0)
+        return forge_pusherror(L, "proc.user", 0, "cannot run as user '%s': the broker is not root", pw.pw_name);
+    int n;
+    cs->groups = user_groups(L, &pw, &n);       /* [... groups_ud] */
+    lua_rawseti(L, 2, (lua_Integer)lua_rawlen(L, 2) + 1);
+    cs->ngroups = (size_t)n;
+    cs->user = pw.pw_name;
+    cs->uid = pw.pw_uid;
+    cs->gid = pw.pw_gid;
+    return 0;
+}
+
+
+/* ------------------------------------------------------------------------ */
 /* Lua API                                                                  */
 /* ------------------------------------------------------------------------ */
 
@@ -610,18 +794,26 @@ static void check_command(lua_State *L, const char *what, const char *const allo
  * default /dev/null; stderr defaults to the stdout file), every other fd is closed,
  * the signal mask and dispositions are reset. With `env` the child gets exactly that
  * environment (its PATH, if any, is also used to find argv[1]), else ours.
+ * With `user` (a name or a uid) the child drops to that user's uid, primary gid and
+ * groups, with no_new_privs, before chdir and exec (nothing changes when it is us);
+ * the output files are still opened, and owned, by us.
  * @function spawn
- * @tparam table opts {argv={...}, cwd=?, env={K=V}?, stdout=path?, stderr=path?}
+ * @tparam table opts {argv={...}, cwd=?, env={K=V}?, stdout=path?, stderr=path?, user=?}
  * @return {pid=, start_time=} or nil, err (code "proc.exec" when exec/chdir failed,
- *   "proc.io" when an output file cannot be opened, "proc.spawn" when fork failed)
+ *   "proc.io" when an output file cannot be opened, "proc.spawn" when fork failed,
+ *   "proc.user" for an unknown user, another user while we are not root, or a failed
+ *   switch in the child)
  */
 static int l_proc_spawn(lua_State *L)
 {
-    static const char *const keys[] = {"argv", "cwd", "env", "stdout", "stderr", NULL};
+    static const char *const keys[] = {"argv", "cwd", "env", "stdout", "stderr", "user", NULL};
     struct child_spec cs;
     check_command(L, "proc.spawn", keys, &cs);     /* [opts, anchor, argv_ud [envp_ud]] */
     const char *out_path = forge_optstrfield(L, 1, "stdout", NULL);
     const char *err_path = forge_optstrfield(L, 1, "stderr", NULL);
+    int rc = read_user(L, &cs, "proc.spawn: option 'user'");
+    if (rc != 0)
+        return rc;
 
     /* No Lua call that can raise from here until every fd is closed. */
     char eb[128];
@@ -657,7 +849,7 @@ static int l_proc_spawn(lua_State *L)
         return push_spawn_error(L, &cs, stage, err);
 
     struct proc_stat ps;
-    int rc = read_stat(pid, &ps);               /* our child: even a zombie is still there */
+    rc = read_stat(pid, &ps);                   /* our child: even a zombie is still there */
     if (rc != 0)
         return forge_pusherror(L, "proc.spawn", 0, "%s: pid %d: reading start time: %s",
                                cs.argv[0], (int)pid, forge_strerror(-rc, eb, sizeof eb));
@@ -713,7 +905,7 @@ static int l_proc_alive(lua_State *L)
  * @tparam integer pid
  * @tparam integer start_time
  * @param sig name ("TERM", "KILL", "HUP", "INT", "USR1", "USR2", "QUIT", "STOP", "CONT",
- *   optionally "SIG"-prefixed) or number
+ *   optionally "SIG"-prefixed, in any case) or number
  * @return true, or nil, err (code "proc.gone" when no live process has that identity)
  */
 static int l_proc_kill(lua_State *L)
@@ -737,12 +929,38 @@ static int l_proc_kill(lua_State *L)
 
 
 /***
- * Stop a process: SIGTERM to its group, poll every 25 ms (reaping it when it is our
- * child), SIGKILL after `timeout` seconds, then wait (at most 5 s more) until it is gone.
+ * The number of a signal, to validate one early (e.g. a script's stop_signal).
+ * @function signal_number
+ * @param sig name (as for kill) or number
+ * @return integer, or nil for an unknown name or a number outside 1..NSIG-1
+ */
+static int l_proc_signal_number(lua_State *L)
+{
+    int sig = -1;
+    if (lua_type(L, 1) == LUA_TNUMBER) {
+        lua_Integer s = luaL_checkinteger(L, 1);
+        if (s > 0 && s < NSIG)
+            sig = (int)s;
+    } else {
+        sig = signal_by_name(luaL_checkstring(L, 1));
+    }
+    if (sig < 0)
+        lua_pushnil(L);
+    else
+        lua_pushinteger(L, sig);
+    return 1;
+}
+
+
+/***
+ * Stop a process: the signal (default SIGTERM) to its group, poll every 25 ms (reaping
+ * it when it is our child), SIGKILL after `timeout` seconds, then wait (at most 5 s
+ * more) until it is gone.
  * @function stop
  * @tparam integer pid
  * @tparam integer start_time
  * @tparam[opt=10] number timeout seconds before SIGKILL
+ * @param[opt="TERM"] sig name (as for kill) or number, not 0
  * @return true (also when it was already gone), or nil, err ("proc.stop", retryable)
  */
 static int l_proc_stop(lua_State *L)
@@ -751,9 +969,11 @@ static int l_proc_stop(lua_State *L)
     long long st = (long long)luaL_checkinteger(L, 2);
     double timeout = luaL_optnumber(L, 3, 10);
     luaL_argcheck(L, timeout >= 0, 3, "timeout must be >= 0");
+    int sig = lua_isnoneornil(L, 4) ? SIGTERM : check_signal(L, 4);
+    luaL_argcheck(L, sig != 0, 4, "signal 0 stops nothing");
     char eb[128];
 
-    int rc = signal_identity(pid, st, SIGTERM);
+    int rc = signal_identity(pid, st, sig);
     if (rc == -ESRCH) {
         lua_pushboolean(L, 1);
         return 1;
@@ -919,13 +1139,14 @@ static int make_pipe(int p[2], int parent_end)
  * command's own pid is reaped.
  * @function run
  * @tparam table opts {argv={...}, stdin=string?, env={K=V}?, cwd=?, timeout=seconds
- *   (default 10), max_output=bytes per stream (default 1 MiB)}
+ *   (default 10), max_output=bytes per stream (default 1 MiB), user=? (as for spawn)}
  * @return {code=, signal=, stdout=, stderr=}, or nil, err ("proc.exec",
- *   "proc.timeout" (retryable), "proc.output" when an output exceeds max_output, "proc.io")
+ *   "proc.timeout" (retryable), "proc.output" when an output exceeds max_output, "proc.io",
+ *   "proc.user" as for spawn)
  */
 static int l_proc_run(lua_State *L)
 {
-    static const char *const keys[] = {"argv", "stdin", "env", "cwd", "timeout", "max_output", NULL};
+    static const char *const keys[] = {"argv", "stdin", "env", "cwd", "timeout", "max_output", "user", NULL};
     struct child_spec cs;
     check_command(L, "proc.run", keys, &cs);     /* [opts, anchor, argv_ud [envp_ud]] */
     double timeout = forge_optnumfield(L, 1, "timeout", 10);
@@ -943,6 +1164,9 @@ static int l_proc_run(lua_State *L)
         in_data = lua_tolstring(L, -1, &in_len);
     }
     lua_pop(L, 1);                              /* still held by opts */
+    int user_rc = read_user(L, &cs, "proc.run: option 'user'");
+    if (user_rc != 0)
+        return user_rc;
 
     struct run_ctx *rc = lua_newuserdatauv(L, sizeof *rc, 0);
     memset(rc, 0, sizeof *rc);
@@ -1189,6 +1413,156 @@ static int l_proc_getpid(lua_State *L)
 
 
 /* ------------------------------------------------------------------------ */
+/* users and ownership                                                      */
+/* ------------------------------------------------------------------------ */
+
+/***
+ * Look up a user.
+ * @function user
+ * @param user a name, or a uid (an integer, or a string of digits that is not a name)
+ * @return {name=, uid=, gid=, home=}, or nil, err (code "proc.user": no such user, or
+ *   the lookup failed (retryable))
+ */
+static int l_proc_user(lua_State *L)
+{
+    luaL_checkany(L, 1);
+    struct passwd pw;
+    int rc = lookup_user(L, 1, "proc.user", &pw);   /* [user, pwbuf_ud] */
+    if (rc != 0)
+        return rc;
+    lua_createtable(L, 0, 4);
+    lua_pushstring(L, pw.pw_name);
+    lua_setfield(L, -2, "name");
+    lua_pushinteger(L, (lua_Integer)pw.pw_uid);
+    lua_setfield(L, -2, "uid");
+    lua_pushinteger(L, (lua_Integer)pw.pw_gid);
+    lua_setfield(L, -2, "gid");
+    lua_pushstring(L, pw.pw_dir);
+    lua_setfield(L, -2, "home");
+    return 1;
+}
+
+
+/***
+ * Our effective uid (0: the broker is root).
+ * @function geteuid
+ * @treturn integer
+ */
+static int l_proc_geteuid(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)geteuid());
+    return 1;
+}
+
+
+/* One chown(), possibly recursive; `path` names the entry at hand. */
+struct chown_walk {
+    uid_t uid;
+    gid_t gid;
+    int recursive;
+    char path[PATH_MAX];
+};
+
+static int chown_entry(struct chown_walk *w, int dirfd, const char *name, size_t len);
+
+
+/* fchown the directory `fd`, then every entry in it. Closes fd. Returns 0 or -errno. */
+static int chown_dir(struct chown_walk *w, int fd, size_t len)
+{
+    if (fchown(fd, w->uid, w->gid) < 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    DIR *d = fdopendir(fd);
+    if (!d) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    int rc = 0;
+    for (;;) {
+        errno = 0;
+        struct dirent *de = readdir(d);
+        if (!de) {
+            rc = -errno;
+            break;
+        }
+        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+            continue;
+        size_t n = strlen(de->d_name);
+        if (len + 1 + n >= sizeof w->path) {
+            rc = -ENAMETOOLONG;
+            break;
+        }
+        w->path[len] = '/';
+        memcpy(w->path + len + 1, de->d_name, n + 1);
+        rc = chown_entry(w, dirfd(d), de->d_name, len + 1 + n);
+        if (rc < 0)
+            break;
+        w->path[len] = '\0';
+    }
+    closedir(d);
+    return rc;
+}
+
+
+/*
+ * Chown `name` in `dirfd` (w->path, of length len), never following a symlink; when
+ * recursive, a directory (not a symlink to one) with everything below it. Returns 0 or
+ * -errno, w->path then naming the entry that failed.
+ */
+static int chown_entry(struct chown_walk *w, int dirfd, const char *name, size_t len)
+{
+    if (w->recursive) {
+        int fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd >= 0)
+            return chown_dir(w, fd, len);
+        if (errno != ENOTDIR && errno != ELOOP)     /* ELOOP: a symlink */
+            return -errno;
+    }
+    return fchownat(dirfd, name, w->uid, w->gid, AT_SYMLINK_NOFOLLOW) < 0 ? -errno : 0;
+}
+
+
+/***
+ * Give a file to a user: owner its uid, group its primary gid. A symlink is changed
+ * itself, never its target; the recursive walk does not enter symlinked directories.
+ * @function chown
+ * @tparam string path
+ * @param user a name or a uid (as for proc.user)
+ * @tparam[opt=false] boolean recursive
+ * @return true, or nil, err ("proc.user" as for proc.user, "proc.chown" naming the path)
+ */
+static int l_proc_chown(lua_State *L)
+{
+    size_t len;
+    const char *path = luaL_checklstring(L, 1, &len);
+    luaL_argcheck(L, len > 0 && strlen(path) == len, 1, "path must be non-empty, without NUL bytes");
+    luaL_checkany(L, 2);
+    if (!lua_isnoneornil(L, 3))
+        luaL_checktype(L, 3, LUA_TBOOLEAN);
+    struct chown_walk w;
+    w.recursive = lua_toboolean(L, 3);
+    struct passwd pw;
+    int rc = lookup_user(L, 2, "proc.chown", &pw);
+    if (rc != 0)
+        return rc;
+    w.uid = pw.pw_uid;
+    w.gid = pw.pw_gid;
+    char eb[128];
+    if (len >= sizeof w.path)
+        return forge_pusherror(L, "proc.chown", 0, "chown %s: %s", path, forge_strerror(ENAMETOOLONG, eb, sizeof eb));
+    memcpy(w.path, path, len + 1);
+    rc = chown_entry(&w, AT_FDCWD, path, len);
+    if (rc < 0)
+        return forge_pusherror(L, "proc.chown", 0, "chown %s: %s", w.path, forge_strerror(-rc, eb, sizeof eb));
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+
+/* ------------------------------------------------------------------------ */
 /* network probes                                                           */
 /* ------------------------------------------------------------------------ */
 
@@ -1288,6 +1662,7 @@ int luaopen_forge_proc(lua_State *L)
         {"identity", l_proc_identity},
         {"alive", l_proc_alive},
         {"kill", l_proc_kill},
+        {"signal_number", l_proc_signal_number},
         {"stop", l_proc_stop},
         {"wait", l_proc_wait},
         {"run", l_proc_run},
@@ -1295,6 +1670,9 @@ int luaopen_forge_proc(lua_State *L)
         {"monotonic", l_proc_monotonic},
         {"time", l_proc_time},
         {"getpid", l_proc_getpid},
+        {"geteuid", l_proc_geteuid},
+        {"user", l_proc_user},
+        {"chown", l_proc_chown},
         {"port_free", l_proc_port_free},
         {"tcp_check", l_proc_tcp_check},
         {NULL, NULL},

@@ -33,6 +33,28 @@ end
 
 local free_port = require("spec.support.net").free_port
 
+-- one field of /proc/<pid>/status, e.g. status_field(pid, "Uid") == "0\t0\t0\t0"
+local function status_field(pid, key)
+  local v = slurp("/proc/" .. pid .. "/status"):match("\n" .. key .. ":[ \t]*([^\n]*)")
+  return (v:gsub("%s+$", ""))
+end
+
+-- "uid:gid" of each path, symlinks themselves (not their targets)
+local function owners(paths)
+  local r = assert(proc.run { argv = { "stat", "-c", "%u:%g", table.unpack(paths) } })
+  local t = {}
+  for l in r.stdout:gmatch("[^\n]+") do t[#t + 1] = l end
+  return t
+end
+
+-- the user specs switch ids, which only root may do
+local as_root = proc.geteuid() == 0 and it or pending
+-- a user namespace where we are root but may not setgroups (unshare -r), when the kernel allows one
+local in_userns = (function()
+  local r = proc.geteuid() == 0 and proc.run { argv = { "unshare", "-Ur", "true" } }
+  return r and r.code == 0
+end)() and it or pending
+
 describe("forge.proc", function()
   local dir
 
@@ -92,6 +114,53 @@ describe("forge.proc", function()
       assert.is_true(dt < 3, "took " .. dt)
       assert.is_false(proc.alive(p.pid, p.start_time))
       assert.is_false(exists("/proc/" .. p.pid .. "/stat"))
+    end)
+
+    it("stop() sends the given signal first, KILL only after the timeout", function()
+      local out = dir .. "/int.log"
+      local p = assert(proc.spawn {
+        argv = { "sh", "-c", "trap 'echo got INT; exit 0' INT; echo ready; while :; do sleep 0.05; done" },
+        stdout = out,
+      })
+      finally(function() proc.stop(p.pid, p.start_time, 0) end)
+      assert.truthy(eventually(function() return (slurp(out) or ""):match("ready\n") end))
+      local t0 = proc.monotonic()
+      assert.is_true(proc.stop(p.pid, p.start_time, 5, "INT"))
+      assert.is_true(proc.monotonic() - t0 < 2)
+      assert.equal("ready\ngot INT\n", slurp(out))
+      assert.is_false(exists("/proc/" .. p.pid .. "/stat"))
+    end)
+
+    it("stop() takes a signal name in any case, with or without SIG, or a number", function()
+      for _, sig in ipairs { "SIGHUP", "usr1", "QUIT", 15 } do
+        local p = assert(proc.spawn { argv = { "sleep", "30" } })
+        finally(function() proc.stop(p.pid, p.start_time, 0) end)
+        assert.is_true(proc.stop(p.pid, p.start_time, 5, sig))
+        assert.is_false(proc.alive(p.pid, p.start_time))
+      end
+    end)
+
+    it("stop() raises on a bad signal and leaves the process alone", function()
+      local p = assert(proc.spawn { argv = { "sleep", "30" } })
+      finally(function() proc.stop(p.pid, p.start_time, 0) end)
+      assert.has_error(function() proc.stop(p.pid, p.start_time, 1, "NOPE") end)
+      assert.has_error(function() proc.stop(p.pid, p.start_time, 1, 0) end)
+      assert.has_error(function() proc.stop(p.pid, p.start_time, 1, {}) end)
+      assert.is_true(proc.alive(p.pid, p.start_time))
+      assert.is_true(proc.stop(p.pid, p.start_time))
+    end)
+
+    it("signal_number() validates a signal early", function()
+      assert.equal(15, proc.signal_number("TERM"))
+      assert.equal(2, proc.signal_number("SIGINT"))
+      assert.equal(9, proc.signal_number("kill"))
+      assert.equal(1, proc.signal_number("Hup"))
+      assert.equal(10, proc.signal_number(10))
+      assert.is_nil(proc.signal_number("NOPE"))
+      assert.is_nil(proc.signal_number("SIG"))
+      assert.is_nil(proc.signal_number(0))
+      assert.is_nil(proc.signal_number(4096))
+      assert.has_error(function() proc.signal_number({}) end)
     end)
 
     it("reports exec failure of a missing binary", function()
@@ -290,6 +359,136 @@ describe("forge.proc", function()
       r, err = proc.run { argv = { "yes" }, max_output = 1000 }
       assert.is_nil(r)
       assert.equal("proc.output", err.code)
+    end)
+  end)
+
+  describe("users", function()
+    it("user() looks a user up by name or uid", function()
+      assert.same({ name = "root", uid = 0, gid = 0, home = "/root" }, proc.user("root"))
+      assert.equal("root", proc.user(0).name)
+      local nobody = assert(proc.user("nobody"))
+      assert.equal(65534, nobody.uid)
+      assert.equal("nobody", proc.user(65534).name)
+      assert.equal("nobody", proc.user("65534").name)
+      assert.equal("integer", math.type(proc.geteuid()))
+    end)
+
+    it("reports an unknown user, and raises on a value that is no user", function()
+      local u, err = proc.user("forge-no-such-user")
+      assert.is_nil(u)
+      assert.equal("proc.user", err.code)
+      assert.equal("no such user 'forge-no-such-user'", err.message)
+      u, err = proc.user(4000000000)
+      assert.is_nil(u)
+      assert.equal("no such user '4000000000'", err.message)
+      local p
+      p, err = proc.spawn { argv = { "sleep", "30" }, user = "forge-no-such-user" }
+      assert.is_nil(p)
+      assert.equal("proc.user", err.code)
+      p, err = proc.run { argv = { "true" }, user = 4000000000 }
+      assert.is_nil(p)
+      assert.equal("proc.user", err.code)
+      assert.has_error(function() proc.user(-1) end)
+      assert.has_error(function() proc.user(1.5) end)
+      assert.has_error(function() proc.user() end)
+      assert.has_error(function() proc.spawn { argv = { "true" }, user = {} } end)
+      assert.has_error(function() proc.run { argv = { "true" }, user = true } end)
+    end)
+
+    as_root("spawns as another user: its uid, gid and groups only, no_new_privs", function()
+      local nobody = assert(proc.user("nobody"))
+      local p = assert(proc.spawn { argv = { "sleep", "30" }, user = "nobody" })
+      finally(function() proc.stop(p.pid, p.start_time, 0) end)
+      local uid, gid = tostring(nobody.uid), tostring(nobody.gid)
+      assert.equal(table.concat({ uid, uid, uid, uid }, "\t"), status_field(p.pid, "Uid"))
+      assert.equal(table.concat({ gid, gid, gid, gid }, "\t"), status_field(p.pid, "Gid"))
+      assert.equal(gid, status_field(p.pid, "Groups"))
+      assert.equal("1", status_field(p.pid, "NoNewPrivs"))
+      assert.is_true(proc.stop(p.pid, p.start_time))
+    end)
+
+    as_root("runs as a user given by name or by uid", function()
+      for _, user in ipairs { "nobody", 65534, "65534" } do
+        local r = assert(proc.run { argv = { "id", "-u" }, user = user })
+        assert.equal("65534\n", r.stdout)
+        assert.equal(0, r.code)
+      end
+    end)
+
+    as_root("changes nothing for the user we already are", function()
+      local p = assert(proc.spawn { argv = { "sleep", "30" }, user = "root" })
+      finally(function() proc.stop(p.pid, p.start_time, 0) end)
+      assert.equal("0", status_field(p.pid, "NoNewPrivs"))
+      assert.equal(status_field("self", "Groups"), status_field(p.pid, "Groups"))
+      assert.is_true(proc.stop(p.pid, p.start_time))
+    end)
+
+    as_root("a broker that is not root may only run as itself", function()
+      local script = [[
+        package.cpath = arg[1]
+        local proc = require "forge.proc"
+        local none, err = proc.run { argv = { "true" }, user = "root" }
+        local r = assert(proc.run { argv = { "id", "-u" }, user = "nobody" })
+        io.write(proc.geteuid(), "|", tostring(none), "|", err.code, "|", err.message, "|", r.stdout)
+      ]]
+      local r = assert(proc.run { argv = { "lua5.4", "-", package.cpath }, stdin = script, user = "nobody" })
+      assert.equal("", r.stderr)
+      assert.equal("65534|nil|proc.user|cannot run as user 'root': the broker is not root|65534\n", r.stdout)
+    end)
+
+    in_userns("reports a switch that fails in the child", function()
+      local script = [[
+        package.cpath = arg[1]
+        local proc = require "forge.proc"
+        local none, err = proc.spawn { argv = { "sleep", "30" }, user = "nobody" }
+        io.write(proc.geteuid(), "|", tostring(none), "|", err.code, "|", err.message)
+      ]]
+      local r = assert(proc.run { argv = { "unshare", "-Ur", "lua5.4", "-", package.cpath }, stdin = script })
+      assert.equal("", r.stderr)
+      assert.equal("0|nil|proc.user|sleep: cannot switch to user 'nobody': setgroups: Operation not permitted",
+        r.stdout)
+    end)
+
+    as_root("output files stay ours", function()
+      local out = dir .. "/as_nobody.log"
+      local p = assert(proc.spawn { argv = { "id", "-un" }, user = "nobody", stdout = out })
+      assert.same({ code = 0 }, proc.wait(p.pid, 5))
+      assert.equal("nobody\n", slurp(out))
+      assert.same({ "0:0" }, owners { out })
+    end)
+
+    as_root("chown() changes a tree, never what its symlinks point to", function()
+      local t, outside = dir .. "/tree", dir .. "/outside"
+      assert.same({ code = 0, stdout = "", stderr = "" }, proc.run {
+        argv = { "sh", "-c", 'mkdir -p "$1/sub" "$2/d" && touch "$1/a" "$1/sub/b" "$2/f" "$2/d/g" && '
+          .. 'ln -s "$2/f" "$1/link" && ln -s "$2/d" "$1/dirlink"', "sh", t, outside },
+      })
+      local inside = { t, t .. "/a", t .. "/sub", t .. "/sub/b", t .. "/link", t .. "/dirlink" }
+      local out = { outside, outside .. "/f", outside .. "/d", outside .. "/d/g" }
+      local function all(v, n) local l = {} for i = 1, n do l[i] = v end return l end
+
+      assert.is_true(proc.chown(t .. "/link", "nobody"))            -- the link itself
+      assert.same({ "65534:65534" }, owners { t .. "/link" })
+      assert.same(all("0:0", #out), owners(out))
+
+      assert.is_true(proc.chown(t, "nobody", true))
+      assert.same(all("65534:65534", #inside), owners(inside))
+      assert.same(all("0:0", #out), owners(out))
+
+      assert.is_true(proc.chown(t, 0))                              -- not recursive: the top only
+      assert.same({ "0:0", "65534:65534" }, owners { t, t .. "/a" })
+    end)
+
+    it("chown() errors name the path", function()
+      local ok, err = proc.chown(dir .. "/missing", "root")
+      assert.is_nil(ok)
+      assert.equal("proc.chown", err.code)
+      assert.equal("chown " .. dir .. "/missing: No such file or directory", err.message)
+      ok, err = proc.chown(dir, "forge-no-such-user", true)
+      assert.is_nil(ok)
+      assert.equal("proc.user", err.code)
+      assert.has_error(function() proc.chown(dir, "root", "yes") end)
+      assert.has_error(function() proc.chown("", "root") end)
     end)
   end)
 
