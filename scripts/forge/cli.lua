@@ -76,9 +76,15 @@ local HELP = {
     .. "configured director (--target sample: a sample network). Nothing is started or stored.\n",
   new = "usage: forge new NAME [--services DIR]\n  Scaffold DIR/NAME: service.lua with fresh GUIDs, templates/, "
     .. "README.md and a spec.\n",
-  install = "usage: forge install PKG.tgz [--services DIR]\n  Check a .tgz holding one service folder and move it "
-    .. "into the services dir atomically;\n  refuses path traversal, links out of the folder, oversized archives and "
-    .. "duplicate ids.\n",
+  install = "usage: forge install PKG.tgz [--replace] [--services DIR] [--config FILE]\n"
+    .. "  Check a .tgz holding one service folder (service.lua, templates/, ...) exactly as\n"
+    .. "  `forge check` does, then move it into the services dir atomically (a running broker\n"
+    .. "  loads it). Refuses path traversal, links out of the folder, special files, oversized\n"
+    .. "  archives, and ids or service names used by another installed folder. File modes are\n"
+    .. "  kept, minus group/other write and setuid/setgid/sticky bits.\n"
+    .. "  --replace   replace an installed folder of the same name (atomically; the old version\n"
+    .. "              is restored on failure)\n"
+    .. "exit status: 0 installed, 1 refused (nothing was installed), 2 usage error or unreadable package\n",
 }
 
 -- The services dir and sandbox limits for the authoring commands.
@@ -90,7 +96,7 @@ local function authoring_setup(opts)
 end
 
 local AUTHORING_OPTIONS = { services = "value", config = "value", params = "value", target = "value", url = "value",
-  help = "flag" }
+  help = "flag", replace = "flag" }
 
 local function authoring(name, min_args, max_args, run)
   commands[name] = function(args)
@@ -125,8 +131,15 @@ end)
 authoring("new", 1, 1, function(pos, _, dir)
   return require("forge.authoring").new(pos[1], dir)
 end)
-authoring("install", 1, 1, function(pos, _, dir, limits)
-  return require("forge.install").install(pos[1], dir, limits)
+authoring("install", 1, 1, function(pos, opts, dir, limits, config)
+  for _, name in ipairs({ "params", "target", "url" }) do
+    if opts[name] then
+      io.stderr:write("forge install: option --", name, " does not apply\n", HELP.install)
+      return 2
+    end
+  end
+  return require("forge.install").install(pos[1], dir, limits,
+    { replace = opts.replace, check = { local_cfg = config.targets and config.targets["local"] } })
 end)
 
 HELP.status = "usage: forge status [--url URL] [--config FILE]\n  Ask a running broker (GET /admin/services, admin "
