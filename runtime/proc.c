@@ -29,6 +29,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -1562,6 +1563,30 @@ static int l_proc_chown(lua_State *L)
 }
 
 
+/***
+ * Set the permission bits of a file or directory, never following a symlink (lfs has no chmod).
+ * @function chmod
+ * @tparam string path
+ * @tparam integer mode 0..07777
+ * @return true | nil, err (code "proc.chmod")
+ */
+static int l_proc_chmod(lua_State *L)
+{
+    size_t len;
+    const char *path = luaL_checklstring(L, 1, &len);
+    luaL_argcheck(L, len > 0 && strlen(path) == len, 1, "path must be non-empty, without NUL bytes");
+    lua_Integer mode = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, mode >= 0 && mode <= 07777, 2, "mode must be in 0..07777");
+    char eb[128];
+    /* glibc refuses a symlink itself here (EOPNOTSUPP) and never follows one: no lstat race */
+    if (fchmodat(AT_FDCWD, path, (mode_t)mode, AT_SYMLINK_NOFOLLOW) != 0)
+        return forge_pusherror(L, "proc.chmod", 0, "chmod %s: %s", path,
+                               errno == EOPNOTSUPP ? "is a symbolic link" : forge_strerror(errno, eb, sizeof eb));
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+
 /* ------------------------------------------------------------------------ */
 /* network probes                                                           */
 /* ------------------------------------------------------------------------ */
@@ -1673,6 +1698,7 @@ int luaopen_forge_proc(lua_State *L)
         {"geteuid", l_proc_geteuid},
         {"user", l_proc_user},
         {"chown", l_proc_chown},
+        {"chmod", l_proc_chmod},
         {"port_free", l_proc_port_free},
         {"tcp_check", l_proc_tcp_check},
         {NULL, NULL},
