@@ -11,7 +11,7 @@ local ROUNDS = tonumber(os.getenv("BENCH_RELOADS") or 20)
 
 local function script(version)
   return ([[
-local service = { id = "%s", name = "bench", description = "version %s", bindable = true,
+local service = { id = "%s", name = "bench", description = "version %s", bindable = true, commands = { "sleep" },
   plans = { { id = "%s", name = "only", description = "plan" } } }
 function service.deploy() return { processes = { { name = "p", argv = { "sleep", "100000" } } } } end
 function service.bind(ctx) return { credentials = { v = "%s", b = ctx.binding_id } } end

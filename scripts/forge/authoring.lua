@@ -1,4 +1,4 @@
---- The authoring commands: forge check, forge render, forge new, forge install.
+--- The authoring commands: forge check, forge render, forge new (forge install: forge.install).
 --
 -- Everything runs the service script in the same sandbox the broker uses, so what passes
 -- here behaves the same when served.
@@ -6,6 +6,7 @@ local crypto = require "forge.crypto"
 local lfs = require "lfs"
 local services = require "forge.services"
 local util = require "forge.util"
+local validate = require "forge.validate"
 local yaml = require "forge.yaml"
 
 local M = {}
@@ -13,73 +14,8 @@ local M = {}
 local function say(...) io.stdout:write(...) io.stdout:write("\n") end
 local function complain(...) io.stderr:write(...) io.stderr:write("\n") end
 
--- Sample parameters for a plan: each property's default, else its first example or enum value.
-local function sample_parameters(plan)
-  local s = plan.schemas and plan.schemas.service_instance and plan.schemas.service_instance.create
-  local props = s and s.parameters and s.parameters.properties or {}
-  local params = {}
-  for name, p in pairs(props) do
-    local v = p.default
-    if v == nil and type(p.examples) == "table" then v = p.examples[1] end
-    if v == nil and type(p.enum) == "table" then v = p.enum[1] end
-    if v ~= nil then params[name] = v end
-  end
-  return params
-end
-
--- Render one plan of svc as the local target would. Returns deployment, ctx | nil, message.
-local function render(svc, plan, params)
-  local count = 1
-  if svc.script.ports then
-    local n, err = services.call(svc, "ports", plan, params)
-    count = math.tointeger(n)
-    if not count or count < 1 then return nil, "ports() must return a positive integer" .. (err and (": " .. err) or "") end
-  end
-  local ports = {}
-  for i = 1, count do ports[i] = 30000 + i - 1 end
-  local ctx = { instance_id = "dry-run", plan = plan, parameters = params, context = {}, host = "127.0.0.1",
-    ports = ports, dir = "/var/lib/forge/instances/dry-run", secrets = {}, templates = svc.templates }
-  local deployment, err = services.call(svc, "deploy", ctx)
-  if not deployment then return nil, err end
-  if type(deployment) ~= "table" or type(deployment.processes) ~= "table" or #deployment.processes == 0 then
-    return nil, "deploy must return {processes = {...}} with at least one process"
-  end
-  for i, p in ipairs(deployment.processes) do
-    if type(p.name) ~= "string" or not p.name:match("^[%w][%w%-_%.]*$") then
-      return nil, "processes[" .. i .. "].name must be a simple name"
-    end
-    if type(p.argv) ~= "table" or type(p.argv[1]) ~= "string" then
-      return nil, "processes[" .. i .. "].argv must be a list of strings"
-    end
-  end
-  return deployment, ctx
-end
-
--- Check one loaded service: render every plan, bind and unbind on each. Returns problem list.
-function M.check_service(svc)
-  local problems = {}
-  for _, plan in ipairs(svc.script.plans) do
-    local params = sample_parameters(plan)
-    local deployment, ctx = render(svc, plan, params)
-    if not deployment then
-      problems[#problems + 1] = string.format("plan %s: deploy: %s", plan.name, ctx)
-    elseif plan.bindable ~= false and svc.script.bindable then
-      local bctx = { instance_id = "dry-run", binding_id = "dry-run-binding", host = ctx.host, ports = ctx.ports,
-        parameters = {}, secrets = ctx.secrets }
-      local res, err = services.call(svc, "bind", bctx)
-      if type(res) ~= "table" or type(res.credentials) ~= "table" then
-        problems[#problems + 1] = string.format("plan %s: bind: %s", plan.name, err or "must return {credentials = {...}}")
-      else
-        bctx.binding = { id = "dry-run-binding", credentials = res.credentials }
-        local ures, uerr = services.call(svc, "unbind", bctx)
-        if type(ures) ~= "table" then
-          problems[#problems + 1] = string.format("plan %s: unbind: %s", plan.name, uerr or "must return a table")
-        end
-      end
-    end
-  end
-  return problems
-end
+--- Validate a built service: problems, warnings (see forge.validate).
+function M.check_service(svc, opts) return validate.service(svc, opts) end
 
 -- The services dir and folder names a check covers: a service folder, or a services dir.
 local function check_targets(path)
@@ -97,7 +33,8 @@ local function check_targets(path)
 end
 
 --- forge check [dir]: load, validate, render every plan; non-zero exit on problems.
-function M.check(path, limits)
+-- opts: {local_cfg = targets.local config}
+function M.check(path, limits, opts)
   path = path or "services"
   if not lfs.attributes(path, "mode") then
     complain("forge check: ", path, ": no such directory")
@@ -107,19 +44,14 @@ function M.check(path, limits)
   local failed = 0
   for _, name in ipairs(names) do
     local src, rerr = services.read_folder(dir, name)
-    local svc, err = nil, rerr
-    if src then svc, err = services.build(src, limits) end
+    local svc, warnings, problems = nil, nil, { rerr }
+    if src then svc, warnings, problems = services.accept(src, limits, opts) end
     if not svc then
-      complain(err)
+      for _, p in ipairs(problems) do complain(p) end
       failed = failed + 1
     else
-      local problems = M.check_service(svc)
-      for _, p in ipairs(problems) do complain("services/", name, "/service.lua: ", p) end
-      if #problems > 0 then
-        failed = failed + 1
-      else
-        say(string.format("ok  services/%s  %s, %d plan(s), version %s", name, svc.name, #svc.script.plans, svc.hash))
-      end
+      for _, w in ipairs(warnings) do complain("warning: ", w) end
+      say(string.format("ok  services/%s  %s, %d plan(s), version %s", name, svc.name, #svc.script.plans, svc.hash))
       svc.sandbox:close()
     end
   end
@@ -182,6 +114,9 @@ function M.render(dir, service_name, plan_name, params_json, limits, target, con
       complain("forge render: ", msg)
       return 1
     end
+  elseif next(params) ~= nil then
+    complain("forge render: parameters are not accepted by plan ", plan.name, " (it has no parameter schema)")
+    return 1
   end
   if target and target ~= "local" then
     local cfg = target == "sample" and SAMPLE_BOSH or (config and config.targets[target])
@@ -198,115 +133,148 @@ function M.render(dir, service_name, plan_name, params_json, limits, target, con
       "); IPs and secrets are samples\n", manifest)
     return 0
   end
-  local deployment, err = render(svc, plan, params)
+  local instances = config and (config.state_dir .. "/instances") or nil
+  local deployment, ctx = validate.render_local(svc, plan, params, instances)
+  local bound, unbound
+  if deployment and plan.bindable ~= false and svc.script.bindable then
+    bound, unbound = validate.bind_unbind(svc, ctx)
+    if not bound then deployment, ctx = nil, unbound end
+  end
   if not deployment then
-    complain("forge render: ", err)
+    for _, e in ipairs(ctx) do complain("forge render: ", e) end
     return 1
   end
   io.stdout:write("# dry run of ", svc.name, "/", plan.name, " (version ", svc.hash, "); secrets are samples\n")
   io.stdout:write(assert(yaml.encode({ service = svc.name, plan = plan.name, parameters = params,
-    deployment = deployment })))
+    deployment = deployment, bind = bound, unbind = unbound })))
   return 0
 end
 
 local NEW_SERVICE = [==[
 -- %s: a service for Service Forge (scaffolded by `forge new`).
 --
--- The broker calls these hooks in a sandbox: only string/table/math/utf8 and the `forge`
--- capabilities (json, yaml, crypto, log). Check it with `forge check services/%s` and see what
--- a plan deploys with `forge render %s default`.
+-- The broker runs these hooks in a sandbox (string/table/math/utf8 and the `forge`
+-- capabilities only). docs/authoring.md documents every hook, every field they may return and
+-- every ctx value. `forge check services/%s` validates this file; `forge render %s default`
+-- shows what a plan deploys and what bind/unbind run. Replace each PLACEHOLDER with your server.
 local crypto = forge.crypto
+
+-- Parameters end users may pass; every one is constrained (a plan without a schema accepts none).
+local function parameters()
+  return {
+    ["$schema"] = "http://json-schema.org/draft-07/schema#",
+    type = "object",
+    additionalProperties = false,
+    properties = {
+      greeting = { type = "string", pattern = "^[A-Za-z0-9 .,!-]{0,64}$", default = "hello",
+        description = "PLACEHOLDER: a setting written into the server's config file" },
+    },
+  }
+end
 
 local service = {
   id = "%s",
   name = "%s",
-  description = "A Redis cache (edit me)",
+  description = "PLACEHOLDER: what this service offers",
   bindable = true,
-  tags = { "cache" },
+  tags = {},
   instances_retrievable = true,
   bindings_retrievable = true,
+  -- every executable the hooks run; the operator approves each one (targets.local.commands)
+  commands = { "sleep" },
   plans = {
     {
       id = "%s",
       name = "default",
-      description = "One Redis server",
+      description = "One server process",
       free = true,
-      schemas = { service_instance = { create = { parameters = {
-        ["$schema"] = "http://json-schema.org/draft-07/schema#",
-        type = "object",
-        additionalProperties = false,
-        properties = { maxmemory_mb = { type = "integer", minimum = 16, maximum = 1024, default = 64 } },
-      } } } },
+      schemas = { service_instance = { create = { parameters = parameters() }, update = { parameters = parameters() } } },
     },
   },
 }
 
-local admin -- defined below, used by deploy's health check
-
--- Settings from templates/settings.yml, overridden by the instance's parameters.
-local function settings(ctx)
-  local base = ctx.templates and ctx.templates["settings.yml"] or "maxmemory_mb: 64\n"
-  return assert(forge.yaml.merge({ base, ctx.parameters or {} }))
+--- Ports this plan needs from the broker's pool: ctx.ports in deploy, bind and unbind.
+function service.ports()
+  return 1
 end
 
---- The processes of an instance: one redis-server on the first allocated port.
+--- The processes of an instance. Files are written under ctx.dir before anything starts.
 function service.deploy(ctx)
-  local password = ctx.secret("admin_password")
-  local conf = table.concat({
-    "bind " .. ctx.host, "port " .. ctx.ports[1], "daemonize no", "dir " .. ctx.dir .. "/server",
-    "save ''", "appendonly no", "maxmemory " .. settings(ctx).maxmemory_mb .. "mb",
-    "aclfile " .. ctx.dir .. "/server/users.acl",
-  }, "\n") .. "\n"
-  return { processes = { {
-    name = "server",
-    argv = { "redis-server", ctx.dir .. "/server/redis.conf" },
-    files = { ["server/redis.conf"] = conf },
-    seed_files = { ["server/users.acl"] = "user default off\nuser admin on #" .. crypto.sha256_hex(password)
-      .. " ~* &* +@all\n" },
-    health = admin(ctx, { { "PING" } }, { "^PONG$" }),
-  } } }
-end
-
--- Commands the broker sends to the server itself (Redis protocol), as the admin user.
-function admin(ctx, commands, expect)
-  return { redis = { host = ctx.host, port = ctx.ports[1], user = "admin", password = ctx.secret("admin_password"),
-    commands = commands, expect = expect } }
-end
-
---- A binding: its own ACL user.
-function service.bind(ctx)
-  local user = "b-" .. crypto.sha256_hex(ctx.binding_id):sub(1, 20)
-  local password = ctx.credentials and ctx.credentials.password or crypto.password(32)
+  local settings = assert(forge.yaml.merge({ ctx.templates["settings.yml"],
+    { port = ctx.ports[1], host = ctx.host, greeting = ctx.parameters.greeting } }))
   return {
-    credentials = { host = ctx.host, port = ctx.ports[1], username = user, password = password },
-    run = { admin(ctx, { { "ACL", "SETUSER", user, "reset", "on", "#" .. crypto.sha256_hex(password), "~*", "&*",
-      "+@all", "-@admin" }, { "ACL", "SAVE" } }, { "^OK$", "^OK$" }) },
+    processes = { {
+      name = "server",
+      -- PLACEHOLDER: the real server, e.g. { "my-server", "--config", ctx.dir .. "/server/settings.yml" }
+      argv = { "sleep", "infinity" },
+      files = { ["server/settings.yml"] = forge.yaml.encode(settings) },
+      -- PLACEHOLDER: commands run once before the first start (skipped when `creates` exists), e.g.
+      -- init = { { argv = { "my-server-init", ctx.dir .. "/server/data" }, creates = "server/data" } },
+      -- PLACEHOLDER: when the server listens, say how to tell it is ready, e.g.
+      -- health = { tcp = ctx.ports[1] },   -- "the port is open"; a command check can say "ready"
+      stop_signal = "TERM",
+      stop_timeout = 5,
+    } },
   }
 end
 
-function service.unbind(ctx)
-  local user = "b-" .. crypto.sha256_hex(ctx.binding_id):sub(1, 20)
-  return { run = { admin(ctx, { { "ACL", "DELUSER", user }, { "ACL", "SAVE" } }, { "^%%d+$", "^OK$" }) } }
+--- A binding: credentials for one application. ctx.credentials holds the binding's existing
+-- credentials when the broker re-applies it (after a redeploy): reuse them.
+function service.bind(ctx)
+  local username = "u-" .. crypto.sha256_hex(ctx.binding_id):sub(1, 16)
+  local password = ctx.credentials and ctx.credentials.password or crypto.password(24)
+  return {
+    credentials = { host = ctx.host, port = ctx.ports[1], username = username, password = password },
+    -- PLACEHOLDER: commands that create the user on the server, e.g.
+    -- { argv = { "my-server-cli", "--port", tostring(ctx.ports[1]), "add-user", username }, stdin = password }
+    run = {},
+  }
+end
+
+--- Unbind: remove what bind created; the binding's credentials must stop working.
+function service.unbind()
+  return { run = {} }   -- PLACEHOLDER: e.g. { { argv = { "my-server-cli", "del-user", "..." } } }
 end
 
 return service
 ]==]
 
 local NEW_SPEC = [==[
--- Checks services/%s with the forge binary: it loads, validates and renders every plan.
-describe("service %s", function()
-  it("passes forge check", function()
-    local p = io.popen("build/bin/forge check services/%s 2>&1")
-    local out = p:read("a")
-    local ok = p:close()
-    assert.is_true(ok, out)
-  end)
+-- services/%s: the whole lifecycle through a real broker (provision, bind, unbind, deprovision).
+local Broker = require "spec.support.broker"
 
-  it("renders the default plan", function()
-    local p = io.popen("build/bin/forge render %s default --services services 2>&1")
+-- the services dir this spec's service lives in
+local here = debug.getinfo(1, "S").source:sub(2):match("^(.*)/spec/[^/]+$") or "services/%s"
+local dir = here:match("^(.*)/[^/]+$") or "."
+if dir:sub(1, 1) ~= "/" then dir = os.getenv("PWD") .. "/" .. dir end
+
+describe("service %s", function()
+  local broker
+  setup(function() broker = Broker.start { services_dir = dir } end)
+  teardown(function() broker:cleanup() end)
+
+  it("passes forge check", function()
+    local p = io.popen("build/bin/forge check " .. here .. " 2>&1")
     local out = p:read("a")
     assert.is_true(p:close(), out)
-    assert.matches("redis%%-server", out)
+  end)
+
+  it("provisions, binds, unbinds and deprovisions", function()
+    local _, _, _, catalog = broker:call("GET", "/v2/catalog")
+    local svc
+    for _, s in ipairs(catalog.services) do if s.name == "%s" then svc = s end end
+    assert.truthy(svc, "the service is in the catalog")
+    local ids = { service_id = svc.id, plan_id = svc.plans[1].id }
+    local status = broker:call("PUT", "/v2/service_instances/i1", { service_id = ids.service_id,
+      plan_id = ids.plan_id, organization_guid = "o", space_guid = "s", parameters = { greeting = "hi" } })
+    assert.equal(201, status, broker:read_log())
+    local bstatus, _, _, bound = broker:call("PUT", "/v2/service_instances/i1/service_bindings/b1", ids)
+    assert.equal(201, bstatus)
+    assert.truthy(bound.credentials.password)
+    local query = "?service_id=" .. ids.service_id .. "&plan_id=" .. ids.plan_id
+    assert.equal(200, (broker:call("DELETE", "/v2/service_instances/i1/service_bindings/b1" .. query)))
+    assert.equal(200, (broker:call("DELETE", "/v2/service_instances/i1" .. query)))
+    assert.same({}, Broker.marked_pids(broker.state_dir))
   end)
 end)
 ]==]
@@ -336,8 +304,8 @@ function M.new(name, dir)
       if not lfs.attributes(d, "mode") then assert(lfs.mkdir(d)) end
     end
     write_new(root .. "/service.lua", NEW_SERVICE:format(name, name, name, crypto.uuid(), name, crypto.uuid()))
-    write_new(root .. "/templates/settings.yml", "# defaults; parameters of an instance override them\n"
-      .. "maxmemory_mb: 64\n")
+    write_new(root .. "/templates/settings.yml", "# PLACEHOLDER: the server's default settings; deploy merges "
+      .. "each instance's\n# own values (port, host, parameters) over them with forge.yaml.\ngreeting: hello\n")
     write_new(root .. "/README.md", "# " .. name .. "\n\nA service for Service Forge. Edit `service.lua`; "
       .. "`forge check services/" .. name .. "` validates it, `forge render " .. name .. " default` shows what a "
       .. "plan deploys. The running broker picks up every saved change.\n")

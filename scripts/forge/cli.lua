@@ -122,8 +122,8 @@ local function authoring(name, min_args, max_args, run)
   end
 end
 
-authoring("check", 0, 1, function(pos, _, dir, limits)
-  return require("forge.authoring").check(pos[1] or dir, limits)
+authoring("check", 0, 1, function(pos, _, dir, limits, config)
+  return require("forge.authoring").check(pos[1] or dir, limits, { local_cfg = config.targets["local"] })
 end)
 authoring("render", 2, 2, function(pos, opts, dir, limits, config)
   return require("forge.authoring").render(dir, pos[1], pos[2], opts.params, limits, opts.target, config)

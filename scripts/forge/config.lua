@@ -32,9 +32,13 @@ local DEFAULTS = {
       ports = { from = 30000, to = 30999 },
       deploy_timeout = 60,     -- seconds for a deployment to become healthy
       stop_timeout = 10,       -- seconds between TERM and KILL
-      command_timeout = 10,    -- seconds for a bind/unbind command
-      -- executables service scripts may start or run on this machine (exact argv[1])
-      commands = { "redis-server", "redis-cli", "etcd", "etcdctl", "sleep", "true" },
+      command_timeout = 10,    -- seconds for a health check, setup, bind or unbind command
+      init_timeout = 120,      -- seconds for each init command (initdb, pg_basebackup, ...)
+      -- executables service scripts may start or run on this machine: names (resolved on PATH,
+      -- then /usr/lib/<pkg>[/<version>]/bin) or absolute paths; a service declares what it needs
+      commands = { "redis-server", "etcd", "etcdctl", "sleep", "true" },
+      user = "forge-svc",      -- when the broker runs as root, services run as this system user
+      users = {},              -- other users a service or plan may ask for (`user = "..."`)
     },
   },
 }
@@ -51,7 +55,8 @@ local SCHEMA = {
     cacert = "string", cert = "string", key = "string" },
   -- targets.<name> (type: bosh) are checked by bosh_target against BOSH_SCHEMA
   targets = { ["local"] = { host = "string", ports = { from = "integer", to = "integer" },
-    deploy_timeout = "number", stop_timeout = "number", command_timeout = "number", commands = "table" } },
+    deploy_timeout = "number", stop_timeout = "number", command_timeout = "number", init_timeout = "number",
+    commands = "table", user = "string", users = "table" } },
 }
 
 -- A BOSH target (targets.<name>, type: bosh). Lists are checked element by element.
@@ -176,6 +181,12 @@ local ENV = {
   { "FORGE_LOCK_TTL", function(c, v) c.lock_ttl = tonumber(v) end },
   { "FORGE_SANDBOX_MEMORY", function(c, v) c.sandbox.memory = math.tointeger(tonumber(v)) end },
   { "FORGE_THREADS", function(c, v) c.threads = tonumber(v) end },
+  { "FORGE_LOCAL_COMMANDS", function(c, v)
+      local list = {}
+      for e in v:gmatch("[^,%s]+") do list[#list + 1] = e end
+      c.targets["local"].commands = list
+    end },
+  { "FORGE_LOCAL_USER", function(c, v) c.targets["local"].user = v end },
   { "FORGE_PORTS", function(c, v)
       local from, to = v:match("^(%d+)%-(%d+)$")
       if not from then error("FORGE_PORTS must look like 30000-30999", 0) end
@@ -194,8 +205,19 @@ local function validate(c)
     return nil, "log_level must be debug, info, warn or error"
   end
   if c.body_limit <= 0 then return nil, "body_limit must be positive" end
-  for i, cmd in ipairs(c.targets["local"].commands) do
-    if type(cmd) ~= "string" or cmd == "" then return nil, "targets.local.commands[" .. i .. "] must be a name" end
+  local lt = c.targets["local"]
+  for i, cmd in ipairs(lt.commands) do
+    if type(cmd) ~= "string" or cmd == "" or (cmd:find("/", 1, true) and cmd:sub(1, 1) ~= "/") then
+      return nil, "targets.local.commands[" .. i .. "] must be a command name or an absolute path"
+    end
+  end
+  for i, u in ipairs(lt.users) do
+    if type(u) ~= "string" or not u:match("^[%w_][%w%-_%.]*$") or u == "root" then
+      return nil, "targets.local.users[" .. i .. "] must be a user name other than root"
+    end
+  end
+  if not lt.user:match("^[%w_][%w%-_%.]*$") or lt.user == "root" then
+    return nil, "targets.local.user must be a user name other than root"
   end
   if c.store ~= "sqlite" and c.store ~= "etcd" then return nil, "store must be sqlite or etcd" end
   if c.store == "etcd" and (#c.etcd.endpoints == 0 or type(c.etcd.endpoints[1]) ~= "string") then

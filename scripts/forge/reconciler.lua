@@ -58,9 +58,13 @@ end
 
 -- Persist a spawned process (or that the files are written) at once, before anything else.
 function Reconciler:recorder(id)
-  return function(name, identity, files_written)
+  return function(name, identity, files_written, initialized)
     model.update(self.db, key.instance(id), function(r)
       if files_written then r.files_written = true end
+      if initialized then
+        r.initialized = r.initialized or {}
+        r.initialized[initialized] = true
+      end
       if name then
         r.processes = r.processes or {}
         r.processes[name] = identity
@@ -142,9 +146,12 @@ function Reconciler:deploy(rec)
     end)
     if not rec then return end
   end
-  local status, reason = target:step_provision(rec, self:recorder(id))
+  local status, reason, log_tail = target:step_provision(rec, self:recorder(id))
   if status == "wait" and os.time() - op.started_at > target.cfg.deploy_timeout then
-    status, reason = "failed", string.format("not healthy after %ds", target.cfg.deploy_timeout)
+    status, reason = "failed", string.format("not healthy after %ds%s%s", target.cfg.deploy_timeout,
+      reason and (": " .. reason) or "", log_tail and ("; " .. log_tail) or "")
+  elseif status == "wait" then
+    self:describe(rec, reason)
   end
   if status == "done" and op.type == "update" then
     local ok, err = self:reapply_bindings(rec)

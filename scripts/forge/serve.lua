@@ -52,7 +52,8 @@ end
 -- publish what changed locally in the store, and load the published set.
 -- @return registry, generation, local_hashes
 local function sync_services(config, db, registry, local_hashes)
-  local scanned = services.scan(config.services_dir, config.sandbox, registry)
+  local scanned = services.scan(config.services_dir, config.sandbox, registry,
+    { local_cfg = config.targets["local"] })
   local _, current = services.published_generation(db)
   local changes = local_changes(config, scanned, local_hashes, current and current.services or {})
   services.publish(db, scanned, changes) -- also when nothing changed: the refused edits are news
@@ -91,6 +92,16 @@ local function open_store(config)
   end
 end
 
+-- Services run as other users: they may pass through the state dir to their instance's own
+-- directory, but not list it nor read the store (SQLite gives its WAL the database's mode).
+local function close_state_dir(config)
+  proc.chmod(config.state_dir, tonumber("711", 8))
+  for _, suffix in ipairs({ "", "-wal", "-shm" }) do
+    local path = config.state_dir .. "/forge.db" .. suffix
+    if lfs.attributes(path, "mode") == "file" then proc.chmod(path, tonumber("600", 8)) end
+  end
+end
+
 --- Run the broker with the config file at `path` (or defaults); returns the exit status.
 function M.run(path)
   local config, err = config_mod.load(path)
@@ -111,6 +122,7 @@ function M.run(path)
     io.stderr:write("forge serve: cannot open the store (", storage.describe(config), "): ", tostring(serr), "\n")
     return 1
   end
+  close_state_dir(config)
   local registry, generation, local_hashes = sync_services(config, db, nil, nil)
 
   local reconciler = Reconciler.new(config, db, registry, targets.new(config, config.state_dir))

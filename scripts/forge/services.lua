@@ -6,8 +6,10 @@
 -- versions in force; workers load exactly what the main thread validated and published, and
 -- an instance's hooks run on the version it was rendered with (ctx.script_hash).
 local cjson = require "cjson"
+local contract = require "forge.contract"
 local crypto = require "forge.crypto"
 local lfs = require "lfs"
+local log = require "forge.log"
 local sandbox = require "forge.sandbox"
 local schema = require "forge.schema"
 local util = require "forge.util"
@@ -18,10 +20,13 @@ M.CURRENT_KEY = "services/current"
 local function script_key(name, hash) return "script/" .. name .. "/" .. hash end
 
 local function read_file(path)
+  local mode, merr = lfs.attributes(path, "mode")
+  if mode ~= "file" then return nil, mode and ("not a regular file (" .. mode .. ")") or merr end
   local f, err = io.open(path, "rb")
   if not f then return nil, err end
-  local s = f:read("a")
+  local s, rerr = f:read("a")
   f:close()
+  if not s then return nil, rerr or "read failed" end
   return s
 end
 
@@ -136,13 +141,19 @@ end
 function M.read_folder(dir, name)
   local path = dir .. "/" .. name .. "/service.lua"
   local source, err = read_file(path)
-  if not source then return nil, "cannot read " .. path .. ": " .. err end
+  if not source then return nil, "services/" .. name .. ": cannot read " .. path .. ": " .. err end
   local templates, names = {}, {}
   local tdir = dir .. "/" .. name .. "/templates"
-  if lfs.attributes(tdir, "mode") == "directory" then
-    for entry in lfs.dir(tdir) do
+  local tmode, _, terrno = lfs.attributes(tdir, "mode")
+  if not tmode and terrno ~= 2 then return nil, "services/" .. name .. ": cannot read " .. tdir end
+  if tmode == "directory" then
+    local ok, iter, state = pcall(lfs.dir, tdir)
+    if not ok then return nil, "services/" .. name .. ": cannot read " .. tdir .. ": " .. tostring(iter) end
+    for entry in iter, state do
       if entry:match("%.ya?ml$") and lfs.attributes(tdir .. "/" .. entry, "mode") == "file" then
-        templates[entry] = assert(read_file(tdir .. "/" .. entry))
+        local text, terr = read_file(tdir .. "/" .. entry)
+        if not text then return nil, "services/" .. name .. ": cannot read " .. tdir .. "/" .. entry .. ": " .. terr end
+        templates[entry] = text
         names[#names + 1] = entry
       end
     end
@@ -181,6 +192,22 @@ function M.build(src, limits)
   for _, p in ipairs(data.plans) do plans[p.id] = p end
   return { name = data.name, folder = src.name, hash = src.hash, source = src.source, templates = src.templates,
     sandbox = sb, script = data, plans = plans, catalog = catalog_entry(data) }
+end
+
+--- Build a version and validate it (forge.validate): what check, install, reload and the broker's
+-- start accept, so hot reload refuses exactly what `forge check` refuses.
+-- @param opts {local_cfg = targets.local config} (commands and users are then checked too)
+-- @return svc, warnings | nil, message (every problem, one per line), problems
+function M.accept(src, limits, opts)
+  local svc, err = M.build(src, limits)
+  if not svc then return nil, err, { err } end
+  local problems, warnings = require("forge.validate").service(svc, opts)
+  if #problems > 0 then
+    svc.sandbox:close()
+    return nil, table.concat(problems, "\n"), problems
+  end
+  for _, w in ipairs(warnings) do log.warn("service check warning", { service = src.name, warning = w }) end
+  return svc, warnings
 end
 
 local function all_ids(s)
@@ -227,37 +254,59 @@ local function finish(reg)
   return reg
 end
 
--- Folders under dir that hold a service.lua, sorted.
+-- Whether entry `name` of the services dir is (or may be) a service folder: it holds a
+-- service.lua, or it cannot be read to tell. An unreadable folder, an unreadable service.lua or
+-- a link to nowhere is listed, so that reading it fails loudly (a refused edit that keeps the
+-- running version) instead of the service silently leaving the catalog.
+local function service_folder(dir, name)
+  local path = dir .. "/" .. name
+  local mode = lfs.attributes(path, "mode")
+  if not mode then return lfs.symlinkattributes(path, "mode") == "link" end
+  if mode ~= "directory" then return false end
+  local smode, _, errno = lfs.attributes(path .. "/service.lua", "mode")
+  if smode then return true end
+  return errno ~= 2          -- anything but ENOENT (EACCES, ELOOP, ...): we cannot tell
+end
+
+-- Folders under dir that are services (see service_folder), sorted.
 local function folders(dir, errors)
   local names = {}
   local ok, iter, state = pcall(lfs.dir, dir)
   if not ok then
     errors[#errors + 1] = { service = dir, message = "cannot list services: " .. tostring(iter) }
-    return names
+    return names, false
   end
   for entry in iter, state do
-    if entry:sub(1, 1) ~= "." and lfs.attributes(dir .. "/" .. entry .. "/service.lua", "mode") == "file" then
-      names[#names + 1] = entry
-    end
+    if entry:sub(1, 1) ~= "." and service_folder(dir, entry) then names[#names + 1] = entry end
   end
   table.sort(names)
-  return names
+  return names, true
 end
 
 --- Scan the services directory. A service whose content is unchanged keeps its running version
 -- (and sandbox) from `previous`; a changed or new one is built in a fresh sandbox and replaces
 -- the old only if it is valid — otherwise the old version stays and the error is reported.
 -- @return registry {by_id, by_name, plans, list, errors, catalog_json, catalog_etag}
-function M.scan(dir, limits, previous)
+function M.scan(dir, limits, previous, opts)
   local reg = new_registry()
-  for _, name in ipairs(folders(dir, reg.errors)) do
+  local names, listed = folders(dir, reg.errors)
+  if not listed and previous then
+    -- the directory itself cannot be read: keep every running version, report it
+    for _, old in ipairs(previous.list or {}) do
+      if add(reg, old) then
+        reg.errors[#reg.errors + 1] = { service = old.folder, kept = old.hash,
+          message = "services/" .. old.folder .. ": the services directory cannot be read; kept the running version" }
+      end
+    end
+  end
+  for _, name in ipairs(names) do
     local src, err = M.read_folder(dir, name)
     local old = previous and previous.by_folder and previous.by_folder[name]
     local svc
     if src and old and old.hash == src.hash then
       svc = old
     elseif src then
-      svc, err = M.build(src, limits)
+      svc, err = M.accept(src, limits, opts)
     end
     if svc then
       local ok, why = add(reg, svc)
@@ -276,7 +325,7 @@ function M.scan(dir, limits, previous)
 end
 
 --- Load every service under dir (no previous versions): forge check/render and specs.
-function M.load(dir, limits) return M.scan(dir, limits, nil) end
+function M.load(dir, limits, opts) return M.scan(dir, limits, nil, opts) end
 
 --- Publish local versions into the store's current set (services/current), keeping what other
 -- replicas published for other services. `changes` maps folder -> true (publish the version in
@@ -395,6 +444,20 @@ function M.call(svc, hook, ctx, ...)
       and type(after.secrets) == "table" then
     for k, v in pairs(after.secrets) do ctx.secrets[k] = v end
   end
+  return res, nil, svc
+end
+
+--- Call a hook whose result has a contract shape (deploy, bind, unbind, manifest) and check the
+-- result against it: a wrong shape fails with the field's path and the script's line.
+-- @return result | nil, message
+function M.hook(svc, hook, ctx, ...)
+  local res, err, version = M.call(svc, hook, ctx, ...)
+  if res == nil then
+    return nil, err or ("service " .. svc.name .. ": " .. hook .. " returned nothing (" ..
+      contract.format(svc, hook, { path = "", message = "must return a table" }) .. ")")
+  end
+  local ok, why = contract.result(version, hook, res)
+  if not ok then return nil, why end
   return res
 end
 

@@ -15,6 +15,7 @@ local service = {
   metadata = { displayName = "etcd" },
   instances_retrievable = true,
   bindings_retrievable = true,
+  commands = { "etcd", "etcdctl" },   -- executables this service runs (the operator approves them)
   plans = {
     {
       id = "6a7b8c9d-0e1f-4a2b-8c3d-4e5f6a7b8c9d",

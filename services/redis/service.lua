@@ -12,6 +12,23 @@ local crypto = forge.crypto
 
 local ADMIN = "forge-admin"
 
+-- The parameters every plan takes (create and update), each constrained: they reach redis.conf.
+local function parameters()
+  return {
+    ["$schema"] = "http://json-schema.org/draft-07/schema#",
+    type = "object",
+    additionalProperties = false,
+    properties = {
+      maxmemory_mb = { type = "integer", minimum = 16, maximum = 4096, default = 256,
+        description = "memory limit in MiB (maxmemory; default 256)" },
+      maxmemory_policy = { type = "string", description = "what redis evicts at the limit (default noeviction)",
+        enum = { "noeviction", "allkeys-lru", "volatile-lru", "allkeys-random", "volatile-ttl" } },
+    },
+  }
+end
+local PARAMETERS = { service_instance = { create = { parameters = parameters() },
+  update = { parameters = parameters() } } }
+
 local service = {
   id = "6f0f3c1e-3b5e-4c2a-9a43-1f6b7f3f2f01",
   name = "redis",
@@ -22,6 +39,7 @@ local service = {
   plan_updateable = true,          -- 1-server <-> 3-servers: a redeploy on the same data
   instances_retrievable = true,
   bindings_retrievable = true,
+  commands = { "redis-server" },   -- executables this service runs (the operator approves them)
   plans = {
     {
       id = "68ec5c0f-7289-47a5-87ba-aff068f3aa2f",
@@ -31,31 +49,7 @@ local service = {
       metadata = { bullets = { "1 redis-server", "AOF persistence" } },
       maintenance_info = { version = "7.0.0", description = "redis 7.0 with AOF persistence" },
       maximum_polling_duration = 300,
-      schemas = {
-        service_instance = {
-          create = { parameters = {
-            ["$schema"] = "http://json-schema.org/draft-07/schema#",
-            type = "object",
-            additionalProperties = false,
-            properties = {
-              maxmemory_mb = { type = "integer", minimum = 16, maximum = 4096,
-                description = "memory limit in MiB (maxmemory)" },
-              maxmemory_policy = { type = "string",
-                enum = { "noeviction", "allkeys-lru", "volatile-lru", "allkeys-random", "volatile-ttl" } },
-            },
-          } },
-          update = { parameters = {
-            ["$schema"] = "http://json-schema.org/draft-07/schema#",
-            type = "object",
-            additionalProperties = false,
-            properties = {
-              maxmemory_mb = { type = "integer", minimum = 16, maximum = 4096 },
-              maxmemory_policy = { type = "string",
-                enum = { "noeviction", "allkeys-lru", "volatile-lru", "allkeys-random", "volatile-ttl" } },
-            },
-          } },
-        },
-      },
+      schemas = PARAMETERS,
       nodes = 1,
     },
     {
@@ -66,6 +60,7 @@ local service = {
       metadata = { bullets = { "1 primary + 2 replicas", "AOF persistence" } },
       maintenance_info = { version = "7.0.0", description = "redis 7.0 with AOF persistence" },
       maximum_polling_duration = 600,
+      schemas = PARAMETERS,
       nodes = 3,
       async_only = true,         -- provision, update and delete answer 202 only
       bindings_async = true,     -- a binding touches three nodes: async where the platform allows it
@@ -98,7 +93,7 @@ local function redis_conf(ctx, i, admin_password)
     aclfile = ctx.dir .. "/" .. name .. "/users.acl",
   }
   local params = ctx.parameters or {}
-  if params.maxmemory_mb then node.maxmemory = params.maxmemory_mb .. "mb" end
+  node.maxmemory = (params.maxmemory_mb or 256) .. "mb"   -- every instance has a memory limit
   if params.maxmemory_policy then node["maxmemory-policy"] = params.maxmemory_policy end
   if i > 1 then
     node.replicaof = ctx.host .. " " .. ctx.ports[1]

@@ -183,6 +183,7 @@ describe("broker faults", function()
     local f = io.open(dir .. "/rogue/service.lua", "w")
     f:write([[
 local service = { id = "70000000-0000-4000-8000-000000000001", name = "rogue", description = "d", bindable = false,
+  commands = { "touch" },
   plans = { { id = "70000000-0000-4000-8000-000000000002", name = "p", description = "d" } } }
 function service.deploy(ctx)
   return { processes = { { name = "x", argv = { "touch", ctx.dir .. "/../../pwned" } } } }
@@ -200,7 +201,7 @@ return service
         organization_guid = "o", space_guid = "s" })
     assert.equal(500, status, raw)
     assert.equal("ServiceScriptError", json.error)
-    assert.matches("command 'touch' is not allowed on the local target", json.description, 1, true)
+    assert.matches("command 'touch' is not approved on the local target", json.description, 1, true)
     assert.same(before, b:records())
     assert.is_nil(io.open(b.state_dir .. "/pwned"))
   end)

@@ -12,7 +12,7 @@ local HOSTILE_PLAN = "5e5e5e5e-0000-4000-8000-0000000000f2"
 local function script(version, extra)
   return ([[
 local service = {
-  id = "%s", name = "versioned", description = "version %s", bindable = true,
+  id = "%s", name = "versioned", description = "version %s", bindable = true, commands = { "sleep" },
   plans = { { id = "%s", name = "only", description = "the plan" } },
 }
 function service.deploy() return { processes = { { name = "p", argv = { "sleep", "100000" } } } } end
@@ -27,7 +27,7 @@ end
 
 local HOSTILE_SCRIPT = ([[
 local service = {
-  id = "%s", name = "hostile", description = "misbehaves on purpose", bindable = true,
+  id = "%s", name = "hostile", description = "misbehaves on purpose", bindable = true, commands = { "sleep" },
   plans = { { id = "%s", name = "only", description = "the plan" } },
 }
 function service.deploy() return { processes = { { name = "p", argv = { "sleep", "100000" } } } } end
@@ -36,7 +36,8 @@ function service.bind(ctx)
   if ctx.binding_id == "pcall-loop" then while true do pcall(function() while true do end end) end end
   if ctx.binding_id == "memory" then local t = {} for i = 1, 1e9 do t[i] = ("x"):rep(1000000) .. i end end
   if ctx.binding_id == "escape" then return { credentials = { out = io.open("/etc/passwd"):read("a") } } end
-  error("bind refused on purpose")
+  if ctx.binding_id == "plain" then error("bind refused on purpose") end
+  return { credentials = {} }      -- what forge check's sample binding gets
 end
 function service.unbind() return { run = {} } end
 return service

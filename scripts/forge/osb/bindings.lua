@@ -46,27 +46,25 @@ function M.apply(b, svc, inst, rec)
     if not info then return nil, "could not read the VMs of instance " .. inst.id .. ": " .. ierr end
     extra.vms, extra.ips = info.vms, info.ips
   end
-  local result, err = services.call(svc, "bind", services.binding_context(inst, rec.id, extra))
+  local result, err = services.hook(svc, "bind", services.binding_context(inst, rec.id, extra))
   if not result then return nil, "service " .. svc.name .. " bind failed: " .. tostring(err), "script" end
-  if type(result) ~= "table" or type(result.credentials) ~= "table" then
-    return nil, "service " .. svc.name .. ": bind must return {credentials = {...}}", "script"
-  end
-  local ok, rerr = target:run_all(result.run)
+  local ok, rerr = target:run_all(result.run, inst)
   if not ok then
-    target:run_all((services.call(svc, "unbind", services.binding_context(inst, rec.id, { binding = rec })) or {}).run)
+    target:run_all((services.hook(svc, "unbind", services.binding_context(inst, rec.id, { binding = rec })) or {}).run,
+      inst)
     return nil, "could not create the binding on instance " .. inst.id .. ": " .. rerr
   end
   return result.credentials
 end
 
---- Run the unbind hook for `rec`. Returns true | nil, message.
+--- Run the unbind hook for `rec`. Returns true | nil, message, "script" when the script failed.
 function M.remove(b, svc, inst, rec)
   local target, terr = b.targets:of(inst)
   if not target then return nil, terr end
-  local result, err = services.call(svc, "unbind", services.binding_context(inst, rec.id, { binding = rec,
+  local result, err = services.hook(svc, "unbind", services.binding_context(inst, rec.id, { binding = rec,
     ips = inst.resources and inst.resources.ips }))
-  if not result then return nil, "service " .. svc.name .. " unbind failed: " .. err end
-  local ok, rerr = target:run_all(result.run)
+  if not result then return nil, "service " .. svc.name .. " unbind failed: " .. err, "script" end
+  local ok, rerr = target:run_all(result.run, inst)
   if not ok then return nil, "could not remove the binding from instance " .. inst.id .. ": " .. rerr end
   return true
 end
@@ -176,8 +174,8 @@ function M.unbind(b, iid, bid, req, q)
     return reply(202, { operation = rec.operation.id })
   end
   if live(inst) and inst.state == "running" and svc then
-    local ok, err = M.remove(b, svc, inst, rec)
-    if not ok then fail(502, "UnbindFailed", err) end
+    local ok, err, kind = M.remove(b, svc, inst, rec)
+    if not ok then fail(kind == "script" and 500 or 502, kind == "script" and "ServiceScriptError" or "UnbindFailed", err) end
   end
   if not model.txn(b.db, { compare = { { key = bkey, mod_revision = rev } }, success = { model.delete(bkey) } }) then
     fail(422, "ConcurrencyError", "binding " .. bid .. " changed while it was being deleted")

@@ -70,11 +70,19 @@ function M.lookup_plan(registry, service_id, plan_id)
   return svc, plan
 end
 
---- Validate parameters against the plan's schema at schemas.<kind>.<action>.parameters.
+--- Validate parameters against the plan's schema at schemas.<kind>.<action>.parameters; a plan
+-- without that schema accepts no parameters.
 function M.check_parameters(plan, kind, action, params)
   local s = plan.schemas and plan.schemas[kind] and plan.schemas[kind][action]
   s = s and s.parameters
-  if not s then return end
+  if not s then
+    -- no schema: nothing could say which values are safe to hand to the service
+    if type(params) == "table" and next(params) ~= nil then
+      fail(400, "BadRequest", "parameters are not accepted by plan " .. plan.name .. " (it has no " .. kind .. " "
+        .. action .. " parameter schema)")
+    end
+    return
+  end
   local ok, msg = schema.validate(s, params or {}, "parameters")
   if not ok then fail(400, "BadRequest", "invalid parameters: " .. msg) end
 end

@@ -55,6 +55,7 @@ function M.render(b, svc, plan, rec, pinned)
   local target = driver_of(b, rec)
   if target.kind == "bosh" then
     local claim, status, code, msg = target:render(b.db, svc, plan, rec, function(hook, ...)
+      if hook == "manifest" then return services.hook(svc, hook, ...) end
       return services.call(svc, hook, ...)
     end)
     if not claim then fail(status, code, msg, status == 503 and { retry_after = 30 } or nil) end
@@ -87,13 +88,14 @@ function M.render(b, svc, plan, rec, pinned)
     host = target.cfg.host, ports = ports, dir = target:instance_dir(rec.id), secrets = rec.secrets,
     templates = svc.templates, script_hash = pinned,
   }
-  local deployment, err = services.call(svc, "deploy", ctx)
+  local deployment, err = services.hook(svc, "deploy", ctx)
   if not deployment then fail(500, "ServiceScriptError", "service " .. svc.name .. " failed to render: " .. err) end
-  if type(deployment) ~= "table" or type(deployment.processes) ~= "table" or #deployment.processes == 0 then
-    fail(500, "ServiceScriptError", "service " .. svc.name .. ": deploy must return {processes = {...}}")
-  end
-  local allowed, why = target:check_deployment(deployment)
+  local version = services.version(svc, pinned, svc.registry) or svc
+  local allowed, why = target:check_commands(version.script.commands, deployment)
   if not allowed then fail(500, "ServiceScriptError", "service " .. svc.name .. ": " .. why) end
+  local run_as, uerr = target:run_as(svc.script, plan)
+  if run_as == false then fail(500, "ServiceScriptError", "service " .. svc.name .. ": " .. uerr) end
+  rec.run_as = run_as
   rec.deployment = deployment
   rec.files_written, rec.script_hash = false, pinned or svc.hash
   return added

@@ -11,6 +11,7 @@ local proc = require "forge.proc"
 local resp = require "forge.resp"
 local log = require "forge.log"
 local model = require "forge.model"
+local contract = require "forge.contract"
 
 local Local = {}
 Local.__index = Local
@@ -120,47 +121,136 @@ function Local:find_unrecorded(inst, p)
   end
 end
 
---- Whether argv names an executable this target may start (targets.local.commands): a service
--- script only declares commands, and this list is what keeps it from declaring anything else.
--- @return true | nil, message
-function Local:allowed(argv)
-  local exe = type(argv) == "table" and argv[1]
-  if type(exe) ~= "string" then return nil, "a command's argv must be a list of strings" end
-  for _, c in ipairs(self.cfg.commands or {}) do
-    if exe == c then return true end
+-- Directories searched for a bare command name after PATH: /usr/lib/<pkg>/bin and
+-- /usr/lib/<pkg>/<version>/bin (where Debian puts postgresql's servers), newest version first.
+local function lib_bins(name)
+  local found = {}
+  local function probe(dir)
+    local path = dir .. "/" .. name
+    if lfs.attributes(path, "mode") == "file" then found[#found + 1] = path end
   end
-  return nil, string.format("command '%s' is not allowed on the local target (targets.local.commands)", exe)
+  local ok, iter, state = pcall(lfs.dir, "/usr/lib")
+  if not ok then return found end
+  for pkg in iter, state do
+    local pdir = "/usr/lib/" .. pkg
+    if pkg:sub(1, 1) ~= "." and lfs.attributes(pdir, "mode") == "directory" then
+      probe(pdir .. "/bin")
+      for version in lfs.dir(pdir) do
+        if version:match("^%d[%w%.]*$") then probe(pdir .. "/" .. version .. "/bin") end
+      end
+    end
+  end
+  -- newest version first: compare the numeric parts
+  local function key(path) return tonumber(path:match("/(%d+)[%w%.]*/bin/[^/]+$") or "-1") end
+  table.sort(found, function(a, b) return key(a) > key(b) or (key(a) == key(b) and a < b) end)
+  return found
 end
 
---- Check every command a deployment declares (processes, health checks, setup) before anything
--- is stored. Returns true | nil, message.
-function Local:check_deployment(deployment)
-  for _, p in ipairs(deployment.processes) do
-    local ok, err = self:allowed(p.argv)
-    if not ok then return nil, "process " .. tostring(p.name) .. ": " .. err end
-    if type(p.health) == "table" and p.health.argv then
-      ok, err = self:allowed(p.health.argv)
-      if not ok then return nil, "health check of " .. tostring(p.name) .. ": " .. err end
+--- The absolute path a declared command resolves to: an absolute path as it is, a bare name on
+-- PATH, then under /usr/lib/<pkg>[/<version>]/bin. Returns path | nil, message.
+function Local.resolve(name)
+  if type(name) ~= "string" or name == "" then return nil, "a command must be a name or an absolute path" end
+  if name:find("/", 1, true) then
+    if name:sub(1, 1) ~= "/" then return nil, "command '" .. name .. "' must be a bare name or an absolute path" end
+    if lfs.attributes(name, "mode") ~= "file" then return nil, "command '" .. name .. "' is not installed" end
+    return name
+  end
+  for dir in (os.getenv("PATH") or "/usr/local/bin:/usr/bin:/bin"):gmatch("[^:]+") do
+    if lfs.attributes(dir .. "/" .. name, "mode") == "file" then return dir .. "/" .. name end
+  end
+  local found = lib_bins(name)
+  if found[1] then return found[1] end
+  return nil, "command '" .. name .. "' is not installed (not on PATH nor under /usr/lib/*/bin)"
+end
+
+--- Whether the operator approved command `name` (targets.local.commands, FORGE_LOCAL_COMMANDS):
+-- a service script only declares commands, and this list is what keeps it from running anything
+-- else. Entries are names or absolute paths. Returns the path to execute | nil, message.
+function Local:approved(name)
+  if type(name) ~= "string" then return nil, "a command's argv must be a list of strings" end
+  local path, err = Local.resolve(name)
+  for _, c in ipairs(self.cfg.commands or {}) do
+    if c == name or (path and c == path) then
+      if not path then return nil, err end
+      return path
     end
   end
-  for _, cmd in ipairs(deployment.setup or {}) do
-    if cmd.argv then
-      local ok, err = self:allowed(cmd.argv)
-      if not ok then return nil, "setup: " .. err end
-    end
+  return nil, string.format("command '%s' is not approved on the local target (targets.local.commands)", name)
+end
+
+--- Check every executable a deployment (or a list of commands) names: declared by the service
+-- (service.commands) and approved by the operator. Returns true | nil, message.
+function Local:check_commands(declared, deployment, runs)
+  local set = {}
+  for _, c in ipairs(declared or {}) do set[c] = true end
+  for _, exe in ipairs(contract.executables(deployment, runs)) do
+    if not set[exe] then return nil, "command '" .. exe .. "' is not declared in the service's commands list" end
+    local ok, err = self:approved(exe)
+    if not ok then return nil, err end
   end
   return true
 end
 
+--- The user an instance's processes and commands run as: nil when the broker is not root (they
+-- run as the broker's user); else the plan's or service's `user` if the operator allows it
+-- (targets.local.users), else targets.local.user (a system user created on first use).
+-- Returns name | nil | false, message.
+function Local:run_as(script, plan)
+  if proc.geteuid() ~= 0 then return nil end
+  local wanted = plan and plan.user or script and script.user
+  if wanted then
+    local allowed = false
+    for _, u in ipairs(self.cfg.users or {}) do allowed = allowed or u == wanted end
+    if not allowed then
+      return false, string.format("user '%s' is not allowed on the local target (targets.local.users)", wanted)
+    end
+    if wanted == "root" then return false, "services never run as root" end
+    if not proc.user(wanted) then return false, "user '" .. wanted .. "' does not exist on this machine" end
+    return wanted
+  end
+  return Local.ensure_user(self.cfg.user)
+end
+
+--- The default service user, created as a system user (no login, no home) when missing.
+-- Returns name | false, message.
+function Local.ensure_user(name)
+  if proc.user(name) then return name end
+  local res, err = proc.run { argv = { "useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+    "--shell", "/usr/sbin/nologin", name }, env = { PATH = "/usr/sbin:/usr/bin:/sbin:/bin" }, timeout = 30 }
+  if proc.user(name) then
+    log.info("created the service user", { user = name })
+    return name
+  end
+  return false, string.format("cannot create the service user '%s': %s", name,
+    res and (res.stderr ~= "" and res.stderr or ("exit " .. tostring(res.code))) or tostring(err and err.message or err))
+end
+
 function Local:spawn(inst, p)
-  local allowed, why = self:allowed(p.argv)
-  if not allowed then return nil, why end
+  local path, why = self:approved(p.argv[1])
+  if not path then return nil, why end
   local dir = self:process_dir(inst, p)
-  local ok, err = mkdirs(dir)
-  if not ok then return nil, "cannot create " .. dir .. ": " .. tostring(err) end
+  if not lfs.attributes(dir, "mode") then
+    local ok, err = mkdirs(dir)
+    if ok and inst.run_as then ok, err = proc.chown(dir, inst.run_as) end
+    if not ok then return nil, "cannot create " .. dir .. ": " .. tostring(err and err.message or err) end
+  end
   local env = { PATH = os.getenv("PATH") or "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", FORGE_PROCESS = dir }
   for k, v in pairs(p.env or {}) do env[k] = v end
-  return proc.spawn { argv = p.argv, cwd = dir, env = env, stdout = self:instance_dir(inst.id) .. "/" .. p.name .. ".log" }
+  local argv = { path, table.unpack(p.argv, 2) }
+  return proc.spawn { argv = argv, cwd = dir, env = env, user = inst.run_as,
+    stdout = self:instance_dir(inst.id) .. "/" .. p.name .. ".log" }
+end
+
+-- The instance's directory belongs to the user its processes run as, and only to it.
+function Local:own(inst)
+  if not inst.run_as then return true end
+  proc.chmod(self.dir, tonumber("711", 8))   -- instances/: passable, not listable
+  local dir = self:instance_dir(inst.id)
+  local ok, err = proc.chown(dir, inst.run_as, true)
+  if not ok then return nil, "cannot hand " .. dir .. " to user " .. inst.run_as .. ": " .. tostring(err.message or err) end
+  ok, err = proc.chmod(dir, tonumber("700", 8))
+  if not ok then return nil, tostring(err.message or err) end
+  return true
 end
 
 --- Write the deployment's files: `files` always, `seed_files` only where absent (state the
@@ -250,26 +340,39 @@ function Local:run_redis(r)
   return true
 end
 
---- Run a command declared by a service (health check, bind/unbind step): either a helper
--- process, cmd = {argv, env, stdin, expect = {lua patterns, one per output line}}, or redis
--- commands spoken by the broker itself, cmd = {redis = {host, port, user, password, commands,
--- expect = {lua patterns, one per reply}}} (see Local:run_redis).
-function Local:run(cmd)
+-- The last lines of a command's output, on one line (what a failing init or check said).
+local function last_lines(text, n)
+  local lines = {}
+  for line in (text or ""):gmatch("[^\n]+") do
+    line = line:gsub("^%s+", ""):gsub("%s+$", "")
+    if line ~= "" then lines[#lines + 1] = line end
+  end
+  return table.concat(lines, " / ", math.max(1, #lines - (n or 3) + 1)):sub(-600)
+end
+
+--- Run a command declared by a service (health check, setup, bind/unbind step, init): either a
+-- helper process, cmd = {argv, env, stdin, expect = {lua patterns, one per output line},
+-- tolerate = {patterns}}, or redis commands spoken by the broker itself, cmd = {redis = {host,
+-- port, user, password, commands, expect = {lua patterns, one per reply}}} (see run_redis).
+-- Helper processes run as `inst.run_as`, in `cwd` when given, for at most `timeout` seconds.
+function Local:run(cmd, inst, cwd, timeout)
   if cmd.redis then return self:run_redis(cmd.redis) end
-  local allowed, why = self:allowed(cmd.argv)
-  if not allowed then return nil, why end
+  local path, why = self:approved(type(cmd.argv) == "table" and cmd.argv[1])
+  if not path then return nil, why end
   local env = { PATH = os.getenv("PATH") or "/usr/bin:/bin" }
   for k, v in pairs(cmd.env or {}) do env[k] = v end
-  local res, err = proc.run { argv = cmd.argv, env = env, stdin = cmd.stdin, timeout = self.cfg.command_timeout }
-  if not res then return nil, tostring(err and err.message or err) end
+  local res, err = proc.run { argv = { path, table.unpack(cmd.argv, 2) }, env = env, stdin = cmd.stdin, cwd = cwd,
+    user = inst and inst.run_as, timeout = timeout or self.cfg.command_timeout }
+  if not res then return nil, cmd.argv[1] .. ": " .. tostring(err and err.message or err) end
   if res.code ~= 0 then
     -- a failure whose output matches a `tolerate` pattern is the state already reached
     -- (idempotent setup steps: "already exists")
     for _, pattern in ipairs(cmd.tolerate or {}) do
       if (res.stderr .. res.stdout):match(pattern) then return true end
     end
-    return nil, string.format("%s exited with %s: %s", cmd.argv[1], tostring(res.code or res.signal),
-      (res.stderr ~= "" and res.stderr or res.stdout):sub(1, 300))
+    return nil, string.format("%s exited with %s: %s", cmd.argv[1],
+      res.code and tostring(res.code) or ("signal " .. tostring(res.signal)),
+      last_lines(res.stderr ~= "" and res.stderr or res.stdout))
   end
   local i = 0
   for line in (res.stdout .. "\n"):gmatch("([^\n]*)\n") do
@@ -283,38 +386,64 @@ function Local:run(cmd)
   return true
 end
 
---- Run a list of commands in order; the first failure stops and is returned.
-function Local:run_all(cmds)
+--- Run a list of commands in order (as inst's user); the first failure stops and is returned.
+function Local:run_all(cmds, inst)
   for _, cmd in ipairs(cmds or {}) do
-    local ok, err = self:run(cmd)
+    local ok, err = self:run(cmd, inst)
     if not ok then return nil, err end
   end
   return true
 end
 
-local function healthy(self, p)
+-- Whether process p answers its health check. A tcp check means "the port is open"; a
+-- command or redis check is the way to say "ready". Returns true | nil, what the check said.
+function Local:healthy(inst, p)
   local h = p.health
   if not h then return true end
-  if h.tcp then return proc.tcp_check(self.cfg.host, h.tcp, 1) end
-  return self:run(h) ~= nil
+  if h.tcp then
+    if proc.tcp_check(self.cfg.host, h.tcp, 1) then return true end
+    return nil, string.format("port %d on %s is not open", h.tcp, self.cfg.host)
+  end
+  return self:run(h, inst)
 end
 
---- Advance a provision. Spawns what is not running, checks health.
--- record(name, identity) persists a spawned process at once.
--- @return "done" | "wait" | "failed", reason
+-- Run p's init commands once, before its first start: each is skipped when its `creates` path
+-- exists in the instance dir. Returns true | nil, message with the command's last output.
+function Local:init(inst, p)
+  local dir = self:instance_dir(inst.id)
+  for i, cmd in ipairs(p.init or {}) do
+    if not (cmd.creates and lfs.symlinkattributes(dir .. "/" .. cmd.creates, "mode")) then
+      local ok, err = self:run(cmd, inst, dir, self.cfg.init_timeout)
+      if not ok then return nil, string.format("%s: init[%d]: %s", p.name, i, err) end
+    end
+  end
+  return true
+end
+
+--- Advance a provision: write files, run init commands, spawn what is not running, check
+-- health, then setup. record(name, identity, files_written, initialized) persists progress.
+-- @return "done" | "wait" | "failed", reason [, the waiting process's last log lines]
 function Local:step_provision(inst, record)
   inst.processes = inst.processes or {}
+  inst.initialized = inst.initialized or {}
   if not inst.files_written then
     local ok, err = self:write_files(inst)
+    if ok then ok, err = self:own(inst) end
     if not ok then return "failed", err end
     record(nil, nil, true)
   end
-  local all_healthy = true
+  local waiting, waiting_log
   for _, p in ipairs(inst.deployment.processes) do
     local rec = inst.processes[p.name]
     if not rec then
       rec = self:find_unrecorded(inst, p)
       if not rec then
+        if not inst.initialized[p.name] and p.init then
+          local ok, err = self:init(inst, p)
+          if not ok then return "failed", err end
+          inst.initialized[p.name] = true
+          record(nil, nil, nil, p.name)
+        end
         local spawned, err = self:spawn(inst, p)
         if not spawned then return "failed", p.name .. ": " .. tostring(err and err.message or err) end
         rec = spawned
@@ -329,24 +458,28 @@ function Local:step_provision(inst, record)
       return "failed", string.format("%s exited during start-up%s", p.name, why ~= "" and (": " .. why) or "")
     end
     if not rec.healthy then
-      if healthy(self, p) then
+      local ok, err = self:healthy(inst, p)
+      if ok then
         rec.healthy = true
         record(p.name, rec)
-      else
-        all_healthy = false
+      elseif not waiting then
+        waiting = string.format("%s not healthy yet: %s", p.name, tostring(err))
+        local log_tail = tail(self:instance_dir(inst.id) .. "/" .. p.name .. ".log")
+        if log_tail ~= "" then waiting_log = p.name .. "'s log: " .. log_tail end
       end
     end
   end
-  if all_healthy and inst.deployment.setup then
+  if not waiting and inst.deployment.setup then
     -- one-time setup once everything answers (idempotent: it reruns after a broker crash);
     -- a failure is retried until the deploy timeout, as servers may still be warming up
-    local ok, err = self:run_all(inst.deployment.setup)
+    local ok, err = self:run_all(inst.deployment.setup, inst)
     if not ok then
       log.warn("setup not done yet, will retry", { instance = inst.id, error = err })
       return "wait", "setup: " .. err
     end
   end
-  return all_healthy and "done" or "wait"
+  if waiting then return "wait", waiting, waiting_log end
+  return "done"
 end
 
 --- Stop every process of the instance (TERM, wait, KILL): the recorded ones and any of the
@@ -358,9 +491,12 @@ function Local:stop_all(inst)
     local rec = targets[p.name]
     if not rec or not proc.alive(rec.pid, rec.start_time) then targets[p.name] = self:find_unrecorded(inst, p) end
   end
+  local spec = {}
+  for _, p in ipairs((inst.deployment or {}).processes or {}) do spec[p.name] = p end
   for name, rec in pairs(targets) do
     if rec and proc.alive(rec.pid, rec.start_time) then
-      local ok, err = proc.stop(rec.pid, rec.start_time, self.cfg.stop_timeout)
+      local p = spec[name] or {}
+      local ok, err = proc.stop(rec.pid, rec.start_time, p.stop_timeout or self.cfg.stop_timeout, p.stop_signal)
       if not ok then return nil, name .. ": " .. tostring(err and err.message or err) end
     end
   end

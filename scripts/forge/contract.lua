@@ -1,0 +1,314 @@
+--- The service author's contract: the shape of every value a hook may return, checked in one
+-- place for `forge check`, `forge install`, hot reload, broker start and every request.
+--
+-- docs/authoring.md documents each field below (a spec checks that every field name known
+-- here appears there). A value is checked against a shape; a problem names the field's path
+-- (`processes[1].health.argv`) and, when the script is at hand, the line of service.lua that
+-- most likely wrote it (the field's first mention after the hook's definition).
+local M = {}
+
+-- Shapes ------------------------------------------------------------------------------------
+
+local function scalar(desc, test) return { desc = desc, test = test } end
+
+local STRING = scalar("a string", function(v) return type(v) == "string" end)
+local TEXT = STRING
+local POSITIVE = scalar("a positive number", function(v) return type(v) == "number" and v > 0 end)
+local PORT = scalar("a port number (1-65535)", function(v)
+  return math.type(v) == "integer" and v >= 1 and v <= 65535
+end)
+local NAME = scalar("a simple name (letters, digits, '-', '_', '.')", function(v)
+  return type(v) == "string" and v:match("^[%w][%w%-_%.]*$") ~= nil and #v <= 64
+end)
+local RELPATH = scalar("a relative path inside the instance directory", function(v)
+  return type(v) == "string" and v ~= "" and v:sub(1, 1) ~= "/" and not ("/" .. v .. "/"):find("/%.%./")
+    and not v:find("%z")
+end)
+local SIGNALS = { TERM = true, INT = true, QUIT = true, HUP = true, USR1 = true, USR2 = true, KILL = true }
+local SIGNAL = scalar("a signal name (TERM, INT, QUIT, HUP, USR1, USR2, KILL)", function(v)
+  return type(v) == "string" and SIGNALS[v:upper():gsub("^SIG", "")] ~= nil
+end)
+local TABLE = scalar("a table", function(v) return type(v) == "table" end)
+local ARG = scalar("a string or a number", function(v) return type(v) == "string" or type(v) == "number" end)
+local DOCUMENT = scalar("a template name, YAML text or a table", function(v)
+  return type(v) == "string" or type(v) == "table"
+end)
+
+local function list(of, min) return { list = of, min = min or 0 } end
+local function map(of, key) return { map = of, key = key or STRING } end
+
+-- A record: known fields, which are required, and at most one of `one_of` (exactly one when
+-- one_of.required).
+local function record(name, fields, opts)
+  opts = opts or {}
+  return { record = name, fields = fields, required = opts.required or {}, one_of = opts.one_of }
+end
+
+local ENV = map(STRING)
+
+local REDIS = record("redis command list", {
+  host = STRING, port = PORT, user = STRING, password = STRING,
+  commands = list(list(ARG, 1), 1), expect = list(STRING),
+}, { required = { "port", "commands" } })
+
+local COMMAND_FIELDS = { argv = list(STRING, 1), env = ENV, stdin = TEXT, expect = list(STRING),
+  tolerate = list(STRING), redis = REDIS }
+local COMMAND = record("command", COMMAND_FIELDS, { one_of = { "argv", "redis", required = true } })
+
+local HEALTH_FIELDS = { tcp = PORT }
+for k, v in pairs(COMMAND_FIELDS) do HEALTH_FIELDS[k] = v end
+local HEALTH = record("health check", HEALTH_FIELDS, { one_of = { "argv", "redis", "tcp", required = true } })
+
+local INIT = record("init command", { argv = list(STRING, 1), env = ENV, stdin = TEXT, creates = RELPATH },
+  { required = { "argv" } })
+
+local PROCESS = record("process", {
+  name = NAME, argv = list(STRING, 1), env = ENV, files = map(TEXT, RELPATH), seed_files = map(TEXT, RELPATH),
+  health = HEALTH, init = list(INIT), stop_signal = SIGNAL, stop_timeout = POSITIVE,
+}, { required = { "name", "argv" } })
+
+--- What each hook may return (local target hooks and the BOSH manifest hook).
+M.shapes = {
+  deploy = record("deployment", { processes = list(PROCESS, 1), setup = list(COMMAND) },
+    { required = { "processes" } }),
+  bind = record("binding", { credentials = TABLE, run = list(COMMAND) }, { required = { "credentials" } }),
+  unbind = record("unbinding", { run = list(COMMAND) }),
+  manifest = record("manifest", { documents = list(DOCUMENT, 1), params = TABLE, prune = list(STRING) },
+    { required = { "documents" } }),
+}
+
+-- Fields of the service table (service.lua's returned table) beyond the OSB catalog fields,
+-- and of each plan; anything else in a plan is the author's own data (ctx.plan).
+M.script_fields = { commands = list(STRING), user = NAME, target = STRING }
+M.plan_fields = { user = NAME, target = STRING }
+
+-- Checking ----------------------------------------------------------------------------------
+
+local function sorted_keys(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+  return keys
+end
+
+local function is_sequence(v)
+  local n = 0
+  for _ in pairs(v) do n = n + 1 end
+  return n == #v
+end
+
+local function describe(shape)
+  if shape.desc then return shape.desc end
+  if shape.list then return "a list" end
+  if shape.map then return "a table of names to values" end
+  return "a " .. shape.record .. " table"
+end
+
+local check
+
+local function check_record(shape, v, path, out)
+  for _, k in ipairs(sorted_keys(v)) do
+    local sub = path == "" and tostring(k) or path .. "." .. tostring(k)
+    if type(k) ~= "string" or not shape.fields[k] then
+      out[#out + 1] = { path = sub, field = tostring(k), message = string.format("unknown field (a %s has: %s)",
+        shape.record, table.concat(sorted_keys(shape.fields), ", ")) }
+    else
+      check(shape.fields[k], v[k], sub, out, k)
+    end
+  end
+  for _, k in ipairs(shape.required) do
+    if v[k] == nil then
+      out[#out + 1] = { path = path == "" and k or path .. "." .. k, field = k, message = "is required" }
+    end
+  end
+  local one = shape.one_of
+  if one then
+    local present = {}
+    for _, k in ipairs(one) do if v[k] ~= nil then present[#present + 1] = k end end
+    if #present > 1 or (one.required and #present == 0) then
+      out[#out + 1] = { path = path, field = present[2] or one[1], message = string.format(
+        "a %s has exactly one of %s (found %s)", shape.record, table.concat(one, ", "),
+        #present == 0 and "none" or table.concat(present, ", ")) }
+    end
+  end
+end
+
+-- Append problems {path, field, message} of `v` against `shape` to `out`.
+check = function(shape, v, path, out, field)
+  if #out >= 20 then return end
+  local function bad(msg) out[#out + 1] = { path = path, field = field, message = msg } end
+  if shape.test then
+    if not shape.test(v) then bad("must be " .. shape.desc .. " (got " .. type(v) .. ")") end
+    return
+  end
+  if type(v) ~= "table" then return bad("must be " .. describe(shape) .. " (got " .. type(v) .. ")") end
+  if shape.list then
+    if not is_sequence(v) then return bad("must be a list (keys 1..n)") end
+    if #v < shape.min then return bad("must list at least " .. shape.min .. " item(s)") end
+    for i, e in ipairs(v) do check(shape.list, e, path .. "[" .. i .. "]", out, field) end
+  elseif shape.map then
+    for _, k in ipairs(sorted_keys(v)) do
+      local sub = path .. "[" .. string.format("%q", tostring(k)) .. "]"
+      if not shape.key.test(k) then
+        out[#out + 1] = { path = sub, field = field, message = "key must be " .. shape.key.desc }
+      else
+        check(shape.map, v[k], sub, out, field)
+      end
+    end
+  else
+    check_record(shape, v, path, out)
+  end
+end
+
+--- Problems of a hook's result: a list of {path, field, message} (empty when it fits).
+function M.problems(hook, value)
+  local out = {}
+  check(M.shapes[hook], value, "", out, nil)
+  return out
+end
+
+--- Duplicate process names and other cross-field rules of a deployment.
+local function deployment_rules(d, out)
+  local seen = {}
+  for i, p in ipairs(type(d) == "table" and type(d.processes) == "table" and d.processes or {}) do
+    if type(p) == "table" and type(p.name) == "string" then
+      if seen[p.name] then
+        out[#out + 1] = { path = "processes[" .. i .. "].name", field = "name",
+          message = "duplicate process name '" .. p.name .. "'" }
+      end
+      seen[p.name] = true
+    end
+  end
+end
+
+-- Where -------------------------------------------------------------------------------------
+
+local function lines_of(source)
+  local lines = {}
+  for line in (source .. "\n"):gmatch("([^\n]*)\n") do lines[#lines + 1] = line end
+  return lines
+end
+
+-- The line that defines `hook` in the script (function service.hook(...) / x.hook = function).
+local function hook_line(lines, hook)
+  for n, line in ipairs(lines) do
+    if line:find("function%s+[%w_]+[%.:]" .. hook .. "%s*%(") or line:find("[%w_]%." .. hook .. "%s*=%s*function")
+        or line:find("^%s*" .. hook .. "%s*=%s*function") then
+      return n
+    end
+  end
+end
+
+local function mentions(line, field)
+  return line:find("[^%w_]" .. field .. "%s*=") or line:find("^" .. field .. "%s*=")
+    or line:find("%[%s*[\"']" .. field .. "[\"']%s*%]")
+end
+
+--- The line of `source` most likely to have written `field` in `hook`'s result: its first
+-- mention after the hook's definition, else anywhere, else the hook's own line.
+function M.locate(source, hook, field)
+  if type(source) ~= "string" then return nil end
+  local lines = lines_of(source)
+  local start = hook and hook_line(lines, hook) or 1
+  if field and field:match("^[%a_][%w_]*$") then
+    for n = start or 1, #lines do if mentions(lines[n], field) then return n end end
+    for n = 1, #lines do if mentions(lines[n], field) then return n end end
+  end
+  return start
+end
+
+--- The first line of `source` holding the string literal `text` ("..." or '...'), or nil.
+function M.locate_literal(source, text)
+  if type(source) ~= "string" then return nil end
+  for n, line in ipairs(lines_of(source)) do
+    if line:find('"' .. text .. '"', 1, true) or line:find("'" .. text .. "'", 1, true) then return n end
+  end
+end
+
+--- One problem as the message authors see: "services/x/service.lua:12: deploy: path: message".
+function M.format(svc, hook, p)
+  local where = "services/" .. (svc.folder or svc.name) .. "/service.lua"
+  local line = M.locate(svc.source, hook, p.field)
+  return string.format("%s%s: %s: %s%s", where, line and (":" .. line) or "", hook,
+    p.path ~= "" and (p.path .. ": ") or "", p.message)
+end
+
+--- Check a hook result at request time. Returns true | nil, one-line message naming the field.
+function M.result(svc, hook, value)
+  local out = M.problems(hook, value)
+  if hook == "deploy" then deployment_rules(value, out) end
+  if #out == 0 then return true end
+  local msg = M.format(svc, hook, out[1])
+  if #out > 1 then msg = msg .. string.format(" (and %d more)", #out - 1) end
+  return nil, msg
+end
+
+--- Every problem of a hook result, formatted (for forge check).
+function M.all(svc, hook, value)
+  local out = M.problems(hook, value)
+  if hook == "deploy" then deployment_rules(value, out) end
+  local msgs = {}
+  for i, p in ipairs(out) do msgs[i] = M.format(svc, hook, p) end
+  return msgs
+end
+
+--- Problems of the script's own fields (commands, user, target) and of its plans'.
+function M.script_problems(svc)
+  local out = {}
+  local script = svc.script
+  for k, shape in pairs(M.script_fields) do
+    if script[k] ~= nil then check(shape, script[k], k, out, k) end
+  end
+  for i, plan in ipairs(script.plans or {}) do
+    for k, shape in pairs(M.plan_fields) do
+      if plan[k] ~= nil then check(shape, plan[k], "plans[" .. i .. "]." .. k, out, k) end
+    end
+  end
+  local msgs = {}
+  for i, p in ipairs(out) do
+    local line = M.locate(svc.source, nil, p.field)
+    msgs[i] = string.format("services/%s/service.lua%s: %s: %s", svc.folder or svc.name,
+      line and (":" .. line) or "", p.path, p.message)
+  end
+  return msgs
+end
+
+--- Every field name the contract knows (documentation is checked against it).
+function M.field_names()
+  local names, seen = {}, {}
+  local function add(k) if not seen[k] then seen[k], names[#names + 1] = true, k end end
+  local function walk(shape)
+    if shape.list then return walk(shape.list) end
+    if shape.map then return walk(shape.map) end
+    for k, s in pairs(shape.fields or {}) do
+      add(k)
+      walk(s)
+    end
+  end
+  for _, s in pairs(M.shapes) do walk(s) end
+  for k in pairs(M.script_fields) do add(k) end
+  for k in pairs(M.plan_fields) do add(k) end
+  table.sort(names)
+  return names
+end
+
+--- Every executable a deployment or command list names (argv[1] of processes, init, health,
+-- setup and run commands), each once.
+function M.executables(deployment, runs)
+  local seen, list_ = {}, {}
+  local function add(argv)
+    if type(argv) == "table" and type(argv[1]) == "string" and not seen[argv[1]] then
+      seen[argv[1]], list_[#list_ + 1] = true, argv[1]
+    end
+  end
+  for _, p in ipairs(deployment and deployment.processes or {}) do
+    add(p.argv)
+    for _, c in ipairs(p.init or {}) do add(c.argv) end
+    if type(p.health) == "table" then add(p.health.argv) end
+  end
+  for _, c in ipairs(deployment and deployment.setup or {}) do add(c.argv) end
+  for _, c in ipairs(runs or {}) do add(c.argv) end
+  return list_
+end
+
+return M
