@@ -51,20 +51,41 @@ local REDIS = record("redis command list", {
   commands = list(list(ARG, 1), 1), expect = list(STRING),
 }, { required = { "port", "commands" } })
 
+-- A SQL statement: {sql, params...} (parameterised) or {format = "... %I ... %L ...", args = {...}}.
+local STATEMENT = scalar("a statement: {sql, params...} or {format = ..., args = {...}}", function(v)
+  if type(v) ~= "table" then return false end
+  if v.format ~= nil then
+    if type(v.format) ~= "string" or (v.args ~= nil and type(v.args) ~= "table") then return false end
+    for k in pairs(v) do if k ~= "format" and k ~= "args" then return false end end
+    for _, a in ipairs(v.args or {}) do if type(a) ~= "string" and type(a) ~= "number" then return false end end
+    return true
+  end
+  if type(v[1]) ~= "string" then return false end
+  local n = 0
+  for _ in pairs(v) do n = n + 1 end
+  for i = 2, #v do if type(v[i]) ~= "string" and type(v[i]) ~= "number" then return false end end
+  return n == #v
+end)
+
+local PG = record("pg statement list", {
+  host = STRING, port = PORT, user = STRING, password = STRING, database = STRING,
+  statements = list(STATEMENT, 1), expect = list(STRING), tolerate = list(STRING),
+}, { required = { "port", "user", "statements" } })
+
 local COMMAND_FIELDS = { argv = list(STRING, 1), env = ENV, stdin = TEXT, expect = list(STRING),
-  tolerate = list(STRING), redis = REDIS }
-local COMMAND = record("command", COMMAND_FIELDS, { one_of = { "argv", "redis", required = true } })
+  tolerate = list(STRING), redis = REDIS, pg = PG }
+local COMMAND = record("command", COMMAND_FIELDS, { one_of = { "argv", "redis", "pg", required = true } })
 
 local HEALTH_FIELDS = { tcp = PORT }
 for k, v in pairs(COMMAND_FIELDS) do HEALTH_FIELDS[k] = v end
-local HEALTH = record("health check", HEALTH_FIELDS, { one_of = { "argv", "redis", "tcp", required = true } })
+local HEALTH = record("health check", HEALTH_FIELDS, { one_of = { "argv", "redis", "pg", "tcp", required = true } })
 
-local INIT = record("init command", { argv = list(STRING, 1), env = ENV, stdin = TEXT, creates = RELPATH },
-  { required = { "argv" } })
+local INIT = record("init command", { argv = list(STRING, 1), env = ENV, stdin = TEXT, creates = RELPATH,
+  tolerate = list(STRING) }, { required = { "argv" } })
 
 local PROCESS = record("process", {
   name = NAME, argv = list(STRING, 1), env = ENV, files = map(TEXT, RELPATH), seed_files = map(TEXT, RELPATH),
-  health = HEALTH, init = list(INIT), stop_signal = SIGNAL, stop_timeout = POSITIVE,
+  health = HEALTH, init = list(INIT), stop_signal = SIGNAL, stop_timeout = POSITIVE, after = list(NAME),
 }, { required = { "name", "argv" } })
 
 --- What each hook may return (local target hooks and the BOSH manifest hook).
@@ -167,7 +188,8 @@ function M.problems(hook, value)
   return out
 end
 
---- Duplicate process names and other cross-field rules of a deployment.
+--- Cross-field rules of a deployment: unique process names; `after` names only processes
+-- listed before it (so starting in order can never wait on itself).
 local function deployment_rules(d, out)
   local seen = {}
   for i, p in ipairs(type(d) == "table" and type(d.processes) == "table" and d.processes or {}) do
@@ -175,6 +197,12 @@ local function deployment_rules(d, out)
       if seen[p.name] then
         out[#out + 1] = { path = "processes[" .. i .. "].name", field = "name",
           message = "duplicate process name '" .. p.name .. "'" }
+      end
+      for j, a in ipairs(type(p.after) == "table" and p.after or {}) do
+        if type(a) == "string" and not seen[a] then
+          out[#out + 1] = { path = "processes[" .. i .. "].after[" .. j .. "]", field = "after",
+            message = "'" .. a .. "' is not a process listed before " .. p.name }
+        end
       end
       seen[p.name] = true
     end

@@ -69,9 +69,13 @@ describe("the contract", function()
     for _, p in ipairs(problems) do by_path[p.path] = p.message end
     assert.matches("unknown field", by_path["processes[1].bogus_field"])
     assert.matches("must be a list", by_path["processes[1].argv"])
-    assert.matches("exactly one of argv, redis, tcp", by_path["processes[1].health"])
+    assert.matches("exactly one of argv, redis, pg, tcp", by_path["processes[1].health"])
     assert.matches("relative path", by_path['processes[1].files["/etc/passwd"]'])
     assert.matches("signal name", by_path["processes[1].stop_signal"])
+    local ok, msg = contract.result({ name = "x" }, "deploy", { processes = { { name = "a", argv = { "x" },
+      after = { "b" } }, { name = "b", argv = { "x" } } } })
+    assert.is_nil(ok)
+    assert.matches("processes%[1%]%.after%[1%]: 'b' is not a process listed before a", msg)
     assert.same({}, contract.problems("bind", { credentials = {}, run = { { redis = { port = 1, commands = {
       { "PING" } } } } } }))
     assert.matches("is required", contract.problems("bind", { run = {} })[1].message)

@@ -13,7 +13,8 @@ local function script(version, extra)
   return ([[
 local service = {
   id = "%s", name = "versioned", description = "version %s", bindable = true, commands = { "sleep" },
-  plans = { { id = "%s", name = "only", description = "the plan" } },
+  plans = { { id = "%s", name = "only", description = "the plan", schemas = { service_instance = { update = {
+    parameters = { ["$schema"] = "http://json-schema.org/draft-07/schema#", type = "object" } } } } } },
 }
 function service.deploy() return { processes = { { name = "p", argv = { "sleep", "100000" } } } } end
 function service.bind(ctx)

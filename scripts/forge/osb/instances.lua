@@ -88,6 +88,10 @@ function M.render(b, svc, plan, rec, pinned)
     host = target.cfg.host, ports = ports, dir = target:instance_dir(rec.id), secrets = rec.secrets,
     templates = svc.templates, script_hash = pinned,
   }
+  if rec.previous then      -- an update: what runs now
+    ctx.previous = { plan = svc.plans[rec.previous.plan_id], parameters = rec.previous.parameters or {},
+      ports = rec.previous.resources and rec.previous.resources.ports }
+  end
   local deployment, err = services.hook(svc, "deploy", ctx)
   if not deployment then fail(500, "ServiceScriptError", "service " .. svc.name .. " failed to render: " .. err) end
   local version = services.version(svc, pinned, svc.registry) or svc
@@ -234,6 +238,15 @@ function M.update(b, id, req, q)
       fail(422, "PlanChangeNotSupported", "plan " .. plan.name .. " deploys to target " .. want .. ", the instance "
         .. "runs on " .. (rec.target or "local") .. ": moving between targets is not supported",
         { instance_usable = true, update_repeatable = false })
+    end
+  end
+  if plan_change and svc.script.plan_change then
+    -- the service's own rule: plan_change(from, to, parameters) -> true, or why not (a string)
+    local verdict, err = services.call(svc, "plan_change", cur_plan, plan, params or rec.parameters or {})
+    if err then fail(500, "ServiceScriptError", "service " .. svc.name .. ": plan_change failed: " .. err) end
+    if verdict ~= true then
+      fail(422, "PlanChangeNotSupported", type(verdict) == "string" and verdict or ("plan " .. cur_plan.name ..
+        " cannot change to " .. plan.name), { instance_usable = true, update_repeatable = false })
     end
   end
   if params then common.check_parameters(plan, "service_instance", "update", params) end

@@ -350,6 +350,28 @@ local function last_lines(text, n)
   return table.concat(lines, " / ", math.max(1, #lines - (n or 3) + 1)):sub(-600)
 end
 
+-- A declared SQL statement list, spoken natively (forge.pg on libpq): no psql process.
+-- q = {host (default: the target's host), port, user, password, database, statements,
+--      expect = {lua patterns, one per statement}, tolerate = {patterns of "SQLSTATE message"}}
+-- A reply's text is the first column of its first row, else its command tag.
+function Local:run_pg(q)
+  local host = q.host or self.cfg.host
+  local where = string.format("postgres %s:%s", tostring(host), tostring(q.port))
+  local ok, replies, err = pcall(require("forge.pg").exec, { host = host, port = q.port, user = q.user,
+    password = q.password, database = q.database, statements = q.statements, tolerate = q.tolerate,
+    timeout = self.cfg.command_timeout })
+  if not ok then return nil, where .. ": bad statement: " .. tostring(replies) end
+  if not replies then return nil, where .. ": " .. tostring(err and err.message or err) end
+  for i, want in ipairs(q.expect or {}) do
+    local r = replies[i]
+    local text = r and (r.rows and r.rows[1] and tostring(r.rows[1][1]) or r.command) or ""
+    if not text:match(want) then
+      return nil, string.format("%s: statement %d: unexpected reply %q", where, i, text:sub(1, 200))
+    end
+  end
+  return true
+end
+
 --- Run a command declared by a service (health check, setup, bind/unbind step, init): either a
 -- helper process, cmd = {argv, env, stdin, expect = {lua patterns, one per output line},
 -- tolerate = {patterns}}, or redis commands spoken by the broker itself, cmd = {redis = {host,
@@ -357,6 +379,7 @@ end
 -- Helper processes run as `inst.run_as`, in `cwd` when given, for at most `timeout` seconds.
 function Local:run(cmd, inst, cwd, timeout)
   if cmd.redis then return self:run_redis(cmd.redis) end
+  if cmd.pg then return self:run_pg(cmd.pg) end
   local path, why = self:approved(type(cmd.argv) == "table" and cmd.argv[1])
   if not path then return nil, why end
   local env = { PATH = os.getenv("PATH") or "/usr/bin:/bin" }
@@ -407,6 +430,15 @@ function Local:healthy(inst, p)
   return self:run(h, inst)
 end
 
+-- The first process named in p.after that is not healthy yet (p starts, and runs its init, only
+-- once all of them are), or nil.
+local function waits_for(inst, p)
+  for _, name in ipairs(p.after or {}) do
+    local rec = inst.processes[name]
+    if not (rec and rec.healthy) then return name end
+  end
+end
+
 -- Run p's init commands once, before its first start: each is skipped when its `creates` path
 -- exists in the instance dir. Returns true | nil, message with the command's last output.
 function Local:init(inst, p)
@@ -435,6 +467,11 @@ function Local:step_provision(inst, record)
   local waiting, waiting_log
   for _, p in ipairs(inst.deployment.processes) do
     local rec = inst.processes[p.name]
+    local blocker = not rec and waits_for(inst, p)
+    if blocker then
+      waiting = waiting or string.format("%s waits for %s to be healthy", p.name, blocker)
+      goto next
+    end
     if not rec then
       rec = self:find_unrecorded(inst, p)
       if not rec then
@@ -468,6 +505,7 @@ function Local:step_provision(inst, record)
         if log_tail ~= "" then waiting_log = p.name .. "'s log: " .. log_tail end
       end
     end
+    ::next::
   end
   if not waiting and inst.deployment.setup then
     -- one-time setup once everything answers (idempotent: it reruns after a broker crash);
