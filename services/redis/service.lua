@@ -151,30 +151,45 @@ end
 
 local REDIS_PORT = 6379
 
--- BOSH bind: the live VMs' IPs (ctx.ips, primary first) and the admin password from the
--- manifest. Per-binding users would need an errand on the VMs: not done yet.
-local function bosh_bind(ctx)
-  local password = ctx.secret("admin_password")
-  local hosts = {}
-  for i, ip in ipairs(ctx.ips) do hosts[i] = ip .. ":" .. REDIS_PORT end
+-- BOSH: the broker reaches every VM's redis over the Redis protocol as the admin (the job's
+-- `password`, i.e. the default user). Users persist through CONFIG REWRITE: the job runs without
+-- an ACL file, so redis keeps them in its redis.conf.
+local function bosh_admin(ip, password, commands, expect)
+  return { redis = { host = ip, port = REDIS_PORT, password = password, commands = commands, expect = expect } }
+end
+
+-- BOSH bind: a per-binding ACL user on every VM (ctx.ips, primary first).
+local function bosh_bind(ctx, user, password)
+  local admin_password = ctx.secret("admin_password")
+  local setuser = {
+    { "ACL", "SETUSER", user, "reset", "on", "#" .. crypto.sha256_hex(password), "~*", "&*", "+@all", "-@admin" },
+    { "CONFIG", "REWRITE" },
+  }
+  local run, hosts = {}, {}
+  for i, ip in ipairs(ctx.ips) do
+    run[i] = bosh_admin(ip, admin_password, setuser, { "^OK$", "^OK$" })
+    hosts[i] = ip .. ":" .. REDIS_PORT
+  end
   if #hosts == 0 then error("the deployment has no VMs with IPs", 0) end
   return {
     credentials = {
       host = ctx.ips[1],
       port = REDIS_PORT,
+      username = user,
       password = password,
-      uri = string.format("redis://:%s@%s:%d", password, ctx.ips[1], REDIS_PORT),
+      uri = string.format("redis://%s:%s@%s:%d", user, password, ctx.ips[1], REDIS_PORT),
       hosts = hosts,
     },
+    run = run,
   }
 end
 
 --- A binding: its own ACL user on every node; credentials list every host. When the broker
 -- re-applies an existing binding (after a redeploy), ctx.credentials holds its credentials.
 function service.bind(ctx)
-  if ctx.ips then return bosh_bind(ctx) end
   local user = username(ctx.binding_id)
   local password = ctx.credentials and ctx.credentials.password or crypto.password(32)
+  if ctx.ips then return bosh_bind(ctx, user, password) end
   local admin_password = ctx.secret("admin_password")
   local setuser = {
     { "ACL", "SETUSER", user, "reset", "on", "#" .. crypto.sha256_hex(password), "~*", "&*", "+@all", "-@admin" },
@@ -200,8 +215,15 @@ end
 
 --- Unbind: delete the binding's user (which also drops its connections) on every node.
 function service.unbind(ctx)
-  if ctx.ips then return { run = {} } end    -- BOSH: nothing was created per binding
   local admin_password = ctx.secret("admin_password")
+  if ctx.ips then
+    local run = {}
+    for i, ip in ipairs(ctx.ips) do
+      run[i] = bosh_admin(ip, admin_password, { { "ACL", "DELUSER", username(ctx.binding_id) }, { "CONFIG", "REWRITE" } },
+        { "^%d+$", "^OK$" })
+    end
+    return { run = run }
+  end
   local deluser = { { "ACL", "DELUSER", username(ctx.binding_id) }, { "ACL", "SAVE" } }
   local run = {}
   for i, port in ipairs(ctx.ports) do

@@ -83,6 +83,37 @@ local function wait_until(fn, timeout, what)
   error("timed out waiting for " .. what .. "\n" .. b:read_log():sub(-3000))
 end
 
+-- The VMs of a deployment, played by real redis servers on their (loopback) IPs, configured as
+-- the BOSH job would be: the manifest's password for the default user, a config file (so
+-- CONFIG REWRITE persists ACL users). Returns a stop function.
+local function start_vms(ips, password)
+  local dir = Broker.tmpdir()
+  local procs = {}
+  for i, ip in ipairs(ips) do
+    local conf = dir .. "/redis-" .. i .. ".conf"
+    local f = assert(io.open(conf, "w"))
+    f:write("bind ", ip, "\nport 6379\nrequirepass ", password, "\nsave \"\"\nappendonly no\ndir ", dir, "\n")
+    f:close()
+    procs[i] = assert(proc.spawn { argv = { "/usr/bin/redis-server", conf }, stdout = dir .. "/redis-" .. i .. ".log" })
+  end
+  for _, ip in ipairs(ips) do
+    wait_until(function() return proc.tcp_check(ip, 6379, 1) end, 10, "redis on " .. ip)
+  end
+  return function()
+    for _, p in ipairs(procs) do proc.stop(p.pid, p.start_time, 5) end
+    os.execute("rm -rf " .. dir)
+  end
+end
+
+-- PING as a binding's user on ip: "PONG", or redis-cli's complaint.
+local function ping_as(ip, creds)
+  local p = io.popen(string.format("REDISCLI_AUTH='%s' redis-cli -h %s -p 6379 --user %s --no-auth-warning PING 2>&1",
+    creds.password, ip, creds.username))
+  local out = p:read("a")
+  p:close()
+  return (out:gsub("%s+$", ""))
+end
+
 local function delete_and_check(id, plan_id, sim, prefix)
   local status, raw = deprovision(id, plan_id)
   assert.equal(202, status, raw)
@@ -93,8 +124,8 @@ end
 
 setup(function()
   math.randomseed(os.time() + proc.getpid())
-  dc1 = boshsim.start { auth = "basic", task_delay = 0.3, subnets = { "services=10.10.0.0/24:10.10.0.2-10.10.0.50" } }
-  dc2 = boshsim.start { auth = "uaa", task_delay = 0.3, subnets = { "services=10.20.0.0/24:10.20.0.2-10.20.0.50" } }
+  dc1 = boshsim.start { auth = "basic", task_delay = 0.3, subnets = { "services=127.10.0.0/24:127.10.0.2-127.10.0.50" } }
+  dc2 = boshsim.start { auth = "uaa", task_delay = 0.3, subnets = { "services=127.20.0.0/24:127.20.0.2-127.20.0.50" } }
   local config = table.concat({
     "targets:",
     "  dc1:",
@@ -108,8 +139,8 @@ setup(function()
     "    releases: {redis: '18.0.0'}",
     "    networks:",
     "    - name: services",
-    "      cidr: 10.10.0.0/24",
-    "      static: ['10.10.0.10 - 10.10.0.13']",
+    "      cidr: 127.10.0.0/24",
+    "      static: ['127.10.0.10 - 127.10.0.13']",
     "      azs: [z1]",
     "    services: [redis/1-server]",
     "  dc2:",
@@ -122,7 +153,7 @@ setup(function()
     "    poll_interval: 0.1",
     "    networks:",
     "    - name: services",
-    "      static: ['10.20.0.10 - 10.20.0.15']",
+    "      static: ['127.20.0.10 - 127.20.0.15']",
     "    services: [redis/3-servers]",
   }, "\n") .. "\n"
   b = Broker.start { config = config }
@@ -141,7 +172,7 @@ describe("BOSH targets", function()
     local view = seed("one")
     assert.equal("dc1", view.target)
     assert.equal("services", view.network)
-    assert.same({ "10.10.0.10" }, view.ips)
+    assert.same({ "127.10.0.10" }, view.ips)
     assert.equal("redis-one", view.deployment_name)
     wait_ok(inst("one"))
     view = seed("one")
@@ -156,21 +187,26 @@ describe("BOSH targets", function()
     local g = m.instance_groups[1]
     assert.equal(1, g.instances)
     assert.same({ "z1" }, g.azs)
-    assert.same({ { name = "services", static_ips = { "10.10.0.10" } } }, g.networks)
+    assert.same({ { name = "services", static_ips = { "127.10.0.10" } } }, g.networks)
     assert.same({ name = "redis", version = "18.0.0" }, m.releases[1])
     assert.equal("1.500", m.stemcells[1].version)
     local props = g.jobs[1].properties
     assert.is_string(props.password)
     assert.is_true(#props.password >= 16)
 
+    -- bind: a per-binding ACL user created on the VM over the Redis protocol, as the admin
+    local stop_vms = start_vms({ "127.10.0.10" }, props.password)
+    finally(stop_vms)
     local st, braw, _, bbody = b:call("PUT", bnd("one", "b1"), { service_id = R.service, plan_id = R.one })
     assert.equal(201, st, braw)
-    assert.equal("10.10.0.10", bbody.credentials.host)
+    assert.equal("127.10.0.10", bbody.credentials.host)
     assert.equal(6379, bbody.credentials.port)
-    assert.equal(props.password, bbody.credentials.password)
-    assert.same({ "10.10.0.10:6379" }, bbody.credentials.hosts)
+    assert.not_equal(props.password, bbody.credentials.password)
+    assert.same({ "127.10.0.10:6379" }, bbody.credentials.hosts)
+    assert.equal("PONG", ping_as("127.10.0.10", bbody.credentials))
     st, braw = b:call("DELETE", bnd("one", "b1") .. "?service_id=" .. R.service .. "&plan_id=" .. R.one)
     assert.equal(200, st, braw)
+    assert.matches("WRONGPASS", ping_as("127.10.0.10", bbody.credentials))
 
     -- update: a redeploy of the re-rendered manifest on the same IP; moving targets is refused
     st, braw = b:call("PATCH", inst("one") .. "?accepts_incomplete=true", { service_id = R.service,
@@ -179,13 +215,13 @@ describe("BOSH targets", function()
     wait_ok(inst("one"), "update")
     m = sim_manifest(dc1, "redis-one")
     assert.equal(512, m.instance_groups[1].jobs[1].properties.maxmemory_mb)
-    assert.same({ "10.10.0.10" }, m.instance_groups[1].networks[1].static_ips)
+    assert.same({ "127.10.0.10" }, m.instance_groups[1].networks[1].static_ips)
     assert.equal(props.password, m.instance_groups[1].jobs[1].properties.password)
     local _, praw, _, pbody = b:call("PATCH", inst("one") .. "?accepts_incomplete=true", { service_id = R.service,
       plan_id = R.three })
     assert.equal("PlanChangeNotSupported", pbody.error, praw)
 
-    assert.equal("one", store_dump("ip/dc1/")["ip/dc1/services/10.10.0.10"])
+    assert.equal("one", store_dump("ip/dc1/")["ip/dc1/services/127.10.0.10"])
     delete_and_check("one", R.one, dc1, "ip/")
     assert.equal(0, count(store_dump("ip/")))
   end)
@@ -221,25 +257,29 @@ describe("BOSH targets", function()
     wait_ok(inst("three"))
     local view = seed("three")
     assert.equal("dc2", view.target)
-    assert.same({ "10.20.0.10", "10.20.0.11", "10.20.0.12" }, view.ips)
+    assert.same({ "127.20.0.10", "127.20.0.11", "127.20.0.12" }, view.ips)
 
     local m = sim_manifest(dc2, "redis-three")
     local g = m.instance_groups[1]
     assert.equal(3, g.instances)
-    assert.same({ { name = "services", static_ips = { "10.20.0.10", "10.20.0.11", "10.20.0.12" } } }, g.networks)
-    assert.equal("10.20.0.10", g.jobs[1].properties.replication.primary)
+    assert.same({ { name = "services", static_ips = { "127.20.0.10", "127.20.0.11", "127.20.0.12" } } }, g.networks)
+    assert.equal("127.20.0.10", g.jobs[1].properties.replication.primary)
 
+    local ips = { "127.20.0.10", "127.20.0.11", "127.20.0.12" }
+    finally(start_vms(ips, g.jobs[1].properties.password))
     local st, braw = b:call("PUT", bnd("three", "b3") .. "?accepts_incomplete=true",
       { service_id = R.service, plan_id = R.three })
     assert.equal(202, st, braw)
     wait_ok(bnd("three", "b3"), "bind")
     local _, _, _, got = b:call("GET", bnd("three", "b3"))
-    assert.equal("10.20.0.10", got.credentials.host)
-    assert.same({ "10.20.0.10:6379", "10.20.0.11:6379", "10.20.0.12:6379" }, got.credentials.hosts)
+    assert.equal("127.20.0.10", got.credentials.host)
+    assert.same({ "127.20.0.10:6379", "127.20.0.11:6379", "127.20.0.12:6379" }, got.credentials.hosts)
+    for _, ip in ipairs(ips) do assert.equal("PONG", ping_as(ip, got.credentials)) end
     st, braw = b:call("DELETE", bnd("three", "b3") .. "?accepts_incomplete=true&service_id=" .. R.service ..
       "&plan_id=" .. R.three)
     assert.equal(202, st, braw)
     wait_ok(bnd("three", "b3"), "unbind")
+    for _, ip in ipairs(ips) do assert.matches("WRONGPASS", ping_as(ip, got.credentials)) end
 
     delete_and_check("three", R.three, dc2, "ip/")
     assert.equal(0, count(store_dump("ip/dc2/")))

@@ -14,6 +14,7 @@
 local bosh = require "forge.bosh"
 local lfs = require "lfs"
 local model = require "forge.model"
+local wire = require "forge.targets.wire"
 local yaml = require "forge.yaml"
 
 local Bosh = {}
@@ -236,9 +237,17 @@ function Bosh:render(db, svc, plan, rec, call)
   return claim
 end
 
---- Service bind/unbind commands do not run on BOSH targets.
-function Bosh.run_all(_, cmds)
-  if cmds and #cmds > 0 then return nil, "commands are not supported on bosh targets" end
+--- Run a service's bind/unbind commands against the deployment's VMs: only commands the broker
+-- speaks itself over the network (`redis`, `pg`, each naming its VM's IP as host); helper
+-- processes have nowhere to run. The first failure stops and is returned.
+function Bosh:run_all(cmds)
+  for i, cmd in ipairs(cmds or {}) do
+    local ok, err = wire.run(cmd, nil, self.cfg.command_timeout or 10)
+    if ok == nil and err == nil then
+      return nil, "command " .. i .. ": helper processes do not run on BOSH targets (use a redis or pg command)"
+    end
+    if not ok then return nil, err end
+  end
   return true
 end
 

@@ -8,7 +8,7 @@
 -- never signals a recycled pid; a process spawned just before a crash is found by its marker.
 local lfs = require "lfs"
 local proc = require "forge.proc"
-local resp = require "forge.resp"
+local wire = require "forge.targets.wire"
 local log = require "forge.log"
 local model = require "forge.model"
 local contract = require "forge.contract"
@@ -290,56 +290,6 @@ function Local:remove_stale(inst)
   end
 end
 
--- Commands whose second word names a subcommand ("ACL SETUSER"): part of the command's name.
-local CONTAINERS = { ACL = true, CLIENT = true, CLUSTER = true, COMMAND = true, CONFIG = true, DEBUG = true,
-  FUNCTION = true, LATENCY = true, MEMORY = true, MODULE = true, OBJECT = true, PUBSUB = true, SCRIPT = true,
-  SLOWLOG = true, XGROUP = true, XINFO = true }
-
--- How messages name a redis command: its name, never its arguments (they may hold secrets).
-local function redis_command_name(c)
-  local name = type(c) == "table" and tostring(c[1]):upper() or "?"
-  if CONTAINERS[name] and type(c[2]) == "string" then name = name .. " " .. c[2]:upper():sub(1, 32) end
-  return name
-end
-
--- A reply as the text its expect pattern is matched against: strings as they are, integers
--- via tostring, a nil reply as "(nil)", an array as its elements one per line.
-local function reply_text(r)
-  if type(r) == "table" then
-    local parts = {}
-    for i, v in ipairs(r) do parts[i] = reply_text(v) end
-    return table.concat(parts, "\n")
-  end
-  if r == false then return "(nil)" end
-  return tostring(r)
-end
-
--- A declared redis command list, spoken natively (forge.resp): no redis-cli process.
--- r = {host (default: the target's host), port, user, password, commands = {{"PING"}, ...},
---      expect = {lua patterns, one per reply}}
-function Local:run_redis(r)
-  local host = r.host or self.cfg.host
-  local where = string.format("redis %s:%s", tostring(host), tostring(r.port))
-  local ok, replies, err = pcall(resp.call, { host = host, port = r.port, user = r.user, password = r.password,
-    commands = r.commands, timeout = self.cfg.command_timeout })
-  if not ok then return nil, where .. ": bad command: " .. tostring(replies) end
-  if not replies then return nil, where .. ": " .. tostring(err) end
-  for i, reply in ipairs(replies) do
-    local want = r.expect and r.expect[i]
-    if type(reply) == "table" and reply.err then
-      return nil, string.format("%s: %s: error reply %q", where, redis_command_name(r.commands[i]),
-        tostring(reply.err):sub(1, 200))
-    end
-    local text = reply_text(reply)
-    if want and not text:match(want) then
-      return nil, string.format("%s: %s: unexpected reply %q", where, redis_command_name(r.commands[i]),
-        text:sub(1, 200))
-    end
-  end
-  if r.expect and #replies < #r.expect then return nil, where .. ": missing replies" end
-  return true
-end
-
 -- The last lines of a command's output, on one line (what a failing init or check said).
 local function last_lines(text, n)
   local lines = {}
@@ -378,8 +328,7 @@ end
 -- port, user, password, commands, expect = {lua patterns, one per reply}}} (see run_redis).
 -- Helper processes run as `inst.run_as`, in `cwd` when given, for at most `timeout` seconds.
 function Local:run(cmd, inst, cwd, timeout)
-  if cmd.redis then return self:run_redis(cmd.redis) end
-  if cmd.pg then return self:run_pg(cmd.pg) end
+  if cmd.redis or cmd.pg then return wire.run(cmd, self.cfg.host, self.cfg.command_timeout) end
   local path, why = self:approved(type(cmd.argv) == "table" and cmd.argv[1])
   if not path then return nil, why end
   local env = { PATH = os.getenv("PATH") or "/usr/bin:/bin" }
