@@ -1,4 +1,5 @@
 -- forge.proc: spawn, identity, supervision, helper commands, probes.
+local lfs = require "lfs"
 local proc = require "forge.proc"
 
 local function tmpdir()
@@ -489,6 +490,24 @@ describe("forge.proc", function()
       assert.equal("proc.user", err.code)
       assert.has_error(function() proc.chown(dir, "root", "yes") end)
       assert.has_error(function() proc.chown("", "root") end)
+    end)
+
+    it("chmod() sets the mode of a file or directory, never through a symlink", function()
+      local f, l = dir .. "/mode-file", dir .. "/mode-link"
+      assert.same({ code = 0, stdout = "", stderr = "" }, proc.run {
+        argv = { "sh", "-c", 'touch "$1" && chmod 644 "$1" && ln -s "$1" "$2"', "sh", f, l } })
+      assert.is_true(proc.chmod(f, tonumber("600", 8)))
+      assert.equal("rw-------", lfs.attributes(f, "permissions"))
+      local ok, err = proc.chmod(l, tonumber("777", 8))
+      assert.is_nil(ok)
+      assert.equal("proc.chmod", err.code)
+      assert.equal("chmod " .. l .. ": is a symbolic link", err.message)
+      assert.equal("rw-------", lfs.attributes(f, "permissions"))
+      ok, err = proc.chmod(dir .. "/missing", 384)
+      assert.is_nil(ok)
+      assert.matches("No such file", err.message)
+      assert.has_error(function() proc.chmod(f, 8 ^ 5) end)
+      assert.has_error(function() proc.chmod("", 384) end)
     end)
   end)
 
