@@ -1,199 +1,86 @@
 /*
- * forge.crypto — random secrets and ids, hashes, constant-time compare, encodings.
+ * forge.crypto — random secrets and ids, hashes, MACs, key derivation, constant-time
+ * compare, encodings.
  *
- * SHA-256 is written here from FIPS 180-4; HMAC from RFC 2104. Randomness comes from
- * getrandom(2) (the kernel CSPRNG). No static mutable state: safe from any thread.
- * All buffers are Lua-owned (luaL_Buffer), so a raise never leaks.
+ * Every primitive is OpenSSL's libcrypto: EVP_Digest, HMAC(), PKCS5_PBKDF2_HMAC,
+ * RAND_bytes (seeded from the kernel, reseeded after fork), EVP_EncodeBlock/DecodeBlock,
+ * CRYPTO_memcmp. No static mutable state: safe from any thread (OpenSSL's error queue is
+ * per thread). Outputs go to Lua-owned buffers (luaL_Buffer) or the C stack, so a raise
+ * never leaks; key material on the C stack is wiped with OPENSSL_cleanse.
  */
-#include <errno.h>
+#include <limits.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
-#include <sys/random.h>
+
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
 
 #include "forge/forge.h"
 
 #define MAX_RANDOM      (1024 * 1024)
+#define MAX_ITERATIONS  10000000
+#define MAX_DERIVED     1024
+#define MAX_SALT        1024
+#define SCRAM_SALT      16              /* default salt bytes (what PostgreSQL generates) */
+#define SCRAM_ITER      4096            /* RFC 7677's and PostgreSQL's default */
 #define DEFAULT_ALPHA   "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+#define B64_ALPHABET    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+#define B64_GROUPS      (1 << 20)       /* 3-byte groups per EVP_Encode/DecodeBlock call (an int length) */
 
 static const char hexdigits[] = "0123456789abcdef";
-static const char b64chars[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/* Digests for hmac and pbkdf2, by the names scripts use. */
+static const char *const MD_NAMES[] = {"sha1", "sha256", "sha384", "sha512", NULL};
+static const EVP_MD *(*const MD_FUNCS[])(void) = {EVP_sha1, EVP_sha256, EVP_sha384, EVP_sha512};
 
 
-/* ------------------------------------------------------------------------ */
-/* SHA-256 (FIPS 180-4)                                                     */
-/* ------------------------------------------------------------------------ */
-
-struct sha256 {
-    uint32_t h[8];
-    uint8_t block[64];
-    size_t used;                /* bytes in block */
-    uint64_t total;             /* message bytes so far */
-};
-
-static const uint32_t K256[64] = {
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
-};
-
-#define ROTR(x, n)  (((x) >> (n)) | ((x) << (32 - (n))))
-#define CH(x, y, z) (((x) & (y)) ^ (~(x) & (z)))
-#define MAJ(x, y, z) (((x) & (y)) ^ ((x) & (z)) ^ ((y) & (z)))
-#define BSIG0(x)    (ROTR(x, 2) ^ ROTR(x, 13) ^ ROTR(x, 22))
-#define BSIG1(x)    (ROTR(x, 6) ^ ROTR(x, 11) ^ ROTR(x, 25))
-#define SSIG0(x)    (ROTR(x, 7) ^ ROTR(x, 18) ^ ((x) >> 3))
-#define SSIG1(x)    (ROTR(x, 17) ^ ROTR(x, 19) ^ ((x) >> 10))
-
-
-static void sha256_init(struct sha256 *c)
+/* nil, err from the first entry of this thread's OpenSSL error queue, which is then emptied. */
+static int push_ssl_error(lua_State *L, const char *code, int retryable, const char *call)
 {
-    static const uint32_t h0[8] = {
-        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
-    };
-    memcpy(c->h, h0, sizeof h0);
-    c->used = 0;
-    c->total = 0;
+    char reason[256] = "failed";
+    unsigned long e = ERR_get_error();
+    if (e)
+        ERR_error_string_n(e, reason, sizeof reason);
+    ERR_clear_error();
+    return forge_pusherror(L, code, retryable, "%s: %s", call, reason);
 }
 
 
-static void sha256_compress(uint32_t h[8], const uint8_t p[64])
-{
-    uint32_t w[64];
-    for (int t = 0; t < 16; t++)
-        w[t] = (uint32_t)p[4 * t] << 24 | (uint32_t)p[4 * t + 1] << 16 |
-               (uint32_t)p[4 * t + 2] << 8 | (uint32_t)p[4 * t + 3];
-    for (int t = 16; t < 64; t++)
-        w[t] = SSIG1(w[t - 2]) + w[t - 7] + SSIG0(w[t - 15]) + w[t - 16];
-    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], k = h[7];
-    for (int t = 0; t < 64; t++) {
-        uint32_t t1 = k + BSIG1(e) + CH(e, f, g) + K256[t] + w[t];
-        uint32_t t2 = BSIG0(a) + MAJ(a, b, c);
-        k = g;
-        g = f;
-        f = e;
-        e = d + t1;
-        d = c;
-        c = b;
-        b = a;
-        a = t1 + t2;
-    }
-    h[0] += a; h[1] += b; h[2] += c; h[3] += d;
-    h[4] += e; h[5] += f; h[6] += g; h[7] += k;
-}
-
-
-static void sha256_update(struct sha256 *c, const void *data, size_t len)
-{
-    const uint8_t *p = data;
-    c->total += len;
-    if (c->used) {
-        size_t take = 64 - c->used < len ? 64 - c->used : len;
-        memcpy(c->block + c->used, p, take);
-        c->used += take;
-        p += take;
-        len -= take;
-        if (c->used < 64)
-            return;
-        sha256_compress(c->h, c->block);
-        c->used = 0;
-    }
-    for (; len >= 64; p += 64, len -= 64)
-        sha256_compress(c->h, p);
-    memcpy(c->block, p, len);
-    c->used = len;
-}
-
-
-static void sha256_final(struct sha256 *c, uint8_t out[32])
-{
-    uint64_t bits = c->total * 8;
-    c->block[c->used++] = 0x80;
-    if (c->used > 56) {
-        memset(c->block + c->used, 0, 64 - c->used);
-        sha256_compress(c->h, c->block);
-        c->used = 0;
-    }
-    memset(c->block + c->used, 0, 56 - c->used);
-    for (int i = 0; i < 8; i++)
-        c->block[56 + i] = (uint8_t)(bits >> (56 - 8 * i));
-    sha256_compress(c->h, c->block);
-    for (int i = 0; i < 8; i++) {
-        out[4 * i] = (uint8_t)(c->h[i] >> 24);
-        out[4 * i + 1] = (uint8_t)(c->h[i] >> 16);
-        out[4 * i + 2] = (uint8_t)(c->h[i] >> 8);
-        out[4 * i + 3] = (uint8_t)c->h[i];
-    }
-    memset(c, 0, sizeof *c);                    /* no key material left on the stack */
-}
-
-
-static void sha256(const void *data, size_t len, uint8_t out[32])
-{
-    struct sha256 c;
-    sha256_init(&c);
-    sha256_update(&c, data, len);
-    sha256_final(&c, out);
-}
-
-
-/* HMAC-SHA256 (RFC 2104): H((K ^ opad) || H((K ^ ipad) || m)). */
-static void hmac_sha256(const void *key, size_t klen, const void *msg, size_t mlen, uint8_t out[32])
-{
-    uint8_t k[64], pad[64], inner[32];
-    memset(k, 0, sizeof k);
-    if (klen > 64)
-        sha256(key, klen, k);
-    else
-        memcpy(k, key, klen);
-    struct sha256 c;
-    for (int i = 0; i < 64; i++)
-        pad[i] = k[i] ^ 0x36;
-    sha256_init(&c);
-    sha256_update(&c, pad, 64);
-    sha256_update(&c, msg, mlen);
-    sha256_final(&c, inner);
-    for (int i = 0; i < 64; i++)
-        pad[i] = k[i] ^ 0x5c;
-    sha256_init(&c);
-    sha256_update(&c, pad, 64);
-    sha256_update(&c, inner, 32);
-    sha256_final(&c, out);
-    memset(k, 0, sizeof k);
-    memset(pad, 0, sizeof pad);
-}
-
-
-/* ------------------------------------------------------------------------ */
-/* randomness                                                               */
-/* ------------------------------------------------------------------------ */
-
-/* Fill buf with n random bytes. Returns 0 or -errno. */
+/* Fill buf with n random bytes. Returns 0, or -1 with the reason on OpenSSL's error queue. */
 static int fill_random(void *buf, size_t n)
 {
-    uint8_t *p = buf;
-    while (n > 0) {
-        ssize_t r = getrandom(p, n, 0);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        p += r;
-        n -= (size_t)r;
-    }
-    return 0;
+    return RAND_bytes(buf, (int)n) == 1 ? 0 : -1;
 }
 
 
-static int push_random_error(lua_State *L, int rc)
+static int push_random_error(lua_State *L)
 {
-    char eb[128];
-    return forge_pusherror(L, "crypto.random", 1, "getrandom: %s", strerror_r(-rc, eb, sizeof eb));
+    return push_ssl_error(L, "crypto.random", 1, "RAND_bytes");
+}
+
+
+/* The digest named by argument arg (default def when def is not NULL). */
+static const EVP_MD *check_md(lua_State *L, int arg, const char *def)
+{
+    const char *name = def && lua_isnoneornil(L, arg) ? def : luaL_checkstring(L, arg);
+    for (int i = 0; MD_NAMES[i]; i++)
+        if (strcmp(name, MD_NAMES[i]) == 0)
+            return MD_FUNCS[i]();
+    luaL_argerror(L, arg, lua_pushfstring(L, "expected sha1, sha256, sha384 or sha512, got '%s'", name));
+    return NULL;
+}
+
+
+/* A Lua string argument handed to an OpenSSL call that takes an int length. */
+static const char *check_intlstring(lua_State *L, int arg, size_t *n)
+{
+    const char *s = luaL_checklstring(L, arg, n);
+    luaL_argcheck(L, *n <= INT_MAX, arg, "string too long");
+    return s;
 }
 
 
@@ -209,8 +96,12 @@ static void push_hex(lua_State *L, const uint8_t *p, size_t n)
 }
 
 
+/* ------------------------------------------------------------------------ */
+/* randomness                                                               */
+/* ------------------------------------------------------------------------ */
+
 /***
- * Random bytes from the kernel CSPRNG.
+ * Random bytes from OpenSSL's CSPRNG.
  * @function random_bytes
  * @tparam integer n 0..1048576
  * @return string of n bytes, or nil, err ("crypto.random")
@@ -221,9 +112,8 @@ static int l_crypto_random_bytes(lua_State *L)
     luaL_argcheck(L, n >= 0 && n <= MAX_RANDOM, 1, "expected 0 <= n <= 1048576");
     luaL_Buffer b;
     char *p = luaL_buffinitsize(L, &b, (size_t)n);
-    int rc = fill_random(p, (size_t)n);
-    if (rc < 0)
-        return push_random_error(L, rc);
+    if (fill_random(p, (size_t)n) < 0)
+        return push_random_error(L);
     luaL_pushresultsize(&b, (size_t)n);
     return 1;
 }
@@ -257,9 +147,8 @@ static int l_crypto_password(lua_State *L)
     size_t have = 0, pos = 0;
     for (lua_Integer i = 0; i < len;) {
         if (pos == have) {
-            int rc = fill_random(pool, sizeof pool);
-            if (rc < 0)
-                return push_random_error(L, rc);
+            if (fill_random(pool, sizeof pool) < 0)
+                return push_random_error(L);
             have = sizeof pool;
             pos = 0;
         }
@@ -267,7 +156,7 @@ static int l_crypto_password(lua_State *L)
         if (v < limit)
             out[i++] = alpha[v % m];
     }
-    memset(pool, 0, sizeof pool);
+    OPENSSL_cleanse(pool, sizeof pool);
     luaL_pushresultsize(&b, (size_t)len);
     return 1;
 }
@@ -281,9 +170,8 @@ static int l_crypto_password(lua_State *L)
 static int l_crypto_uuid(lua_State *L)
 {
     uint8_t u[16];
-    int rc = fill_random(u, sizeof u);
-    if (rc < 0)
-        return push_random_error(L, rc);
+    if (fill_random(u, sizeof u) < 0)
+        return push_random_error(L);
     u[6] = (uint8_t)((u[6] & 0x0f) | 0x40);     /* version 4 */
     u[8] = (uint8_t)((u[8] & 0x3f) | 0x80);     /* variant 10 */
     char s[37], *p = s;
@@ -312,9 +200,8 @@ static int l_crypto_token(lua_State *L)
     luaL_Buffer b;
     char *out = luaL_buffinitsize(L, &b, 2 * (size_t)n);
     uint8_t *raw = (uint8_t *)out + n;
-    int rc = fill_random(raw, (size_t)n);
-    if (rc < 0)
-        return push_random_error(L, rc);
+    if (fill_random(raw, (size_t)n) < 0)
+        return push_random_error(L);
     for (lua_Integer i = 0; i < n; i++) {
         uint8_t v = raw[i];                     /* read before out[2i+1] may overwrite it */
         out[2 * i] = hexdigits[v >> 4];
@@ -326,7 +213,7 @@ static int l_crypto_token(lua_State *L)
 
 
 /* ------------------------------------------------------------------------ */
-/* hashes and encodings                                                     */
+/* hashes, MACs, key derivation                                             */
 /* ------------------------------------------------------------------------ */
 
 /***
@@ -344,18 +231,26 @@ static int l_crypto_hex(lua_State *L)
 }
 
 
+/* SHA-256 of argument 1 into d. Returns 0, or -1 with the reason on OpenSSL's error queue. */
+static int sha256_arg(lua_State *L, uint8_t d[32])
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    return EVP_Digest(s, n, d, NULL, EVP_sha256(), NULL) == 1 ? 0 : -1;
+}
+
+
 /***
  * SHA-256 digest (FIPS 180-4).
  * @function sha256
  * @tparam string s
- * @treturn string 32 raw bytes
+ * @return string 32 raw bytes, or nil, err ("crypto.openssl")
  */
 static int l_crypto_sha256(lua_State *L)
 {
-    size_t n;
-    const char *s = luaL_checklstring(L, 1, &n);
     uint8_t d[32];
-    sha256(s, n, d);
+    if (sha256_arg(L, d) < 0)
+        return push_ssl_error(L, "crypto.openssl", 0, "EVP_Digest");
     lua_pushlstring(L, (const char *)d, 32);
     return 1;
 }
@@ -365,34 +260,85 @@ static int l_crypto_sha256(lua_State *L)
  * SHA-256 digest as lowercase hex.
  * @function sha256_hex
  * @tparam string s
- * @treturn string 64 hex digits
+ * @return string 64 hex digits, or nil, err ("crypto.openssl")
  */
 static int l_crypto_sha256_hex(lua_State *L)
 {
-    size_t n;
-    const char *s = luaL_checklstring(L, 1, &n);
     uint8_t d[32];
-    sha256(s, n, d);
+    if (sha256_arg(L, d) < 0)
+        return push_ssl_error(L, "crypto.openssl", 0, "EVP_Digest");
     push_hex(L, d, 32);
     return 1;
 }
 
 
+/* HMAC of arguments (key, msg) at arg, arg + 1: one string of the digest's size, or nil, err. */
+static int push_hmac(lua_State *L, const EVP_MD *md, int arg)
+{
+    size_t kn, n;
+    const char *k = check_intlstring(L, arg, &kn);
+    const char *s = luaL_checklstring(L, arg + 1, &n);
+    unsigned char d[EVP_MAX_MD_SIZE];
+    unsigned int dn;
+    if (!HMAC(md, k, (int)kn, (const unsigned char *)s, n, d, &dn))
+        return push_ssl_error(L, "crypto.openssl", 0, "HMAC");
+    lua_pushlstring(L, (const char *)d, dn);
+    return 1;
+}
+
+
 /***
- * HMAC-SHA256 (RFC 2104).
+ * HMAC (RFC 2104).
+ * @function hmac
+ * @tparam string alg "sha1", "sha256", "sha384" or "sha512"
+ * @tparam string key
+ * @tparam string msg
+ * @return string of raw bytes (20, 32, 48 or 64), or nil, err ("crypto.openssl")
+ */
+static int l_crypto_hmac(lua_State *L)
+{
+    return push_hmac(L, check_md(L, 1, NULL), 2);
+}
+
+
+/***
+ * HMAC-SHA256: hmac("sha256", key, msg).
  * @function hmac_sha256
  * @tparam string key
- * @tparam string s
- * @treturn string 32 raw bytes
+ * @tparam string msg
+ * @return string 32 raw bytes, or nil, err ("crypto.openssl")
  */
 static int l_crypto_hmac_sha256(lua_State *L)
 {
-    size_t kn, n;
-    const char *k = luaL_checklstring(L, 1, &kn);
-    const char *s = luaL_checklstring(L, 2, &n);
-    uint8_t d[32];
-    hmac_sha256(k, kn, s, n, d);
-    lua_pushlstring(L, (const char *)d, 32);
+    return push_hmac(L, EVP_sha256(), 1);
+}
+
+
+/***
+ * PBKDF2 (RFC 8018) with an HMAC.
+ * @function pbkdf2
+ * @tparam string password
+ * @tparam string salt
+ * @tparam integer iterations 1..10000000
+ * @tparam integer length bytes to derive, 1..1024
+ * @tparam[opt="sha256"] string alg "sha1", "sha256", "sha384" or "sha512"
+ * @return string of length raw bytes, or nil, err ("crypto.openssl")
+ */
+static int l_crypto_pbkdf2(lua_State *L)
+{
+    size_t pn, sn;
+    const char *pass = check_intlstring(L, 1, &pn);
+    const char *salt = check_intlstring(L, 2, &sn);
+    lua_Integer iter = luaL_checkinteger(L, 3);
+    luaL_argcheck(L, iter >= 1 && iter <= MAX_ITERATIONS, 3, "expected 1 <= iterations <= 10000000");
+    lua_Integer len = luaL_checkinteger(L, 4);
+    luaL_argcheck(L, len >= 1 && len <= MAX_DERIVED, 4, "expected 1 <= length <= 1024");
+    const EVP_MD *md = check_md(L, 5, "sha256");
+    luaL_Buffer b;
+    unsigned char *out = (unsigned char *)luaL_buffinitsize(L, &b, (size_t)len);
+    if (!PKCS5_PBKDF2_HMAC(pass, (int)pn, (const unsigned char *)salt, (int)sn, (int)iter, md, (int)len, out))
+        return push_ssl_error(L, "crypto.openssl", 0, "PKCS5_PBKDF2_HMAC");
+    luaL_pushresultsize(&b, (size_t)len);
     return 1;
 }
 
@@ -409,12 +355,27 @@ static int l_crypto_equal(lua_State *L)
     size_t an, bn;
     const char *a = luaL_checklstring(L, 1, &an);
     const char *b = luaL_checklstring(L, 2, &bn);
-    /* Always walk a's length; a length mismatch is folded into the result. */
-    volatile unsigned char diff = an != bn;
-    for (size_t i = 0; i < an; i++)
-        diff |= (unsigned char)(a[i] ^ (i < bn ? b[i] : 0));
-    lua_pushboolean(L, diff == 0);
+    /* CRYPTO_memcmp needs equal lengths: compare the common prefix, fold in the mismatch. */
+    int diff = CRYPTO_memcmp(a, b, an < bn ? an : bn);
+    lua_pushboolean(L, (diff | (an != bn)) == 0);
     return 1;
+}
+
+
+/* ------------------------------------------------------------------------ */
+/* base64                                                                   */
+/* ------------------------------------------------------------------------ */
+
+/* Stack: [... b] -> [... b]: append the padded base64 of s[0..n) to b. */
+static void add_base64(luaL_Buffer *b, const unsigned char *s, size_t n)
+{
+    size_t outn = (n + 2) / 3 * 4;
+    unsigned char *out = (unsigned char *)luaL_prepbuffsize(b, outn + 1);     /* + the NUL it writes */
+    for (size_t i = 0; i < n; i += 3 * B64_GROUPS) {
+        size_t k = n - i < 3 * B64_GROUPS ? n - i : 3 * B64_GROUPS;
+        EVP_EncodeBlock(out + i / 3 * 4, s + i, (int)k);
+    }
+    luaL_addsize(b, outn);
 }
 
 
@@ -427,51 +388,36 @@ static int l_crypto_equal(lua_State *L)
 static int l_crypto_base64_encode(lua_State *L)
 {
     size_t n;
-    const uint8_t *s = (const uint8_t *)luaL_checklstring(L, 1, &n);
+    const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
     luaL_argcheck(L, n <= ((size_t)-1 / 4) * 3 - 3, 1, "string too long");
-    size_t outn = (n + 2) / 3 * 4;
     luaL_Buffer b;
-    char *out = luaL_buffinitsize(L, &b, outn);
-    char *p = out;
-    size_t i = 0;
-    for (; i + 3 <= n; i += 3) {
-        uint32_t v = (uint32_t)s[i] << 16 | (uint32_t)s[i + 1] << 8 | s[i + 2];
-        *p++ = b64chars[v >> 18];
-        *p++ = b64chars[(v >> 12) & 63];
-        *p++ = b64chars[(v >> 6) & 63];
-        *p++ = b64chars[v & 63];
-    }
-    if (n - i == 1) {
-        uint32_t v = (uint32_t)s[i] << 16;
-        *p++ = b64chars[v >> 18];
-        *p++ = b64chars[(v >> 12) & 63];
-        *p++ = '=';
-        *p++ = '=';
-    } else if (n - i == 2) {
-        uint32_t v = (uint32_t)s[i] << 16 | (uint32_t)s[i + 1] << 8;
-        *p++ = b64chars[v >> 18];
-        *p++ = b64chars[(v >> 12) & 63];
-        *p++ = b64chars[(v >> 6) & 63];
-        *p++ = '=';
-    }
-    luaL_pushresultsize(&b, outn);
+    luaL_buffinit(L, &b);
+    add_base64(&b, s, n);
+    luaL_pushresult(&b);
     return 1;
 }
 
 
-static int b64value(unsigned char c)
+/*
+ * Decode data[0..n) (alphabet only, n % 4 != 1) into out, which holds n / 4 * 3 + 2 bytes.
+ * EVP_DecodeBlock takes whole groups of 4: a 2- or 3-character tail is padded on the stack.
+ * Returns the bytes written.
+ */
+static size_t decode_base64(unsigned char *out, const unsigned char *data, size_t n)
 {
-    if (c >= 'A' && c <= 'Z')
-        return c - 'A';
-    if (c >= 'a' && c <= 'z')
-        return c - 'a' + 26;
-    if (c >= '0' && c <= '9')
-        return c - '0' + 52;
-    if (c == '+')
-        return 62;
-    if (c == '/')
-        return 63;
-    return -1;
+    size_t whole = n / 4 * 4, o = 0;
+    for (size_t i = 0; i < whole; i += 4 * B64_GROUPS) {
+        size_t k = whole - i < 4 * B64_GROUPS ? whole - i : 4 * B64_GROUPS;
+        o += (size_t)EVP_DecodeBlock(out + o, data + i, (int)k);      /* cannot fail on checked input */
+    }
+    if (n > whole) {
+        unsigned char tail[4] = {'=', '=', '=', '='}, bytes[3];
+        memcpy(tail, data + whole, n - whole);
+        EVP_DecodeBlock(bytes, tail, 4);
+        memcpy(out + o, bytes, n - whole - 1);  /* 2 characters carry 1 byte, 3 carry 2 */
+        o += n - whole - 1;
+    }
+    return o;
 }
 
 
@@ -494,27 +440,86 @@ static int l_crypto_base64_decode(lua_State *L)
         return forge_pusherror(L, "crypto.base64", 0, "bad padding");
     if (data % 4 == 1)
         return forge_pusherror(L, "crypto.base64", 0, "bad length");
-    size_t outn = data / 4 * 3 + (data % 4 ? data % 4 - 1 : 0);
+    /* Checked here, not left to OpenSSL, which skips whitespace and takes '=' anywhere.
+     * strspn stops at the first byte outside the alphabet: at the latest s[data] ('=' or NUL). */
+    size_t bad = strspn((const char *)s, B64_ALPHABET);
+    if (bad < data)
+        return forge_pusherror(L, "crypto.base64", 0, "invalid character at offset %d", (int)bad);
     luaL_Buffer b;
-    char *out = luaL_buffinitsize(L, &b, outn);
-    size_t o = 0;
-    uint32_t acc = 0;
-    int bits = 0;
-    for (size_t i = 0; i < data; i++) {
-        int v = b64value(s[i]);
-        if (v < 0) {
-            lua_settop(L, 1);                   /* drop the buffer (Lua-owned) */
-            return forge_pusherror(L, "crypto.base64", 0, "invalid character at offset %d", (int)i);
-        }
-        acc = acc << 6 | (uint32_t)v;
-        bits += 6;
-        if (bits >= 8) {
-            bits -= 8;
-            out[o++] = (char)(acc >> bits);
-            acc &= (1u << bits) - 1;
-        }
+    unsigned char *out = (unsigned char *)luaL_buffinitsize(L, &b, data / 4 * 3 + 2);
+    luaL_pushresultsize(&b, decode_base64(out, s, data));
+    return 1;
+}
+
+
+/* ------------------------------------------------------------------------ */
+/* SCRAM-SHA-256 verifiers                                                  */
+/* ------------------------------------------------------------------------ */
+
+/* StoredKey and ServerKey of RFC 5802 §3 from the password. Returns 0, or -1 naming the failed call. */
+static int scram_keys(const char *pass, size_t pn, const unsigned char *salt, size_t sn, int iter,
+                      unsigned char stored[32], unsigned char server[32], const char **failed)
+{
+    unsigned char salted[32], client[32];
+    int rc = -1;
+    *failed = "PKCS5_PBKDF2_HMAC";
+    if (!PKCS5_PBKDF2_HMAC(pass, (int)pn, salt, (int)sn, iter, EVP_sha256(), 32, salted))
+        goto out;
+    *failed = "HMAC";
+    if (!HMAC(EVP_sha256(), salted, 32, (const unsigned char *)"Client Key", 10, client, NULL) ||
+        !HMAC(EVP_sha256(), salted, 32, (const unsigned char *)"Server Key", 10, server, NULL))
+        goto out;
+    *failed = "EVP_Digest";
+    if (EVP_Digest(client, 32, stored, NULL, EVP_sha256(), NULL) == 1)
+        rc = 0;
+out:
+    OPENSSL_cleanse(salted, sizeof salted);
+    OPENSSL_cleanse(client, sizeof client);
+    return rc;
+}
+
+
+/***
+ * A PostgreSQL SCRAM-SHA-256 password verifier (RFC 5802, RFC 7677), for pg_authid.rolpassword
+ * or `CREATE ROLE ... PASSWORD '<verifier>'`. PostgreSQL applies SASLprep to the password at
+ * login; this does not, so give it ASCII passwords (crypto.password's are).
+ * @function scram_sha256
+ * @tparam string password
+ * @tparam[opt] string salt raw salt bytes, 1..1024 (default 16 random bytes)
+ * @tparam[opt=4096] integer iterations 1..10000000
+ * @return string "SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>" (base64),
+ *   or nil, err ("crypto.random", "crypto.openssl")
+ */
+static int l_crypto_scram_sha256(lua_State *L)
+{
+    size_t pn, sn = SCRAM_SALT;
+    const char *pass = check_intlstring(L, 1, &pn);
+    unsigned char rsalt[SCRAM_SALT];
+    const unsigned char *salt = rsalt;
+    if (lua_isnoneornil(L, 2)) {
+        if (fill_random(rsalt, sizeof rsalt) < 0)
+            return push_random_error(L);
+    } else {
+        salt = (const unsigned char *)luaL_checklstring(L, 2, &sn);
+        luaL_argcheck(L, sn >= 1 && sn <= MAX_SALT, 2, "expected a salt of 1..1024 bytes");
     }
-    luaL_pushresultsize(&b, o);
+    lua_Integer iter = luaL_optinteger(L, 3, SCRAM_ITER);
+    luaL_argcheck(L, iter >= 1 && iter <= MAX_ITERATIONS, 3, "expected 1 <= iterations <= 10000000");
+    unsigned char stored[32], server[32];
+    const char *failed;
+    if (scram_keys(pass, pn, salt, sn, (int)iter, stored, server, &failed) < 0)
+        return push_ssl_error(L, "crypto.openssl", 0, failed);
+    char head[40];
+    snprintf(head, sizeof head, "SCRAM-SHA-256$%d:", (int)iter);
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    luaL_addstring(&b, head);
+    add_base64(&b, salt, sn);
+    luaL_addchar(&b, '$');
+    add_base64(&b, stored, 32);
+    luaL_addchar(&b, ':');
+    add_base64(&b, server, 32);
+    luaL_pushresult(&b);
     return 1;
 }
 
@@ -529,7 +534,10 @@ int luaopen_forge_crypto(lua_State *L)
         {"hex", l_crypto_hex},
         {"sha256", l_crypto_sha256},
         {"sha256_hex", l_crypto_sha256_hex},
+        {"hmac", l_crypto_hmac},
         {"hmac_sha256", l_crypto_hmac_sha256},
+        {"pbkdf2", l_crypto_pbkdf2},
+        {"scram_sha256", l_crypto_scram_sha256},
         {"equal", l_crypto_equal},
         {"base64_encode", l_crypto_base64_encode},
         {"base64_decode", l_crypto_base64_decode},

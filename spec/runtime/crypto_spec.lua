@@ -1,8 +1,31 @@
--- forge.crypto: randomness, ids, SHA-256/HMAC vectors, base64, constant-time compare.
+-- forge.crypto (OpenSSL's libcrypto): randomness, ids, SHA-256/HMAC/PBKDF2 vectors, SCRAM verifiers,
+-- base64, constant-time compare.
 local crypto = require "forge.crypto"
 
 local function unhex(h)
   return (h:gsub("%x%x", function(x) return string.char(tonumber(x, 16)) end))
+end
+
+local function xor(a, b)
+  local out = {}
+  for i = 1, #a do out[i] = string.char(a:byte(i) ~ b:byte(i)) end
+  return table.concat(out)
+end
+
+-- stdout of a shell command, with a temporary file holding `input` as $IN
+local function run(cmd, input)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "wb")); f:write(input or ""); f:close()
+  local p = assert(io.popen("IN=" .. path .. "; " .. cmd))
+  local out = p:read("a")
+  p:close()
+  os.remove(path)
+  return out
+end
+
+-- "AB:CD:..." (openssl kdf, openssl mac) -> lowercase hex
+local function openssl_hex(out)
+  return (out:gsub("[%s:]", "")):lower()
 end
 
 -- sha256sum of s via the coreutils binary, as an independent reference
@@ -65,8 +88,170 @@ describe("forge.crypto", function()
     for _, c in ipairs(cases) do
       it("test case " .. c[1], function()
         assert.equal(c[4], crypto.hex(crypto.hmac_sha256(c[2], c[3])))
+        assert.equal(c[4], crypto.hex(crypto.hmac("sha256", c[2], c[3])))
       end)
     end
+  end)
+
+  describe("hmac(alg, key, msg)", function()
+    it("matches RFC 2202 (sha1) and RFC 4231 (sha384, sha512)", function()
+      local jefe = { "Jefe", "what do ya want for nothing?" }
+      assert.equal("effcdf6ae5eb2fa2d27416d5f184df9c259a7c79", crypto.hex(crypto.hmac("sha1", jefe[1], jefe[2])))
+      assert.equal("af45d2e376484031617f78d2b58a6b1b9c7ef464f5a01b47e42ec3736322445e"
+        .. "8e2240ca5e69e2c78b3239ecfab21649", crypto.hex(crypto.hmac("sha384", jefe[1], jefe[2])))
+      assert.equal("164b7a7bfcf819e2e395fbe73b56e0a387bd64222e831fd610270cd7ea250554"
+        .. "9758bf75c05a994a6d034f65f8f0e6fdcaeab1a34d4a6b4b636e070a38bce737",
+        crypto.hex(crypto.hmac("sha512", jefe[1], jefe[2])))
+      local k = string.rep("\11", 20)
+      assert.equal("afd03944d84895626b0825f4ab46907f15f9dadbe4101ec682aa034c7cebc59c"
+        .. "faea9ea9076ede7f4af152e8b2fa9cb6", crypto.hex(crypto.hmac("sha384", k, "Hi There")))
+      assert.equal("87aa7cdea5ef619d4ff0b4241a1d6cb02379f4e2ce4ec2787ad0b30545e17cde"
+        .. "daa833b7d6b8a702038b274eaea3f4e4be9d914eeb61f1702e696c203a126854",
+        crypto.hex(crypto.hmac("sha512", k, "Hi There")))
+    end)
+
+    it("agrees with `openssl mac` on random keys and messages", function()
+      for _, alg in ipairs({ "sha1", "sha256", "sha384", "sha512" }) do
+        for _, n in ipairs({ 0, 1, 64, 129, 200 }) do
+          local key, msg = crypto.random_bytes(n), crypto.random_bytes(3 * n + 1)
+          local want = run(string.format("openssl mac -digest %s -macopt hexkey:%s -in \"$IN\" HMAC",
+            alg:upper(), crypto.hex(key)), msg)
+          if n == 0 then want = run("openssl mac -digest " .. alg:upper() .. " -macopt key: -in \"$IN\" HMAC", msg) end
+          assert.equal(openssl_hex(want), crypto.hex(crypto.hmac(alg, key, msg)), alg .. " key " .. n)
+        end
+      end
+    end)
+
+    it("has the digest's length and takes an empty key", function()
+      for alg, len in pairs({ sha1 = 20, sha256 = 32, sha384 = 48, sha512 = 64 }) do
+        assert.equal(len, #crypto.hmac(alg, "", ""))
+      end
+      assert.equal("b613679a0814d9ec772f95d778c35fc5ff1697c493715653c6c712144292c5ad",
+        crypto.hex(crypto.hmac_sha256("", "")))
+    end)
+
+    it("raises on an unknown algorithm or a missing argument", function()
+      assert.has_error(function() crypto.hmac("md5", "k", "m") end,
+        "bad argument #1 to 'hmac' (expected sha1, sha256, sha384 or sha512, got 'md5')")
+      assert.has_error(function() crypto.hmac("SHA256", "k", "m") end)
+      assert.has_error(function() crypto.hmac(nil, "k", "m") end)
+      assert.has_error(function() crypto.hmac("sha256", "k") end)
+      assert.has_error(function() crypto.hmac("sha256", nil, "m") end)
+      assert.has_error(function() crypto.hmac_sha256("k") end)
+    end)
+  end)
+
+  describe("pbkdf2", function()
+    it("matches RFC 6070 (PBKDF2-HMAC-SHA1)", function()
+      local cases = {
+        { "password", "salt", 1, 20, "0c60c80f961f0e71f3a9b524af6012062fe037a6" },
+        { "password", "salt", 2, 20, "ea6c014dc72d6f8ccd1ed92ace1d41f0d8de8957" },
+        { "password", "salt", 4096, 20, "4b007901b765489abead49d926f721d065a429c1" },
+        { "passwordPASSWORDpassword", "saltSALTsaltSALTsaltSALTsaltSALTsalt", 4096, 25,
+          "3d2eec4fe41c849b80c8d83662c0e44a8b291a964cf2f07038" },
+        { "pass\0word", "sa\0lt", 4096, 16, "56fa6aa75548099dcc37d7f03425e0c3" },
+      }
+      for _, c in ipairs(cases) do
+        assert.equal(c[5], crypto.hex(crypto.pbkdf2(c[1], c[2], c[3], c[4], "sha1")), c[1] .. " " .. c[3])
+      end
+    end)
+
+    it("agrees with `openssl kdf ... PBKDF2` (sha256 by default, and the other digests)", function()
+      local cases = {
+        { "password", "salt", 1, 32 }, { "password", "salt", 4096, 32 }, { "", "salt", 3, 1 },
+        { crypto.random_bytes(17), crypto.random_bytes(16), 1000, 64 },
+        { crypto.random_bytes(100), crypto.random_bytes(1), 7, 1024 },
+      }
+      for _, c in ipairs(cases) do
+        for _, alg in ipairs({ "sha256", "sha1", "sha384", "sha512" }) do
+          local pass = #c[1] > 0 and "hexpass:" .. crypto.hex(c[1]) or "pass:"
+          local want = run(string.format("openssl kdf -keylen %d -kdfopt digest:%s -kdfopt %s "
+            .. "-kdfopt hexsalt:%s -kdfopt iter:%d PBKDF2", c[4], alg:upper(), pass, crypto.hex(c[2]), c[3]))
+          assert.equal(c[4] * 2, #openssl_hex(want), want)
+          assert.equal(openssl_hex(want), crypto.hex(crypto.pbkdf2(c[1], c[2], c[3], c[4], alg)), alg)
+          if alg == "sha256" then
+            assert.equal(crypto.pbkdf2(c[1], c[2], c[3], c[4], alg), crypto.pbkdf2(c[1], c[2], c[3], c[4]))
+          end
+        end
+      end
+    end)
+
+    it("raises on out-of-range arguments with usage text", function()
+      assert.has_error(function() crypto.pbkdf2("p", "s", 0, 32) end,
+        "bad argument #3 to 'pbkdf2' (expected 1 <= iterations <= 10000000)")
+      assert.has_error(function() crypto.pbkdf2("p", "s", 16777216, 20, "sha1") end,
+        "bad argument #3 to 'pbkdf2' (expected 1 <= iterations <= 10000000)")
+      assert.has_error(function() crypto.pbkdf2("p", "s", 1, 0) end,
+        "bad argument #4 to 'pbkdf2' (expected 1 <= length <= 1024)")
+      assert.has_error(function() crypto.pbkdf2("p", "s", 1, 1025) end,
+        "bad argument #4 to 'pbkdf2' (expected 1 <= length <= 1024)")
+      assert.has_error(function() crypto.pbkdf2("p", "s", 1, 32, "md5") end,
+        "bad argument #5 to 'pbkdf2' (expected sha1, sha256, sha384 or sha512, got 'md5')")
+      assert.has_error(function() crypto.pbkdf2("p", "s", 1.5, 32) end)
+      assert.has_error(function() crypto.pbkdf2("p", nil, 1, 32) end)
+      assert.has_error(function() crypto.pbkdf2("p", "s") end)
+      assert.equal(1024, #crypto.pbkdf2("p", "s", 1, 1024))
+    end)
+  end)
+
+  describe("scram_sha256", function()
+    local function parse(v)
+      local iter, salt, stored, server = v:match("^SCRAM%-SHA%-256%$(%d+):([%w+/=]+)%$([%w+/=]+):([%w+/=]+)$")
+      assert.is_string(iter, v)
+      return tonumber(iter), crypto.base64_decode(salt), crypto.base64_decode(stored), crypto.base64_decode(server)
+    end
+
+    it("is RFC 5802's StoredKey and ServerKey, recomputed from the primitives", function()
+      local salt = crypto.random_bytes(16)
+      local v = crypto.scram_sha256("correct horse", salt, 1234)
+      local iter, s, stored, server = parse(v)
+      assert.equal(1234, iter)
+      assert.equal(salt, s)
+      local salted = crypto.pbkdf2("correct horse", salt, 1234, 32, "sha256")
+      assert.equal(crypto.sha256(crypto.hmac("sha256", salted, "Client Key")), stored)
+      assert.equal(crypto.hmac("sha256", salted, "Server Key"), server)
+    end)
+
+    it("fits RFC 7677's example exchange (pencil)", function()
+      local salt_b64 = "W22ZaJ0SNY7soEsUEjb6gQ=="
+      local v = crypto.scram_sha256("pencil", crypto.base64_decode(salt_b64), 4096)
+      assert.equal("SCRAM-SHA-256$4096:" .. salt_b64 .. "$", v:sub(1, 44))
+      local _, _, stored, server = parse(v)
+      local nonce = "rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0"
+      local auth = "n=user,r=rOprNGfwEbeRWgbNEkqO," .. "r=" .. nonce .. ",s=" .. salt_b64 .. ",i=4096,"
+        .. "c=biws,r=" .. nonce
+      -- the server proves itself with ServerSignature = HMAC(ServerKey, AuthMessage)
+      assert.equal("6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=",
+        crypto.base64_encode(crypto.hmac("sha256", server, auth)))
+      -- the client's proof XOR HMAC(StoredKey, AuthMessage) is ClientKey, and SHA256(ClientKey) = StoredKey
+      local proof = crypto.base64_decode("dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
+      assert.equal(stored, crypto.sha256(xor(proof, crypto.hmac("sha256", stored, auth))))
+    end)
+
+    it("defaults to 16 random salt bytes and 4096 iterations", function()
+      local a, b = crypto.scram_sha256("pw"), crypto.scram_sha256("pw")
+      assert.are_not.equal(a, b)
+      local iter, salt = parse(a)
+      assert.equal(4096, iter)
+      assert.equal(16, #salt)
+      assert.equal(a, crypto.scram_sha256("pw", salt))
+      assert.equal(a, crypto.scram_sha256("pw", salt, nil))
+      assert.equal(4096, (parse(crypto.scram_sha256("pw", nil, 4096))))
+      assert.equal(1, (parse(crypto.scram_sha256("", "s", 1))))
+    end)
+
+    it("raises on bad arguments with usage text", function()
+      assert.has_error(function() crypto.scram_sha256() end)
+      assert.has_error(function() crypto.scram_sha256({}) end)
+      assert.has_error(function() crypto.scram_sha256("pw", "") end,
+        "bad argument #2 to 'scram_sha256' (expected a salt of 1..1024 bytes)")
+      assert.has_error(function() crypto.scram_sha256("pw", string.rep("s", 1025)) end,
+        "bad argument #2 to 'scram_sha256' (expected a salt of 1..1024 bytes)")
+      assert.has_error(function() crypto.scram_sha256("pw", "salt", 0) end,
+        "bad argument #3 to 'scram_sha256' (expected 1 <= iterations <= 10000000)")
+      assert.has_error(function() crypto.scram_sha256("pw", "salt", 10000001) end)
+      assert.has_error(function() crypto.scram_sha256("pw", {}) end)
+    end)
   end)
 
   describe("base64 (RFC 4648)", function()
@@ -95,6 +280,16 @@ describe("forge.crypto", function()
         assert.equal(s, crypto.base64_decode(e))
       end
       assert.equal("+/+/", crypto.base64_encode("\251\255\191"))
+    end)
+
+    it("agrees with coreutils base64 past OpenSSL's int-sized blocks", function()
+      local parts = {}
+      for i = 1, 7 do parts[i] = crypto.random_bytes(1024 * 1024) end
+      local s = table.concat(parts) .. "xy"
+      local e = crypto.base64_encode(s)
+      assert.equal(run("base64 -w0 \"$IN\"", s), e)
+      assert.equal(s, crypto.base64_decode(e))
+      assert.equal(s, crypto.base64_decode((e:gsub("=+$", ""))))
     end)
 
     it("rejects bad input with nil, err", function()
