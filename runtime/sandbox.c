@@ -11,7 +11,7 @@
  * (nil, booleans, numbers, strings, tables; json null). Inside, a script sees a locked
  * global environment holding only base/string/table/math/utf8/coroutine (minus what
  * docs/sandbox.md lists as excluded, each with a reason) and a `forge` capability table
- * (json, yaml, crypto, log). Everything shared is a read-only proxy. string.find/match/
+ * (json, yaml, crypto, conf, log). Everything shared is a read-only proxy. string.find/match/
  * gmatch/gsub are forge.pattern's, which stop a pathological pattern with a step budget.
  *
  * Limits (per sandbox):
@@ -47,8 +47,9 @@
 #define SB_MSG_MAX      4096            /* error message copied out */
 #define SB_TB_MAX       8192            /* traceback copied out */
 #define SB_MOVE_MAX     (1 << 24)       /* elements table.move/insert/remove may shift in C */
-#define SB_NMODS        4               /* crypto, log, yaml (on the setup stack), pattern */
+#define SB_NMODS        5               /* crypto, log, yaml (on the setup stack), pattern, conf */
 #define SB_PATTERN      3               /* index of forge.pattern in MOD_NAMES */
+#define SB_CONF         4               /* index of forge.conf in MOD_NAMES */
 
 enum { EXP_NONE = 0, EXP_CPU, EXP_WALL };
 enum { CP_TRUE, CP_SKIP };              /* what a function/userdata/thread becomes in a copy */
@@ -1288,10 +1289,10 @@ static const char PRELUDE[] =
 
 struct setup {
     struct sandbox *sb;
-    lua_CFunction open[SB_NMODS];       /* crypto, log, yaml, pattern */
+    lua_CFunction open[SB_NMODS];       /* crypto, log, yaml, pattern, conf */
 };
 
-static const char *const MOD_NAMES[SB_NMODS] = {"crypto", "log", "yaml", "pattern"};
+static const char *const MOD_NAMES[SB_NMODS] = {"crypto", "log", "yaml", "pattern", "conf"};
 
 
 /*
@@ -1315,7 +1316,8 @@ static int t_setup(lua_State *S)
     static const char *const co_names[] = {"resume", "yield", "status", "isyieldable", "running", "close",
         NULL};
     static const char *const crypto_names[] = {"password", "uuid", "token", "sha256_hex", "hex",
-        "base64_encode", "base64_decode", NULL};
+        "base64_encode", "base64_decode", "hmac", "pbkdf2", "scram_sha256", NULL};
+    static const char *const conf_names[] = {"render", NULL};
     static const char *const yaml_names[] = {"decode", "encode", "merge", "null", "kind", "map", "seq", NULL};
 
     struct setup *su = lua_touserdata(S, 1);
@@ -1464,6 +1466,12 @@ static int t_setup(lua_State *S)
     lua_setfield(S, 13, "crypto");
     lua_settop(S, 13);
 
+    luaL_requiref(S, "forge.conf", su->open[SB_CONF], 0);      /* 14 */
+    pick(S, conf_names);
+    push_proxy(S, l_ro_newindex);
+    lua_setfield(S, 13, "conf");
+    lua_settop(S, 13);
+
     lua_newtable(S);
     for (int i = 0; i < 4; i++) {
         static const char *const lv[] = {"debug", "info", "warn", "error"};
@@ -1517,7 +1525,7 @@ static int t_setup(lua_State *S)
 
 
 /* ------------------------------------------------------------------------ */
-/* module loader for forge.crypto/log/yaml inside the sandbox state         */
+/* module loader for the forge.* capabilities inside the sandbox state      */
 /* ------------------------------------------------------------------------ */
 
 /*
@@ -1610,7 +1618,8 @@ static double optseconds(lua_State *L, const char *key, double def)
  * @function new
  * @tparam[opt] table opts name (string, "service"), memory (bytes, 64 MiB), cpu (seconds
  *   per call, 2), wall (seconds per call, 10), path_prefix (default chunk name prefix,
- *   "services/<name>/"), modules_dir (where crypto.so, log.so, yaml.so are when not linked in)
+ *   "services/<name>/"), modules_dir (where crypto.so, log.so, yaml.so, pattern.so and conf.so
+ *   are when not linked in)
  * @return sandbox
  */
 static int l_sandbox_new(lua_State *L)

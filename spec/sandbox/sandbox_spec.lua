@@ -259,6 +259,57 @@ describe("forge.sandbox", function()
     assert.is_true(r.has_random_bytes)
   end)
 
+  it("forge.crypto's hmac, pbkdf2 and scram_sha256 work inside, and give what the module gives", function()
+    local crypto = require "forge.crypto"
+    local sb = loaded([[return { f = function()
+      return {
+        hmac = forge.crypto.hmac("sha512", "key", "msg"),
+        pbkdf2 = forge.crypto.pbkdf2("pw", "salt", 1000, 48, "sha384"),
+        scram = forge.crypto.scram_sha256("pw", "0123456789abcdef"),
+        random_scram = forge.crypto.scram_sha256("pw"),
+        has_equal = rawequal(forge.crypto.equal, nil),
+        bad_alg = select(2, pcall(forge.crypto.hmac, "md5", "k", "m")),
+      }
+    end }]])
+    local r = assert(sb:call("f"))
+    assert.equals(crypto.hmac("sha512", "key", "msg"), r.hmac)
+    assert.equals(crypto.pbkdf2("pw", "salt", 1000, 48, "sha384"), r.pbkdf2)
+    assert.equals(crypto.scram_sha256("pw", "0123456789abcdef"), r.scram)
+    assert.matches("^SCRAM%-SHA%-256%$4096:[%w+/]+=*%$[%w+/]+=*:[%w+/]+=*$", r.random_scram)
+    assert.is_true(r.has_equal)
+    assert.matches("bad argument #1 to 'forge.crypto.hmac' %(expected sha1, sha256, sha384 or sha512, got 'md5'%)", r.bad_alg)
+  end)
+
+  it("forge.conf.render works inside, read-only", function()
+    local sb = loaded([[return { f = function(ctx)
+      local names = {}
+      for k in pairs(forge.conf) do names[#names + 1] = k end
+      return {
+        redis = forge.conf.render("redis", { port = ctx.port, replicaof = { "127.0.0.1", 30000 },
+          ["maxmemory-policy"] = ctx.policy }, { header = "by " .. forge.service_name }),
+        pg = forge.conf.render("postgresql", { port = 5432, listen_addresses = "it's", ssl = true }),
+        names = table.concat(names, ","),
+        assign = select(2, pcall(function() forge.conf.render = nil end)),
+      }
+    end }]])
+    local r = assert(sb:call("f", { port = 6379, policy = "allkeys-lru" }))
+    assert.equals("# by t\nmaxmemory-policy allkeys-lru\nport 6379\nreplicaof 127.0.0.1 30000\n", r.redis)
+    assert.equals("listen_addresses = 'it''s'\nport = 5432\nssl = on\n", r.pg)
+    assert.equals("render", r.names)
+    assert.is_string(r.assign)
+  end)
+
+  it("a render with a newline in a value fails that call with the script's file:line", function()
+    local sb = loaded("local s = {}\nfunction s.deploy(ctx)\n  return forge.conf.render('redis', "
+      .. "{ ['maxmemory-policy'] = ctx.parameters.policy })\nend\nreturn s")
+    local res, err = sb:call("deploy", { parameters = { policy = "noeviction\nenable-debug-command yes" } })
+    assert.is_nil(res)
+    assert.equals("sandbox.error", err.code)
+    assert.equals("services/t/service.lua:3: forge.conf.render: value of 'maxmemory-policy' contains a control "
+      .. "character (newline)", err.message)
+    assert.equals("noeviction\n", sb:call("deploy", { parameters = { policy = "noeviction" } }):match(" (.*)$"))
+  end)
+
   it("forge.log adds the service name to every line", function()
     -- in a child process, to capture its stderr
     local path = os.tmpname()
