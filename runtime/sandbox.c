@@ -1239,6 +1239,32 @@ static void pick(lua_State *S, const char *const names[])
 }
 
 
+/*
+ * pbkdf2 and scram_sha256 run in C, where the count hook never fires: bound their work
+ * (iterations x output blocks of the digest) so one call stays within milliseconds.
+ */
+#define SB_KDF_WORK 100000
+
+static int l_kdf_guard(lua_State *S)
+{
+    const char *name = lua_tostring(S, lua_upvalueindex(2));
+    int scram = strcmp(name, "scram_sha256") == 0;
+    lua_Integer iterations = scram ? luaL_optinteger(S, 3, 4096) : luaL_checkinteger(S, 3);
+    lua_Integer blocks = 1;
+    if (!scram) {
+        static const char *const algs[] = {"sha1", "sha256", "sha384", "sha512", NULL};
+        static const lua_Integer sizes[] = {20, 32, 48, 64};
+        lua_Integer length = luaL_checkinteger(S, 4);
+        int alg = luaL_checkoption(S, 5, "sha256", algs);
+        blocks = length > 0 ? (length + sizes[alg] - 1) / sizes[alg] : 1;
+    }
+    if (iterations > 0 && blocks > SB_KDF_WORK / iterations)
+        return luaL_error(S, "forge.crypto.%s: %I iterations x %I block(s) is more work than a sandboxed call may do "
+                          "(%d)", name, iterations, blocks, SB_KDF_WORK);
+    return call_stock(S);
+}
+
+
 /* Stack: [t] -> [t]: t[name] = closure(fn, t[name], name). */
 static void wrap_field(lua_State *S, const char *name, lua_CFunction fn)
 {
@@ -1462,6 +1488,8 @@ static int t_setup(lua_State *S)
     lua_newtable(S);                                            /* 13: forge backing */
     lua_pushvalue(S, 7);
     pick(S, crypto_names);
+    wrap_field(S, "pbkdf2", l_kdf_guard);
+    wrap_field(S, "scram_sha256", l_kdf_guard);
     push_proxy(S, l_ro_newindex);
     lua_setfield(S, 13, "crypto");
     lua_settop(S, 13);

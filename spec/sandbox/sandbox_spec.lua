@@ -280,6 +280,23 @@ describe("forge.sandbox", function()
     assert.matches("bad argument #1 to 'forge.crypto.hmac' %(expected sha1, sha256, sha384 or sha512, got 'md5'%)", r.bad_alg)
   end)
 
+  it("bounds the work of key derivation, which runs where the CPU limit cannot stop it", function()
+    local sb = loaded([[return {
+      big = function() return forge.crypto.pbkdf2("p", "s", 10000000, 32) end,
+      wide = function() return forge.crypto.pbkdf2("p", "s", 50000, 1024, "sha1") end,
+      scram = function() return forge.crypto.scram_sha256("p", "salt", 200000) end,
+      ok = function() return #forge.crypto.pbkdf2("p", "s", 1000, 1024, "sha1") end,
+    }]])
+    local t0 = os.clock()
+    for _, f in ipairs({ "big", "wide", "scram" }) do
+      local res, err = sb:call(f)
+      assert.is_nil(res)
+      assert.matches("more work than a sandboxed call may do", err.message)
+    end
+    assert.is_true(os.clock() - t0 < 1)
+    assert.equals(1024, (sb:call("ok")))
+  end)
+
   it("forge.conf.render works inside, read-only", function()
     local sb = loaded([[return { f = function(ctx)
       local names = {}
