@@ -80,7 +80,7 @@ local function parse_multipart(text, ctype)
 end
 
 --- Parse a request body into a table.
--- @return body table | nil, message
+-- @return body table | nil, message [, "MalformedJSON" when the JSON itself is broken]
 function M.body(req)
   local text = req.body or ""
   local ctype = (req.headers["content-type"] or ""):lower()
@@ -94,7 +94,7 @@ function M.body(req)
   if not ctype:find("json", 1, true) and text:match("^[%w_%[%]%%%.%-]+=[^{]*$") then
     return parse_urlencoded(text)
   end
-  return nil, "the request body is not valid JSON: " .. tostring(err)
+  return nil, "the request body is not valid JSON: " .. tostring(err), "MalformedJSON"
 end
 
 return M

@@ -1,6 +1,11 @@
 --- Small shared helpers for the broker library: URL decoding, query strings, JSON, time.
 local cjson = require "cjson.safe"
 
+-- Strict JSON in: no hex, leading zeros, NaN or Infinity (lua-cjson accepts them by default),
+-- and no nesting deeper than a service script's sandbox copies (64 levels).
+cjson.decode_invalid_numbers(false)
+cjson.decode_max_depth(64)
+
 local M = {}
 
 M.null = cjson.null
@@ -37,7 +42,18 @@ function M.split_path(path)
   return segs
 end
 
-M.json_encode = cjson.encode
+-- lua-cjson 2.1 always writes "/" as "\/" (it has no option to stop): undo exactly those escapes,
+-- i.e. a run of backslashes before "/" of odd length loses one (an even run is escaped backslashes).
+local function unescape_slashes(s)
+  return (s:gsub("(\\+)/", function(bs) if #bs % 2 == 1 then return bs:sub(2) .. "/" end end))
+end
+
+--- JSON text of a value (URLs and ids without escaped slashes); nil, message on failure.
+function M.json_encode(v)
+  local s, err = cjson.encode(v)
+  if not s then return nil, err end
+  return unescape_slashes(s)
+end
 
 local function is_array(t)
   local n = #t
@@ -50,10 +66,15 @@ end
 --- JSON with object keys sorted: the same value always encodes to the same bytes (the
 -- catalog is built in every worker state, and platforms compare it across fetches).
 function M.json_encode_sorted(v)
+  return unescape_slashes(M.sorted_raw(v))
+end
+
+-- json_encode_sorted before the slashes are unescaped (once, at the top).
+function M.sorted_raw(v)
   if type(v) ~= "table" then return cjson.encode(v) end
   local parts = {}
   if is_array(v) then
-    for i = 1, #v do parts[i] = M.json_encode_sorted(v[i]) end
+    for i = 1, #v do parts[i] = M.sorted_raw(v[i]) end
     return "[" .. table.concat(parts, ",") .. "]"
   end
   local keys = {}
@@ -62,26 +83,42 @@ function M.json_encode_sorted(v)
   for i, k in ipairs(keys) do
     local x = v[k]
     if x == nil then x = v[tonumber(k)] end
-    parts[i] = cjson.encode(k) .. ":" .. M.json_encode_sorted(x)
+    parts[i] = cjson.encode(k) .. ":" .. M.sorted_raw(x)
   end
   return "{" .. table.concat(parts, ",") .. "}"
 end
 
 -- lua-cjson 2.1 decodes every number as a float; integral values become integers again
--- so ports, counts and revisions print as "30000", not "30000.0".
-local function integers(v)
-  if type(v) == "number" then return math.tointeger(v) or v end
+-- so ports, counts and revisions print as "30000", not "30000.0". Numbers too large for a
+-- double (1e999) and strings that are not UTF-8 are refused: error message | nil.
+local function normalize(v, path)
+  if type(v) == "number" then
+    if v ~= v or v == math.huge or v == -math.huge then return nil, path .. ": number out of range" end
+    return math.tointeger(v) or v
+  end
+  if type(v) == "string" then
+    if not utf8.len(v) then return nil, path .. ": invalid UTF-8 in a string" end
+    return v
+  end
   if type(v) == "table" then
-    for k, x in pairs(v) do v[k] = integers(x) end
+    for k, x in pairs(v) do
+      local sub = type(k) == "string" and (path .. "." .. k) or (path .. "[" .. tostring(k) .. "]")
+      if type(k) == "string" and not utf8.len(k) then return nil, path .. ": invalid UTF-8 in a key" end
+      local nv, err = normalize(x, sub)
+      if nv == nil and err then return nil, err end
+      v[k] = nv
+    end
   end
   return v
 end
 
---- Decode JSON text; nil, message on failure.
+--- Decode JSON text strictly; nil, message on failure.
 function M.json_decode(text)
   local v, err = cjson.decode(text)
   if v == nil and err then return nil, err end
-  return integers(v)
+  local nv, nerr = normalize(v, "$")
+  if nv == nil and nerr then return nil, nerr end
+  return nv
 end
 
 --- Deep equality of JSON-like values (tables compared by content).

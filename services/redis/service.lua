@@ -83,7 +83,8 @@ local function admin_redis(host, port, password, commands, expect)
   }
 end
 
--- redis.conf of node i: templates/local.yml merged with the node's own settings (forge.yaml).
+-- redis.conf of node i: templates/local.yml merged with the node's own settings (forge.yaml),
+-- rendered with forge.conf.
 local function redis_conf(ctx, i, admin_password)
   local name = node_name(i)
   local node = {
@@ -96,17 +97,14 @@ local function redis_conf(ctx, i, admin_password)
   node.maxmemory = (params.maxmemory_mb or 256) .. "mb"   -- every instance has a memory limit
   if params.maxmemory_policy then node["maxmemory-policy"] = params.maxmemory_policy end
   if i > 1 then
-    node.replicaof = ctx.host .. " " .. ctx.ports[1]
+    node.replicaof = { ctx.host, ctx.ports[1] }
     node.masteruser = ADMIN
     node.masterauth = admin_password
   end
   local doc = assert(forge.yaml.merge({ ctx.templates["local.yml"], { settings = node } }))
-  local keys = {}
-  for k in pairs(doc.settings) do keys[#keys + 1] = k end
-  table.sort(keys)
-  local lines = {}
-  for n, k in ipairs(keys) do lines[n] = k .. " " .. tostring(doc.settings[k]) end
-  return table.concat(lines, "\n") .. "\n"
+  -- forge.conf quotes every value as redis reads it and refuses line breaks: no parameter can
+  -- add a directive
+  return forge.conf.render("redis", doc.settings, { header = "rendered by Service Forge; edits are overwritten" })
 end
 
 --- Render the deployment: one redis-server process per node.

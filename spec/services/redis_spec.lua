@@ -132,6 +132,28 @@ describe("redis on the local target", function()
     assert.same({}, Broker.marked_pids(b.state_dir, "r3"))
   end)
 
+  it("keeps end-user parameters out of redis.conf: every plan has a schema, values are rendered safely", function()
+    local before = b:records()
+    local evil = "noeviction\nenable-debug-command yes\nbind 127.0.0.1 127.0.0.2\ndir /tmp/x"
+    for _, plan in ipairs({ R.one, R.three }) do
+      local status, _, _, body = b:call("PUT", "/v2/service_instances/evil?accepts_incomplete=true",
+        { service_id = R.service, plan_id = plan, organization_guid = "org", space_guid = "space",
+          parameters = { maxmemory_policy = evil } })
+      assert.equal(400, status)
+      assert.matches("parameters%.maxmemory_policy", body.description)
+    end
+    assert.same(before, b:records())
+    -- a value that passes the schema still reaches the file only as one quoted argument
+    assert.equal(202, (b:call("PUT", "/v2/service_instances/mm?accepts_incomplete=true", { service_id = R.service,
+      plan_id = R.one, organization_guid = "org", space_guid = "space", parameters = { maxmemory_mb = 64 } })))
+    assert.equal("succeeded", b:wait_operation("/v2/service_instances/mm", 30).state)
+    local conf = require("spec.support.files").read(b.state_dir .. "/instances/mm/redis-0/redis.conf")
+    assert.matches("\nmaxmemory 64mb\n", conf)
+    assert.matches("\nsave \"\"\n", conf)
+    assert.equal(202, (deprovision(b, "mm", R.one)))
+    b:wait_operation("/v2/service_instances/mm", 30)
+  end)
+
   it("restarts a redis process that dies", function()
     assert.equal(202, (provision(b, "sup", R.one)))
     assert.equal("succeeded", b:wait_operation("/v2/service_instances/sup").state)

@@ -38,8 +38,8 @@ end
 
 --- The request body as a table; 400 when it is not an object.
 function M.body(req)
-  local body, err = request.body(req)
-  if not body then fail(400, "BadRequest", err) end
+  local body, err, code = request.body(req)
+  if not body then fail(400, code or "BadRequest", err) end
   return body
 end
 
