@@ -87,6 +87,7 @@ $(B)/obj $(B)/bin $(B)/lib/forge:
 
 run: deps all
 	FORGE_USER=$${FORGE_USER:-admin} FORGE_PASSWORD=$${FORGE_PASSWORD:-secret} \
+	  FORGE_ADMIN_USER=$${FORGE_ADMIN_USER:-ops} FORGE_ADMIN_PASSWORD=$${FORGE_ADMIN_PASSWORD:-ops-secret} \
 	  $(B)/bin/forge serve --config forge.yml
 
 test: deps all asan

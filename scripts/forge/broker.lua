@@ -19,10 +19,11 @@ Broker.__index = Broker
 --- New broker over an open store, a service registry, a config and the target registry (forge.targets).
 function Broker.new(config, db, registry, targets)
   local function token(a) return "Basic " .. crypto.base64_encode(a.username .. ":" .. a.password) end
-  local admin = config.admin and config.admin.password and config.admin or config.auth
+  -- the admin API has its own credentials, or is off: it never falls back to the broker's
+  local admin = config.admin and config.admin.password and config.admin
   return setmetatable({ config = config, db = db, registry = registry, targets = targets,
     public_url = config.public_url or ("http://" .. config.listen),
-    auth_token = token(config.auth), admin_token = token(admin) }, Broker)
+    auth_token = token(config.auth), admin_token = admin and token(admin) }, Broker)
 end
 
 local function check_auth(req, token, who)
@@ -92,6 +93,9 @@ function Broker:route(req)
   if #segs == 1 and segs[1] == "healthz" then return reply(200, { status = "ok" }) end
   local route, ids = match(segs)
   if route and route.admin then
+    if not self.admin_token then
+      fail(404, "NotFound", "the admin API is off: give it its own credentials (admin.password, FORGE_ADMIN_PASSWORD)")
+    end
     check_auth(req, self.admin_token, "admin")
   else
     check_auth(req, self.auth_token, "broker")

@@ -147,9 +147,10 @@ HELP.status = "usage: forge status [--url URL] [--config FILE]\n  Ask a running 
   .. "which edits it refused.\n  Exit 1 when an edit was refused or the broker does not answer.\n"
 
 authoring("status", 0, 0, function(_, opts, _, _, config)
-  local admin = config.admin.password and config.admin or config.auth
+  local admin = config.admin
   if not admin.password then
-    io.stderr:write("forge status: no admin password configured (FORGE_ADMIN_PASSWORD or FORGE_PASSWORD)\n")
+    io.stderr:write("forge status: no admin credentials configured (admin.password in the config, or "
+      .. "FORGE_ADMIN_USER/FORGE_ADMIN_PASSWORD)\n")
     return 2
   end
   -- credentials go to curl through a private config file, never on its command line

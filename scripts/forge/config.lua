@@ -9,8 +9,7 @@ local M = {}
 local DEFAULTS = {
   listen = "127.0.0.1:5000",
   auth = { username = "admin", password = nil },
-  admin = { username = "forge-admin", password = nil }, -- admin API (/admin/*); no password: the broker's
-                                                          -- credentials
+  admin = { username = "forge-admin", password = nil }, -- admin API (/admin/*); no password: the API is off
   state_dir = "state",
   services_dir = "services",
   threads = 0,                 -- 0: 2 x cores

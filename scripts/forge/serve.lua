@@ -111,6 +111,7 @@ function M.run(path)
   end
   log.level(config.log_level)
   -- no password configured: make one up and show it once on stdout (never in the log)
+  local generated = not config.auth.password
   config.auth.password = config.auth.password or crypto.password(24)
   local ok, merr = mkdirs(config.state_dir)
   if not ok then
@@ -134,8 +135,8 @@ function M.run(path)
     return 1
   end
   local host = config.listen:match("^(.*):%d+$")
-  io.stdout:write(string.format("Service Forge listening on http://%s:%d (user %s, password %s)\n",
-    host, srv:port(), config.auth.username, config.auth.password))
+  io.stdout:write(string.format("Service Forge listening on http://%s:%d (user %s, %s)\n", host, srv:port(),
+    config.auth.username, generated and ("generated password " .. config.auth.password) or "password as configured"))
   io.stdout:flush()
   log.info("listening", { listen = config.listen, port = srv:port(), state_dir = config.state_dir })
 

@@ -56,10 +56,31 @@ describe("broker input checks", function()
   end)
 
   it("400 on malformed JSON and non-object bodies", function()
-    for _, body in ipairs({ "{", "[]", "null", "42", '"x"', "" }) do
+    expect_error(400, "MalformedJSON", "PUT", "/v2/service_instances/m1?accepts_incomplete=true", "{")
+    for _, body in ipairs({ "[]", "null", "42", '"x"', "" }) do
       expect_error(400, "BadRequest", "PUT", "/v2/service_instances/m1?accepts_incomplete=true", body)
     end
   end)
+
+  it("400 on JSON that lenient decoders take: hex, leading zeros, NaN, Infinity, huge numbers, bad UTF-8, depth",
+    function()
+      local base = '{"service_id":"' .. R.service .. '","plan_id":"' .. R.one .. '","organization_guid":"o",'
+        .. '"space_guid":"s","parameters":{"maxmemory_mb":%s}}'
+      for _, v in ipairs({ "0x10", "016", "NaN", "Infinity", "-Infinity", "1e999" }) do
+        local status, raw, _, body = b:call("PUT", "/v2/service_instances/j1?accepts_incomplete=true", base:format(v))
+        assert.equal(400, status, v .. ": " .. raw)
+        assert.matches("^Malformed", body.error, 1, false)
+      end
+      local status, raw = b:call("PUT", "/v2/service_instances/j1?accepts_incomplete=true",
+        base:format("\"\255\254\""))
+      assert.equal(400, status, raw)
+      assert.matches("invalid UTF%-8", raw)
+      local deep = ("{\"a\":"):rep(990) .. "1" .. ("}"):rep(990)
+      status, raw = b:call("PUT", "/v2/service_instances/j1?accepts_incomplete=true",
+        base:format(deep))
+      assert.equal(400, status, raw)
+      assert.matches("nested", raw)
+    end)
 
   it("400 on missing fields, unknown service or plan", function()
     local cases = {
@@ -217,6 +238,24 @@ return service
     assert.is_table(body.services)
     assert.equal(401, (client.request("GET", b:url("/v2/catalog"), { user = "ops", password = "ops-secret",
       headers = { ["X-Broker-API-Version"] = "2.17" } })))
+  end)
+
+  it("has no admin API without admin credentials: the broker's own never open it", function()
+    local b = Broker.start { env = { FORGE_ADMIN_PASSWORD = "" } }
+    finally(function() b:cleanup() end)
+    local status, raw, _, body = client.request("GET", b:url("/admin/services"), { user = b.user, password = b.password })
+    assert.equal(404, status, raw)
+    assert.matches("the admin API is off", body.description)
+  end)
+
+  it("prints the broker password at start only when it generated it", function()
+    local b = Broker.start()
+    finally(function() b:cleanup() end)
+    assert.is_nil(b:read_log():find(b.password, 1, true))
+    assert.matches("password as configured", b:read_log())
+    local g = Broker.start { env = { FORGE_PASSWORD = "" } }
+    finally(function() g:cleanup() end)
+    assert.matches("generated password %S+", g:read_log())
   end)
 
   it("stops gracefully on SIGTERM", function()

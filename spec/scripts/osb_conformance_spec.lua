@@ -275,7 +275,12 @@ describe("redis 3-servers, async only", function()
     assert.is_string(ubody.operation)
     wait_ok(bnd("three", "ab"))
     assert.matches("WRONGPASS", redis_cli(got.credentials, nil, nil, "PING"))
+    -- async only means every change: a PATCH that changes nothing, and a delete, without
+    -- accepts_incomplete are refused too
+    refused(422, "AsyncRequired", "PATCH", inst("three"), { service_id = R.service })
+    refused(422, "AsyncRequired", "DELETE", inst("three") .. q { service_id = R.service, plan_id = R.three })
     assert.equal(202, (deprovision("three", R.three, true)))
+    refused(422, "AsyncRequired", "DELETE", inst("three") .. q { service_id = R.service, plan_id = R.three })
     wait_ok(inst("three"))
     assert.same({}, Broker.marked_pids(b.state_dir, "three"))
   end)

@@ -103,8 +103,8 @@ describe("hot reload", function()
     assert.is_string(found.kept_version)
     assert.matches("service refused", b:read_log())
     -- forge status shows the same, and exits 1
-    local p = io.popen(string.format("FORGE_USER=%s FORGE_PASSWORD=%s build/bin/forge status --url %s 2>&1",
-      b.user, b.password, b:url("")))
+    local p = io.popen(string.format("FORGE_ADMIN_USER=%s FORGE_ADMIN_PASSWORD=%s build/bin/forge status --url %s 2>&1",
+      b.admin_user, b.admin_password, b:url("")))
     local out = p:read("a")
     local _, _, code = p:close()
     assert.equal(1, code, out)

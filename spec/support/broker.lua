@@ -49,6 +49,7 @@ function M.start(opts)
   if opts.fixtures then opts.services_dir = M.services_with_fixtures(self.state_dir) end
   self.port = free_port()
   self.user, self.password = "admin", "s3cret-" .. math.random(1e6)
+  self.admin_user, self.admin_password = "ops", "ops-" .. math.random(1e6)
   local pool = opts.pool or 8
   -- below the kernel's ephemeral range (32768-60999): a client's local port never sits in the pool
   local base = opts.pool_base or (30000 + math.random(0, 260) * 10)
@@ -56,11 +57,13 @@ function M.start(opts)
   local env = {
     PATH = os.getenv("PATH"), HOME = os.getenv("HOME") or "/root",
     FORGE_LISTEN = "127.0.0.1:" .. self.port, FORGE_USER = self.user, FORGE_PASSWORD = self.password,
+    FORGE_ADMIN_USER = self.admin_user, FORGE_ADMIN_PASSWORD = self.admin_password,
     FORGE_STATE_DIR = self.state_dir, FORGE_SERVICES_DIR = opts.services_dir or (os.getenv("PWD") .. "/services"),
     FORGE_PORTS = self.pool.from .. "-" .. self.pool.to, FORGE_LOG_LEVEL = opts.log_level or "info",
   }
   for k, v in pairs(opts.env or {}) do env[k] = v end
   self.env = env
+  self.admin_user, self.admin_password = env.FORGE_ADMIN_USER, env.FORGE_ADMIN_PASSWORD
   self.bin = opts.bin
   if opts.config then
     self.config_path = self.state_dir .. "/forge-spec.yml"
@@ -108,13 +111,16 @@ end
 
 function M:url(path) return "http://127.0.0.1:" .. self.port .. path end
 
---- An authenticated OSB request with the version header; body tables are JSON-encoded.
+--- An authenticated OSB request with the version header (admin credentials for /admin/...);
+-- body tables are JSON-encoded.
 function M:call(method, path, body, headers)
   local h = { ["X-Broker-API-Version"] = "2.17" }
   if body ~= nil then h["Content-Type"] = "application/json" end
   for k, v in pairs(headers or {}) do h[k] = v end
   if type(body) == "table" then body = cjson.encode(body) end
-  return client.request(method, self:url(path), { body = body, headers = h, user = self.user, password = self.password })
+  local admin = path:match("^/admin/") ~= nil
+  return client.request(method, self:url(path), { body = body, headers = h, user = admin and self.admin_user or self.user,
+    password = admin and self.admin_password or self.password })
 end
 
 --- Poll last_operation until it is no longer in progress; returns the final body.

@@ -254,6 +254,8 @@ function M.update(b, id, req, q)
   local params_change = params ~= nil and not util.deep_equal(params, rec.parameters or {})
   local upgrade = mi ~= nil and mi.version ~= nil and mi.version ~= (rec.maintenance_info or {}).version
   local context_change = context ~= nil and not util.deep_equal(context, rec.context or {})
+  -- an async-only plan refuses every update without accepts_incomplete, a no-op one included
+  local async = require_async(plan, q, "is updated")
 
   if not plan_change and not params_change and not upgrade then
     if context_change then
@@ -269,7 +271,6 @@ function M.update(b, id, req, q)
     return reply(200, {})
   end
 
-  local async = require_async(plan, q, "is updated")
   local updated = util.copy(rec)
   updated.previous = { plan_id = rec.plan_id, parameters = rec.parameters, resources = rec.resources,
     maintenance_info = rec.maintenance_info, processes = rec.processes }
@@ -294,10 +295,23 @@ end
 function M.deprovision(b, id, req, q)
   local service_id = common.need_string(q, "service_id", "query parameter ")
   local plan_id = common.need_string(q, "plan_id", "query parameter ")
+  -- the reconciler may write the record meanwhile (progress of an operation): read it again
+  for _ = 1, 5 do
+    local status, headers, body = M.try_deprovision(b, id, req, q, service_id, plan_id)
+    if status then return status, headers, body end
+  end
+  fail(422, "ConcurrencyError", "instance " .. id .. " kept changing while the delete was being prepared; try again")
+end
+
+-- One attempt at a deprovision: the answer, or nothing when the record changed meanwhile.
+function M.try_deprovision(b, id, req, q, service_id, plan_id)
   local ikey = key.instance(id)
   local rec, rev = model.read(b.db, ikey)
   if not live(rec) then fail(410, "Gone", "instance " .. id .. " does not exist") end
   if rec.service_id ~= service_id then fail(400, "BadRequest", "service_id does not match the instance's service") end
+  local svc = b.registry.by_id[rec.service_id]
+  local plan = svc and (svc.plans[plan_id] or svc.plans[rec.plan_id]) or {}
+  local async = require_async(plan, q, "is deprovisioned")
   if common.in_progress(rec.operation) and rec.operation.type == "deprovision" then
     return reply(202, { operation = rec.operation.id })
   end
@@ -306,9 +320,6 @@ function M.deprovision(b, id, req, q)
   end
   local busy = binding_busy(b, id)
   if busy then fail(422, "ConcurrencyError", "binding " .. busy .. " of instance " .. id .. " has an operation in progress") end
-  local svc = b.registry.by_id[rec.service_id]
-  local plan = svc and (svc.plans[plan_id] or svc.plans[rec.plan_id]) or {}
-  local async = require_async(plan, q, "is deprovisioned")
   local op = common.new_operation("deprovision")
   rec.history = rec.history or {}
   table.insert(rec.history, 1, rec.operation)
@@ -317,7 +328,7 @@ function M.deprovision(b, id, req, q)
   rec.operation, rec.state, rec.updated_at = op, "destroying", os.time()
   if not model.txn(b.db, { compare = { { key = ikey, mod_revision = rev } },
       success = { model.put(ikey, rec), model.put(key.pending(id), "") } }) then
-    fail(422, "ConcurrencyError", "instance " .. id .. " changed while the delete was being prepared")
+    return nil
   end
   log.info("deprovision accepted", { instance = id, operation = op.id, request_id = req.id, origin = req.origin })
   return accepted(b, rec, async, nil, 200)
