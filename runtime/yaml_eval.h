@@ -36,6 +36,7 @@ typedef struct yop {
     int *users;
     int nusers;
     int run;
+    int used;           /* alternative that gave the last arg_value */
 } yop;
 
 typedef struct yops { yop *v; int n, cap; } yops;
@@ -44,7 +45,7 @@ enum { PH_INJECT, PH_PARAM, PH_EVAL };
 
 static const char *const known_ops[] = {
     "grab", "concat", "join", "param", "static_ips", "calc", "keys", "sort", "empty", "base64",
-    "inject", "defer", "prune", "ips", "cartesian-product", "negate", "stringify", NULL,
+    "inject", "defer", "prune", "ips", "cartesian-product", "negate", "stringify", "base64-decode", NULL,
 };
 static const char *const unsupported_ops[] = {
     "vault", "vault-try", "file", "load", "awsparam", "awssecret", "shuffle", NULL,
@@ -312,6 +313,8 @@ static void collect_ops(yctx *c, int phase, yops *o)
 
 typedef struct yseg { const char *s; size_t n; int bracket; } yseg;
 
+#define MAXSEG 256
+
 /* Split a reference into segments ("a.b[1]", "$.a", "x.[0]", "k[ref]"). Returns count or -1. */
 static int split_ref(const char *s, size_t n, yseg *seg, int max)
 {
@@ -352,6 +355,28 @@ static int split_ref(const char *s, size_t n, yseg *seg, int max)
             i++;
     }
     return k;
+}
+
+/* A reference as spruce's cursor prints it: segments joined by dots ("$.a[1]" is "a.1"). */
+static const char *ref_norm(yctx *c, const char *s, size_t n)
+{
+    yseg seg[MAXSEG];
+    int k = split_ref(s, n, seg, MAXSEG);
+    if (k < 0)
+        return astrdup(c, s, n);
+    size_t total = 1;
+    for (int i = 0; i < k; i++)
+        total += seg[i].n + 1;
+    char *out = aalloc(c, total);
+    size_t at = 0;
+    for (int i = 0; i < k; i++) {
+        if (i)
+            out[at++] = '.';
+        memcpy(out + at, seg[i].s, seg[i].n);
+        at += seg[i].n;
+    }
+    out[at] = 0;
+    return out;
 }
 
 static int all_digits(const char *s, size_t n)
@@ -402,8 +427,6 @@ static ynode *step(yctx *c, ynode *cur, const char *s, size_t n, size_t *idx)
     return NULL;
 }
 
-#define MAXSEG 256
-
 static ynode *resolve(yctx *c, const char *ref, size_t n, char *err, size_t errsz, int depth);
 
 /* Text of a segment, resolving a dynamic [ref]. */
@@ -424,6 +447,19 @@ static int seg_text(yctx *c, const yseg *sg, const char **s, size_t *n, char *tm
     }
     *s = scalar_text(k, tmp, tmpsz, n);
     return 1;
+}
+
+/* spruce's TypeMismatchError for a path that runs through a scalar (have[0..hn) is its parent path). */
+static void scalar_mismatch(const ynode *v, const char *have, size_t hn, char *err, size_t errsz)
+{
+    char tmp[64];
+    size_t len;
+    if (v->t == T_NULL) {
+        snprintf(err, errsz, "$.%.*s is a scalar (not a map or a list)", (int)hn, have);
+        return;
+    }
+    const char *s = scalar_text(v, tmp, sizeof tmp, &len);
+    snprintf(err, errsz, "$.%.*s [=%.*s] is a scalar (not a map or a list)", (int)hn, have, (int)len, s);
 }
 
 /* Resolve a reference against the document. NULL with err set when it cannot be. */
@@ -449,9 +485,14 @@ static ynode *resolve(yctx *c, const char *ref, size_t n, char *err, size_t errs
         char tmp[64];
         if (!seg_text(c, &seg[i], &s, &sl, tmp, sizeof tmp, err, errsz, depth))
             return NULL;
+        size_t prev = hn;
         int w = snprintf(have + hn, sizeof have - hn, "%s%.*s", hn ? "." : "", (int)sl, s);
         if (w > 0 && hn + (size_t)w < sizeof have)
             hn += (size_t)w;
+        if (cur->t != T_MAP && cur->t != T_SEQ) {
+            scalar_mismatch(cur, have, prev, err, errsz);
+            return NULL;
+        }
         ynode *next = step(c, cur, s, sl, &idx);
         if (!next) {
             snprintf(err, errsz, "`$.%s` could not be found in the datastructure", have);
@@ -677,12 +718,13 @@ static ynode *arg_value(yctx *c, yop *op, int a, char *err, size_t errsz, int *l
         *lit = 0;
     for (int i = 0; i < arg->nalt; i++) {
         atok *t = &arg->alt[i];
+        op->used = i;
         if (t->kind == A_REF) {
             char e2[400];
             ynode *v = resolve(c, t->s, t->n, e2, sizeof e2, 0);
             if (v)
                 return v;
-            snprintf(err, errsz, "unable to resolve `%s`: %s", t->s, e2);
+            snprintf(err, errsz, "unable to resolve `%s`: %s", ref_norm(c, t->s, t->n), e2);
         } else if (t->kind == A_ENV) {
             size_t len = 0;
             const char *v = env_get(c, t->s, &len);
@@ -701,20 +743,28 @@ static ynode *arg_value(yctx *c, yop *op, int a, char *err, size_t errsz, int *l
     return NULL;
 }
 
-/* Printed form for concat / join. */
-static void add_text(yctx *c, ybuf *b, const ynode *n)
+
+/* The argument as spruce prints it: the reference (as a cursor) that gave the value. */
+static const char *arg_text(yctx *c, yop *op, int a)
 {
-    char tmp[64];
-    size_t len;
-    if (n->t == T_NULL)
-        return;
-    const char *s = scalar_text(n, tmp, sizeof tmp, &len);
-    buf_add(c, b, s, len);
+    yarg *arg = &op->args[a];
+    atok *t = &arg->alt[op->used < arg->nalt ? op->used : 0];
+    if (t->kind == A_REF)
+        return ref_norm(c, t->s, t->n);
+    return t->s ? t->s : "?";
 }
 
-static const char *arg_text(yop *op, int a)
+/* A literal as Go's %v prints it (nil as <nil>). */
+static void add_gotext(yctx *c, ybuf *b, const ynode *n)
 {
-    return op->args[a].alt[0].s ? op->args[a].alt[0].s : "?";
+    if (n->t == T_NULL) {
+        buf_add(c, b, "<nil>", 5);
+        return;
+    }
+    char tmp[64];
+    size_t len;
+    const char *s = scalar_text(n, tmp, sizeof tmp, &len);
+    buf_add(c, b, s, len);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -760,43 +810,61 @@ static int op_concat(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
         ynode *v = arg_value(c, op, a, err, errsz, NULL);
         if (!v)
             return 0;
-        NEED(is_scalar(v), "tried to concat %s, which is not a string scalar", arg_text(op, a));
-        add_text(c, b, v);
+        NEED(is_scalar(v), "tried to concat %s, which is not a string scalar", arg_text(c, op, a));
+        add_gotext(c, b, v);
     }
     *out = nstr(c, b->p, b->n, op->node);
     return 1;
 }
 
+/* One data argument of join: a list's entries or one scalar, each as Go's %v prints it. */
+static int join_arg(yctx *c, yop *op, int a, const atok *sep, int *first, char *err, size_t errsz)
+{
+    ybuf *b = &c->tmp;
+    ynode *v = arg_value(c, op, a, err, errsz, NULL);
+    if (!v)
+        return 0;
+    NEED(v->t != T_MAP, "referenced entry is not a list or string for (( join ... ))");
+    size_t n = v->t == T_SEQ ? v->u.c.n : 1;
+    for (size_t i = 0; i < n; i++) {
+        ynode *e = v->t == T_SEQ ? v->u.c.v[i] : v;
+        NEED(is_scalar(e), "entry #%zu in list is not compatible for (( join ... ))", i);
+        if (!*first)
+            buf_add(c, b, sep->s, sep->n);
+        add_gotext(c, b, e);
+        *first = 0;
+    }
+    return 1;
+}
+
 static int op_join(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 {
-    NEED(op->nargs >= 2, "join operator: too few arguments supplied");
-    NEED(op->args[0].alt[0].kind == A_STR, "join operator only accepts a literal string as the separator");
+    NEED(op->nargs > 0, "no arguments specified to (( join ... ))");
+    NEED(op->nargs >= 2, "too few arguments supplied to (( join ... ))");
     const atok *sep = &op->args[0].alt[0];
+    if (sep->kind == A_ENV) {
+        ynode *v = arg_value(c, op, 0, err, errsz, NULL);
+        if (!v)
+            return 0;
+    }
+    NEED(sep->kind == A_STR || sep->kind == A_ENV, "join operator only accepts literal argument for the separator");
+    if (sep->kind == A_ENV) {
+        size_t len = 0;
+        const char *v = env_get(c, sep->s, &len);
+        atok *t = aalloc(c, sizeof *t);
+        memset(t, 0, sizeof *t);
+        t->kind = A_STR;
+        t->s = astrdup(c, v, len);
+        t->n = len;
+        sep = t;
+    }
     ybuf *b = &c->tmp;
     b->n = 0;
     buf_add(c, b, "", 0);
     int first = 1;
-    for (int a = 1; a < op->nargs; a++) {
-        ynode *v = arg_value(c, op, a, err, errsz, NULL);
-        if (!v)
+    for (int a = 1; a < op->nargs; a++)
+        if (!join_arg(c, op, a, sep, &first, err, errsz))
             return 0;
-        if (v->t == T_SEQ) {
-            for (size_t i = 0; i < v->u.c.n; i++) {
-                NEED(is_scalar(v->u.c.v[i]), "entry #%zu in list %s is not compatible for join (not a scalar)", i,
-                     arg_text(op, a));
-                if (!first)
-                    buf_add(c, b, sep->s, sep->n);
-                add_text(c, b, v->u.c.v[i]);
-                first = 0;
-            }
-        } else {
-            NEED(v->t != T_MAP, "referenced entry is not a list or string: %s", arg_text(op, a));
-            if (!first)
-                buf_add(c, b, sep->s, sep->n);
-            add_text(c, b, v);
-            first = 0;
-        }
-    }
     *out = nstr(c, b->p, b->n, op->node);
     return 1;
 }
@@ -812,13 +880,14 @@ static int op_param(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 
 static int op_keys(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 {
-    NEED(op->nargs > 0, "no arguments specified to (( keys ... ))");
     ynode *l = nnew(c, T_SEQ, op->node);
     for (int a = 0; a < op->nargs; a++) {
-        ynode *v = arg_value(c, op, a, err, errsz, NULL);
+        int lit;
+        ynode *v = arg_value(c, op, a, err, errsz, &lit);
         if (!v)
             return 0;
-        NEED(v->t == T_MAP, "%s is not a map", arg_text(op, a));
+        NEED(!lit && op->args[a].alt[op->used].kind == A_REF, "keys operator only accepts key reference arguments");
+        NEED(v->t == T_MAP, "%s is not a map", arg_text(c, op, a));
         for (size_t i = 0; i < v->u.c.n; i++) {
             char tmp[64];
             size_t len;
@@ -826,6 +895,7 @@ static int op_keys(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
             seq_push(c, l, nstr(c, s, len, op->node));
         }
     }
+    NEED(op->nargs > 0, "no arguments specified to (( keys ... ))");
     if (l->u.c.n > 1)
         qsort(l->u.c.v, l->u.c.n, sizeof(ynode *), key_cmp);
     *out = l;
@@ -834,8 +904,10 @@ static int op_keys(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 
 static int op_empty(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 {
-    NEED(op->nargs == 1, "empty operator expects exactly one argument (hash, array or string)");
-    const char *t = arg_text(op, 0);
+    NEED(op->nargs == 1, "empty operator expects 1 argument, received %d", op->nargs);
+    const atok *tk = &op->args[0].alt[0];
+    NEED(tk->kind == A_STR || tk->kind == A_REF, "cannot interpret argument for empty operator");
+    const char *t = tk->kind == A_REF ? ref_norm(c, tk->s, tk->n) : tk->s;
     if (!strcmp(t, "hash") || !strcmp(t, "map"))
         *out = nnew(c, T_MAP, op->node);
     else if (!strcmp(t, "array") || !strcmp(t, "list"))
@@ -847,47 +919,112 @@ static int op_empty(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     return 1;
 }
 
+/* The one string argument of base64 / base64-decode (`verb` is "encode" or "decode"). */
+static const ynode *b64_input(yctx *c, yop *op, const char *verb, char *err, size_t errsz)
+{
+    NEED(op->nargs == 1, "base64%s operator requires exactly one string or reference argument",
+         verb[0] == 'd' ? "-decode" : "");
+    int lit;
+    ynode *v = arg_value(c, op, 0, err, errsz, &lit);
+    if (!v)
+        return NULL;
+    if (v->t != T_STR) {
+        ybuf *b = &c->tmp;
+        b->n = 0;
+        if (lit)
+            add_gotext(c, b, v);
+        else
+            buf_adds(c, b, arg_text(c, op, 0));
+        buf_add(c, b, "", 1);
+        NEED(0, "tried to base64 %s %s, which is not a string scalar", verb, b->p);
+    }
+    return v;
+}
+
 static int op_base64(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 {
     static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    NEED(op->nargs > 0, "no arguments specified to (( base64 ... ))");
-    ybuf *b = &c->tmp;
-    b->n = 0;
-    buf_add(c, b, "", 0);
-    for (int a = 0; a < op->nargs; a++) {
-        ynode *v = arg_value(c, op, a, err, errsz, NULL);
-        if (!v)
-            return 0;
-        if (v->t != T_STR) {
-            char tmp[64];
-            size_t len;
-            const char *s = is_scalar(v) ? scalar_text(v, tmp, sizeof tmp, &len) : arg_text(op, a);
-            NEED(0, "tried to base64 encode %s, which is not a string scalar", s);
-        }
-        buf_add(c, b, v->u.s.p, v->u.s.n);
-    }
-    size_t n = b->n;
-    const unsigned char *in = (const unsigned char *)b->p;
+    const ynode *v = b64_input(c, op, "encode", err, errsz);
+    if (!v)
+        return 0;
+    size_t n = v->u.s.n;
+    const unsigned char *in = (const unsigned char *)v->u.s.p;
     char *o = aalloc(c, (n + 2) / 3 * 4 + 1);
     size_t k = 0;
     for (size_t i = 0; i < n; i += 3) {
-        unsigned v = (unsigned)in[i] << 16 | (i + 1 < n ? (unsigned)in[i + 1] << 8 : 0) | (i + 2 < n ? in[i + 2] : 0);
-        o[k++] = tab[(v >> 18) & 63];
-        o[k++] = tab[(v >> 12) & 63];
-        o[k++] = i + 1 < n ? tab[(v >> 6) & 63] : '=';
-        o[k++] = i + 2 < n ? tab[v & 63] : '=';
+        unsigned w = (unsigned)in[i] << 16 | (i + 1 < n ? (unsigned)in[i + 1] << 8 : 0) | (i + 2 < n ? in[i + 2] : 0);
+        o[k++] = tab[(w >> 18) & 63];
+        o[k++] = tab[(w >> 12) & 63];
+        o[k++] = i + 1 < n ? tab[(w >> 6) & 63] : '=';
+        o[k++] = i + 2 < n ? tab[w & 63] : '=';
     }
+    *out = nstr(c, o, k, op->node);
+    return 1;
+}
+
+static int b64_value(int ch)
+{
+    if (ch >= 'A' && ch <= 'Z') return ch - 'A';
+    if (ch >= 'a' && ch <= 'z') return ch - 'a' + 26;
+    if (ch >= '0' && ch <= '9') return ch - '0' + 52;
+    if (ch == '+') return 62;
+    if (ch == '/') return 63;
+    return -1;
+}
+
+/* Strict standard base64 (padding required), as Go's StdEncoding; returns the bad byte or -1. */
+static long b64_decode(const char *s, size_t n, char *o, size_t *olen)
+{
+    size_t k = 0;
+    if (n % 4)
+        return (long)(n / 4 * 4 + (n % 4 == 1 ? 0 : n % 4));
+    for (size_t i = 0; i < n; i += 4) {
+        int q[4], pad = 0;
+        for (int j = 0; j < 4; j++) {
+            char ch = s[i + j];
+            int last = i + 4 == n;
+            if (ch == '=' && last && j >= 2 && (j == 3 || s[i + 3] == '=')) {
+                q[j] = 0;
+                pad++;
+                continue;
+            }
+            q[j] = pad ? -1 : b64_value((unsigned char)ch);
+            if (q[j] < 0)
+                return (long)(i + (size_t)j);
+        }
+        unsigned w = (unsigned)q[0] << 18 | (unsigned)q[1] << 12 | (unsigned)q[2] << 6 | (unsigned)q[3];
+        o[k++] = (char)(w >> 16);
+        if (pad < 2)
+            o[k++] = (char)(w >> 8);
+        if (pad < 1)
+            o[k++] = (char)w;
+    }
+    *olen = k;
+    return -1;
+}
+
+static int op_base64_decode(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
+{
+    const ynode *v = b64_input(c, op, "decode", err, errsz);
+    if (!v)
+        return 0;
+    char *o = aalloc(c, v->u.s.n + 1);
+    size_t k = 0;
+    long bad = b64_decode(v->u.s.p, v->u.s.n, o, &k);
+    NEED(bad < 0, "unable to base64 decode string %.*s: illegal base64 data at input byte %ld", (int)v->u.s.n,
+         v->u.s.p, bad);
     *out = nstr(c, o, k, op->node);
     return 1;
 }
 
 static int op_negate(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 {
-    NEED(op->nargs == 1, "negate operator requires exactly one argument");
-    ynode *v = arg_value(c, op, 0, err, errsz, NULL);
+    NEED(op->nargs == 1, "negate operator requires exactly one reference argument");
+    int lit;
+    ynode *v = arg_value(c, op, 0, err, errsz, &lit);
     if (!v)
         return 0;
-    NEED(v->t == T_BOOL, "negate operator only operates on bool values (%s is a %s)", arg_text(op, 0), type_name(v));
+    NEED(v->t == T_BOOL, lit ? "negate operator only operates on bools" : "negate operator only accepts references to bools");
     *out = nbool(c, !v->u.b, op->node);
     return 1;
 }
@@ -925,7 +1062,7 @@ static ynode *sorted_copy(yctx *c, const ynode *n)
 
 static int op_stringify(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 {
-    NEED(op->nargs == 1, "stringify operator requires exactly one argument");
+    NEED(op->nargs == 1, "stringify operator requires exactly one reference argument");
     int lit;
     ynode *v = arg_value(c, op, 0, err, errsz, &lit);
     if (!v)
@@ -940,13 +1077,57 @@ static int op_stringify(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     return 1;
 }
 
+/* One argument token as spruce's Expr.String prints it. */
+static void tok_gostr(yctx *c, ybuf *b, const atok *t)
+{
+    char tmp[64];
+    switch (t->kind) {
+    case A_STR:
+        buf_add(c, b, "\"", 1);
+        buf_add(c, b, t->s, t->n);
+        buf_add(c, b, "\"", 1);
+        return;
+    case A_INT:
+        snprintf(tmp, sizeof tmp, "%lld", (long long)t->i);
+        break;
+    case A_FLOAT:
+        fmt_go_float(t->f, tmp, sizeof tmp);
+        break;
+    case A_BOOL:
+        snprintf(tmp, sizeof tmp, "%s", t->b ? "true" : "false");
+        break;
+    case A_NULL:
+        snprintf(tmp, sizeof tmp, "nil");
+        break;
+    case A_ENV:
+        buf_add(c, b, "$", 1);
+        buf_add(c, b, t->s, t->n);
+        return;
+    default:
+        buf_adds(c, b, ref_norm(c, t->s, t->n));
+        return;
+    }
+    buf_adds(c, b, tmp);
+}
+
+/* (( defer X Y )) gives the text (( X Y )), each argument as spruce prints it (a literal ends an || chain). */
 static int op_defer(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 {
-    NEED(op->rawlen > 0, "defer has no arguments - what are you deferring?");
+    NEED(op->nargs > 0, "Defer has no arguments - what are you deferring?");
     ybuf *b = &c->tmp;
     b->n = 0;
-    buf_add(c, b, "(( ", 3);
-    buf_add(c, b, op->raw, op->rawlen);
+    buf_add(c, b, "((", 2);
+    for (int a = 0; a < op->nargs; a++) {
+        buf_add(c, b, " ", 1);
+        for (int i = 0; i < op->args[a].nalt; i++) {
+            const atok *t = &op->args[a].alt[i];
+            if (i)
+                buf_add(c, b, " || ", 4);
+            tok_gostr(c, b, t);
+            if (t->kind != A_REF && t->kind != A_ENV)
+                break;
+        }
+    }
     buf_add(c, b, " ))", 3);
     *out = nstr(c, b->p, b->n, op->node);
     return 1;
@@ -969,9 +1150,23 @@ static int op_sort(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     return 0;
 }
 
+/* acc x items: every string of acc followed by the %v text of every item. */
+static ynode *cartesian_step(yctx *c, yop *op, const ynode *acc, ynode *const *items, size_t n)
+{
+    ynode *next = nnew(c, T_SEQ, op->node);
+    for (size_t i = 0; i < acc->u.c.n; i++)
+        for (size_t j = 0; j < n; j++) {
+            ybuf *b = &c->tmp;
+            b->n = 0;
+            buf_add(c, b, acc->u.c.v[i]->u.s.p, acc->u.c.v[i]->u.s.n);
+            add_gotext(c, b, items[j]);
+            seq_push(c, next, nstr(c, b->p, b->n, op->node));
+        }
+    return next;
+}
+
 static int op_cartesian(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 {
-    NEED(op->nargs > 0, "no arguments specified to (( cartesian-product ... ))");
     ynode *acc = nnew(c, T_SEQ, op->node);
     seq_push(c, acc, nstr(c, "", 0, op->node));
     for (int a = 0; a < op->nargs; a++) {
@@ -979,33 +1174,17 @@ static int op_cartesian(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
         ynode *v = arg_value(c, op, a, err, errsz, &lit);
         if (!v)
             return 0;
-        NEED(!(lit && v->t != T_STR), "cartesian-product operator only accepts lists and string literals "
-             "(got %s)", arg_text(op, a));
-        ynode one;
-        ynode *items[1];
-        const ynode *list = v;
-        if (v->t != T_SEQ) {
-            NEED(v->t != T_MAP, "cartesian-product operator cannot operate on a map (%s)", arg_text(op, a));
-            memset(&one, 0, sizeof one);
-            one.t = T_SEQ;
-            items[0] = v;
-            one.u.c.v = items;
-            one.u.c.n = 1;
-            list = &one;
-        }
-        ynode *next = nnew(c, T_SEQ, op->node);
-        for (size_t i = 0; i < acc->u.c.n; i++)
-            for (size_t j = 0; j < list->u.c.n; j++) {
-                NEED(is_scalar(list->u.c.v[j]), "cartesian-product: entry %zu of %s is not a scalar", j,
-                     arg_text(op, a));
-                ybuf *b = &c->tmp;
-                b->n = 0;
-                buf_add(c, b, acc->u.c.v[i]->u.s.p, acc->u.c.v[i]->u.s.n);
-                add_text(c, b, list->u.c.v[j]);
-                seq_push(c, next, nstr(c, b->p, b->n, op->node));
-            }
-        acc = next;
+        NEED(!(lit && v->t != T_STR), "cartesian-product operator only accepts string literals and key reference "
+             "arguments (got %s)", arg_text(c, op, a));
+        NEED(v->t != T_MAP, "cartesian-product operator only accepts arrays and string values");
+        ynode *one[1] = {v};
+        ynode *const *items = v->t == T_SEQ ? v->u.c.v : one;
+        size_t n = v->t == T_SEQ ? v->u.c.n : 1;
+        for (size_t j = 0; j < n; j++)
+            NEED(is_scalar(items[j]), "cartesian-product operator can only operate on lists of scalar values");
+        acc = cartesian_step(c, op, acc, items, n);
     }
+    NEED(op->nargs > 0, "no arguments specified to (( cartesian-product ... ))");
     *out = acc;
     return 1;
 }
@@ -1052,18 +1231,18 @@ static int op_ips(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     ynode *base = arg_value(c, op, 0, err, errsz, NULL);
     if (!base)
         return 0;
-    NEED(base->t == T_STR, "ips: %s is not an IP address or CIDR", arg_text(op, 0));
+    NEED(base->t == T_STR, "ips: %s is not an IP address or CIDR", arg_text(c, op, 0));
     ynode *iv = arg_value(c, op, 1, err, errsz, NULL);
     if (!iv)
         return 0;
     lua_Integer idx, count = 1;
-    NEED(int_of(iv, &idx), "ips: index %s is not an integer", arg_text(op, 1));
+    NEED(int_of(iv, &idx), "ips: index %s is not an integer", arg_text(c, op, 1));
     if (op->nargs == 3) {
         ynode *cv = arg_value(c, op, 2, err, errsz, NULL);
         if (!cv)
             return 0;
         NEED(int_of(cv, &count) && count >= 0 && count <= 65536, "ips: count %s is not a usable integer",
-             arg_text(op, 2));
+             arg_text(c, op, 2));
     }
     const char *s = base->u.s.p;
     const char *slash = memchr(s, '/', base->u.s.n);
@@ -1242,7 +1421,7 @@ static int op_static_ips(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
             ip = pool.ip[want];
         } else {
             NEED(v->t == T_STR && memchr(v->u.s.p, ':', v->u.s.n), "static_ips argument %s is not an index or AZ:index",
-                 arg_text(op, (int)i));
+                 arg_text(c, op, (int)i));
             const char *colon = memchr(v->u.s.p, ':', v->u.s.n);
             size_t azl = (size_t)(colon - v->u.s.p);
             int found = 0;
@@ -1601,7 +1780,7 @@ static int op_inject(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
         ynode *v = arg_value(c, op, a, err, errsz, NULL);
         if (!v)
             return 0;
-        NEED(v->t == T_MAP, "%s is not a map", arg_text(op, a));
+        NEED(v->t == T_MAP, "%s is not a map", arg_text(c, op, a));
         ynode *cp = ncopy(c, v, NULL);
         acc = acc ? merge_obj(c, acc, cp) : cp;
     }
@@ -1667,7 +1846,7 @@ static opfn op_lookup(const char *name)
         {"static_ips", op_static_ips}, {"calc", op_calc}, {"keys", op_keys}, {"sort", op_sort},
         {"empty", op_empty}, {"base64", op_base64}, {"inject", op_inject}, {"defer", op_defer},
         {"prune", op_prune}, {"ips", op_ips}, {"cartesian-product", op_cartesian}, {"negate", op_negate},
-        {"stringify", op_stringify},
+        {"stringify", op_stringify}, {"base64-decode", op_base64_decode},
     };
     for (size_t i = 0; i < sizeof tab / sizeof tab[0]; i++)
         if (strcmp(tab[i].name, name) == 0)
