@@ -141,18 +141,25 @@ static int identity_matches(pid_t pid, long long start_time, struct proc_stat *p
 }
 
 
-/* Reap `pid` if it is our child and has exited (never blocks, never waits on -1). */
-static void reap_if_exited(pid_t pid)
+/*
+ * Reap `pid` if it is our child and has exited (never blocks, never waits on -1).
+ * Returns 1 when it is our child but cannot be reaped yet: a multi-threaded process (redis)
+ * shows its leader as a zombie while its other threads are still exiting, and waitpid()
+ * answers 0 until they are gone.
+ */
+static int reap_if_exited(pid_t pid)
 {
-    int status;
-    while (waitpid(pid, &status, WNOHANG) < 0 && errno == EINTR)
+    int status, rc;
+    while ((rc = waitpid(pid, &status, WNOHANG)) < 0 && errno == EINTR)
         ;
+    return rc == 0;
 }
 
 
 /*
  * The liveness test behind alive() and stop(): identity matches and not a zombie.
- * A zombie with the right start time is reaped when it is our child.
+ * A zombie with the right start time is reaped when it is our child; one of ours that
+ * cannot be reaped yet (threads still exiting) counts as alive, so stop() waits for it.
  */
 static int check_alive(pid_t pid, long long start_time)
 {
@@ -161,10 +168,8 @@ static int check_alive(pid_t pid, long long start_time)
         return 0;
     if (ps.start_time != start_time)
         return 0;                               /* recycled pid: not ours to touch */
-    if (ps.state == 'Z' || ps.state == 'X' || ps.state == 'x') {
-        reap_if_exited(pid);
-        return 0;
-    }
+    if (ps.state == 'Z' || ps.state == 'X' || ps.state == 'x')
+        return reap_if_exited(pid);             /* still exiting: alive until reaped */
     return 1;
 }
 

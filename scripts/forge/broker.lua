@@ -40,10 +40,60 @@ local function check_version(req)
   end
 end
 
+-- The minor version a client speaks (X-Broker-API-Version 2.N), or nil.
+local function api_minor(req)
+  return tonumber((req.headers["x-broker-api-version"] or ""):match("^2%.(%d+)$"))
+end
+
+-- Catalog and response fields by the OSB version that introduced them: a client of an older
+-- version gets none of them, so strict clients validating against its schema accept the answer.
+local SINCE = {
+  service = { instances_retrievable = 14, bindings_retrievable = 14, allow_context_updates = 15 },
+  plan = { plan_updateable = 15, maintenance_info = 15, maximum_polling_duration = 15, binding_rotatable = 17 },
+  response = { instance_usable = 16, update_repeatable = 16 },
+}
+local NEWEST = 17
+
+local function strip(t, since, minor)
+  for k, v in pairs(since) do if v > minor then t[k] = nil end end
+  return t
+end
+
+-- The catalog JSON and ETag for clients of version 2.<minor>, built once per registry.
+local function catalog_for(reg, minor)
+  if minor >= NEWEST then return reg.catalog_json, reg.catalog_etag end
+  reg.catalog_variants = reg.catalog_variants or {}
+  local v = reg.catalog_variants[minor]
+  if not v then
+    local services = {}
+    for i, svc in ipairs(reg.list) do
+      local entry = strip(util.copy(svc.catalog), SINCE.service, minor)
+      for _, plan in ipairs(entry.plans) do strip(plan, SINCE.plan, minor) end
+      services[i] = entry
+    end
+    local json = #services > 0 and util.json_encode_sorted({ services = services }) or '{"services":[]}'
+    v = { json = json, etag = '"' .. crypto.sha256_hex(json):sub(1, 32) .. '"' }
+    reg.catalog_variants[minor] = v
+  end
+  return v.json, v.etag
+end
+
+-- A response body without the fields the client's version does not define.
+local function shape_response(minor, body)
+  if not minor or minor >= NEWEST or type(body) ~= "string" then return body end
+  for k, since in pairs(SINCE.response) do
+    if since > minor and body:find('"' .. k .. '"', 1, true) then
+      local t = util.json_decode(body)
+      return type(t) == "table" and util.json_encode(strip(t, SINCE.response, minor)) or body
+    end
+  end
+  return body
+end
+
 local function catalog(self, req)
-  local etag = self.registry.catalog_etag
+  local json, etag = catalog_for(self.registry, api_minor(req) or NEWEST)
   if req.headers["if-none-match"] == etag then return 304, { ETag = etag }, "" end
-  return reply(200, self.registry.catalog_json, { ETag = etag })
+  return reply(200, json, { ETag = etag })
 end
 
 -- Route table: path pattern (":" = an id segment) -> method -> handler(broker, ids..., req, q).
@@ -139,6 +189,7 @@ function Broker:handle(req)
     end
     status, headers, body = common.error_reply(e)
   end
+  body = shape_response(api_minor(req), body)
   local rid = req.headers["x-broker-api-request-identity"]
   if rid then headers["X-Broker-API-Request-Identity"] = rid end
   return status, headers, body

@@ -51,13 +51,14 @@ end
 -- the journal compares absent and points at the instance in the same transaction.
 -- An instance keeps the service version (content hash) that rendered it; only a provision or
 -- a maintenance_info upgrade moves it to the current version (`pinned` = the hash to keep).
-function M.render(b, svc, plan, rec, pinned)
+-- `spread`: a retry after a lost race for ports or IPs, which then come from a random point.
+function M.render(b, svc, plan, rec, pinned, spread)
   local target = driver_of(b, rec)
   if target.kind == "bosh" then
     local claim, status, code, msg = target:render(b.db, svc, plan, rec, function(hook, ...)
       if hook == "manifest" then return services.hook(svc, hook, ...) end
       return services.call(svc, hook, ...)
-    end)
+    end, spread)
     if not claim then fail(status, code, msg, status == 503 and { retry_after = 30 } or nil) end
     return claim
   end
@@ -74,7 +75,7 @@ function M.render(b, svc, plan, rec, pinned)
   local ports, added = {}, {}
   for i = 1, math.min(count, #old) do ports[i] = old[i] end
   if count > #ports then
-    local more, perr = target:allocate_ports(b.db, count - #ports)
+    local more, perr = target:allocate_ports(b.db, count - #ports, spread)
     if not more then fail(503, "ServiceUnavailable", perr, { retry_after = 30 }) end
     for _, p in ipairs(more) do
       ports[#ports + 1] = p
@@ -153,7 +154,7 @@ function M.provision(b, id, req, q)
   local fingerprint = provision_fingerprint(body, params)
 
   local ikey = key.instance(id)
-  for _ = 1, 5 do
+  for attempt = 1, 12 do
     local rec, rev = model.read(b.db, ikey)
     if not replaceable(rec) then
       if not util.deep_equal(rec.operation.request or {}, fingerprint) and
@@ -179,7 +180,7 @@ function M.provision(b, id, req, q)
       context = context, maintenance_info = plan.maintenance_info, state = "deploying", target = target,
       deployment_name = svc.name .. "-" .. id, operation = common.new_operation("provision", fingerprint),
       created_at = now, updated_at = now }
-    local added = M.render(b, svc, plan, new)
+    local added = M.render(b, svc, plan, new, nil, attempt > 1)
     if journal(b, new, rev, added) then
       log.info("provision accepted", { instance = id, service = svc.name, plan = plan.name, target = target,
         operation = new.operation.id, ports = new.resources.ports, ips = new.resources.ips, request_id = req.id,

@@ -102,7 +102,7 @@ function Bosh:ip_prefix(net) return "ip/" .. self.name .. "/" .. net.name .. "/"
 --- Allocate `count` IPs for instance `id` from the network's pool. IPs this instance already
 -- holds (`keep`, in order, and any key already pointing at it) come first.
 -- @return ips, keys_to_claim (compare absent) | nil, message
-function Bosh:allocate_ips(db, net, id, count, keep)
+function Bosh:allocate_ips(db, net, id, count, keep, spread)
   local prefix = self:ip_prefix(net)
   local owner = {}
   for _, kv in ipairs(model.range(db, prefix)) do owner[kv.key:sub(#prefix + 1)] = kv.value end
@@ -114,7 +114,11 @@ function Bosh:allocate_ips(db, net, id, count, keep)
   end
   for _, ip in ipairs(keep or {}) do if owner[ip] == id then add(ip) end end
   local claim = {}
-  for _, ip in ipairs(self:pool(net)) do
+  local pool = self:pool(net)
+  -- a retry after a lost race starts at a random point, so concurrent provisions spread out
+  local start = spread and math.random(0, #pool - 1) or 0
+  for i = 1, #pool do
+    local ip = pool[(start + i - 1) % #pool + 1]
     if #ips >= count then break end
     if owner[ip] == id then
       add(ip)
@@ -170,7 +174,7 @@ end
 -- merge. Sets rec.resources, rec.manifest, rec.bosh. Returns the store keys to claim (compared
 -- absent, put to rec.id in the journal txn), or nil, status, code, message.
 -- call(hook, ...) calls a service hook (services.call bound to the service).
-function Bosh:render(db, svc, plan, rec, call)
+function Bosh:render(db, svc, plan, rec, call, spread)
   if not svc.script.manifest then                 -- hooks show as `true` outside the sandbox
     return nil, 500, "ServiceScriptError", "service " .. svc.name .. " has no manifest hook: it cannot deploy "
       .. "to BOSH target " .. self.name
@@ -187,7 +191,7 @@ function Bosh:render(db, svc, plan, rec, call)
   end
   local net = self:network(plan)
   local old = rec.resources and rec.resources.ips or {}
-  local ips, claim = self:allocate_ips(db, net, rec.id, count, old)
+  local ips, claim = self:allocate_ips(db, net, rec.id, count, old, spread)
   if not ips then return nil, 503, "ServiceUnavailable", claim end
   rec.resources = { target = self.name, network = net.name, ips = ips, azs = net.azs }
   rec.secrets = rec.secrets or {}

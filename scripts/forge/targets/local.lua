@@ -76,13 +76,18 @@ local function tail(path)
   return table.concat(lines, " / ", math.max(1, #lines - 2))
 end
 
---- Ports needed for a deployment, as the service says (default 1).
-function Local:allocate_ports(db, count)
+--- Ports needed for a deployment, as the service says (default 1): the lowest free ones, or,
+-- with `spread` (a retry after another request claimed the same ports), free ones from a random
+-- point of the pool on, so that concurrent provisions stop picking the same ports.
+function Local:allocate_ports(db, count, spread)
   local used = {}
   for _, kv in ipairs(model.range(db, "port/")) do used[tonumber(kv.key:sub(6))] = true end
   local ports = {}
-  for p = self.cfg.ports.from, self.cfg.ports.to do
+  local from, size = self.cfg.ports.from, self.cfg.ports.to - self.cfg.ports.from + 1
+  local start = spread and math.random(0, size - 1) or 0
+  for i = 0, size - 1 do
     if #ports == count then break end
+    local p = from + (start + i) % size
     if not used[p] and proc.port_free(p, self.cfg.host) then ports[#ports + 1] = p end
   end
   if #ports < count then
