@@ -55,6 +55,27 @@ describe("broker input checks", function()
     end
   end)
 
+  it("answers a 2.13 client a catalog in 2.13's shape, with its own ETag", function()
+    local _, _, h17, new = b:call("GET", "/v2/catalog")
+    local _, _, h13, old = b:call("GET", "/v2/catalog", nil, { ["X-Broker-API-Version"] = "2.13" })
+    assert.is_true(new.services[1].instances_retrievable)
+    assert.is_table(new.services[1].plans[1].maintenance_info)
+    for _, svc in ipairs(old.services) do
+      assert.is_nil(svc.instances_retrievable)
+      assert.is_nil(svc.bindings_retrievable)
+      assert.is_nil(svc.allow_context_updates)
+      for _, plan in ipairs(svc.plans) do
+        assert.is_nil(plan.maintenance_info)
+        assert.is_nil(plan.maximum_polling_duration)
+        assert.is_nil(plan.plan_updateable)
+        assert.is_table(plan.schemas)        -- 2.13 has schemas
+      end
+    end
+    assert.not_equal(h17.etag, h13.etag)
+    assert.equal(304, (b:call("GET", "/v2/catalog", nil, { ["X-Broker-API-Version"] = "2.13",
+      ["If-None-Match"] = h13.etag })))
+  end)
+
   it("400 on malformed JSON and non-object bodies", function()
     expect_error(400, "MalformedJSON", "PUT", "/v2/service_instances/m1?accepts_incomplete=true", "{")
     for _, body in ipairs({ "[]", "null", "42", '"x"', "" }) do

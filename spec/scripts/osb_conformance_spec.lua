@@ -318,6 +318,12 @@ describe("instance rules", function()
     local json = refused(422, "PlanChangeNotSupported", "PATCH", inst("upd"),
       { service_id = D.service, plan_id = D.unbindable })
     assert.is_false(json.update_repeatable)
+    -- a 2.15 client gets no field 2.16 introduced
+    local _, _, _, old = b:call("PATCH", inst("upd"), { service_id = D.service, plan_id = D.unbindable },
+      { ["X-Broker-API-Version"] = "2.15" })
+    assert.equal("PlanChangeNotSupported", old.error)
+    assert.is_nil(old.update_repeatable)
+    assert.is_nil(old.instance_usable)
   end)
 
   it("applies context-only updates where allowed (200) and no-op updates (200)", function()
