@@ -101,6 +101,7 @@ typedef struct yctx {
     /* static_ips claims: ip -> owner */
     struct { uint32_t ip; char *owner; } *claims;
     size_t nclaims, capclaims;
+    int glob_mode;          /* path errors as spruce's Cursor.Glob words them (no [=value]) */
 } yctx;
 
 static int ysentinel;   /* its address is the error value of an operational failure */

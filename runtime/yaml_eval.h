@@ -450,11 +450,11 @@ static int seg_text(yctx *c, const yseg *sg, const char **s, size_t *n, char *tm
 }
 
 /* spruce's TypeMismatchError for a path that runs through a scalar (have[0..hn) is its parent path). */
-static void scalar_mismatch(const ynode *v, const char *have, size_t hn, char *err, size_t errsz)
+static void scalar_mismatch(const ynode *v, int glob, const char *have, size_t hn, char *err, size_t errsz)
 {
     char tmp[64];
     size_t len;
-    if (v->t == T_NULL) {
+    if (v->t == T_NULL || glob) {
         snprintf(err, errsz, "$.%.*s is a scalar (not a map or a list)", (int)hn, have);
         return;
     }
@@ -490,7 +490,7 @@ static ynode *resolve(yctx *c, const char *ref, size_t n, char *err, size_t errs
         if (w > 0 && hn + (size_t)w < sizeof have)
             hn += (size_t)w;
         if (cur->t != T_MAP && cur->t != T_SEQ) {
-            scalar_mismatch(cur, have, prev, err, errsz);
+            scalar_mismatch(cur, c->glob_mode, have, prev, err, errsz);
             return NULL;
         }
         ynode *next = step(c, cur, s, sl, &idx);
@@ -1225,47 +1225,55 @@ static int int_of(const ynode *v, lua_Integer *i)
     return 0;
 }
 
-static int op_ips(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
+/* First address for (( ips BASE IDX [COUNT] )): CIDRs count from the network base (from its end if IDX < 0). */
+static int ips_start(const ynode *base, lua_Integer idx, int has_count, lua_Integer count, int64_t *start,
+                     char *err, size_t errsz)
 {
-    NEED(op->nargs == 2 || op->nargs == 3, "ips operator requires two or three arguments (IP|CIDR, index [, count])");
-    ynode *base = arg_value(c, op, 0, err, errsz, NULL);
-    if (!base)
-        return 0;
-    NEED(base->t == T_STR, "ips: %s is not an IP address or CIDR", arg_text(c, op, 0));
-    ynode *iv = arg_value(c, op, 1, err, errsz, NULL);
-    if (!iv)
-        return 0;
-    lua_Integer idx, count = 1;
-    NEED(int_of(iv, &idx), "ips: index %s is not an integer", arg_text(c, op, 1));
-    if (op->nargs == 3) {
-        ynode *cv = arg_value(c, op, 2, err, errsz, NULL);
-        if (!cv)
-            return 0;
-        NEED(int_of(cv, &count) && count >= 0 && count <= 65536, "ips: count %s is not a usable integer",
-             arg_text(c, op, 2));
-    }
     const char *s = base->u.s.p;
     const char *slash = memchr(s, '/', base->u.s.n);
     uint32_t ip;
-    int64_t start;
-    NEED(parse_ip(s, slash ? (size_t)(slash - s) : base->u.s.n, &ip), "ips: %.*s is not an IPv4 address or CIDR",
-         (int)base->u.s.n, s);
-    if (slash) {
-        int bits = atoi(slash + 1);
-        NEED(bits >= 0 && bits <= 32, "ips: bad prefix length in %.*s", (int)base->u.s.n, s);
-        uint32_t mask = bits == 0 ? 0 : 0xFFFFFFFFu << (32 - bits);
-        int64_t size = (int64_t)1 << (32 - bits);
-        int64_t st = idx < 0 ? size + idx : idx;
-        NEED(st >= 0 && st < size, "start index %lld exceeds size of subnet %.*s", (long long)idx,
-             (int)base->u.s.n, s);
-        NEED(st + (count ? count : 1) <= size, "start index %lld and count %lld exceed size of subnet %.*s",
-             (long long)idx, (long long)count, (int)base->u.s.n, s);
-        start = (int64_t)(ip & mask) + st;
-    } else {
-        start = (int64_t)ip + idx;
-        NEED(start >= 0 && start + (count ? count : 1) - 1 <= 0xFFFFFFFFLL, "ips: index %lld is out of range for %.*s",
-             (long long)idx, (int)base->u.s.n, s);
+    int bits = slash ? atoi(slash + 1) : 32;
+    NEED(parse_ip(s, slash ? (size_t)(slash - s) : base->u.s.n, &ip) && bits >= 0 && bits <= 32
+         && (!slash || (slash[1] && strspn(slash + 1, "0123456789") == base->u.s.n - (size_t)(slash + 1 - s))),
+         "invalid CIDR address: %.*s", (int)base->u.s.n, s);
+    if (!slash) {
+        *start = (int64_t)ip + idx;
+        NEED(*start >= 0 && *start + (has_count && count > 0 ? count - 1 : 0) <= 0xFFFFFFFFLL,
+             "ips: index %lld is out of range for %.*s", (long long)idx, (int)base->u.s.n, s);
+        return 1;
     }
+    uint32_t mask = bits == 0 ? 0 : 0xFFFFFFFFu << (32 - bits);
+    int64_t size = (int64_t)1 << (32 - bits);
+    NEED(llabs((long long)idx) <= size, "start index %lld exceeds size of subnet %.*s", (long long)idx,
+         (int)base->u.s.n, s);
+    int64_t st = idx < 0 ? size + idx : idx;
+    NEED(!has_count || st + count <= size, "start index %lld and count %lld would exceed size of subnet %.*s",
+         (long long)st, (long long)count, (int)base->u.s.n, s);
+    *start = (int64_t)(ip & mask) + st;
+    NEED(*start + (has_count && count > 0 ? count - 1 : 0) <= 0xFFFFFFFFLL, "ips: index %lld is out of range for %.*s",
+         (long long)idx, (int)base->u.s.n, s);
+    return 1;
+}
+
+static int op_ips(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
+{
+    NEED(op->nargs >= 2, "ips requires at least two arguments: 1) An IP or a CIDR and 2) an index");
+    ynode *vals[3];
+    for (int a = 0; a < op->nargs; a++) {
+        ynode *v = arg_value(c, op, a, err, errsz, NULL);
+        if (!v)
+            return 0;
+        if (a < 3)
+            vals[a] = v;
+    }
+    NEED(vals[0]->t == T_STR, "invalid CIDR address: %s", arg_text(c, op, 0));
+    lua_Integer idx, count = 0;
+    NEED(int_of(vals[1], &idx), "ips: index %s is not an integer", arg_text(c, op, 1));
+    NEED(op->nargs == 2 || (int_of(vals[2], &count) && count <= 65536), "ips: count %s is not a usable integer",
+         arg_text(c, op, 2));
+    int64_t start;
+    if (!ips_start(vals[0], idx, op->nargs > 2, count, &start, err, errsz))
+        return 0;
     char tmp[32];
     if (op->nargs == 2) {
         fmt_ip((uint32_t)start, tmp, sizeof tmp);
@@ -1287,9 +1295,6 @@ typedef struct ippool { uint32_t *ip; size_t n, cap; } ippool;
 
 static void pool_add(yctx *c, ippool *p, uint32_t ip)
 {
-    for (size_t i = 0; i < p->n; i++)
-        if (p->ip[i] == ip)
-            return;
     if (p->n == p->cap) {
         size_t cap = p->cap ? p->cap * 2 : 64;
         uint32_t *v = aalloc(c, sizeof(uint32_t) * cap);
@@ -1301,168 +1306,466 @@ static void pool_add(yctx *c, ippool *p, uint32_t ip)
     p->ip[p->n++] = ip;
 }
 
-/* Add the static IPs of one subnet. */
-static int subnet_ips(yctx *c, ynode *subnet, ippool *p, char *err, size_t errsz)
+/* Static pools by zone, plus every zone in subnet order (spruce's poolAZs, duplicates kept). */
+typedef struct sipzones {
+    const char **name;
+    ippool *pool;
+    int n, cap;
+    const char **order;
+    int norder, caporder;
+} sipzones;
+
+static ippool *zone_pool(sipzones *z, const char *name)
 {
-    ynode *st = map_gets(c, subnet, "static");
-    if (!st)
-        return 1;
-    NEED(st->t == T_SEQ, "static IPs of a subnet must be a list");
-    for (size_t i = 0; i < st->u.c.n; i++) {
-        ynode *e = st->u.c.v[i];
-        NEED(e->t == T_STR, "static IP entry #%zu is not a string", i);
-        const char *s = e->u.s.p, *dash = memchr(s, '-', e->u.s.n);
-        uint32_t a, b;
-        if (dash) {
-            size_t l1 = (size_t)(dash - s);
-            while (l1 && isspace((unsigned char)s[l1 - 1]))
-                l1--;
-            const char *s2 = dash + 1;
-            size_t l2 = e->u.s.n - (size_t)(s2 - s);
-            while (l2 && isspace((unsigned char)*s2))
-                s2++, l2--;
-            NEED(parse_ip(s, l1, &a) && parse_ip(s2, l2, &b) && a <= b && b - a < 65536,
-                 "bad static IP range '%s'", s);
-        } else {
-            NEED(parse_ip(s, e->u.s.n, &a), "bad static IP '%s'", s);
-            b = a;
+    for (int i = 0; i < z->n; i++)
+        if (strcmp(z->name[i], name) == 0)
+            return &z->pool[i];
+    return NULL;
+}
+
+/* Record that a subnet serves zone `name`; returns its pool. */
+static ippool *zone_use(yctx *c, sipzones *z, const char *name)
+{
+    if (z->norder == z->caporder) {
+        int cap = z->caporder ? z->caporder * 2 : 8;
+        const char **o = aalloc(c, sizeof(char *) * (size_t)cap);
+        if (z->norder)
+            memcpy(o, z->order, sizeof(char *) * (size_t)z->norder);
+        z->order = o;
+        z->caporder = cap;
+    }
+    z->order[z->norder++] = name;
+    ippool *p = zone_pool(z, name);
+    if (p)
+        return p;
+    if (z->n == z->cap) {
+        int cap = z->cap ? z->cap * 2 : 8;
+        const char **nm = aalloc(c, sizeof(char *) * (size_t)cap);
+        ippool *pl = aalloc(c, sizeof(ippool) * (size_t)cap);
+        if (z->n) {
+            memcpy(nm, z->name, sizeof(char *) * (size_t)z->n);
+            memcpy(pl, z->pool, sizeof(ippool) * (size_t)z->n);
         }
+        z->name = nm;
+        z->pool = pl;
+        z->cap = cap;
+    }
+    z->name[z->n] = name;
+    memset(&z->pool[z->n], 0, sizeof(ippool));
+    return &z->pool[z->n++];
+}
+
+/* Resolve a path spruce builds with Sprintf; NULL with the tree error in err. */
+static ynode *sip_get(yctx *c, char *err, size_t errsz, const char *fmt, const char *a, const char *b)
+{
+    char path[1200];
+    if (snprintf(path, sizeof path, fmt, a, b ? b : "") >= (int)sizeof path) {
+        snprintf(err, errsz, "path too long");
+        return NULL;
+    }
+    return resolve(c, path, strlen(path), err, errsz, 0);
+}
+
+/* Cursor.ResolveString: a string, or an int printed; anything else "<path> is not a string". */
+static const char *sip_string(yctx *c, const char *path, const char *leaf, char *err, size_t errsz)
+{
+    ynode *v = sip_get(c, err, errsz, "%s.%s", path, leaf);
+    if (!v)
+        return NULL;
+    if (v->t == T_STR)
+        return astrdup(c, v->u.s.p, v->u.s.n);
+    if (v->t == T_INT) {
+        char tmp[32];
+        snprintf(tmp, sizeof tmp, "%lld", (long long)v->u.i);
+        return astrdup(c, tmp, strlen(tmp));
+    }
+    snprintf(err, errsz, "%s.%s is not a string", path, leaf);
+    return NULL;
+}
+
+/* The zones one subnet serves: its az, its azs, or z1. */
+static void subnet_zones(yctx *c, sipzones *z, const char *r, const char **zones, int *nz, int max)
+{
+    char e[256];
+    *nz = 0;
+    const char *az = sip_string(c, r, "az", e, sizeof e);
+    if (az && *az && *nz < max)
+        zones[(*nz)++] = az;
+    ynode *azs = sip_get(c, e, sizeof e, "%s.azs", r, NULL);
+    for (size_t i = 0; azs && azs->t == T_SEQ && i < azs->u.c.n; i++) {
+        ynode *v = azs->u.c.v[i];
+        if (v->t == T_STR && v->u.s.n && *nz < max)
+            zones[(*nz)++] = astrdup(c, v->u.s.p, v->u.s.n);
+    }
+    if (*nz == 0)
+        zones[(*nz)++] = "z1";
+    for (int i = 0; i < *nz; i++)
+        zone_use(c, z, zones[i]);
+}
+
+/* One `static` entry ("IP" or "IP - IP") into every zone of its subnet. */
+static int static_entry(yctx *c, sipzones *z, const char *net, const ynode *e, const char *const *zones, int nz,
+                        char *err, size_t errsz)
+{
+    NEED(e->t == T_STR, "%s is not a well-formed BOSH network", net);
+    const char *s = e->u.s.p, *end = s + e->u.s.n, *dash = memchr(s, '-', e->u.s.n);
+    const char *dash2 = dash ? memchr(dash + 1, '-', (size_t)(end - dash - 1)) : NULL;
+    const char *s2 = dash ? dash + 1 : end, *e2 = dash2 ? dash2 : end;
+    const char *e1 = dash ? dash : end;
+    while (s < e1 && isspace((unsigned char)*s)) s++;
+    while (e1 > s && isspace((unsigned char)e1[-1])) e1--;
+    while (s2 < e2 && isspace((unsigned char)*s2)) s2++;
+    while (e2 > s2 && isspace((unsigned char)e2[-1])) e2--;
+    uint32_t a, b;
+    NEED(parse_ip(s, (size_t)(e1 - s), &a), "%.*s: not a valid IP address", (int)(e1 - s), s);
+    b = a;
+    if (dash && !dash2) {
+        NEED(parse_ip(s2, (size_t)(e2 - s2), &b), "%.*s: not a valid IP address", (int)(e2 - s2), s2);
+        char ta[32], tb[32];
+        fmt_ip(a, ta, sizeof ta);
+        fmt_ip(b, tb, sizeof tb);
+        NEED(a <= b, "Static IP pool [%s - %s] ends before it starts", ta, tb);
+        NEED(b - a < (1u << 22), "Static IP pool [%s - %s] is too large for forge.yaml", ta, tb);
+    }
+    for (int i = 0; i < nz; i++) {
+        ippool *p = zone_pool(z, zones[i]);
         for (uint64_t ip = a; ip <= b; ip++)
             pool_add(c, p, (uint32_t)ip);
     }
     return 1;
 }
 
-static int subnet_in_az(yctx *c, ynode *subnet, const char *az, size_t azl)
+/* The static IPs of one subnet (canonical path r), as spruce's statics() reads them. */
+static int subnet_statics(yctx *c, sipzones *z, const char *net, const char *r, char *err, size_t errsz)
 {
-    ynode *one = map_gets(c, subnet, "az");
-    ynode *many = map_gets(c, subnet, "azs");
-    if (one && one->t == T_STR)
-        return one->u.s.n == azl && memcmp(one->u.s.p, az, azl) == 0;
-    if (many && many->t == T_SEQ) {
-        for (size_t i = 0; i < many->u.c.n; i++)
-            if (many->u.c.v[i]->t == T_STR && many->u.c.v[i]->u.s.n == azl
-                && memcmp(many->u.c.v[i]->u.s.p, az, azl) == 0)
-                return 1;
+    const char *zones[64];
+    int nz;
+    subnet_zones(c, z, r, zones, &nz, 64);
+    c->glob_mode = 1;
+    ynode *st = sip_get(c, err, errsz, "%s.static", r, NULL);
+    c->glob_mode = 0;
+    if (!st)
         return 0;
+    NEED(st->t == T_SEQ || st->t == T_MAP, "$.%s.static.* is a scalar (not a map or a list)", r);
+    for (size_t i = 0; i < st->u.c.n; i++)
+        if (!static_entry(c, z, net, st->u.c.v[i], zones, nz, err, errsz))
+            return 0;
+    return 1;
+}
+
+/* Canonical path of a reference (list entries by index). */
+static const char *canon_path(yctx *c, const char *ref)
+{
+    yseg seg[MAXSEG];
+    int k = split_ref(ref, strlen(ref), seg, MAXSEG);
+    ybuf *b = &c->tmp;
+    b->n = 0;
+    buf_add(c, b, "", 0);
+    ynode *cur = c->root;
+    for (int i = 0; i < k && cur; i++) {
+        size_t idx;
+        char tmp[64];
+        ynode *next = step(c, cur, seg[i].s, seg[i].n, &idx);
+        if (!next)
+            break;
+        if (b->n)
+            buf_add(c, b, ".", 1);
+        if (cur->t == T_SEQ) {
+            snprintf(tmp, sizeof tmp, "%zu", idx);
+            buf_adds(c, b, tmp);
+        } else {
+            size_t kl;
+            const char *kt = scalar_text(cur->u.c.k[idx], tmp, sizeof tmp, &kl);
+            buf_add(c, b, kt, kl);
+        }
+        cur = next;
     }
-    return azl == 2 && memcmp(az, "z1", 2) == 0;
+    return astrdup(c, b->p, b->n);
+}
+
+/* spruce's statics(): the network named beside the operator, all its subnets' pools. */
+static int sip_pools(yctx *c, yop *op, sipzones *z, const char **netname, char *err, size_t errsz)
+{
+    const char *dot = strrchr(op->path, '.');
+    const char *entry = dot ? astrdup(c, op->path, (size_t)(dot - op->path)) : "";
+    const char *net = sip_string(c, entry, "name", err, errsz);
+    if (!net)
+        return 0;
+    *netname = net;
+    c->glob_mode = 1;
+    ynode *subs = sip_get(c, err, errsz, "networks.%s.subnets", net, NULL);
+    c->glob_mode = 0;
+    if (!subs)
+        return 0;
+    NEED(subs->t == T_SEQ || subs->t == T_MAP, "$.networks.%s.subnets.* is a scalar (not a map or a list)", net);
+    char base[600];
+    snprintf(base, sizeof base, "networks.%s.subnets", net);
+    const char *cb = canon_path(c, base);
+    for (size_t i = 0; i < subs->u.c.n; i++) {
+        char r[700], tmp[64];
+        size_t kl;
+        if (subs->t == T_SEQ)
+            snprintf(r, sizeof r, "%s.%zu", cb, i);
+        else
+            snprintf(r, sizeof r, "%s.%.*s", cb, (int)kl, scalar_text(subs->u.c.k[i], tmp, sizeof tmp, &kl));
+        if (!subnet_statics(c, z, net, r, err, errsz))
+            return 0;
+    }
+    return 1;
+}
+
+/* A value roughly as Go's %#v prints it ([]interface {}{"z1", 2}). */
+static void go_sharpv(yctx *c, ybuf *b, const ynode *n, int depth)
+{
+    char tmp[64];
+    size_t len;
+    if (n->t == T_STR) {
+        buf_add(c, b, "\"", 1);
+        buf_add(c, b, n->u.s.p, n->u.s.n);
+        buf_add(c, b, "\"", 1);
+        return;
+    }
+    if (n->t == T_NULL || depth > 8) {
+        buf_adds(c, b, "interface {}(nil)");
+        return;
+    }
+    if (is_scalar(n)) {
+        const char *s = scalar_text(n, tmp, sizeof tmp, &len);
+        buf_add(c, b, s, len);
+        return;
+    }
+    buf_adds(c, b, n->t == T_SEQ ? "[]interface {}{" : "map[interface {}]interface {}{");
+    for (size_t i = 0; i < n->u.c.n; i++) {
+        if (i)
+            buf_add(c, b, ", ", 2);
+        if (n->t == T_MAP) {
+            go_sharpv(c, b, n->u.c.k[i], depth + 1);
+            buf_add(c, b, ":", 1);
+        }
+        go_sharpv(c, b, n->u.c.v[i], depth + 1);
+    }
+    buf_add(c, b, "}", 1);
+}
+
+/* The job's `azs` as a list of strings (NULL when absent). */
+static int sip_job_azs(yctx *c, const char *job, const ynode **azs, char *err, size_t errsz)
+{
+    char e[256];
+    *azs = sip_get(c, e, sizeof e, "%s.azs", job, NULL);
+    if (!*azs)
+        return 1;
+    int ok = (*azs)->t == T_SEQ;
+    for (size_t i = 0; ok && i < (*azs)->u.c.n; i++)
+        ok = (*azs)->u.c.v[i]->t == T_STR;
+    if (!ok) {
+        ybuf *b = &c->tmp;
+        b->n = 0;
+        go_sharpv(c, b, *azs, 0);
+        buf_add(c, b, "", 1);
+        NEED(0, "azs %s must be a list of strings", b->p);
+    }
+    return 1;
+}
+
+/* instances: a number (string or int), not negative. */
+static int sip_instances(yctx *c, const char *job, lua_Integer *inst, char *err, size_t errsz)
+{
+    const char *s = sip_string(c, job, "instances", err, errsz);
+    if (!s)
+        return 0;
+    lua_Integer v;
+    int ovf;
+    NEED(parse_go_int(s, strlen(s), &v, &ovf) && !ovf && strspn(s, "+-0123456789") == strlen(s),
+         "the `instances:` for the current job is not numeric");
+    NEED(v >= 0, "negative number found in `instances:` for the current job");
+    *inst = v;
+    return 1;
+}
+
+/* currentJob(): the path up to the entry right under `jobs` or `instance_groups`. */
+static const char *sip_job(yctx *c, yop *op, char *err, size_t errsz)
+{
+    yseg seg[MAXSEG];
+    int k = split_ref(op->path, strlen(op->path), seg, MAXSEG);
+    while (k > 0 && !(k >= 2 && (word_is(seg[k - 2].s, seg[k - 2].n, "jobs")
+                                 || word_is(seg[k - 2].s, seg[k - 2].n, "instance_groups"))))
+        k--;
+    if (k <= 0) {
+        snprintf(err, errsz, "not currently inside of a job definition block");
+        return NULL;
+    }
+    return astrdup(c, op->path, (size_t)(seg[k - 1].s + seg[k - 1].n - op->path));
+}
+
+static int str_in(const ynode *list, const char *s, size_t n)
+{
+    for (size_t i = 0; list && i < list->u.c.n; i++)
+        if (list->u.c.v[i]->u.s.n == n && memcmp(list->u.c.v[i]->u.s.p, s, n) == 0)
+            return 1;
+    return 0;
+}
+
+/* The pool an argument indexes: every zone's addresses (de-duplicated, zone order), or one zone's. */
+static int sip_pick_pool(yctx *c, sipzones *z, const ynode *jazs, const char *az, size_t azl, ippool *out,
+                         char *err, size_t errsz)
+{
+    ybuf *b = &c->tmp;
+    b->n = 0;
+    buf_add(c, b, "[", 1);
+    int nz = jazs ? (int)jazs->u.c.n : z->norder;
+    for (int i = 0; i < nz; i++) {
+        if (i)
+            buf_add(c, b, " ", 1);
+        if (jazs)
+            buf_add(c, b, jazs->u.c.v[i]->u.s.p, jazs->u.c.v[i]->u.s.n);
+        else
+            buf_adds(c, b, z->order[i]);
+    }
+    buf_add(c, b, "]", 2);
+    if (az) {
+        int found = 0;
+        for (int i = 0; i < nz && !found; i++)
+            found = jazs ? str_in(jazs, az, azl) : (strlen(z->order[i]) == azl && memcmp(z->order[i], az, azl) == 0);
+        NEED(found, "could not find AZ %.*s in instance_groups AZS %s", (int)azl, az, b->p);
+        char *name = astrdup(c, az, azl);
+        ippool *p = zone_pool(z, name);
+        NEED(p, "could not find AZ %s in IP pool", name);
+        *out = *p;
+        return 1;
+    }
+    memset(out, 0, sizeof *out);
+    for (int i = 0; i < nz; i++) {
+        const char *name = jazs ? astrdup(c, jazs->u.c.v[i]->u.s.p, jazs->u.c.v[i]->u.s.n) : z->order[i];
+        int dup = 0;
+        for (int j = 0; j < i && !dup; j++)
+            dup = strcmp(name, jazs ? astrdup(c, jazs->u.c.v[j]->u.s.p, jazs->u.c.v[j]->u.s.n) : z->order[j]) == 0;
+        ippool *p = dup ? NULL : zone_pool(z, name);
+        for (size_t k = 0; p && k < p->n; k++) {
+            int seen = 0;
+            for (size_t m = 0; m < out->n && !seen && nz > 1; m++)
+                seen = out->ip[m] == p->ip[k];
+            if (!seen)
+                pool_add(c, out, p->ip[k]);
+        }
+    }
+    return 1;
+}
+
+/* One argument: an int literal, or a string "N" / "AZ:N" (references do not count as literals). */
+static int sip_arg(yctx *c, yop *op, int i, const char **az, size_t *azl, lua_Integer *n, char *err, size_t errsz)
+{
+    int lit;
+    ynode *v = arg_value(c, op, i, err, errsz, &lit);
+    if (!v)
+        return 0;
+    const atok *t = &op->args[i].alt[op->used];
+    *az = NULL;
+    if (t->kind == A_INT && lit) {
+        *n = t->i;
+        return 1;
+    }
+    const char *fmt = "static_ips operator arguments must have format <az>:<number> or <number>";
+    NEED((t->kind == A_STR && lit) || t->kind == A_ENV, "%s", fmt);
+    const char *s = t->kind == A_STR ? t->s : NULL;
+    size_t len = t->n;
+    if (t->kind == A_ENV)
+        s = env_get(c, t->s, &len);
+    const char *colon = memchr(s, ':', len);
+    if (colon) {
+        *az = s;
+        *azl = (size_t)(colon - s);
+        len -= *azl + 1;
+        s = colon + 1;
+    }
+    int ovf;
+    NEED(len && strspn(s, "+-0123456789") >= len && parse_go_int(s, len, n, &ovf) && !ovf, "%s", fmt);
+    return 1;
+}
+
+/* Claim ip for owner, once per document. */
+static int sip_claim(yctx *c, uint32_t ip, const char *owner, char *err, size_t errsz)
+{
+    char ipt[32];
+    fmt_ip(ip, ipt, sizeof ipt);
+    for (size_t cl = 0; cl < c->nclaims; cl++)
+        NEED(c->claims[cl].ip != ip, "tried to use IP '%s', but that address is already allocated to %s", ipt,
+             c->claims[cl].owner);
+    if (c->nclaims == c->capclaims) {
+        size_t cap = c->capclaims ? c->capclaims * 2 : 32;
+        void *nv = aalloc(c, sizeof(c->claims[0]) * cap);
+        if (c->nclaims)
+            memcpy(nv, c->claims, sizeof(c->claims[0]) * c->nclaims);
+        c->claims = nv;
+        c->capclaims = cap;
+    }
+    c->claims[c->nclaims].ip = ip;
+    c->claims[c->nclaims].owner = astrdup(c, owner, strlen(owner));
+    c->nclaims++;
+    return 1;
+}
+
+/* The instances' addresses, one argument each, in spruce's order of checks. */
+static int sip_assign(yctx *c, yop *op, sipzones *z, const ynode *jazs, const char *jname, lua_Integer inst,
+                      ynode *l, char *err, size_t errsz)
+{
+    for (lua_Integer i = 0; i < inst; i++) {
+        const char *az;
+        size_t azl = 0;
+        lua_Integer n;
+        ippool pool;
+        if (!sip_arg(c, op, (int)i, &az, &azl, &n, err, errsz)
+            || !sip_pick_pool(c, z, jazs, az, azl, &pool, err, errsz))
+            return 0;
+        NEED(n >= 0, "static_ips operator only accepts literal non-negative numbers for arguments");
+        NEED((size_t)n < pool.n, "request for static_ip(%lld) in a pool of only %zu (zero-indexed) static addresses",
+             (long long)n, pool.n);
+        char owner[160], ipt[32];
+        snprintf(owner, sizeof owner, "%s/%lld", jname, (long long)i);
+        if (!sip_claim(c, pool.ip[n], owner, err, errsz))
+            return 0;
+        fmt_ip(pool.ip[n], ipt, sizeof ipt);
+        seq_push(c, l, nstrz(c, ipt, op->node));
+    }
+    return 1;
 }
 
 static int op_static_ips(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 {
-    yseg seg[MAXSEG];
-    int k = split_ref(op->path, strlen(op->path), seg, MAXSEG);
-    NEED(k >= 3 && (word_is(seg[0].s, seg[0].n, "jobs") || word_is(seg[0].s, seg[0].n, "instance_groups")),
-         "static_ips operator only works inside of a job definition block (not currently inside of a job "
-         "definition block)");
-    size_t idx;
-    ynode *jobs = step(c, c->root, seg[0].s, seg[0].n, &idx);
-    ynode *job = jobs ? step(c, jobs, seg[1].s, seg[1].n, &idx) : NULL;
-    NEED(job && job->t == T_MAP, "not currently inside of a job definition block");
-    ynode *jn = map_gets(c, job, "name");
-    ynode *inst = map_gets(c, job, "instances");
-    ynode *azs = map_gets(c, job, "azs");
-    char jname[128];
-    size_t jl;
-    char tmp[64];
-    const char *js = jn && is_scalar(jn) ? scalar_text(jn, tmp, sizeof tmp, &jl) : "?";
-    if (!(jn && is_scalar(jn)))
-        jl = 1;
-    snprintf(jname, sizeof jname, "%.*s", (int)jl, js);
-    lua_Integer instances;
-    NEED(inst && int_of(inst, &instances) && instances >= 0, "job %s has no usable instances count", jname);
-    ynode *entry = op->parent;
-    ynode *netname = map_gets(c, entry, "name");
-    NEED(netname && netname->t == T_STR, "network definition for static_ips has no name");
-    ynode *nets = map_gets(c, c->root, "networks");
-    NEED(nets && nets->t == T_SEQ, "no networks defined (looking for %.*s)", (int)netname->u.s.n, netname->u.s.p);
-    ynode *net = NULL;
-    for (size_t i = 0; i < nets->u.c.n; i++) {
-        ynode *nn = map_gets(c, nets->u.c.v[i], "name");
-        if (nn && scalar_eq(nn, netname)) {
-            net = nets->u.c.v[i];
-            break;
-        }
-    }
-    NEED(net, "could not find network %.*s", (int)netname->u.s.n, netname->u.s.p);
-    ynode *subnets = map_gets(c, net, "subnets");
-    NEED(subnets && subnets->t == T_SEQ, "network %.*s has no subnets", (int)netname->u.s.n, netname->u.s.p);
-    ippool pool;
-    memset(&pool, 0, sizeof pool);
-    int use_azs = azs && azs->t == T_SEQ && azs->u.c.n > 0;
-    if (!use_azs) {
-        for (size_t i = 0; i < subnets->u.c.n; i++)
-            if (!subnet_ips(c, subnets->u.c.v[i], &pool, err, errsz))
-                return 0;
-    } else {
-        for (size_t z = 0; z < azs->u.c.n; z++) {
-            ynode *az = azs->u.c.v[z];
-            NEED(az->t == T_STR, "job %s: azs entries must be strings", jname);
-            for (size_t i = 0; i < subnets->u.c.n; i++)
-                if (subnet_in_az(c, subnets->u.c.v[i], az->u.s.p, az->u.s.n)
-                    && !subnet_ips(c, subnets->u.c.v[i], &pool, err, errsz))
-                    return 0;
-        }
-    }
-    NEED(op->nargs >= instances, "not enough static IPs requested for job of %lld instances (only asked for %d)",
-         (long long)instances, op->nargs);
+    const char *job = sip_job(c, op, err, errsz);
+    if (!job)
+        return 0;
+    ynode *jn = sip_get(c, err, errsz, "%s.name", job, NULL);
+    const ynode *jazs;
+    lua_Integer inst;
+    if (!jn || !sip_job_azs(c, job, &jazs, err, errsz) || !sip_instances(c, job, &inst, err, errsz))
+        return 0;
     ynode *l = nnew(c, T_SEQ, op->node);
-    for (lua_Integer i = 0; i < instances; i++) {
-        ynode *v = arg_value(c, op, (int)i, err, errsz, NULL);
-        if (!v)
-            return 0;
-        lua_Integer want;
-        uint32_t ip;
-        if (int_of(v, &want)) {
-            NEED(want >= 0 && (size_t)want < pool.n,
-                 "request for static_ip(%lld) in a pool of only %zu (zero-indexed) static addresses",
-                 (long long)want, pool.n);
-            ip = pool.ip[want];
-        } else {
-            NEED(v->t == T_STR && memchr(v->u.s.p, ':', v->u.s.n), "static_ips argument %s is not an index or AZ:index",
-                 arg_text(c, op, (int)i));
-            const char *colon = memchr(v->u.s.p, ':', v->u.s.n);
-            size_t azl = (size_t)(colon - v->u.s.p);
-            int found = 0;
-            for (size_t z = 0; use_azs && z < azs->u.c.n; z++)
-                if (azs->u.c.v[z]->t == T_STR && azs->u.c.v[z]->u.s.n == azl
-                    && memcmp(azs->u.c.v[z]->u.s.p, v->u.s.p, azl) == 0)
-                    found = 1;
-            NEED(found, "static_ips: AZ %.*s is not one of the job's azs", (int)azl, v->u.s.p);
-            ippool azp;
-            memset(&azp, 0, sizeof azp);
-            for (size_t s = 0; s < subnets->u.c.n; s++)
-                if (subnet_in_az(c, subnets->u.c.v[s], v->u.s.p, azl)
-                    && !subnet_ips(c, subnets->u.c.v[s], &azp, err, errsz))
-                    return 0;
-            want = strtoll(colon + 1, NULL, 10);
-            NEED(want >= 0 && (size_t)want < azp.n,
-                 "request for static_ip(%.*s) in a pool of only %zu (zero-indexed) static addresses",
-                 (int)v->u.s.n, v->u.s.p, azp.n);
-            ip = azp.ip[want];
-        }
-        char owner[160], ipt[32];
-        snprintf(owner, sizeof owner, "%s/%lld", jname, (long long)i);
-        fmt_ip(ip, ipt, sizeof ipt);
-        for (size_t cl = 0; cl < c->nclaims; cl++)
-            if (c->claims[cl].ip == ip && strcmp(c->claims[cl].owner, owner) != 0)
-                NEED(0, "tried to use IP '%s', but that address is already allocated to %s", ipt, c->claims[cl].owner);
-        if (c->nclaims == c->capclaims) {
-            size_t cap = c->capclaims ? c->capclaims * 2 : 32;
-            void *nv = aalloc(c, sizeof(c->claims[0]) * cap);
-            if (c->nclaims)
-                memcpy(nv, c->claims, sizeof(c->claims[0]) * c->nclaims);
-            c->claims = nv;
-            c->capclaims = cap;
-        }
-        c->claims[c->nclaims].ip = ip;
-        c->claims[c->nclaims].owner = astrdup(c, owner, strlen(owner));
-        c->nclaims++;
-        seq_push(c, l, nstrz(c, ipt, op->node));
-    }
     *out = l;
-    return 1;
+    if (inst == 0)
+        return 1;
+    NEED(op->nargs >= inst, "not enough static IPs requested for job of %lld instances (only asked for %d)",
+         (long long)inst, op->nargs);
+    sipzones z;
+    memset(&z, 0, sizeof z);
+    const char *net;
+    if (!sip_pools(c, op, &z, &net, err, errsz))
+        return 0;
+    char azlist[512];
+    size_t al = 0;
+    for (size_t i = 0; jazs && i < jazs->u.c.n; i++)
+        al += (size_t)snprintf(azlist + al, al < sizeof azlist ? sizeof azlist - al : 0, "%s%.*s", i ? " " : "",
+                               (int)jazs->u.c.v[i]->u.s.n, jazs->u.c.v[i]->u.s.p);
+    for (size_t i = 0; jazs && i < jazs->u.c.n; i++) {
+        char *name = astrdup(c, jazs->u.c.v[i]->u.s.p, jazs->u.c.v[i]->u.s.n);
+        NEED(zone_pool(&z, name), "could not find AZ %s (in network AZS [%.*s])", name, (int)al, azlist);
+    }
+    char tmp[64];
+    size_t jl;
+    const char *js = is_scalar(jn) ? scalar_text(jn, tmp, sizeof tmp, &jl) : "?";
+    char *jname = astrdup(c, js, is_scalar(jn) ? jl : 1);
+    if (jazs && jazs->u.c.n == 0)
+        jazs = NULL;
+    return sip_assign(c, op, &z, jazs, jname, inst, l, err, errsz);
 }
 
 /* -- calc ------------------------------------------------------------------ */
