@@ -1113,7 +1113,7 @@ static void tok_gostr(yctx *c, ybuf *b, const atok *t)
 /* (( defer X Y )) gives the text (( X Y )), each argument as spruce prints it (a literal ends an || chain). */
 static int op_defer(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 {
-    NEED(op->nargs > 0, "Defer has no arguments - what are you deferring?");
+    NEED(op->nargs > 0, "defer has no arguments - what are you deferring?");
     ybuf *b = &c->tmp;
     b->n = 0;
     buf_add(c, b, "((", 2);
@@ -1808,6 +1808,36 @@ static cval cp_num(cpar *p, cval v)
     return v;
 }
 
+/* min max mod pow (two arguments) and sqrt floor ceil (one), as spruce registers them with govaluate. */
+static cval calc_func(cpar *p, const char *id, size_t il, const cval *a, int na)
+{
+    static const char *const two[] = {"min", "max", "mod", "pow"};
+    static const char *const one[] = {"sqrt", "floor", "ceil"};
+    char m[128];
+    cval r = {0, 0};
+    for (int i = 0; i < 4; i++)
+        if (word_is(id, il, two[i])) {
+            if (na != 2 || a[0].isbool || a[1].isbool) {
+                snprintf(m, sizeof m, "%s function expects two arguments of type float64", two[i]);
+                return cp_fail(p, m);
+            }
+            r.v = i == 0 ? fmin(a[0].v, a[1].v) : i == 1 ? fmax(a[0].v, a[1].v)
+                : i == 2 ? fmod(a[0].v, a[1].v) : pow(a[0].v, a[1].v);
+            return r;
+        }
+    for (int i = 0; i < 3; i++)
+        if (word_is(id, il, one[i])) {
+            if (na != 1 || a[0].isbool) {
+                snprintf(m, sizeof m, "%s function expects one argument of type float64", one[i]);
+                return cp_fail(p, m);
+            }
+            r.v = i == 0 ? sqrt(a[0].v) : i == 1 ? floor(a[0].v) : ceil(a[0].v);
+            return r;
+        }
+    snprintf(m, sizeof m, "calc: unknown function %.*s/%d", (int)il, id, na);
+    return cp_fail(p, m);
+}
+
 static cval cp_primary(cpar *p)
 {
     cp_ws(p);
@@ -1863,25 +1893,7 @@ static cval cp_primary(cpar *p)
             }
             if (p->failed)
                 return r;
-            if (word_is(id, il, "max") || word_is(id, il, "min")) {
-                if (na == 0)
-                    return cp_fail(p, "calc: min/max need arguments");
-                r = a[0];
-                for (int i = 1; i < na; i++)
-                    if (word_is(id, il, "max") ? a[i].v > r.v : a[i].v < r.v)
-                        r = a[i];
-                return r;
-            }
-            if ((word_is(id, il, "mod") || word_is(id, il, "pow")) && na == 2) {
-                r.v = word_is(id, il, "mod") ? fmod(a[0].v, a[1].v) : pow(a[0].v, a[1].v);
-                return r;
-            }
-            if (na == 1 && word_is(id, il, "sqrt")) { r.v = sqrt(a[0].v); return r; }
-            if (na == 1 && word_is(id, il, "floor")) { r.v = floor(a[0].v); return r; }
-            if (na == 1 && word_is(id, il, "ceil")) { r.v = ceil(a[0].v); return r; }
-            char m[128];
-            snprintf(m, sizeof m, "calc: unknown function %.*s/%d", (int)il, id, na);
-            return cp_fail(p, m);
+            return calc_func(p, id, il, a, na);
         }
         if (word_is(id, il, "true") || word_is(id, il, "false")) {
             r.isbool = 1;
@@ -1891,13 +1903,16 @@ static cval cp_primary(cpar *p)
         char e2[400];
         ynode *v = resolve(p->c, id, il, e2, sizeof e2, 0);
         char m[600];
-        if (!v) {
-            snprintf(m, sizeof m, "unable to resolve `%.*s`: %s", (int)il, id, e2);
-            return cp_fail(p, m);
-        }
+        if (!v)
+            return cp_fail(p, e2);
         switch (v->t) {
         case T_INT: r.v = (double)v->u.i; return r;
-        case T_FLOAT: r.v = v->u.f; return r;
+        case T_FLOAT: {
+            char six[64];   /* spruce substitutes floats into the expression with %f */
+            snprintf(six, sizeof six, "%f", v->u.f);
+            r.v = strtod(six, NULL);
+            return r;
+        }
         case T_NULL:
             snprintf(m, sizeof m, "path %.*s references a nil value, which cannot be used in calculations", (int)il, id);
             return cp_fail(p, m);
@@ -2049,7 +2064,7 @@ static int op_calc(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     NEED(op->nargs == 1, "calc operator only expects one argument containing the expression");
     atok *t = &op->args[0].alt[0];
     NEED(op->args[0].nalt == 1 && t->kind == A_STR,
-         "calc operator argument is suppose to be a quoted mathematical expression");
+         "calc operator argument is suppose to be a quoted mathematical expression (type Literal)");
     ybuf *b = &c->tmp;
     b->n = 0;
     buf_add(c, b, "", 0);
@@ -2080,9 +2095,11 @@ static int op_inject(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     NEED(op->parent && op->parent->t == T_MAP, "inject operator can only be used as a map value");
     ynode *acc = NULL;
     for (int a = 0; a < op->nargs; a++) {
-        ynode *v = arg_value(c, op, a, err, errsz, NULL);
+        int lit;
+        ynode *v = arg_value(c, op, a, err, errsz, &lit);
         if (!v)
             return 0;
+        NEED(!lit && op->args[a].alt[op->used].kind == A_REF, "inject operator only accepts key reference arguments");
         NEED(v->t == T_MAP, "%s is not a map", arg_text(c, op, a));
         ynode *cp = ncopy(c, v, NULL);
         acc = acc ? merge_obj(c, acc, cp) : cp;

@@ -140,6 +140,7 @@ typedef struct aop {
     size_t keylen;
     const char *name;   /* insert / delete NAME (quotes stripped) */
     size_t namelen;
+    int keyed;          /* delete: KEY given explicitly */
     const ynode *src;
 } aop;
 
@@ -199,6 +200,8 @@ static int parse_aop(const ynode *n, aop *op)
         op->kind = AOP_INSERT;
         op->after = word_is(w[1], wl[1], "after");
         if (k == 3 && is_int_word(w[2], wl[2])) {
+            if (w[2][0] == '-')
+                return 0;   /* spruce: not an array operator, just data */
             op->has_idx = 1;
             op->idx = strtol(w[2], NULL, 10);
             return 1;
@@ -219,6 +222,7 @@ static int parse_aop(const ynode *n, aop *op)
         }
         op->key = k == 3 ? w[1] : "name";
         op->keylen = k == 3 ? wl[1] : 4;
+        op->keyed = k == 3;
         op->name = w[k - 1];
         op->namelen = wl[k - 1];
         unquote(&op->name, &op->namelen);
@@ -264,7 +268,10 @@ static int keyable(yctx *c, ynode *list, const char *key, size_t keylen, const c
         ynode *e = list->u.c.v[i];
         const char *why = NULL;
         char tmp[256];
-        if (e->t != T_MAP) {
+        if (e->t == T_NULL) {
+            snprintf(tmp, sizeof tmp, "%s object is nil - cannot merge by key", who);
+            why = tmp;
+        } else if (e->t != T_MAP) {
             snprintf(tmp, sizeof tmp, "%s object is a %s, not a map - cannot merge by key", who, type_name(e));
             why = tmp;
         } else {
@@ -353,122 +360,167 @@ static int scalar_text_is(const ynode *n, const char *w, size_t wl)
     return len == wl && memcmp(s, w, wl) == 0;
 }
 
-static void apply_piece(yctx *c, ynode *orig, const aop *op, ynode *piece)
+/* spruce's getIndexOfEntry: the first map whose KEY is the string NAME. */
+static long entry_index(yctx *c, ynode *list, const char *key, size_t keylen, const char *name, size_t namelen)
+{
+    for (size_t j = 0; j < list->u.c.n; j++) {
+        ynode *v = map_getk(c, list->u.c.v[j], key, keylen);
+        if (v && v->t == T_STR && v->u.s.n == namelen && memcmp(v->u.s.p, name, namelen) == 0)
+            return (long)j;
+    }
+    return -1;
+}
+
+static int piece_default(yctx *c, ynode *orig, ynode *piece)
+{
+    if (piece->u.c.n == 0)
+        return 1;
+    if (keyable(c, orig, "name", 4, "original", 0) && keyable(c, piece, "name", 4, "new", 0))
+        merge_by_key(c, orig, piece, "name", 4);
+    else if (c->fallback_append)
+        merge_append(c, orig, piece);
+    else
+        merge_inline(c, orig, piece);
+    return 1;
+}
+
+#define MERR(at, ...) do { yerr_add(c, "yaml.merge", (at), path_str(c), NULL, __VA_ARGS__); return 0; } while (0)
+
+/* (( insert after|before ... )): by index, or next to the map whose KEY is NAME. */
+static int piece_insert(yctx *c, ynode *orig, const aop *op, ynode *piece, const ynode *at)
+{
+    long pos;
+    if (op->has_idx) {
+        pos = op->idx + (op->after ? 1 : 0);
+    } else {
+        if (!keyable(c, orig, op->key, op->keylen, "original", 1) || !keyable(c, piece, op->key, op->keylen, "new", 1))
+            return 0;
+        for (size_t i = 0; i < piece->u.c.n; i++) {
+            ynode *kv = map_getk(c, piece->u.c.v[i], op->key, op->keylen);
+            if (kv->t == T_STR && entry_index(c, orig, op->key, op->keylen, kv->u.s.p, kv->u.s.n) > 0)
+                MERR(at, "unable to insert, because new list entry '%.*s: %.*s' is detected multiple times",
+                     (int)op->keylen, op->key, (int)kv->u.s.n, kv->u.s.p);
+        }
+        pos = entry_index(c, orig, op->key, op->keylen, op->name, op->namelen);
+        if (pos < 0)
+            MERR(at, "unable to find specified modification point with '%.*s: %.*s'", (int)op->keylen, op->key,
+                 (int)op->namelen, op->name);
+        pos += op->after ? 1 : 0;
+    }
+    if (pos < 0 || pos > (long)orig->u.c.n)
+        MERR(at, "unable to modify the list, because specified index %ld is out of bounds", pos);
+    merge_insert_at(c, orig, piece, (size_t)pos);
+    return 1;
+}
+
+/* (( delete N )), (( delete NAME )) in a list of strings, or (( delete [KEY] NAME )) in a list of maps. */
+static int piece_delete(yctx *c, ynode *orig, const aop *op, ynode *piece, const ynode *at, int simple)
+{
+    long pos;
+    if (op->has_idx) {
+        pos = op->idx;
+    } else if (simple) {
+        if (piece->u.c.n)
+            MERR(piece->u.c.v[0], "item in array directly after (( delete \"%.*s\" )) must be one of the array "
+                 "operators 'append', 'prepend', 'delete', or 'insert'", (int)op->namelen, op->name);
+        pos = -1;
+        for (size_t j = 0; j < orig->u.c.n && pos < 0; j++) {
+            ynode *e = orig->u.c.v[j];
+            if (e->t == T_STR && e->u.s.n == op->namelen && memcmp(e->u.s.p, op->name, op->namelen) == 0)
+                pos = (long)j;
+        }
+        if (pos < 0)
+            MERR(at, "unable to find specified modification point with '%.*s'", (int)op->namelen, op->name);
+    } else {
+        if (!keyable(c, orig, op->key, op->keylen, "original", 1))
+            return 0;
+        if (piece->u.c.n)
+            MERR(piece->u.c.v[0], "item in array directly after (( delete %.*s \"%.*s\" )) must be one of the array "
+                 "operators 'append', 'prepend', 'delete', or 'insert'", (int)op->keylen, op->key,
+                 (int)op->namelen, op->name);
+        pos = entry_index(c, orig, op->key, op->keylen, op->name, op->namelen);
+        if (pos < 0)
+            MERR(at, "unable to find specified modification point with '%.*s: %.*s'", (int)op->keylen, op->key,
+                 (int)op->namelen, op->name);
+    }
+    if (pos < 0 || pos >= (long)orig->u.c.n)
+        MERR(at, "unable to modify the list, because specified index %ld is out of bounds", pos);
+    seq_remove(orig, (size_t)pos);
+    return 1;
+}
+
+/* Apply one piece of the new list; 0 when spruce gives up on the whole list. */
+static int apply_piece(yctx *c, ynode *orig, const aop *op, ynode *piece, int simple)
 {
     const ynode *at = op->src ? op->src : (piece->u.c.n ? piece->u.c.v[0] : orig);
     switch (op->kind) {
-    case AOP_NONE:
-        if (piece->u.c.n == 0)
-            return;
-        if (keyable(c, orig, "name", 4, "original", 0) && keyable(c, piece, "name", 4, "new", 0))
-            merge_by_key(c, orig, piece, "name", 4);
-        else if (c->fallback_append)
-            merge_append(c, orig, piece);
-        else
-            merge_inline(c, orig, piece);
-        return;
     case AOP_INLINE:
         merge_inline(c, orig, piece);
-        return;
+        return 1;
     case AOP_APPEND:
         merge_append(c, orig, piece);
-        return;
+        return 1;
     case AOP_PREPEND:
         merge_insert_at(c, orig, piece, 0);
-        return;
+        return 1;
     case AOP_REPLACE:
         orig->u.c.n = 0;
         merge_append(c, orig, piece);
-        return;
-    case AOP_MERGE: {
-        int ok = keyable(c, orig, op->key, op->keylen, "original", 1);
-        ok = keyable(c, piece, op->key, op->keylen, "new", 1) && ok;
-        if (ok)
-            merge_by_key(c, orig, piece, op->key, op->keylen);
-        return;
-    }
-    case AOP_INSERT: {
-        long pos;
-        if (op->has_idx) {
-            pos = op->idx + (op->after ? 1 : 0);
-            if (op->idx < 0 || pos > (long)orig->u.c.n) {
-                yerr_add(c, "yaml.merge", at, path_str(c), NULL,
-                         "unable to modify the list, because specified index %ld is out of bounds", pos);
-                return;
-            }
-        } else {
-            if (!keyable(c, orig, op->key, op->keylen, "original", 1))
-                return;
-            pos = -1;
-            for (size_t j = 0; j < orig->u.c.n; j++) {
-                if (scalar_text_is(map_getk(c, orig->u.c.v[j], op->key, op->keylen), op->name, op->namelen)) {
-                    pos = (long)j + (op->after ? 1 : 0);
-                    break;
-                }
-            }
-            if (pos < 0) {
-                yerr_add(c, "yaml.merge", at, path_str(c), NULL,
-                         "unable to find specified modification point with '%.*s: %.*s'",
-                         (int)op->keylen, op->key, (int)op->namelen, op->name);
-                return;
-            }
-        }
-        merge_insert_at(c, orig, piece, (size_t)pos);
-        return;
-    }
-    case AOP_DELETE: {
-        if (piece->u.c.n) {
-            yerr_add(c, "yaml.merge", piece->u.c.v[0], path_str(c), NULL,
-                     "item in array directly after (( delete ... )) operation does not seem to be "
-                     "another array operation");
-            return;
-        }
-        if (op->has_idx) {
-            if (op->idx < 0 || op->idx >= (long)orig->u.c.n) {
-                yerr_add(c, "yaml.merge", at, path_str(c), NULL,
-                         "unable to modify the list, because specified index %ld is out of bounds", op->idx);
-                return;
-            }
-            seq_remove(orig, (size_t)op->idx);
-            return;
-        }
-        for (size_t j = 0; j < orig->u.c.n; j++) {
-            ynode *e = orig->u.c.v[j];
-            if ((e->t == T_MAP && scalar_text_is(map_getk(c, e, op->key, op->keylen), op->name, op->namelen))
-                || (e->t == T_STR && e->u.s.n == op->namelen && memcmp(e->u.s.p, op->name, op->namelen) == 0)) {
-                seq_remove(orig, j);
-                return;
-            }
-        }
-        yerr_add(c, "yaml.merge", at, path_str(c), NULL,
-                 "unable to find specified modification point with '%.*s: %.*s'",
-                 (int)op->keylen, op->key, (int)op->namelen, op->name);
-        return;
-    }
+        return 1;
+    case AOP_MERGE:
+        if (!keyable(c, piece, op->key, op->keylen, "new", 1) || !keyable(c, orig, op->key, op->keylen, "original", 1))
+            return 0;
+        merge_by_key(c, orig, piece, op->key, op->keylen);
+        return 1;
+    case AOP_INSERT:
+        return piece_insert(c, orig, op, piece, at);
+    case AOP_DELETE:
+        return piece_delete(c, orig, op, piece, at, simple);
+    default:
+        return piece_default(c, orig, piece);
     }
 }
 
 /* Merge the list nw into orig (a sequence, modified in place). */
-static void merge_seq(yctx *c, ynode *orig, ynode *nw)
+/* spruce's isSimpleList: a non-empty list without maps. */
+static int simple_list(const ynode *l)
+{
+    for (size_t i = 0; i < l->u.c.n; i++)
+        if (l->u.c.v[i]->t == T_MAP)
+            return 0;
+    return l->u.c.n > 0;
+}
+
+/* Merge the list nw into orig (a sequence, modified in place); 0 when an array operator failed. */
+static int merge_seq(yctx *c, ynode *orig, ynode *nw)
 {
     aop op;
     memset(&op, 0, sizeof op);
     ynode piece;
     memset(&piece, 0, sizeof piece);
     piece.t = T_SEQ;
-    size_t start = 0;
+    int simple = simple_list(orig);
+    ynode **keep = aalloc(c, sizeof(ynode *) * (nw->u.c.n + 1));
+    size_t nkeep = 0;
     for (size_t i = 0; i <= nw->u.c.n; i++) {
         aop next;
-        if (i < nw->u.c.n && !parse_aop(nw->u.c.v[i], &next))
+        if (i < nw->u.c.n && !parse_aop(nw->u.c.v[i], &next)) {
+            keep[nkeep++] = nw->u.c.v[i];
             continue;
-        piece.u.c.v = nw->u.c.v + start;
-        piece.u.c.n = i - start;
-        piece.u.c.cap = piece.u.c.n;
-        apply_piece(c, orig, &op, &piece);
+        }
+        if (i < nw->u.c.n && next.kind == AOP_DELETE && next.keyed && simple)
+            continue;   /* spruce drops (( delete KEY NAME )) in a list of scalars */
+        piece.u.c.v = keep;
+        piece.u.c.n = nkeep;
+        piece.u.c.cap = nkeep;
+        if (!apply_piece(c, orig, &op, &piece, simple))
+            return 0;
         if (i < nw->u.c.n)
             op = next;
-        start = i + 1;
+        keep += nkeep;
+        nkeep = 0;
     }
+    return 1;
 }
 
 static ynode *merge_obj(yctx *c, ynode *orig, ynode *nw)
@@ -509,7 +561,8 @@ static ynode *merge_obj(yctx *c, ynode *orig, ynode *nw)
     }
     if (nw->t == T_SEQ) {
         ynode *s = orig && orig->t == T_SEQ ? orig : nnew(c, T_SEQ, nw);
-        merge_seq(c, s, nw);
+        if (!merge_seq(c, s, nw))
+            return nnew(c, T_NULL, nw);   /* spruce: a failed array operator leaves nil */
         return s;
     }
     return nw;
