@@ -4,6 +4,7 @@
 -- restarted broker resumes where it stopped.
 local bindings = require "forge.osb.bindings"
 local crypto = require "forge.crypto"
+local instances = require "forge.osb.instances"
 local log = require "forge.log"
 local model = require "forge.model"
 local proc = require "forge.proc"
@@ -44,6 +45,46 @@ function Reconciler:finish(rkey, pending, op_id, op_state, description, change)
     ops[#ops + 1] = model.delete(pending)
     return ops
   end)
+end
+
+-- How long a pool port that another program was found holding stays out of allocation.
+local OUTSIDER_HOLD = 600
+local PORT_MOVES = 3
+
+-- A provision whose process could not bind its port: another program took it after it was
+-- allocated. Mark the ports that are taken as held by an outsider for a while, render the
+-- instance again on other ports, and start over. Returns true when the provision goes on.
+function Reconciler:move_ports(rec, target)
+  local op = rec.operation
+  local svc = self.registry.by_id[rec.service_id]
+  local plan = svc and svc.plans[rec.plan_id]
+  if not plan or (op.port_moves or 0) >= PORT_MOVES then return false end
+  target:stop_all(rec)
+  local cur, rev = model.read(self.db, key.instance(rec.id))
+  if not cur or cur.operation.id ~= op.id then return true end
+  local keep, held = {}, {}
+  for _, p in ipairs(cur.resources.ports) do
+    if proc.port_free(p, target.cfg.host) then keep[#keep + 1] = p else held[#held + 1] = p end
+  end
+  cur.resources.ports = keep
+  cur.processes, cur.initialized = {}, {}
+  local ok, added = pcall(instances.render, self, svc, plan, cur, cur.script_hash, true)
+  if not ok then return false end
+  cur.operation.port_moves = (op.port_moves or 0) + 1
+  cur.operation.description = "port(s) " .. table.concat(held, ", ") .. " taken by another program; moved to "
+    .. table.concat(cur.resources.ports, ", ")
+  local compares = { { key = key.instance(rec.id), mod_revision = rev } }
+  local ops = { model.put(key.instance(rec.id), cur) }
+  for _, k in ipairs(added) do
+    compares[#compares + 1] = { key = k, exists = false }
+    ops[#ops + 1] = model.put(k, rec.id)
+  end
+  for _, p in ipairs(held) do ops[#ops + 1] = model.put(key.port(p), { outsider = true, until_ = os.time() + OUTSIDER_HOLD }) end
+  if model.txn(self.db, { compare = compares, success = ops }) then
+    log.warn("ports taken by another program, provision moved", { instance = rec.id, held = held,
+      ports = cur.resources.ports })
+  end
+  return true
 end
 
 local function release_ports(ports, ops)
@@ -173,6 +214,9 @@ function Reconciler:deploy(rec)
         return ops
       end)
     log.info(op.type .. " succeeded", { instance = id, operation = op.id })
+  elseif status == "failed" and op.type == "provision" and tostring(reason):find("Address already in use", 1, true)
+      and self:move_ports(rec, target) then
+    return
   elseif status == "failed" then
     target:stop_all(rec)
     self:finish(ikey, pending, op.id, "failed", op.type .. " failed: " .. reason, function(r)
@@ -310,6 +354,11 @@ function Reconciler:housekeeping(now)
   for _, kv in ipairs(model.range(self.db, "binding/")) do
     self:purge(kv, kv.value.instance_id .. "/" .. kv.value.id, now)
     self:undo_interrupted_bind(kv, now)
+  end
+  for _, kv in ipairs(model.range(self.db, "port/")) do
+    if type(kv.value) == "table" and kv.value.outsider and (kv.value.until_ or 0) < now then
+      model.txn(self.db, { compare = { { key = kv.key, mod_revision = kv.rev } }, success = { model.delete(kv.key) } })
+    end
   end
   for _, kv in ipairs(model.range(self.db, "gone/")) do
     if now - (kv.value.deleted_at or 0) > self.config.tombstone_ttl + self.config.gone_ttl then

@@ -244,7 +244,7 @@ describe("process primitives of the local target", function()
     mark_dir = Broker.tmpdir()
     proc.chmod(mark_dir, tonumber("777", 8))
     b = Broker.start { services_dir = os.getenv("PWD") .. "/spec/fixtures/contract",
-      env = { FORGE_LOCAL_COMMANDS = "sh,sleep" }, config = "targets:\n  local:\n    deploy_timeout: 3\n" }
+      env = { FORGE_LOCAL_COMMANDS = "sh,sleep,redis-server" }, config = "targets:\n  local:\n    deploy_timeout: 3\n" }
   end)
   teardown(function()
     b:cleanup()
@@ -288,6 +288,27 @@ describe("process primitives of the local target", function()
     assert.matches("not healthy after 3s: main not healthy yet: .*not accepting connections", body.description)
     assert.matches("hello from main", body.description)
     assert.same({}, Broker.marked_pids(b.state_dir, "p3"))
+  end)
+
+  it("moves a provision to another port when another program takes its port before it starts", function()
+    local status = b:call("PUT", "/v2/service_instances/p5?accepts_incomplete=true", { service_id = PROBE .. "01",
+      plan_id = PROBE .. "50", organization_guid = "o", space_guid = "s" })
+    assert.equal(202, status)
+    local _, _, _, view = b:call("GET", "/service_instances/p5")
+    local taken = math.tointeger(view.ports[1])
+    local listener = assert(proc.spawn { argv = { "python3", "-c", "import socket,time\n"
+      .. "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+      .. "s.bind(('127.0.0.1', " .. taken .. ")); s.listen(); time.sleep(30)" } })
+    finally(function() proc.stop(listener.pid, listener.start_time, 2) end)
+    local op = b:wait_operation("/v2/service_instances/p5", 20)
+    assert.equal("succeeded", op.state, op.description)
+    _, _, _, view = b:call("GET", "/service_instances/p5")
+    assert.not_equal(taken, view.ports[1], b:read_log():sub(-3000))
+    assert.matches("ports taken by another program", b:read_log())
+    -- the taken port stays out of the pool for a while, even once the instance is gone
+    local q = "?service_id=" .. PROBE .. "01&plan_id=" .. PROBE .. "50"
+    assert.equal(200, (b:call("DELETE", "/v2/service_instances/p5" .. q)))
+    assert.truthy(b:records()[string.format("port/%05d", taken)])
   end)
 
   it("refuses a user the operator did not allow", function()

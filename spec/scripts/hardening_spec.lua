@@ -81,3 +81,24 @@ describe("a busy broker", function()
     assert.equal(0, zombies(b.pid))
   end)
 end)
+
+describe("a pool port held by another program", function()
+  local proc = require "forge.proc"
+  it("is skipped: the provision gets another port", function()
+    local b = Broker.start { pool = 4 }
+    finally(function() b:cleanup() end)
+    local held = b.pool.from
+    local listener = assert(proc.spawn { argv = { "python3", "-c", "import socket,time\n"
+      .. "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+      .. "s.bind(('127.0.0.1', " .. held .. ")); s.listen(); time.sleep(60)" } })
+    finally(function() proc.stop(listener.pid, listener.start_time, 2) end)
+    local deadline = proc.monotonic() + 5
+    while not proc.tcp_check("127.0.0.1", held, 1) and proc.monotonic() < deadline do proc.sleep(0.05) end
+    local R = Broker.redis
+    local status, raw = b:call("PUT", "/v2/service_instances/h1", { service_id = R.service, plan_id = R.one,
+      organization_guid = "o", space_guid = "s" })
+    assert.equal(201, status, raw)
+    local _, _, _, view = b:call("GET", "/service_instances/h1")
+    assert.not_equal(held, view.ports[1])
+  end)
+end)
