@@ -225,7 +225,7 @@ static int parse_opcall(yctx *c, ynode *n, yop *op)
         args++, alen--;
     while (alen && isspace((unsigned char)args[alen - 1]))
         alen--;
-    if (!in_list(known_ops, op->name) && alen == 0)
+    if (!in_list(known_ops, op->name) && !in_list(unsupported_ops, op->name) && alen == 0)
         return 0;       /* ((var)) etc. pass through */
     op->node = n;
     op->raw = args;
