@@ -311,9 +311,13 @@ static void merge_by_key(yctx *c, ynode *orig, ynode *piece, const char *key, si
             if (ov && scalar_eq(ov, kv))
                 break;
         }
-        if (j < norig)
-            orig->u.c.v[j] = merge_obj(c, orig->u.c.v[j], e);
-        else
+        int later = 0;   /* spruce keys new entries by value: a later duplicate wins the match */
+        for (size_t k = i + 1; j < norig && k < piece->u.c.n && !later; k++)
+            later = scalar_eq(map_getk(c, piece->u.c.v[k], key, keylen), kv);
+        if (j < norig) {
+            if (!later)
+                orig->u.c.v[j] = merge_obj(c, orig->u.c.v[j], e);
+        } else
             seq_push(c, orig, merge_obj(c, NULL, e));
         path_pop(c, old);
     }
