@@ -71,6 +71,7 @@ function Reconciler:move_ports(rec, target)
   local ok, added = pcall(instances.render, self, svc, plan, cur, cur.script_hash, true)
   if not ok then return false end
   cur.operation.port_moves = (op.port_moves or 0) + 1
+  cur.operation.started_at = os.time()        -- the deploy timeout counts from the new start
   cur.operation.description = "port(s) " .. table.concat(held, ", ") .. " taken by another program; moved to "
     .. table.concat(cur.resources.ports, ", ")
   local compares = { { key = key.instance(rec.id), mod_revision = rev } }
