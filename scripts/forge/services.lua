@@ -30,6 +30,19 @@ local function read_file(path)
   return s
 end
 
+-- A catalog error "services/x/service.lua: plans[2].id must ..." with the line of the field it
+-- names (its first mention in the script), as every validator message has.
+local function with_line(msg, where, source)
+  local rest = type(msg) == "string" and msg:sub(#where + 3)
+  if not rest or msg:sub(1, #where) ~= where then return msg end
+  local path = rest:match("^([%w_%.%[%]]+)%s") or rest:match("^([%w_%.%[%]]+):")
+  local field = path and path:match("([%a_][%w_]*)%]?$")
+  local line = field and contract.locate(source, nil, field)
+  local quoted = not line and rest:match("'([^']+)'")
+  line = line or (quoted and contract.locate_literal(source, quoted))
+  return line and (where .. ":" .. line .. ": " .. rest) or msg
+end
+
 -- Raise a catalog error naming the script.
 local function bad(where, fmt, ...) error(where .. ": " .. string.format(fmt, ...), 0) end
 
@@ -186,7 +199,7 @@ function M.build(src, limits)
   local vok, verr = pcall(check_service, data, where)
   if not vok then
     sb:close()
-    return nil, verr
+    return nil, with_line(verr, where, src.source)
   end
   local plans = {}
   for _, p in ipairs(data.plans) do plans[p.id] = p end
