@@ -81,8 +81,10 @@ end
 -- Deprovision; nothing of the instance is left: no process, port or directory.
 local function gone(b, id, plan, rec)
   timed("deprovision " .. id, function()
-    assert.equal(202, (deprovision(b, id, plan)))
-    assert.equal("succeeded", b:wait_operation("/v2/service_instances/" .. id, 60).state)
+    local status, raw = deprovision(b, id, plan)
+    assert.equal(202, status, raw)
+    local op = b:wait_operation("/v2/service_instances/" .. id, 60)
+    assert.equal("succeeded", op.state, op.description)
   end)
   assert.same({}, Broker.marked_pids(b.state_dir, id))
   for _, p in pairs(rec.processes) do assert.is_false(proc.alive(p.pid, p.start_time)) end
