@@ -6,15 +6,27 @@
  * named in http.serve{} and calls `handle(req)` for every request that thread serves. There
  * is no interpreter lock on the request path; states share nothing but the store on disk.
  *
+ * Connection life:
+ *   NOTIFY_STARTED        tracks the connection (its fd and a deadline for its headers)
+ *   NOTIFY_CLOSED         forgets it
  * Request life (see DESIGN.md "Known traps"):
  *   uri_log callback      allocates the request context (raw URI, request id), counts it active
- *   1st access call       headers only: reject an oversized Content-Length at once (413)
- *   next calls            body chunks, kept up to the body limit
+ *   1st access call       headers only: refuse at once (queued now, so libmicrohttpd reads no
+ *                         body and closes) a control byte in the target (400), wrong
+ *                         credentials (401), a missing API version (412), an oversized
+ *                         Content-Length (413) or a body the buffer budget cannot hold (503);
+ *                         else the body deadline starts
+ *   next calls            body chunks, kept up to the body limit and the budget
  *   last call (size 0)    dispatch to Lua and queue the answer — only now, so keep-alive holds
- *   completed callback    frees the context
+ *   completed callback    frees the context; the connection's next headers get a deadline
+ *
+ * Abuse limits: a cap on connections in all (below the open-file limit, which http.serve
+ * raises to its hard value) and per client address; deadlines for the headers and the body
+ * that hold however slowly the bytes trickle (see "Deadlines"); the bytes of request bodies
+ * held across all connections (max_buffered_bytes).
  *
  * Stopping: srv:stop(grace) quiesces the listen socket, waits for in-flight requests to
- * finish (bounded by grace), stops the daemon and closes every worker state.
+ * finish (bounded by grace), stops the daemon and the sweeper and closes every worker state.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -27,17 +39,28 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <microhttpd.h>
 #include <lualib.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
 
 #include "forge/forge.h"
 
 #define SERVER_MT "forge.http.server"
 #define DEFAULT_BODY_LIMIT (1024 * 1024)
+#define DEFAULT_HEADER_TIMEOUT 5.0          /* seconds for a request's headers */
+#define DEFAULT_REQUEST_TIMEOUT 30.0        /* seconds for its body, once the headers are in */
+#define DEFAULT_MAX_CONNECTIONS 4000        /* and never more than the open-file limit - FD_RESERVE */
+#define DEFAULT_MAX_PER_IP 256
+#define DEFAULT_MAX_BUFFERED (64 * 1024 * 1024)
+#define FD_RESERVE 64                       /* descriptors left for the store, logs, children */
+#define SWEEP_INTERVAL_NS (100 * 1000 * 1000)
+#define RETRY_AFTER "2"                     /* seconds, on a 503 for the buffer budget */
 
 /* Present in the forge binary (generated preload table); absent when loaded as a .so. */
 extern void forge_preload(lua_State *L) __attribute__((weak));
@@ -49,27 +72,59 @@ struct worker {
     struct worker *next;
 };
 
+/* One TCP connection, from NOTIFY_STARTED to NOTIFY_CLOSED (its MHD socket context). */
+struct conn {
+    MHD_socket fd;
+    double deadline;            /* monotonic s by which what it awaits must be in; 0: none */
+    struct conn *prev, *next;   /* in server.conns; all three under server.conns_lock */
+};
+
+struct strlist {
+    char **v;
+    size_t n;
+};
+
+/* Checks made in C once the headers are in, before any body is read (http.serve{auth, version}). */
+struct precheck {
+    struct strlist tokens;      /* base64("user:password") accepted after "Basic "; none: no auth */
+    struct strlist open_paths;  /* served without credentials */
+    char *challenge;            /* WWW-Authenticate value: Basic realm="..." */
+    char *version_header;       /* NULL: no version check */
+    char version_major[24];
+    struct strlist version_under;
+};
+
 struct server {
     struct MHD_Daemon *daemon;
-    size_t body_limit;
+    size_t body_limit, max_buffered;
+    double header_timeout, request_timeout;
     char *handler;              /* module name required in every worker state */
     char *init_arg;             /* string passed to handler.init() */
     size_t init_len;
     char *path, *cpath;         /* package.path / package.cpath for worker states */
+    struct precheck pre;
     unsigned short port;
     char id_prefix[9];
     atomic_long active;         /* requests between uri_log and completed */
     atomic_ullong seq;
+    atomic_size_t buffered;     /* body bytes reserved by the requests in flight */
     pthread_mutex_t lock;       /* guards workers */
     struct worker *workers;
+    pthread_mutex_t conns_lock; /* guards conns, every conn's links and deadline, sweeping */
+    pthread_cond_t sweep_wake;
+    struct conn *conns;
+    pthread_t sweeper;
+    int sweeping;               /* the sweeper runs; cleared to stop it */
     int stopped;
 };
 
 struct request {
     char *uri;
+    struct conn *conn;
     char *body;
     size_t len, cap;
-    int started, too_large;
+    size_t reserved;            /* bytes of the buffer budget held (>= cap) */
+    int started, too_large, over_budget;
     char id[32];
 };
 
@@ -96,15 +151,11 @@ static char *xstrdup_len(const char *s, size_t len)
     return p;
 }
 
-static enum MHD_Result queue_bytes(struct MHD_Connection *con, unsigned status, const char *ctype,
-                                   const char *body, size_t len, const char *request_id)
+/* Queue resp and drop our reference to it; MHD_NO for a NULL resp (out of memory). */
+static enum MHD_Result queue_owned(struct MHD_Connection *con, unsigned status, struct MHD_Response *resp)
 {
-    struct MHD_Response *resp =
-        MHD_create_response_from_buffer(len, (void *)body, MHD_RESPMEM_MUST_COPY);
     if (!resp)
         return MHD_NO;
-    MHD_add_response_header(resp, "Content-Type", ctype);
-    MHD_add_response_header(resp, "X-Request-Id", request_id);
     enum MHD_Result ret = MHD_queue_response(con, status, resp);
     MHD_destroy_response(resp);
     return ret;
@@ -142,12 +193,33 @@ static void log_error(const char *msg, const char *request_id, const char *detai
 }
 
 /* A JSON error body {"error","description"}; description must not need escaping. */
-static enum MHD_Result queue_error(struct MHD_Connection *con, unsigned status, const char *error,
-                                   const char *description, const char *request_id)
+static struct MHD_Response *error_response(const char *error, const char *description, const char *request_id)
 {
     char buf[512];
     int n = snprintf(buf, sizeof buf, "{\"error\":\"%s\",\"description\":\"%s\"}", error, description);
-    return queue_bytes(con, status, "application/json", buf, (size_t)n, request_id);
+    struct MHD_Response *resp = MHD_create_response_from_buffer((size_t)n, buf, MHD_RESPMEM_MUST_COPY);
+    if (resp) {
+        MHD_add_response_header(resp, "Content-Type", "application/json");
+        MHD_add_response_header(resp, "X-Request-Id", request_id);
+    }
+    return resp;
+}
+
+static enum MHD_Result queue_error(struct MHD_Connection *con, unsigned status, const char *error,
+                                   const char *description, const char *request_id)
+{
+    return queue_owned(con, status, error_response(error, description, request_id));
+}
+
+/* queue_error with one more header (WWW-Authenticate, Retry-After). */
+static enum MHD_Result queue_error_with(struct MHD_Connection *con, unsigned status, const char *error,
+                                        const char *description, const char *request_id,
+                                        const char *name, const char *value)
+{
+    struct MHD_Response *resp = error_response(error, description, request_id);
+    if (resp)
+        MHD_add_response_header(resp, name, value);
+    return queue_owned(con, status, resp);
 }
 
 
@@ -342,9 +414,7 @@ static enum MHD_Result queue_lua_response(lua_State *L, struct MHD_Connection *c
     if (!has_ctype)
         MHD_add_response_header(resp, "Content-Type", "application/json");
     MHD_add_response_header(resp, "X-Request-Id", r->id);
-    enum MHD_Result ret = MHD_queue_response(con, (unsigned)status, resp);
-    MHD_destroy_response(resp);
-    return ret;
+    return queue_owned(con, (unsigned)status, resp);
 }
 
 static enum MHD_Result dispatch(struct server *s, struct MHD_Connection *con, const char *method,
@@ -372,15 +442,275 @@ static enum MHD_Result dispatch(struct server *s, struct MHD_Connection *con, co
 }
 
 
+/* ---- deadlines -------------------------------------------------------------------- */
+
+/*
+ * libmicrohttpd's connection timeout is an idle timeout: every byte received restarts it,
+ * so a client trickling one header byte every few seconds keeps its connection (and a slot
+ * of the connection limit) for ever, and the access handler is not called before the headers
+ * are complete. So the deadlines live here. Every connection, tracked from NOTIFY_STARTED,
+ * carries the monotonic time by which what it awaits must be in: its headers (header_timeout
+ * from accept, or from the end of its previous request: an idle keep-alive connection has as
+ * long to send the next one), then its body (request_timeout from the end of the headers),
+ * then nothing while the handler runs and the answer goes out. A sweeper thread checks them
+ * every SWEEP_INTERVAL_NS. It leaves libmicrohttpd's connection state to the pool thread
+ * polling the connection (MHD_set_connection_option would only change that idle timeout, which
+ * the next trickled byte restarts, and from another thread it neither locks the connection nor
+ * wakes that thread's poll()): it shuts the late socket down. The owning pool thread's poll()
+ * then sees end-of-stream at once and closes the connection as a client disconnect (completed
+ * callback, then NOTIFY_CLOSED).
+ * The fd cannot be a reused one: the sweeper holds conns_lock across shutdown(), and
+ * libmicrohttpd calls NOTIFY_CLOSED, which unlinks the connection under that lock, before it
+ * closes the descriptor.
+ */
+
+static void conn_set_deadline(struct server *s, struct conn *c, double deadline)
+{
+    pthread_mutex_lock(&s->conns_lock);
+    c->deadline = deadline;
+    pthread_mutex_unlock(&s->conns_lock);
+}
+
+static void *sweep(void *arg)
+{
+    struct server *s = arg;
+    pthread_mutex_lock(&s->conns_lock);
+    while (s->sweeping) {
+        double now = monotonic_now();
+        for (struct conn *c = s->conns; c; c = c->next) {
+            if (c->deadline > 0 && c->deadline <= now) {
+                shutdown(c->fd, SHUT_RDWR);
+                c->deadline = 0;
+            }
+        }
+        struct timespec until;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_nsec += SWEEP_INTERVAL_NS;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&s->sweep_wake, &s->conns_lock, &until);
+    }
+    pthread_mutex_unlock(&s->conns_lock);
+    return NULL;
+}
+
+static void on_connection(void *cls, struct MHD_Connection *con, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    struct server *s = cls;
+    struct conn *c = *socket_context;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        c = calloc(1, sizeof *c);                         /* NULL: on_uri drops the connection */
+        *socket_context = c;
+        if (!c)
+            return;
+        c->fd = MHD_get_connection_info(con, MHD_CONNECTION_INFO_CONNECTION_FD)->connect_fd;
+        pthread_mutex_lock(&s->conns_lock);
+        c->deadline = monotonic_now() + s->header_timeout;
+        c->next = s->conns;
+        if (s->conns)
+            s->conns->prev = c;
+        s->conns = c;
+        pthread_mutex_unlock(&s->conns_lock);
+        return;
+    }
+    if (!c)
+        return;
+    pthread_mutex_lock(&s->conns_lock);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    pthread_mutex_unlock(&s->conns_lock);
+    free(c);
+    *socket_context = NULL;
+}
+
+
+/* ---- checks before the body ------------------------------------------------------- */
+
+/*
+ * Whether the request target has a control byte. libmicrohttpd hands the target over as a C
+ * string cut at its first NUL, but it parses the request line in place: `url` and `version`
+ * point into that line, and an uncut target ends one separator byte before the version.
+ */
+static int bad_target(const struct request *r, const char *url, const char *version)
+{
+    size_t n = strlen(r->uri);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)r->uri[i];
+        if (c < 0x20 || c == 0x7f)
+            return 1;
+    }
+    return version[0] && version != url + n + 1;
+}
+
+static int hexval(int c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if ((c | 0x20) >= 'a' && (c | 0x20) <= 'f')
+        return (c | 0x20) - 'a' + 10;
+    return -1;
+}
+
+/* The next segment of a path (a run of bytes other than '/' before any '?' or '#'); NULL at the end. */
+static const char *next_segment(const char **p, size_t *len)
+{
+    const char *b = *p;
+    while (*b == '/')
+        b++;
+    if (!*b || *b == '?' || *b == '#')
+        return NULL;
+    const char *e = b;
+    while (*e && *e != '/' && *e != '?' && *e != '#')
+        e++;
+    *p = e;
+    *len = (size_t)(e - b);
+    return b;
+}
+
+/* Whether raw segment seg, percent-decoded as forge.util.url_decode does, is want[0..wlen). */
+static int segment_is(const char *seg, size_t len, const char *want, size_t wlen)
+{
+    size_t j = 0;
+    for (size_t i = 0; i < len; i++, j++) {
+        int c = (unsigned char)seg[i];
+        if (c == '%') {
+            int hi = i + 2 < len ? hexval(seg[i + 1]) : -1, lo = i + 2 < len ? hexval(seg[i + 2]) : -1;
+            if (hi < 0 || lo < 0)
+                return 0;                                 /* malformed: the handler refuses it */
+            c = hi * 16 + lo;
+            i += 2;
+        }
+        if (j >= wlen || (unsigned char)want[j] != c)
+            return 0;
+    }
+    return j == wlen;
+}
+
+/*
+ * Whether the raw target's path has the segments of `pattern` (a plain path such as
+ * "/healthz"), as forge.request.target splits and decodes them: empty segments do not count,
+ * escapes are decoded. With `prefix`, further segments may follow.
+ */
+static int path_matches(const char *target, const char *pattern, int prefix)
+{
+    const char *seg, *want;
+    size_t len, wlen;
+    while ((want = next_segment(&pattern, &wlen))) {
+        seg = next_segment(&target, &len);
+        if (!seg || !segment_is(seg, len, want, wlen))
+            return 0;
+    }
+    return prefix || !next_segment(&target, &len);
+}
+
+static int path_in(const char *target, const struct strlist *patterns, int prefix)
+{
+    for (size_t i = 0; i < patterns->n; i++)
+        if (path_matches(target, patterns->v[i], prefix))
+            return 1;
+    return 0;
+}
+
+/*
+ * Whether the Authorization header carries accepted Basic credentials. The scheme is
+ * case-insensitive (RFC 7617); the credentials are compared with every accepted token, each
+ * in time that depends only on the lengths.
+ */
+static int authorized(const struct precheck *p, struct MHD_Connection *con)
+{
+    const char *h = MHD_lookup_connection_value(con, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+    if (!h || strncasecmp(h, "basic ", 6) != 0)
+        return 0;
+    h += 6 + strspn(h + 6, " ");
+    size_t n = strlen(h);
+    int ok = 0;
+    for (size_t i = 0; i < p->tokens.n; i++) {
+        size_t tn = strlen(p->tokens.v[i]);
+        ok |= (CRYPTO_memcmp(h, p->tokens.v[i], n < tn ? n : tn) | (n != tn)) == 0;
+    }
+    return ok;
+}
+
+/* Whether the version header is "<major>.<digits>", as forge.broker requires. */
+static int version_ok(const struct precheck *p, struct MHD_Connection *con)
+{
+    const char *v = MHD_lookup_connection_value(con, MHD_HEADER_KIND, p->version_header);
+    size_t mn = strlen(p->version_major);
+    if (!v || strncmp(v, p->version_major, mn) != 0 || v[mn] != '.' || !v[mn + 1])
+        return 0;
+    for (v += mn + 1; *v; v++)
+        if (*v < '0' || *v > '9')
+            return 0;
+    return 1;
+}
+
+static enum MHD_Result queue_version_error(struct MHD_Connection *con, const struct precheck *p,
+                                          const struct request *r)
+{
+    char description[160];
+    snprintf(description, sizeof description, "the %s header is required and must be %s.x", p->version_header,
+             p->version_major);
+    return queue_error(con, 412, "PreconditionFailed", description, r->id);
+}
+
+/* Take n bytes of the buffer budget; 0 when they do not fit. */
+static int budget_take(struct server *s, size_t n)
+{
+    size_t cur = atomic_load(&s->buffered);
+    do {
+        if (n > s->max_buffered - cur)
+            return 0;
+    } while (!atomic_compare_exchange_weak(&s->buffered, &cur, cur + n));
+    return 1;
+}
+
+/*
+ * The first access call, headers in. A refusal is queued now: libmicrohttpd then reads no
+ * body and closes the connection after the answer. Otherwise the declared body is reserved
+ * against the budget. Either way the body deadline starts (it also bounds sending a refusal).
+ */
+static enum MHD_Result on_headers(struct server *s, struct MHD_Connection *con, const char *url,
+                                  const char *version, struct request *r)
+{
+    const struct precheck *p = &s->pre;
+    conn_set_deadline(s, r->conn, monotonic_now() + s->request_timeout);
+    if (bad_target(r, url, version))
+        return queue_error(con, 400, "BadRequest", "the request target contains a control character", r->id);
+    if (p->tokens.n && !path_in(r->uri, &p->open_paths, 0) && !authorized(p, con))
+        return queue_error_with(con, 401, "Unauthorized", "missing or wrong credentials", r->id,
+                                MHD_HTTP_HEADER_WWW_AUTHENTICATE, p->challenge);
+    if (p->version_header && !path_in(r->uri, &p->open_paths, 0) && path_in(r->uri, &p->version_under, 1) &&
+        !version_ok(p, con))
+        return queue_version_error(con, p, r);
+    const char *cl = MHD_lookup_connection_value(con, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    unsigned long long declared = cl ? strtoull(cl, NULL, 10) : 0;
+    if (declared > s->body_limit)
+        return queue_error(con, 413, "PayloadTooLarge", "request body exceeds the broker's body limit", r->id);
+    if (declared && !budget_take(s, (size_t)declared))
+        return queue_error_with(con, 503, "ServiceUnavailable", "the broker is buffering too many request bodies",
+                                r->id, MHD_HTTP_HEADER_RETRY_AFTER, RETRY_AFTER);
+    r->reserved = (size_t)declared;
+    return MHD_YES;
+}
+
+
 /* ---- libmicrohttpd callbacks ------------------------------------------------------ */
 
 static void *on_uri(void *cls, const char *uri, struct MHD_Connection *con)
 {
     struct server *s = cls;
-    (void)con;
-    struct request *r = calloc(1, sizeof *r);
+    struct conn *c = MHD_get_connection_info(con, MHD_CONNECTION_INFO_SOCKET_CONTEXT)->socket_context;
+    struct request *r = c ? calloc(1, sizeof *r) : NULL;
     if (!r)
         return NULL;
+    r->conn = c;
     r->uri = xstrdup_len(uri, strlen(uri));
     snprintf(r->id, sizeof r->id, "%s-%llx", s->id_prefix, (unsigned long long)atomic_fetch_add(&s->seq, 1));
     atomic_fetch_add(&s->active, 1);
@@ -396,6 +726,8 @@ static void on_completed(void *cls, struct MHD_Connection *con, void **con_cls,
     (void)toe;
     if (!r)
         return;
+    conn_set_deadline(s, r->conn, monotonic_now() + s->header_timeout);
+    atomic_fetch_sub(&s->buffered, r->reserved);
     free(r->uri);
     free(r->body);
     free(r);
@@ -403,17 +735,38 @@ static void on_completed(void *cls, struct MHD_Connection *con, void **con_cls,
     atomic_fetch_sub(&s->active, 1);
 }
 
-/* Append a body chunk, keeping at most the body limit; 0 on allocation failure. */
+/* Room for `need` body bytes: the reservation if it is enough, else doubling, at most the body limit. */
+static size_t body_capacity(const struct server *s, const struct request *r, size_t need)
+{
+    if (r->reserved >= need)
+        return r->reserved;
+    size_t cap = r->cap ? r->cap : 4096;
+    while (cap < need)
+        cap *= 2;
+    return cap < s->body_limit ? cap : s->body_limit;
+}
+
+/*
+ * Append a body chunk, keeping at most the body limit and what the budget allows (a body
+ * beyond either is read and dropped, and answered 413 or 503); 0 on allocation failure.
+ */
 static int body_append(struct server *s, struct request *r, const char *data, size_t n)
 {
-    if (r->too_large || r->len + n > s->body_limit) {
+    if (r->too_large || r->over_budget)
+        return 1;
+    if (r->len + n > s->body_limit) {
         r->too_large = 1;
         return 1;
     }
     if (r->len + n > r->cap) {
-        size_t cap = r->cap ? r->cap : 4096;
-        while (cap < r->len + n)
-            cap *= 2;
+        size_t cap = body_capacity(s, r, r->len + n);
+        if (cap > r->reserved) {
+            if (!budget_take(s, cap - r->reserved)) {
+                r->over_budget = 1;
+                return 1;
+            }
+            r->reserved = cap;
+        }
         char *p = realloc(r->body, cap);
         if (!p)
             return 0;
@@ -431,18 +784,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *con, const c
 {
     struct server *s = cls;
     struct request *r = *con_cls;
-    (void)url;
-    (void)version;
     if (!r || !r->uri)
         return MHD_NO;                                    /* out of memory: drop the connection */
     if (!r->started) {
         r->started = 1;
-        const char *cl = MHD_lookup_connection_value(con, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-        if (cl && strtoull(cl, NULL, 10) > s->body_limit) {
-            r->too_large = 1;                             /* answer now; MHD closes the connection */
-            return queue_error(con, 413, "PayloadTooLarge", "request body exceeds the broker's body limit", r->id);
-        }
-        return MHD_YES;
+        return on_headers(s, con, url, version, r);
     }
     if (*upload_data_size) {
         if (!body_append(s, r, upload_data, *upload_data_size))
@@ -450,8 +796,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *con, const c
         *upload_data_size = 0;
         return MHD_YES;
     }
+    conn_set_deadline(s, r->conn, 0);                     /* the body is in */
     if (r->too_large)
         return queue_error(con, 413, "PayloadTooLarge", "request body exceeds the broker's body limit", r->id);
+    if (r->over_budget)
+        return queue_error_with(con, 503, "ServiceUnavailable", "the broker is buffering too many request bodies",
+                                r->id, MHD_HTTP_HEADER_RETRY_AFTER, RETRY_AFTER);
     return dispatch(s, con, method, r);
 }
 
@@ -460,6 +810,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *con, const c
 
 #define toserver(L) ((struct server *)luaL_checkudata(L, 1, SERVER_MT))
 
+static void strlist_free(struct strlist *l)
+{
+    for (size_t i = 0; i < l->n; i++)
+        free(l->v[i]);
+    free(l->v);
+    l->v = NULL;
+    l->n = 0;
+}
+
 static void server_free_config(struct server *s)
 {
     free(s->handler);
@@ -467,6 +826,21 @@ static void server_free_config(struct server *s)
     free(s->path);
     free(s->cpath);
     s->handler = s->init_arg = s->path = s->cpath = NULL;
+    strlist_free(&s->pre.tokens);
+    strlist_free(&s->pre.open_paths);
+    strlist_free(&s->pre.version_under);
+    free(s->pre.challenge);
+    free(s->pre.version_header);
+    s->pre.challenge = s->pre.version_header = NULL;
+}
+
+static void sweeper_stop(struct server *s)
+{
+    pthread_mutex_lock(&s->conns_lock);
+    s->sweeping = 0;
+    pthread_cond_signal(&s->sweep_wake);
+    pthread_mutex_unlock(&s->conns_lock);
+    pthread_join(s->sweeper, NULL);
 }
 
 static void server_close_workers(struct server *s)
@@ -501,9 +875,12 @@ static void server_stop(struct server *s, double grace)
             close(fd);
         s->daemon = NULL;
     }
+    sweeper_stop(s);
     server_close_workers(s);
     server_free_config(s);
     pthread_mutex_destroy(&s->lock);
+    pthread_mutex_destroy(&s->conns_lock);
+    pthread_cond_destroy(&s->sweep_wake);
 }
 
 /* Parse "host:port" or "[v6]:port" into addr; 0 on success. */
@@ -565,18 +942,200 @@ static char *package_field(lua_State *L, const char *field)
     return copy;
 }
 
+/* Append a copy of str[0..n) to l. May raise (out of memory); the server's __gc frees l. */
+static void strlist_push(lua_State *L, struct strlist *l, const char *str, size_t n)
+{
+    char **v = realloc(l->v, (l->n + 1) * sizeof *v);
+    if (!v)
+        luaL_error(L, "http.serve: out of memory");
+    l->v = v;
+    v[l->n] = xstrdup_len(str, n);
+    if (!v[l->n])
+        luaL_error(L, "http.serve: out of memory");
+    l->n++;
+}
+
+/* Raise unless s is printable ASCII without '"' and '\\' (it goes into a header or a JSON body). */
+static void check_plain(lua_State *L, const char *s, const char *what)
+{
+    for (const unsigned char *c = (const unsigned char *)s; *c; c++)
+        if (*c < 0x20 || *c > 0x7e || *c == '"' || *c == '\\')
+            luaL_error(L, "http.serve: %s must be printable ASCII without quotes or backslashes", what);
+}
+
+/*
+ * The paths listed at field `key` of the table at t ("/..." strings); absent: `def`, if any.
+ * Stack: unchanged.
+ */
+static void read_paths(lua_State *L, int t, const char *key, const char *def, struct strlist *out)
+{
+    int type = lua_getfield(L, t, key);                   /* [list] */
+    if (type == LUA_TNIL && def)
+        strlist_push(L, out, def, strlen(def));
+    else if (type != LUA_TNIL && type != LUA_TTABLE)
+        luaL_error(L, "http.serve: %s must be a list of paths", key);
+    lua_Integer n = type == LUA_TTABLE ? (lua_Integer)lua_rawlen(L, -1) : 0;
+    for (lua_Integer i = 1; i <= n; i++) {
+        lua_rawgeti(L, -1, i);                            /* [list, path] */
+        size_t len;
+        const char *path = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
+        if (!path || path[0] != '/')
+            luaL_error(L, "http.serve: %s must be a list of paths ('/...')", key);
+        strlist_push(L, out, path, len);
+        lua_pop(L, 1);                                    /* [list] */
+    }
+    lua_pop(L, 1);                                        /* [] */
+}
+
+/*
+ * Add to tokens the Basic token of the user {username=, password=} at the top of the stack:
+ * base64("username:password"). Stack: [user] -> [user]
+ */
+static void add_user_token(lua_State *L, struct strlist *tokens)
+{
+    if (!lua_istable(L, -1) || lua_getfield(L, -1, "username") != LUA_TSTRING ||
+        lua_getfield(L, -2, "password") != LUA_TSTRING)
+        luaL_error(L, "http.serve: auth.users must list {username=string, password=string}");
+    lua_pushliteral(L, ":");
+    lua_insert(L, -2);                                    /* [user, name, ":", password] */
+    lua_concat(L, 3);                                     /* [user, "name:password"] */
+    size_t n;
+    const unsigned char *raw = (const unsigned char *)lua_tolstring(L, -1, &n);
+    if (n > 4096)
+        luaL_error(L, "http.serve: auth.users: credentials longer than 4096 bytes");
+    unsigned char *b64 = lua_newuserdatauv(L, 4 * ((n + 2) / 3) + 1, 0);   /* [user, raw, b64] */
+    int len = EVP_EncodeBlock(b64, raw, (int)n);
+    strlist_push(L, tokens, (const char *)b64, (size_t)len);
+    lua_pop(L, 2);                                        /* [user] */
+}
+
+/*
+ * auth = {users = {{username=, password=}, ...}, realm = "forge", public = {"/healthz", ...}}
+ * Stack: unchanged.
+ */
+static void read_auth(lua_State *L, struct precheck *p)
+{
+    static const char *const keys[] = {"users", "realm", "public", NULL};
+    if (lua_getfield(L, 1, "auth") == LUA_TNIL) {         /* [auth] */
+        lua_pop(L, 1);
+        return;
+    }
+    int t = lua_gettop(L);
+    forge_checkkeys(L, t, "http.serve: auth", keys);
+    const char *realm = forge_optstrfield(L, t, "realm", "forge");
+    check_plain(L, realm, "auth.realm");
+    size_t cap = strlen(realm) + sizeof "Basic realm=\"\"";
+    p->challenge = malloc(cap);
+    if (!p->challenge)
+        luaL_error(L, "http.serve: out of memory");
+    snprintf(p->challenge, cap, "Basic realm=\"%s\"", realm);
+    if (lua_getfield(L, t, "users") != LUA_TTABLE)       /* [auth, users] */
+        luaL_error(L, "http.serve: auth.users must list {username=string, password=string}");
+    lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
+    for (lua_Integer i = 1; i <= n; i++) {
+        lua_rawgeti(L, -1, i);                            /* [auth, users, user] */
+        add_user_token(L, &p->tokens);
+        lua_pop(L, 1);                                    /* [auth, users] */
+    }
+    if (!p->tokens.n)
+        luaL_error(L, "http.serve: auth.users must list at least one user");
+    read_paths(L, t, "public", NULL, &p->open_paths);
+    lua_settop(L, t - 1);
+}
+
+/*
+ * version = {header = "X-Broker-API-Version", major = 2, under = {"/v2"}}: requests under
+ * those paths (default: all) need header "<major>.<minor>".
+ * Stack: unchanged.
+ */
+static void read_version(lua_State *L, struct precheck *p)
+{
+    static const char *const keys[] = {"header", "major", "under", NULL};
+    if (lua_getfield(L, 1, "version") == LUA_TNIL) {      /* [version] */
+        lua_pop(L, 1);
+        return;
+    }
+    int t = lua_gettop(L);
+    forge_checkkeys(L, t, "http.serve: version", keys);
+    const char *header = forge_optstrfield(L, t, "header", NULL);
+    lua_Integer major = forge_optintfield(L, t, "major", -1);
+    if (!header || !header[0] || strlen(header) > 64 || strspn(header, "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+            "abcdefghijklmnopqrstuvwxyz0123456789-") != strlen(header) || major < 0)
+        luaL_error(L, "http.serve: version needs header (a header name) and major (an integer >= 0)");
+    snprintf(p->version_major, sizeof p->version_major, "%lld", (long long)major);
+    p->version_header = xstrdup_len(header, strlen(header));
+    if (!p->version_header)
+        luaL_error(L, "http.serve: out of memory");
+    read_paths(L, t, "under", "/", &p->version_under);
+    lua_settop(L, t - 1);
+}
+
+/* Raise the soft open-file limit to the hard one; the descriptors left for connections. */
+static size_t connection_fds(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return 1024 - FD_RESERVE;
+    if (rl.rlim_cur < rl.rlim_max) {
+        rlim_t soft = rl.rlim_cur;
+        rl.rlim_cur = rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+            rl.rlim_cur = soft;
+    }
+    return rl.rlim_cur > 2 * FD_RESERVE ? (size_t)(rl.rlim_cur - FD_RESERVE) : (size_t)(rl.rlim_cur / 2);
+}
+
+static void server_init_sync(struct server *s)
+{
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&s->sweep_wake, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->conns_lock, NULL);
+}
+
 /***
  * http.serve{listen="127.0.0.1:5000", handler="module", init="arg", threads=n, body_limit=bytes,
- *            connection_timeout=seconds}
+ *            connection_timeout=seconds, header_timeout=seconds, request_timeout=seconds,
+ *            max_connections=n, max_connections_per_ip=n, max_buffered_bytes=bytes,
+ *            auth={...}, version={...}}
  * Start serving. `handler` is required in every worker state and must return a table with
  * handle(req) -> status, headers, body (and optionally init(arg), called once per state).
  * req = {method, uri (raw, undecoded), headers (lowercase names), body, id, remote}.
+ *   threads             pool threads (default 0: 2 x cores), each with its own state
+ *   body_limit          bytes of one request body (default 1 MiB); larger ones get 413
+ *   connection_timeout  seconds a connection may stay silent (default 60)
+ *   header_timeout      seconds for a request's headers, from accept or from the end of the
+ *                       previous request on the connection (default 5)
+ *   request_timeout     seconds for its body, from the end of its headers (default 30);
+ *                       a connection past either deadline is closed, however it trickles
+ *   max_connections     open connections in all (default 0: 4000), at most the open-file limit
+ *                       less 64 (the soft limit is first raised to the hard one); further
+ *                       clients wait in the listen backlog
+ *   max_connections_per_ip  open connections of one client address (default 256); further
+ *                       ones are closed at once
+ *   max_buffered_bytes  bytes of request bodies held across all connections (default 64 MiB);
+ *                       a body that does not fit gets 503 with Retry-After
+ *   auth = {users = {{username=, password=}, ...}, realm = "forge", public = {"/healthz"}}
+ *                       a request to another path without one of these Basic credentials
+ *                       gets 401 (WWW-Authenticate: Basic realm="...")
+ *   version = {header = "X-Broker-API-Version", major = 2, under = {"/v2"}}
+ *                       a request under those paths (default: all but the public ones)
+ *                       without the header "<major>.<n>" gets 412
+ * A request target with a control byte gets 400. 400, 401, 412, an oversized declared body
+ * (413) and a declared body over the budget (503) are answered once the headers are in,
+ * before any body is read, and close the connection. Paths match as the broker decodes
+ * them: empty segments do not count and escapes are decoded.
  * @return server | nil, err
  */
 static int l_http_serve(lua_State *L)
 {
     static const char *const keys[] = {"listen", "handler", "init", "threads", "body_limit",
-                                       "connection_timeout", NULL};
+                                       "connection_timeout", "header_timeout", "request_timeout",
+                                       "max_connections", "max_connections_per_ip", "max_buffered_bytes",
+                                       "auth", "version", NULL};
     forge_checkkeys(L, 1, "http.serve", keys);
     const char *listen = forge_optstrfield(L, 1, "listen", "127.0.0.1:5000");
     const char *handler = forge_optstrfield(L, 1, "handler", NULL);
@@ -588,10 +1147,25 @@ static int l_http_serve(lua_State *L)
     lua_Integer threads = forge_optintfield(L, 1, "threads", 0);
     lua_Integer body_limit = forge_optintfield(L, 1, "body_limit", DEFAULT_BODY_LIMIT);
     lua_Integer conn_timeout = forge_optintfield(L, 1, "connection_timeout", 60);
+    lua_Number header_timeout = forge_optnumfield(L, 1, "header_timeout", DEFAULT_HEADER_TIMEOUT);
+    lua_Number request_timeout = forge_optnumfield(L, 1, "request_timeout", DEFAULT_REQUEST_TIMEOUT);
+    lua_Integer max_conns = forge_optintfield(L, 1, "max_connections", 0);
+    lua_Integer per_ip = forge_optintfield(L, 1, "max_connections_per_ip", DEFAULT_MAX_PER_IP);
+    lua_Integer max_buffered = forge_optintfield(L, 1, "max_buffered_bytes", DEFAULT_MAX_BUFFERED);
     if (threads <= 0)
         threads = 2 * sysconf(_SC_NPROCESSORS_ONLN);
     if (threads > 256 || body_limit <= 0 || conn_timeout < 0)
         return luaL_error(L, "http.serve: threads must be 1..256, body_limit > 0, connection_timeout >= 0");
+    if (!(header_timeout > 0) || !(request_timeout > 0) || max_conns < 0 || max_conns > 1000000 || per_ip < 1 ||
+        per_ip > 1000000 || max_buffered <= 0)
+        return luaL_error(L, "http.serve: header_timeout and request_timeout must be > 0, max_connections "
+                             "0..1000000 (0: automatic), max_connections_per_ip 1..1000000, max_buffered_bytes > 0");
+    size_t conns = connection_fds();
+    if (conns > (size_t)(max_conns ? max_conns : DEFAULT_MAX_CONNECTIONS))
+        conns = (size_t)(max_conns ? max_conns : DEFAULT_MAX_CONNECTIONS);
+    if (conns < (size_t)threads)
+        return luaL_error(L, "http.serve: max_connections (%d) must be at least threads (%d)", (int)conns,
+                          (int)threads);
 
     struct sockaddr_storage addr;
     socklen_t alen;
@@ -600,10 +1174,13 @@ static int l_http_serve(lua_State *L)
 
     struct server *s = lua_newuserdatauv(L, sizeof *s, 0);
     memset(s, 0, sizeof *s);
-    pthread_mutex_init(&s->lock, NULL);
+    server_init_sync(s);
     s->stopped = 1;                        /* until the daemon runs, __gc only frees config */
     luaL_setmetatable(L, SERVER_MT);
     s->body_limit = (size_t)body_limit;
+    s->max_buffered = (size_t)max_buffered;
+    s->header_timeout = header_timeout;
+    s->request_timeout = request_timeout;
     s->handler = xstrdup_len(handler, strlen(handler));
     s->init_arg = xstrdup_len(init, init_len);
     s->init_len = init_len;
@@ -613,10 +1190,18 @@ static int l_http_serve(lua_State *L)
         server_free_config(s);
         return luaL_error(L, "http.serve: out of memory");
     }
+    read_auth(L, &s->pre);
+    read_version(L, &s->pre);
     unsigned long long r = (unsigned long long)time(NULL) ^ ((unsigned long long)getpid() << 16) ^
                            (unsigned long long)(uintptr_t)s;
     snprintf(s->id_prefix, sizeof s->id_prefix, "%08llx", (r * 0x9E3779B97F4A7C15ULL) >> 32);
 
+    s->sweeping = 1;
+    int e = pthread_create(&s->sweeper, NULL, sweep, s);
+    if (e != 0) {
+        server_free_config(s);
+        return forge_pusherror(L, "http.thread", 1, "cannot start the deadline sweeper: %s", strerror(e));
+    }
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ITC | MHD_USE_POLL;
     if (addr.ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
@@ -625,11 +1210,15 @@ static int l_http_serve(lua_State *L)
         MHD_OPTION_THREAD_POOL_SIZE, (unsigned)threads,
         MHD_OPTION_URI_LOG_CALLBACK, on_uri, s,
         MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+        MHD_OPTION_NOTIFY_CONNECTION, on_connection, s,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)conn_timeout,
+        MHD_OPTION_CONNECTION_LIMIT, (unsigned)conns,
+        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)per_ip,
         MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024u,
         MHD_OPTION_END);
     if (!s->daemon) {
-        int e = errno;
+        e = errno;
+        sweeper_stop(s);
         server_free_config(s);
         return forge_pusherror(L, "http.listen", 1, "cannot listen on %s: %s", listen,
                                e ? strerror(e) : "libmicrohttpd refused to start");

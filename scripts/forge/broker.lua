@@ -27,7 +27,7 @@ function Broker.new(config, db, registry, targets)
 end
 
 local function check_auth(req, token, who)
-  if not crypto.equal(req.headers.authorization or "", token) then
+  if not crypto.equal(((req.headers.authorization or ""):gsub("^[Bb][Aa][Ss][Ii][Cc] +", "Basic ")), token) then
     fail(401, "Unauthorized", "missing or wrong " .. who .. " credentials")
   end
 end

@@ -14,6 +14,13 @@ local DEFAULTS = {
   services_dir = "services",
   threads = 0,                 -- 0: 2 x cores
   body_limit = 1048576,        -- bytes; larger request bodies get 413
+  http = {                     -- limits of the HTTP server against slow or abusive clients
+    header_timeout = 5,        -- seconds for a request's headers (an idle keep-alive connection: its next one)
+    request_timeout = 30,      -- seconds for its body, once the headers are in
+    max_connections = 0,       -- open connections in all; 0: 4000, at most the open-file limit - 64
+    max_connections_per_ip = 256, -- open connections of one client address (behind a load balancer: all)
+    max_buffered_bytes = 64 * 1048576, -- request bodies held across all connections; beyond: 503
+  },
   log_level = "info",
   tombstone_ttl = 3600,        -- seconds a deleted instance/binding still answers last_operation
   gone_ttl = 7 * 86400,        -- seconds after that a purged id still answers 410
@@ -46,6 +53,8 @@ local SCHEMA = {
   listen = "string", auth = { username = "string", password = "string" },
   admin = { username = "string", password = "string" },
   state_dir = "string", services_dir = "string", threads = "integer", body_limit = "integer",
+  http = { header_timeout = "number", request_timeout = "number", max_connections = "integer",
+    max_connections_per_ip = "integer", max_buffered_bytes = "integer" },
   log_level = "string", tombstone_ttl = "number", gone_ttl = "number", reconcile_interval = "number",
   supervise_interval = "number", sync_timeout = "number", public_url = "string",
   sandbox = { memory = "integer", cpu = "number", wall = "number" },
@@ -204,6 +213,14 @@ local function validate(c)
     return nil, "log_level must be debug, info, warn or error"
   end
   if c.body_limit <= 0 then return nil, "body_limit must be positive" end
+  local h = c.http
+  if not (h.header_timeout > 0 and h.request_timeout > 0) then
+    return nil, "http.header_timeout and http.request_timeout must be positive"
+  end
+  if h.max_connections < 0 then return nil, "http.max_connections must be positive (or 0: automatic)" end
+  if h.max_connections_per_ip < 1 or h.max_buffered_bytes < 1 then
+    return nil, "http.max_connections_per_ip and http.max_buffered_bytes must be positive"
+  end
   local lt = c.targets["local"]
   for i, cmd in ipairs(lt.commands) do
     if type(cmd) ~= "string" or cmd == "" or (cmd:find("/", 1, true) and cmd:sub(1, 1) ~= "/") then

@@ -128,8 +128,16 @@ function M.run(path)
 
   local reconciler = Reconciler.new(config, db, registry, targets.new(config, config.state_dir))
   http.trap_signals()
+  -- forge.broker's checks, made again in C before a body is read: the broker's and the admin
+  -- credentials on every path but /healthz, the OSB version header under /v2
+  local h = config.http
   local srv, herr = http.serve { listen = config.listen, handler = "forge.app", init = util.json_encode(config),
-    threads = config.threads, body_limit = config.body_limit }
+    threads = config.threads, body_limit = config.body_limit, header_timeout = h.header_timeout,
+    request_timeout = h.request_timeout, max_connections = h.max_connections,
+    max_connections_per_ip = h.max_connections_per_ip, max_buffered_bytes = h.max_buffered_bytes,
+    auth = { realm = "forge", users = { config.auth, config.admin.password and config.admin or config.auth },
+      public = { "/healthz" } },
+    version = { header = "X-Broker-API-Version", major = 2, under = { "/v2" } } }
   if not srv then
     io.stderr:write("forge serve: ", tostring(herr), "\n")
     return 1

@@ -143,6 +143,18 @@ describe("forge.http lifecycle", function()
     assert.has_error(function() http.serve {} end)
     assert.has_error(function() http.serve { handler = "x", listen = "nonsense" } end)
     assert.has_error(function() http.serve { handler = "x", bogus = 1 } end)
+    local user = { username = "u", password = "p" }
+    for _, bad in ipairs({ { header_timeout = 0 }, { request_timeout = -1 }, { max_connections = -1 },
+      { max_connections_per_ip = 0 }, { max_buffered_bytes = 0 }, { threads = 4, max_connections = 2 },
+      { auth = { users = {} } }, { auth = { users = { { username = "u" } } } }, { auth = { users = { user }, bogus = 1 } },
+      { auth = { users = { user }, realm = 'a"b' } }, { auth = { users = { user }, public = { "healthz" } } },
+      { version = { major = 2 } }, { version = { header = "X-V" } }, { version = { header = "X V", major = 2 } },
+      { version = { header = "X-V", major = 2, under = "/v2" } } }) do
+      bad.handler = "x"
+      local ok, err = pcall(http.serve, bad)
+      assert.is_false(ok)
+      assert.matches("^http%.serve", err)
+    end
     local srv, err = http.serve { handler = "x", listen = "127.0.0.1:1" }
     if srv then srv:stop(0) else assert.equal("http.listen", err.code) end
   end)
