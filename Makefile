@@ -16,7 +16,7 @@ CC      ?= cc
 B       ?= build
 # `make asan` builds $(B)=build/asan with SANFLAGS (the fuzz spec runs that binary)
 SANFLAGS ?=
-PKGS     = lua5.4 libmicrohttpd libcurl yaml-0.1 sqlite3 libcrypto
+PKGS     = lua5.4 libmicrohttpd libcurl yaml-0.1 sqlite3 libcrypto libpq
 CFLAGS  ?= -O2 -g
 CFLAGS  += -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE -fPIC -Iinclude \
            $(shell pkg-config --cflags $(PKGS) 2>/dev/null) \
@@ -38,7 +38,7 @@ HEADERS    = $(wildcard include/forge/*.h runtime/*.h)
 
 DEBIAN_PKGS = build-essential pkg-config lua5.4 liblua5.4-dev libmicrohttpd-dev libcurl4-openssl-dev \
               lua-cjson lua-filesystem libyaml-dev libsqlite3-dev libssl-dev sqlite3 lua-busted lua-check redis-server redis-tools \
-              etcd-server etcd-client wrk curl openssl python3-minimal tar
+              etcd-server etcd-client wrk curl openssl python3-minimal tar libpq-dev postgresql postgresql-client
 
 .PHONY: all deps run test bench install clean lint asan FORCE
 all: $(B)/bin/forge $(MOD_SO)
