@@ -8,6 +8,7 @@ local instances = require "forge.osb.instances"
 local log = require "forge.log"
 local model = require "forge.model"
 local proc = require "forge.proc"
+local util = require "forge.util"
 
 local key = model.key
 
@@ -120,8 +121,15 @@ function Reconciler:reapply_bindings(inst)
   local svc = self.registry.by_id[inst.service_id]
   for _, kv in ipairs(model.range(self.db, key.bindings(inst.id))) do
     if kv.value.state == "created" then
-      local creds, err = bindings.apply(self, svc, inst, kv.value)
+      local creds, err = bindings.apply(self, svc, inst, kv.value, true)
       if not creds then return nil, "binding " .. kv.value.id .. ": " .. err end
+      -- the topology may have changed (a grown cluster lists more endpoints): keep what bind said
+      if not util.deep_equal(creds, kv.value.credentials) then
+        model.update(self.db, kv.key, function(r)
+          if r.state ~= "created" then return false end
+          r.credentials, r.updated_at = creds, os.time()
+        end)
+      end
     end
   end
   return true

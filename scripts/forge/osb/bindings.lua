@@ -36,8 +36,10 @@ end
 
 local function binding_async(svc, plan) return (plan and plan.bindings_async) or svc.script.bindings_async end
 
---- Run the bind hook for `rec` and its commands. Returns credentials | nil, message.
-function M.apply(b, svc, inst, rec)
+--- Run the bind hook for `rec` and its commands. Returns credentials | nil, message. A new
+-- binding whose commands fail is undone (unbind); a `reapply` of a live binding (after a
+-- redeploy) is not, since that would delete what its application uses.
+function M.apply(b, svc, inst, rec, reapply)
   local target, terr = b.targets:of(inst)
   if not target then return nil, terr end
   local extra = { parameters = rec.parameters or {}, credentials = rec.credentials }
@@ -50,8 +52,10 @@ function M.apply(b, svc, inst, rec)
   if not result then return nil, "service " .. svc.name .. " bind failed: " .. tostring(err), "script" end
   local ok, rerr = target:run_all(result.run, inst)
   if not ok then
-    target:run_all((services.hook(svc, "unbind", services.binding_context(inst, rec.id, { binding = rec })) or {}).run,
-      inst)
+    if not reapply then
+      target:run_all((services.hook(svc, "unbind", services.binding_context(inst, rec.id, { binding = rec })) or {})
+        .run, inst)
+    end
     return nil, "could not create the binding on instance " .. inst.id .. ": " .. rerr
   end
   return result.credentials

@@ -406,6 +406,28 @@ function Local:init(inst, p)
   return true
 end
 
+-- Start process p of inst: adopt it if it was spawned but never recorded, else run its init
+-- commands (once) and spawn it. record() persists each step. Returns true | nil, reason.
+function Local:start(inst, p, record)
+  local rec = self:find_unrecorded(inst, p)
+  if not rec then
+    if not inst.initialized[p.name] and p.init then
+      local ok, err = self:init(inst, p)
+      if not ok then return nil, err end
+      inst.initialized[p.name] = true
+      record(nil, nil, nil, p.name)
+    end
+    local spawned, err = self:spawn(inst, p)
+    if not spawned then return nil, p.name .. ": " .. tostring(err and err.message or err) end
+    rec = spawned
+    -- failpoint for the crash-recovery spec: die between spawn and journal
+    if os.getenv("FORGE_FAILPOINT") == "after_spawn" then os.exit(99, false) end
+  end
+  inst.processes[p.name] = rec
+  record(p.name, rec)
+  return true
+end
+
 --- Advance a provision: write files, run init commands, spawn what is not running, check
 -- health, then setup. record(name, identity, files_written, initialized) persists progress.
 -- @return "done" | "wait" | "failed", reason [, the waiting process's last log lines]
@@ -418,37 +440,27 @@ function Local:step_provision(inst, record)
     if not ok then return "failed", err end
     record(nil, nil, true)
   end
+  -- start every process that may start, then check health: a member of a quorum cluster only
+  -- gets healthy once the others run
   local waiting, waiting_log
   for _, p in ipairs(inst.deployment.processes) do
-    local rec = inst.processes[p.name]
-    local blocker = not rec and waits_for(inst, p)
-    if blocker then
-      waiting = waiting or string.format("%s waits for %s to be healthy", p.name, blocker)
-      goto next
-    end
-    if not rec then
-      rec = self:find_unrecorded(inst, p)
-      if not rec then
-        if not inst.initialized[p.name] and p.init then
-          local ok, err = self:init(inst, p)
-          if not ok then return "failed", err end
-          inst.initialized[p.name] = true
-          record(nil, nil, nil, p.name)
-        end
-        local spawned, err = self:spawn(inst, p)
-        if not spawned then return "failed", p.name .. ": " .. tostring(err and err.message or err) end
-        rec = spawned
-        -- failpoint for the crash-recovery spec: die between spawn and journal
-        if os.getenv("FORGE_FAILPOINT") == "after_spawn" then os.exit(99, false) end
+    if not inst.processes[p.name] then
+      local blocker = waits_for(inst, p)
+      if blocker then
+        waiting = waiting or string.format("%s waits for %s to be healthy", p.name, blocker)
+      else
+        local ok, err = self:start(inst, p, record)
+        if not ok then return "failed", err end
       end
-      inst.processes[p.name] = rec
-      record(p.name, rec)
     end
-    if not proc.alive(rec.pid, rec.start_time) then
+  end
+  for _, p in ipairs(inst.deployment.processes) do
+    local rec = inst.processes[p.name]
+    if rec and not proc.alive(rec.pid, rec.start_time) then
       local why = tail(self:instance_dir(inst.id) .. "/" .. p.name .. ".log")
       return "failed", string.format("%s exited during start-up%s", p.name, why ~= "" and (": " .. why) or "")
     end
-    if not rec.healthy then
+    if rec and not rec.healthy then
       local ok, err = self:healthy(inst, p)
       if ok then
         rec.healthy = true
@@ -459,7 +471,6 @@ function Local:step_provision(inst, record)
         if log_tail ~= "" then waiting_log = p.name .. "'s log: " .. log_tail end
       end
     end
-    ::next::
   end
   if not waiting and inst.deployment.setup then
     -- one-time setup once everything answers (idempotent: it reruns after a broker crash);
@@ -483,9 +494,14 @@ function Local:stop_all(inst)
     local rec = targets[p.name]
     if not rec or not proc.alive(rec.pid, rec.start_time) then targets[p.name] = self:find_unrecorded(inst, p) end
   end
-  local spec = {}
-  for _, p in ipairs((inst.deployment or {}).processes or {}) do spec[p.name] = p end
-  for name, rec in pairs(targets) do
+  -- the deployment's processes last to first (a cluster's first member goes last), then any
+  -- recorded process the deployment no longer names
+  local order, spec = {}, {}
+  local procs = (inst.deployment or {}).processes or {}
+  for i = #procs, 1, -1 do order[#order + 1], spec[procs[i].name] = procs[i].name, procs[i] end
+  for name in pairs(targets) do if not spec[name] then order[#order + 1] = name end end
+  for _, name in ipairs(order) do
+    local rec = targets[name]
     if rec and proc.alive(rec.pid, rec.start_time) then
       local p = spec[name] or {}
       local ok, err = proc.stop(rec.pid, rec.start_time, p.stop_timeout or self.cfg.stop_timeout, p.stop_signal)
