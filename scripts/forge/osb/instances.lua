@@ -258,7 +258,8 @@ function M.update(b, id, req, q)
   -- an async-only plan refuses every update without accepts_incomplete, a no-op one included
   local async = require_async(plan, q, "is updated")
 
-  if not plan_change and not params_change and not upgrade then
+  -- a failed instance is redeployed by the same update again (update_repeatable)
+  if not plan_change and not params_change and not upgrade and rec.state ~= "failed" then
     if context_change then
       if not svc.script.allow_context_updates then
         fail(422, "ContextUpdateNotSupported", "service " .. svc.name .. " does not take context-only updates",
@@ -273,8 +274,9 @@ function M.update(b, id, req, q)
   end
 
   local updated = util.copy(rec)
-  updated.previous = { plan_id = rec.plan_id, parameters = rec.parameters, resources = rec.resources,
-    maintenance_info = rec.maintenance_info, processes = rec.processes }
+  -- after a failed update, what runs is still what ran before it
+  updated.previous = rec.state == "failed" and rec.previous or { plan_id = rec.plan_id, parameters = rec.parameters,
+    resources = rec.resources, maintenance_info = rec.maintenance_info, processes = rec.processes }
   updated.plan_id, updated.plan = plan.id, plan.name
   if params then updated.parameters = params end
   if context then updated.context = context end
