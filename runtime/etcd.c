@@ -20,11 +20,23 @@
  * and stripped on the way out, so several brokers or test cases can share one
  * etcd without seeing each other's keys.
  *
- * Endpoints and failover: requests go to the last endpoint that answered. A
- * connection failure moves on to the next endpoint, all within one time budget
- * (timeout_ms) per call. A write whose request was sent but whose answer never
- * came is not resent elsewhere (it may have been applied): the caller gets the
- * retryable "etcd.unavailable" error and decides. Reads are always resent.
+ * Endpoints and failover: requests go to the last endpoint that answered. An
+ * endpoint fails a call when the connection fails or when its member answers that
+ * it cannot serve now (gRPC Unavailable or Canceled, "no leader", "too many
+ * requests", a gateway's 408/502/503/504): the call moves on to the next endpoint,
+ * all within one time budget (timeout_ms). A read is always resent; a write only
+ * when it certainly was not applied (nothing was sent, or etcd says it did not
+ * process it: see not_processed[] for which answers, and why a txn is no exception);
+ * otherwise the caller gets the retryable "etcd.unavailable" and decides.
+ * An endpoint that failed is marked down with the time, and calls try it only after
+ * every endpoint that is up (a call fails only when all failed it). Once its
+ * backoff is over (0.5 s, doubling with each failure in a row up to 30 s) the next
+ * read probes it first, under a short limit (ETCD_PROBE_MS): a dead endpoint costs
+ * a refused connection (or at most that limit) once per backoff, not a connect
+ * timeout per call. No thread: the time check is on the request path. Writes never
+ * probe (a probe that hangs after sending would fail a write that may not be
+ * resent). db:endpoints() reports the state; tostring(db) names the endpoint that
+ * answered last.
  *
  * Auth: with `username`, the db authenticates (/v3/auth/authenticate) and sends
  * the token in the Authorization header; when etcd calls the token invalid
@@ -61,6 +73,10 @@
 #define ETCD_TIMEOUT_MAX    (3600 * 1000)
 #define ETCD_TTL_MAX        9000000000LL        /* etcd's MaxLeaseTTL */
 #define ETCD_KEEP_BYTES     (1024 * 1024)       /* buffers larger than this are freed after a call */
+#define ETCD_DOWN_MIN_MS    500                 /* an endpoint that failed is skipped this long ... */
+#define ETCD_DOWN_MAX_MS    30000               /* ... doubling with each failure in a row, up to this */
+#define ETCD_PROBE_MS       200                 /* a probe of an endpoint that is down: whole time limit */
+#define ETCD_EP_ERROR_MAX   256
 
 #define checkdb(L)          (etcd_check((L), 1))
 
@@ -281,10 +297,25 @@ struct jparse {
  * The db object
  * ------------------------------------------------------------------------- */
 
+/*
+ * One endpoint and what the db knows of it. "Down" (fails > 0) is a fact about the past
+ * (its last attempt failed at the endpoint), kept with the time so that calls skip it
+ * until retry_at, then let a read probe it (see "Endpoints and failover" at the top).
+ */
+struct endpoint {
+    char *url;                      /* without a trailing '/' */
+    int fails;                      /* failures in a row; 0 = up */
+    double down_since;              /* monotonic ms of the first of those failures */
+    double retry_at;                /* while down: from then on a read may probe it */
+    unsigned long long attempts;    /* requests sent (or tried) to it */
+    unsigned long long failures;    /* of those, how many failed at the endpoint */
+    char last_error[ETCD_EP_ERROR_MAX];     /* "" until one failed */
+};
+
 struct etcd {
     CURL *curl;                     /* NULL once closed */
     struct curl_slist *headers;
-    char *endpoints[ETCD_ENDPOINTS_MAX];
+    struct endpoint ep[ETCD_ENDPOINTS_MAX];
     int nendpoints;
     int cur;                        /* the endpoint that answered last */
     char *prefix;                   /* never NULL while open ("" = no namespace) */
@@ -310,7 +341,9 @@ struct res {
     const char *code;
     int retryable;
     long status;                    /* HTTP status, 0 when there was no answer */
+    long long grpc;                 /* gRPC status code of an etcd error answer, -1 if none */
     long long compact_revision;     /* watch: etcd.compacted */
+    int resume;                     /* watch: the stream broke after it was created (resend it) */
     char msg[1536];
 };
 
@@ -324,7 +357,9 @@ static int res_fail(struct res *r, const char *code, int retryable, long status,
     r->code = code;
     r->retryable = retryable;
     r->status = status;
+    r->grpc = -1;
     r->compact_revision = 0;
+    r->resume = 0;
     va_start(ap, fmt);
     vsnprintf(r->msg, sizeof r->msg, fmt, ap);
     va_end(ap);
@@ -739,8 +774,8 @@ static void etcd_release(struct etcd *e)
     curl_slist_free_all(e->headers);
     e->headers = NULL;
     for (int i = 0; i < ETCD_ENDPOINTS_MAX; i++) {
-        free(e->endpoints[i]);
-        e->endpoints[i] = NULL;
+        free(e->ep[i].url);
+        e->ep[i].url = NULL;
     }
     e->nendpoints = 0;
     free(e->prefix);
@@ -814,7 +849,7 @@ static void drop_token(struct etcd *e)
 
 
 /* ---------------------------------------------------------------------------
- * HTTP: one POST with failover across endpoints
+ * HTTP: the transfer (flags, clock, write callback)
  * ------------------------------------------------------------------------- */
 
 enum {
@@ -899,88 +934,223 @@ static int tls_config_error(CURLcode rc)
 }
 
 
-/*
- * POST body to path, starting with the endpoint that answered last and moving
- * on while the connection fails, until deadline. Sets *status (the answer is
- * in e->resp) and returns 0, or returns -1 with r filled.
- */
-static int http_post(struct etcd *e, const char *path, const struct buf *body, int flags,
-                     double deadline, long *status, struct res *r)
-{
-    char last[CURL_ERROR_SIZE + ETCD_URL_MAX + 64] = "no attempt made";
-    int n = e->nendpoints, config_error = 0;
-    double start = now_ms();
-    for (int k = 0; k < n; k++) {
-        int idx = (e->cur + k) % n;
-        double left = deadline - now_ms();
-        if (left < 1)
-            break;
-        char url[ETCD_URL_MAX + 64];
-        snprintf(url, sizeof url, "%s%s", e->endpoints[idx], path);
-        buf_reset(&e->resp);
-        e->too_big = 0;
-        e->stream = (flags & CALL_STREAM) != 0;
-        e->stream_stop = 0;
-        e->scan = 0;
-        e->stream_rev = 0;
-        e->errbuf[0] = '\0';
-        long connect_ms = (long)(left / (n - k));
-        curl_easy_setopt(e->curl, CURLOPT_URL, url);
-        curl_easy_setopt(e->curl, CURLOPT_POSTFIELDS, body->p ? body->p : "");
-        curl_easy_setopt(e->curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body->len);
-        curl_easy_setopt(e->curl, CURLOPT_TIMEOUT_MS, (long)left);
-        curl_easy_setopt(e->curl, CURLOPT_CONNECTTIMEOUT_MS, connect_ms > 0 ? connect_ms : 1L);
-        CURLcode rc = curl_easy_perform(e->curl);
-        e->stream = 0;
+/* ---------------------------------------------------------------------------
+ * Endpoint state: up, or down since a time with a backoff before the next probe
+ * ------------------------------------------------------------------------- */
 
-        long code = 0;
-        curl_off_t pretransfer = 0;
-        curl_easy_getinfo(e->curl, CURLINFO_RESPONSE_CODE, &code);
-        curl_easy_getinfo(e->curl, CURLINFO_PRETRANSFER_TIME_T, &pretransfer);
-        int sent = pretransfer > 0 || code != 0;
-        if (rc == CURLE_OK || (rc == CURLE_WRITE_ERROR && e->stream_stop)
-            || (rc == CURLE_OPERATION_TIMEDOUT && (flags & CALL_STREAM) && sent && (code == 0 || code == 200))) {
-            e->cur = idx;
-            *status = code ? code : 200;
-            return 0;
-        }
-        if (e->too_big)
-            return res_fail(r, "etcd.error", 0, code, "%s: response larger than %zu MiB", url,
-                            ETCD_RESP_MAX >> 20);
-        if (e->resp.failed)
-            return res_fail(r, "etcd.error", 1, code, "%s: out of memory reading the response", url);
-        snprintf(last, sizeof last, "%s: %s", e->endpoints[idx],
-                 e->errbuf[0] ? e->errbuf : curl_easy_strerror(rc));
-        config_error = tls_config_error(rc);
-        if (sent && !(flags & CALL_READ))
-            return res_fail(r, "etcd.unavailable", 1, 0,
-                            "%s; the request was sent, it may or may not have been applied", last);
-    }
-    if (config_error)
-        return res_fail(r, "etcd.error", 0, 0, "TLS failure: %s", last);
-    return res_fail(r, "etcd.unavailable", 1, 0, "no etcd endpoint answered (time budget %ld ms; last: %s)",
-                    (long)(deadline - start), last);
+static void ep_up(struct endpoint *ep)
+{
+    ep->fails = 0;
+    ep->down_since = ep->retry_at = 0;
+}
+
+
+/* The endpoint failed at `now` (why: msg): down, next probe after a doubling backoff. */
+static void ep_down(struct endpoint *ep, double now, const char *msg)
+{
+    double backoff = ETCD_DOWN_MIN_MS;
+    if (ep->fails == 0)
+        ep->down_since = now;
+    ep->fails++;
+    for (int i = 1; i < ep->fails && backoff < ETCD_DOWN_MAX_MS; i++)
+        backoff *= 2;
+    ep->retry_at = now + (backoff < ETCD_DOWN_MAX_MS ? backoff : ETCD_DOWN_MAX_MS);
+    ep->failures++;
+    snprintf(ep->last_error, sizeof ep->last_error, "%s", msg);
 }
 
 
 /*
- * Turn a non-200 answer (or an in-band error object) into r. *grpc gets the
- * gRPC status code (-1 if unknown). The answer is in e->resp.
+ * The order in which one call tries the endpoints (indexes into order[], all of them):
+ * the endpoint that answered last if it is up, the other up endpoints after it in list
+ * order, then those marked down, soonest due first, as a last resort (a call fails only
+ * when every endpoint failed it or the time ran out). A plain read (not a stream) first
+ * probes the down endpoint most overdue, but only while some endpoint is up, and sets
+ * *probe: that attempt runs under ETCD_PROBE_MS.
  */
-static int answer_error(struct etcd *e, long status, long obj, struct res *r, long long *grpc)
+static int plan(const struct etcd *e, int flags, double now, int order[], int *probe)
+{
+    int n = 0, nd = 0, down[ETCD_ENDPOINTS_MAX];
+    for (int k = 0; k < e->nendpoints; k++) {
+        int idx = (e->cur + k) % e->nendpoints;
+        if (e->ep[idx].fails == 0)
+            order[n++] = idx;
+        else
+            down[nd++] = idx;
+    }
+    for (int i = 1; i < nd; i++)            /* insertion sort by retry_at (at most 16) */
+        for (int j = i; j > 0 && e->ep[down[j]].retry_at < e->ep[down[j - 1]].retry_at; j--) {
+            int t = down[j];
+            down[j] = down[j - 1];
+            down[j - 1] = t;
+        }
+    *probe = (flags & CALL_READ) && !(flags & CALL_STREAM) && n > 0 && nd > 0
+             && e->ep[down[0]].retry_at <= now;
+    if (*probe) {
+        memmove(order + 1, order, (size_t)n * sizeof order[0]);
+        order[0] = down[0];
+        n++;
+    }
+    for (int i = *probe; i < nd; i++)
+        order[n++] = down[i];
+    return n;
+}
+
+
+/* ---------------------------------------------------------------------------
+ * HTTP: one attempt at one endpoint, and the failover loop over them
+ * ------------------------------------------------------------------------- */
+
+/*
+ * How one attempt ended. X_NOT_SENT means no byte of the request left this process
+ * (connection refused, name not resolved, connect timeout, TLS handshake failed, reset
+ * before the request was written): whatever the request, another endpoint may take it.
+ * X_MAYBE_SENT is every other transport failure: the request may have reached etcd and
+ * been applied (a reset or a timeout after sending proves nothing either way).
+ */
+enum xfer { X_ANSWER, X_NOT_SENT, X_MAYBE_SENT, X_FATAL };
+
+/* What an answer (or a failed attempt) means for the call: see send_any. */
+enum verdict { V_OK, V_ERROR, V_DOWN_SAFE, V_DOWN_MAYBE };
+
+
+/* Reset the per-transfer state and point the handle at endpoint idx. */
+static void attempt_setup(struct etcd *e, const char *url, const struct buf *body, int flags,
+                          long limit_ms, long connect_ms)
+{
+    buf_reset(&e->resp);
+    e->too_big = 0;
+    e->stream = (flags & CALL_STREAM) != 0;
+    e->stream_stop = 0;
+    e->scan = 0;
+    e->stream_rev = 0;
+    e->errbuf[0] = '\0';
+    curl_easy_setopt(e->curl, CURLOPT_URL, url);
+    curl_easy_setopt(e->curl, CURLOPT_POSTFIELDS, body->p ? body->p : "");
+    curl_easy_setopt(e->curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body->len);
+    curl_easy_setopt(e->curl, CURLOPT_TIMEOUT_MS, limit_ms > 0 ? limit_ms : 1L);
+    curl_easy_setopt(e->curl, CURLOPT_CONNECTTIMEOUT_MS, connect_ms > 0 ? connect_ms : 1L);
+}
+
+
+/*
+ * POST body to path at endpoint idx within limit_ms (connect_ms to connect). X_ANSWER:
+ * *status is set and the answer is in e->resp. Otherwise r is filled: X_NOT_SENT and
+ * X_MAYBE_SENT as above (a TLS failure of ours or the server's certificate is X_NOT_SENT
+ * with code etcd.error), X_FATAL when no endpoint can do better (answer too large, out
+ * of memory).
+ */
+static int http_attempt(struct etcd *e, int idx, const char *path, const struct buf *body, int flags,
+                        long limit_ms, long connect_ms, long *status, struct res *r)
+{
+    const char *base = e->ep[idx].url;
+    char url[ETCD_URL_MAX + 64];
+    snprintf(url, sizeof url, "%s%s", base, path);
+    attempt_setup(e, url, body, flags, limit_ms, connect_ms);
+    CURLcode rc = curl_easy_perform(e->curl);
+    e->stream = 0;
+
+    long code = 0, reqsize = 0, hdrsize = 0;
+    curl_easy_getinfo(e->curl, CURLINFO_RESPONSE_CODE, &code);
+    curl_easy_getinfo(e->curl, CURLINFO_REQUEST_SIZE, &reqsize);     /* request bytes written */
+    curl_easy_getinfo(e->curl, CURLINFO_HEADER_SIZE, &hdrsize);      /* answer header bytes read */
+    int sent = reqsize > 0 || code != 0 || hdrsize > 0;
+    if (rc == CURLE_OK || (rc == CURLE_WRITE_ERROR && e->stream_stop)
+        || (rc == CURLE_OPERATION_TIMEDOUT && (flags & CALL_STREAM) && sent && (code == 0 || code == 200))) {
+        *status = code ? code : 200;
+        return X_ANSWER;
+    }
+    if (e->too_big)
+        return res_fail(r, "etcd.error", 0, code, "%s: response larger than %zu MiB", url,
+                        ETCD_RESP_MAX >> 20), X_FATAL;
+    if (e->resp.failed)
+        return res_fail(r, "etcd.error", 1, code, "%s: out of memory reading the response", url), X_FATAL;
+    const char *why = e->errbuf[0] ? e->errbuf : curl_easy_strerror(rc);
+    if (tls_config_error(rc))
+        return res_fail(r, "etcd.error", 0, 0, "TLS failure: %s: %s", base, why), X_NOT_SENT;
+    res_fail(r, "etcd.unavailable", 1, 0, "%s: %s", base, why);
+    return sent ? X_MAYBE_SENT : X_NOT_SENT;
+}
+
+
+/*
+ * Error answers in which etcd (or its gateway) says the request was never processed, so
+ * that a write may be resent to another member. Each is produced before the request can
+ * have reached raft:
+ *   "the client connection is closing"   gRPC Canceled, HTTP 408: the gateway of a member
+ *                                    that is stopping has closed its gRPC connection to the
+ *                                    member; grpc-go refuses to start a stream on a closed
+ *                                    connection (the streams already open finish: it closes
+ *                                    gracefully). Other 408s, such as "request cancelled",
+ *                                    may come after raft got the proposal: not on the list.
+ *   "Error while dialing"            the gateway could not connect to its member at all.
+ *   "etcdserver: no leader"          refused by the member's gRPC interceptor.
+ *   "etcdserver: leader changed"     a linearizable read lost its read index (etcd 3.4
+ *                                    returns it for reads and lease lookups only).
+ *   "etcdserver: too many requests"  refused before proposing: apply lags commit.
+ *   "raft proposal dropped"          raft refused the proposal (leadership transfer).
+ * Not on the list, because the write may have been applied:
+ *   "transport is closing"           gRPC Unavailable, HTTP 503, from a member that is
+ *                                    stopping. grpc-go gives it to a new stream on a draining
+ *                                    connection, but also to a stream in flight when the
+ *                                    connection closes, after the member applied it (the
+ *                                    answer is lost when the member closes the connection).
+ *                                    Measured with the loop of spec/runtime/etcd_failover_spec
+ *                                    on etcd 3.4.23 while it was still on this list: in 40
+ *                                    clean stops of leaders and followers, 12 txns answered so
+ *                                    had been applied (resent, their compare failed), while
+ *                                    none of ~20 answered "the client connection is closing".
+ *   "request timed out" (every variant), "server stopped": answers to a proposal already
+ *                                    made, whose outcome the member did not wait for.
+ * Why not resend a txn that may have been applied and let its compares sort it out: the
+ * callers (scripts/forge/model.lua and its users) read only `succeeded`. A txn applied
+ * once and resent fails its mod_revision compare against its own write, so the caller
+ * would hear "you lost the race" for a change that is in the store: it answers 422
+ * ConcurrencyError, or (model.update) re-reads and applies its change a second time. A txn
+ * without compares, resent after another replica wrote the same keys, would silently
+ * undo that write. So a write is resent only when it certainly was not applied; otherwise
+ * the caller gets the retryable etcd.unavailable and decides, and the next call starts at
+ * another endpoint.
+ */
+static const char *const not_processed[] = {
+    "the client connection is closing", "Error while dialing", "etcdserver: no leader",
+    "etcdserver: leader changed", "etcdserver: too many requests", "raft proposal dropped", NULL,
+};
+
+
+/* The verdict on an error answer: the member cannot serve now (SAFE: not processed), or a real answer. */
+static int answer_verdict(long status, long long grpc, const char *text)
+{
+    for (int i = 0; not_processed[i]; i++)
+        if (strstr(text, not_processed[i]))
+            return V_DOWN_SAFE;
+    if (grpc == 14 || grpc == 1)
+        return V_DOWN_MAYBE;
+    if (grpc == -1 && (status == 408 || status == 502 || status == 503 || status == 504))
+        return V_DOWN_MAYBE;
+    return V_ERROR;
+}
+
+
+/*
+ * Turn an error answer from endpoint idx (non-200, or an in-band error object at token
+ * obj, -1 if the answer is not JSON) into r, with r->grpc the gRPC status code (-1 if
+ * unknown). The answer is in e->resp. Returns its verdict (never V_OK).
+ */
+static int answer_error(struct etcd *e, int idx, long status, long obj, struct res *r)
 {
     char text[512] = "";
-    *grpc = -1;
+    long long grpc = -1;
     if (obj >= 0) {
         long m = jfield(e, obj, "message");
         if (m < 0)
             m = jfield(e, obj, "error");
         if (m >= 0 && e->toks[m].type == J_OBJ) {        /* stream errors nest {grpc_code, message} */
-            if (jint(e, jfield(e, m, "grpc_code"), -1, grpc) < 0)
-                *grpc = -1;
+            if (jint(e, jfield(e, m, "grpc_code"), -1, &grpc) < 0)
+                grpc = -1;
             m = jfield(e, m, "message");
-        } else if (jint(e, jfield(e, obj, "code"), -1, grpc) < 0) {
-            *grpc = -1;
+        } else if (jint(e, jfield(e, obj, "code"), -1, &grpc) < 0) {
+            grpc = -1;
         }
         if (jstr(e, m, &e->scratch) == 0)
             sanitize(text, sizeof text, e->scratch.p, e->scratch.len);
@@ -991,15 +1161,12 @@ static int answer_error(struct etcd *e, long status, long obj, struct res *r, lo
         snprintf(text, sizeof text, "(empty answer)");
 
     char grpcs[32] = "";
-    if (*grpc >= 0)
-        snprintf(grpcs, sizeof grpcs, ", grpc code %lld", *grpc);
+    if (grpc >= 0)
+        snprintf(grpcs, sizeof grpcs, ", grpc code %lld", grpc);
+    int verdict = answer_verdict(status, grpc, text);
     const char *code = "etcd.error";
     int retryable = 0;
-    switch (*grpc) {
-    case 14:                                    /* Unavailable: no leader, leader changed, timed out */
-        code = "etcd.unavailable";
-        retryable = 1;
-        break;
+    switch (grpc) {
     case 4: case 8: case 10:                    /* DeadlineExceeded, ResourceExhausted, Aborted */
         code = "store.busy";
         retryable = 1;
@@ -1012,16 +1179,113 @@ static int answer_error(struct etcd *e, long status, long obj, struct res *r, lo
         if (strstr(text, "compacted"))
             code = "etcd.compacted";
         break;
-    case -1:
-        if (status == 502 || status == 503 || status == 504) {
+    default:
+        if (verdict != V_ERROR) {               /* Unavailable, Canceled, a gateway's 5xx/408 */
             code = "etcd.unavailable";
             retryable = 1;
         }
         break;
-    default:
-        break;
     }
-    return res_fail(r, code, retryable, status, "HTTP %ld: %s%s", status, text, grpcs);
+    res_fail(r, code, retryable, status, "%s: HTTP %ld: %s%s", e->ep[idx].url, status, text, grpcs);
+    r->grpc = grpc;
+    return verdict;
+}
+
+
+/*
+ * Read the answer of endpoint idx (status; the text in e->resp): V_OK with the answer
+ * tokenized (root = token 0; a stream is left to its reader), else r filled and the
+ * verdict of answer_error (a malformed 200 answer is V_ERROR).
+ */
+static int read_answer(struct etcd *e, int idx, long status, int flags, struct res *r)
+{
+    if (status == 200 && (flags & CALL_STREAM))
+        return V_OK;
+    int jerr = json_doc(e, e->resp.p ? e->resp.p : "", e->resp.len);
+    long errobj = jerr == 0 ? jfield(e, 0, "error") : -1;
+    if (status == 200 && errobj < 0) {
+        if (jerr < 0)
+            return malformed(r, jerr_text(jerr)), V_ERROR;
+        return V_OK;
+    }
+    return answer_error(e, idx, status, jerr == 0 ? 0 : -1, r);
+}
+
+
+/* One attempt at endpoint idx, its outcome as a verdict (r filled unless V_OK); *fatal for X_FATAL. */
+static int attempt(struct etcd *e, int idx, const char *path, const struct buf *body, int flags,
+                   long limit_ms, long connect_ms, struct res *r, int *fatal)
+{
+    long status = 0;
+    e->ep[idx].attempts++;
+    int x = http_attempt(e, idx, path, body, flags, limit_ms, connect_ms, &status, r);
+    *fatal = x == X_FATAL;
+    if (x == X_ANSWER)
+        return read_answer(e, idx, status, flags, r);
+    if (x == X_FATAL)
+        return V_ERROR;
+    return x == X_NOT_SENT ? V_DOWN_SAFE : V_DOWN_MAYBE;
+}
+
+
+/* After every endpoint failed (or the time ran out): r as is for an etcd answer or a TLS failure. */
+static int exhausted(struct res *r, double budget_ms)
+{
+    if (r->status || strcmp(r->code, "etcd.unavailable") != 0)
+        return -1;
+    char last[sizeof r->msg - 100];
+    snprintf(last, sizeof last, "%.*s", (int)sizeof last - 1, r->msg);
+    return res_fail(r, "etcd.unavailable", 1, 0, "no etcd endpoint answered (time budget %.0f ms; last: %s)",
+                    budget_ms, last);
+}
+
+
+/*
+ * POST body to path, trying the endpoints in plan() order until one answers or the time
+ * runs out. An endpoint that fails (a transport failure, or an answer that says the member
+ * cannot serve now) is marked down and the call moves on: a read always, a write only when
+ * the request was certainly not processed (V_DOWN_SAFE). An endpoint that answers, even
+ * with an error, is marked up and becomes the first choice of the next call. Each attempt
+ * gets the time left, and an equal share of it to connect; a probe gets ETCD_PROBE_MS.
+ * A stream that broke after it was created is not resent here (r->resume: the caller
+ * resends it from where it was). Returns 0 (the answer read as read_answer says) or -1
+ * with r filled.
+ */
+static int send_any(struct etcd *e, const char *path, const struct buf *body, int flags,
+                    double deadline, struct res *r)
+{
+    int order[ETCD_ENDPOINTS_MAX], probe, fatal;
+    double start = now_ms();
+    int n = plan(e, flags, start, order, &probe);
+    res_fail(r, "etcd.unavailable", 1, 0, "no attempt made");
+    for (int k = 0; k < n; k++) {
+        int idx = order[k];
+        double left = deadline - now_ms();
+        if (left < 1)
+            break;
+        long limit = (long)left, connect = (long)(left / (n - k));
+        if (k == 0 && probe)
+            limit = connect = left < ETCD_PROBE_MS ? (long)left : ETCD_PROBE_MS;
+        int v = attempt(e, idx, path, body, flags, limit, connect, r, &fatal);
+        if (fatal)
+            return -1;
+        if (v == V_OK || v == V_ERROR) {
+            ep_up(&e->ep[idx]);
+            e->cur = idx;
+            return v == V_OK ? 0 : -1;
+        }
+        ep_down(&e->ep[idx], now_ms(), r->msg);
+        if ((flags & CALL_STREAM) && e->stream_rev > 0) {
+            r->resume = 1;
+            return -1;
+        }
+        if (v == V_DOWN_MAYBE && !(flags & CALL_READ)) {
+            size_t len = strlen(r->msg);
+            snprintf(r->msg + len, sizeof r->msg - len, "; the request was sent, it may or may not have been applied");
+            return -1;
+        }
+    }
+    return exhausted(r, deadline - start);
 }
 
 
@@ -1031,7 +1295,6 @@ static int answer_error(struct etcd *e, long status, long obj, struct res *r, lo
  */
 static int authenticate(struct etcd *e, double deadline, struct res *r)
 {
-    long status;
     buf_reset(&e->aux);
     buf_adds(&e->aux, "{\"name\":");
     buf_addjstr(&e->aux, e->username, strlen(e->username));
@@ -1040,22 +1303,17 @@ static int authenticate(struct etcd *e, double deadline, struct res *r)
     buf_adds(&e->aux, "}");
     if (e->aux.failed)
         return res_fail(r, "etcd.error", 1, 0, "out of memory");
-    int rc = http_post(e, "/v3/auth/authenticate", &e->aux, CALL_READ, deadline, &status, r);
+    int rc = send_any(e, "/v3/auth/authenticate", &e->aux, CALL_READ, deadline, r);
     memset(e->aux.p, 0, e->aux.len);            /* the password */
     buf_reset(&e->aux);
-    if (rc < 0)
-        return -1;
-    int jerr = json_doc(e, e->resp.p ? e->resp.p : "", e->resp.len);
-    long long grpc;
-    if (status != 200) {
-        answer_error(e, status, jerr == 0 ? 0 : -1, r, &grpc);
-        char inner[800];
-        snprintf(inner, sizeof inner, "%.799s", r->msg);
-        snprintf(r->msg, sizeof r->msg, "authentication as '%.200s' failed: %s", e->username, inner);
+    if (rc < 0) {
+        if (r->status && r->status != 200) {
+            char inner[800];
+            snprintf(inner, sizeof inner, "%.799s", r->msg);
+            snprintf(r->msg, sizeof r->msg, "authentication as '%.200s' failed: %s", e->username, inner);
+        }
         return -1;
     }
-    if (jerr < 0)
-        return malformed(r, jerr_text(jerr));
     long t = jfield(e, 0, "token");
     if (t < 0 || jstr(e, t, &e->scratch) < 0 || e->scratch.len == 0)
         return malformed(r, "no token in the authenticate answer");
@@ -1077,48 +1335,26 @@ static int authenticate(struct etcd *e, double deadline, struct res *r)
 
 
 /*
- * Send e->req to path and read the answer. On success returns 0 with the
- * answer in e->resp, tokenized (root = token 0) unless CALL_STREAM. Handles
- * authentication, one re-authentication on an invalid token, and moving on
- * from an endpoint that answers "unavailable" (reads only).
+ * Send e->req to path and read the answer. On success returns 0 with the answer in
+ * e->resp, tokenized (root = token 0) unless CALL_STREAM. Handles authentication, one
+ * re-authentication on an invalid token, and failover (send_any).
  * Returns -1 with r filled on failure.
  */
 static int etcd_call(struct etcd *e, const char *path, int flags, long budget_ms, struct res *r)
 {
     double deadline = now_ms() + (double)budget_ms;
-    int reauthed = 0, unavailable = 0;
+    int reauthed = 0;
     if (e->req.failed)
         return res_fail(r, "etcd.error", 1, 0, "out of memory building the request");
     for (;;) {
-        long status;
         if (e->username && !e->token && authenticate(e, deadline, r) < 0)
             return -1;
-        if (http_post(e, path, &e->req, flags, deadline, &status, r) < 0)
-            return -1;
-        int jerr = 0;
-        if (status == 200 && (flags & CALL_STREAM))
+        if (send_any(e, path, &e->req, flags, deadline, r) == 0)
             return 0;
-        jerr = json_doc(e, e->resp.p ? e->resp.p : "", e->resp.len);
-        long errobj = jerr == 0 ? jfield(e, 0, "error") : -1;
-        if (status == 200 && errobj < 0) {
-            if (jerr < 0)
-                return malformed(r, jerr_text(jerr));
-            return 0;
-        }
-        long long grpc;
-        answer_error(e, status, jerr == 0 ? 0 : -1, r, &grpc);
-        if (grpc == 16 && e->username && !reauthed) {
+        if (r->grpc == 16 && e->username && !reauthed) {
             reauthed = 1;
             drop_token(e);
             continue;
-        }
-        if (grpc == 14 && e->nendpoints > 1) {
-            /* This member cannot serve (no leader, leader changed, timed out): move on. A
-             * read is resent at once; a write is not (it may have been applied), but the
-             * next call starts with the next endpoint. */
-            e->cur = (e->cur + 1) % e->nendpoints;
-            if ((flags & CALL_READ) && ++unavailable < e->nendpoints && now_ms() < deadline)
-                continue;
         }
         return -1;
     }
@@ -1451,7 +1687,8 @@ static const char *opt_string(lua_State *L, int idx, const char *name, size_t *l
  * @function etcd.open
  * @tparam table opts `{endpoints={"http://127.0.0.1:2379", ...}, prefix="forge/",
  *   timeout_ms=5000, username=, password=, cacert=, cert=, key=}`: endpoints are
- *   tried in order on connection failure; prefix namespaces every key (stripped on
+ *   tried in order, one that fails is skipped for a while (see the top of the file);
+ *   prefix namespaces every key (stripped on
  *   the way out); timeout_ms bounds each call (every endpoint tried within it);
  *   username/password turn on etcd auth; cacert/cert/key are PEM files for TLS
  *   (server verification is always on).
@@ -1522,7 +1759,7 @@ static int l_open(lua_State *L)
         const char *u = lua_tolstring(L, -1, &len);
         while (len > 0 && u[len - 1] == '/')
             len--;
-        set_string(L, &e->endpoints[i - 1], u, len);
+        set_string(L, &e->ep[i - 1].url, u, len);
         e->nendpoints = (int)i;
         lua_pop(L, 1);
     }
@@ -1597,7 +1834,57 @@ static int l_tostring(lua_State *L)
     if (!e->curl)
         lua_pushliteral(L, "forge.etcd.db (closed)");
     else
-        lua_pushfstring(L, "forge.etcd.db (%s, prefix '%s')", e->endpoints[e->cur], e->prefix);
+        lua_pushfstring(L, "forge.etcd.db (%s, prefix '%s')", e->ep[e->cur].url, e->prefix);
+    return 1;
+}
+
+
+/* Push the state of endpoint i as a table. Stack: [...] -> [..., t] */
+static void push_endpoint(lua_State *L, const struct etcd *e, int i, double now)
+{
+    const struct endpoint *ep = &e->ep[i];
+    lua_createtable(L, 0, 9);
+    lua_pushstring(L, ep->url);
+    lua_setfield(L, -2, "url");
+    lua_pushboolean(L, i == e->cur);
+    lua_setfield(L, -2, "current");
+    lua_pushboolean(L, ep->fails == 0);
+    lua_setfield(L, -2, "up");
+    lua_pushinteger(L, (lua_Integer)ep->attempts);
+    lua_setfield(L, -2, "attempts");
+    lua_pushinteger(L, (lua_Integer)ep->failures);
+    lua_setfield(L, -2, "failures");
+    if (ep->fails) {
+        lua_pushinteger(L, ep->fails);
+        lua_setfield(L, -2, "fails_in_a_row");
+        lua_pushinteger(L, (lua_Integer)(now - ep->down_since));
+        lua_setfield(L, -2, "down_ms");
+        lua_pushinteger(L, (lua_Integer)(ep->retry_at > now ? ep->retry_at - now : 0));
+        lua_setfield(L, -2, "retry_in_ms");
+    }
+    if (ep->last_error[0]) {
+        lua_pushstring(L, ep->last_error);
+        lua_setfield(L, -2, "last_error");
+    }
+}
+
+
+/***
+ * What the db knows of its endpoints, in the order they were given.
+ * @function db:endpoints
+ * @return array of `{url=, current=bool (answered last), up=bool, attempts=n, failures=n,
+ *   fails_in_a_row=n, down_ms=n, retry_in_ms=n (these three while down; 0 ms: a read
+ *   probes it next), last_error=string (once one failed)}`
+ */
+static int l_endpoints(lua_State *L)
+{
+    struct etcd *e = checkdb(L);
+    double now = now_ms();
+    lua_createtable(L, e->nendpoints, 0);                   /* [db, list] */
+    for (int i = 0; i < e->nendpoints; i++) {
+        push_endpoint(L, e, i, now);                        /* [db, list, t] */
+        lua_rawseti(L, -2, i + 1);                          /* [db, list] */
+    }
     return 1;
 }
 
@@ -1943,7 +2230,8 @@ static int l_lease_revoke(lua_State *L)
 
 /*
  * Read the watch message that ended the stream (if any) and push its events.
- * Stack: [...] -> [..., events, revision] and returns 2; or -1 with r filled.
+ * Stack: [...] -> [..., events, revision] and returns 2; or -1 with r filled (r->resume
+ * when the member broke the stream: another may take it).
  */
 static int watch_result(lua_State *L, struct etcd *e, struct res *r, int *auth_retry)
 {
@@ -1965,9 +2253,13 @@ static int watch_result(lua_State *L, struct etcd *e, struct res *r, int *auth_r
     int jerr = json_doc(e, e->resp.p + e->stop_start, e->stop_end - e->stop_start);
     if (jerr < 0)
         return malformed(r, jerr_text(jerr));
-    long long grpc;
-    if (jfield(e, 0, "error") >= 0)
-        return answer_error(e, 200, 0, r, &grpc);
+    if (jfield(e, 0, "error") >= 0) {
+        if (answer_error(e, e->cur, 200, 0, r) != V_ERROR) {
+            ep_down(&e->ep[e->cur], now_ms(), r->msg);     /* the member broke the stream */
+            r->resume = 1;
+        }
+        return -1;
+    }
     long result = jfield(e, 0, "result");
     long long compact;
     if (jint(e, jfield(e, result, "compact_revision"), 0, &compact) < 0)
@@ -2053,7 +2345,10 @@ static int l_watch(lua_State *L)
     lua_Integer timeout = luaL_optinteger(L, 4, e->timeout_ms);
     luaL_argcheck(L, timeout >= 1 && timeout <= ETCD_TIMEOUT_MAX, 4, "timeout_ms must be 1..3600000");
     struct res r;
-    for (int attempt = 0;; attempt++) {
+    double deadline = now_ms() + (double)timeout;
+    int reauthed = 0;
+    for (int resends = 0;;) {
+        double left = deadline - now_ms();
         req_begin(e);
         buf_adds(&e->req, "{\"create_request\":{");
         add_range_keys(e, &e->req, p, plen);
@@ -2062,16 +2357,23 @@ static int l_watch(lua_State *L)
             buf_addint(&e->req, (long long)start);
         }
         buf_adds(&e->req, "}}");
-        if (etcd_call(e, "/v3/watch", CALL_READ | CALL_STREAM, (long)timeout, &r) < 0)
-            return push_res(L, e, &r, "watch");
-        int auth_retry;
-        int n = watch_result(L, e, &r, &auth_retry);
+        int n = -1, auth_retry = 0;
+        if (etcd_call(e, "/v3/watch", CALL_READ | CALL_STREAM, left >= 1 ? (long)left : 1L, &r) == 0)
+            n = watch_result(L, e, &r, &auth_retry);                   /* [db, p, ..., events, rev] */
         if (n >= 0) {
             etcd_trim(e);
             return n;
         }
-        if (auth_retry && e->username && attempt == 0) {
+        if (auth_retry && e->username && !reauthed) {
+            reauthed = 1;
             drop_token(e);
+            continue;
+        }
+        if (r.resume && ++resends < e->nendpoints && deadline - now_ms() >= 1) {
+            /* The member broke the stream after creating it: resend it to another one, from
+             * the revision after the last one this stream reported, so no event is missed. */
+            if (start == 0 && e->stream_rev > 0)
+                start = (lua_Integer)e->stream_rev + 1;
             continue;
         }
         return push_res(L, e, &r, "watch");
@@ -2093,6 +2395,7 @@ int luaopen_forge_etcd(lua_State *L)
         {"txn", l_txn},
         {"revision", l_revision},
         {"close", l_close},
+        {"endpoints", l_endpoints},
         {"lease_grant", l_lease_grant},
         {"lease_keepalive", l_lease_keepalive},
         {"lease_revoke", l_lease_revoke},

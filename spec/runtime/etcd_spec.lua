@@ -99,6 +99,74 @@ describe("forge.etcd", function()
       assert.equal("forge.etcd.db (closed)", tostring(db))
     end)
 
+    it("skip an endpoint marked down: one dead first in the list costs the first call only", function()
+      local dead = "http://127.0.0.1:" .. etcd_server.free_port()
+      local db = open { endpoints = { dead, srv.url }, prefix = new_prefix(), timeout_ms = 2000 }
+      local eps = db:endpoints()
+      assert.same({ dead, false, false, 1, 1, 1 },
+        { eps[1].url, eps[1].up, eps[1].current, eps[1].attempts, eps[1].failures, eps[1].fails_in_a_row })
+      assert.matches(dead .. ": .*connect", eps[1].last_error)
+      assert.is_true(eps[2].up and eps[2].current)
+      for i = 1, 30 do
+        assert(db:put("k", tostring(i)))
+        assert.equal(tostring(i), db:get("k").value)
+      end
+      assert.equal(1, db:endpoints()[1].attempts)           -- not tried again within the backoff
+      -- once the backoff is over, one read probes it (and it stays down, with a longer backoff)
+      proc.sleep(0.55)
+      assert(db:put("k", "w"))                               -- writes do not probe
+      assert.equal(1, db:endpoints()[1].attempts)
+      assert.equal("w", db:get("k").value)
+      eps = db:endpoints()
+      assert.same({ 2, 2, false }, { eps[1].attempts, eps[1].fails_in_a_row, eps[1].up })
+      assert.is_true(eps[1].retry_in_ms > 500 and eps[1].retry_in_ms <= 1000)
+      assert.is_true(eps[1].down_ms >= 500)
+      assert.equal(1, #(db:range("")))
+      assert.equal(2, db:endpoints()[1].attempts)           -- the next probe is 1 s away
+      db:close()
+    end)
+
+    it("skip an endpoint where connecting hangs: a connect timeout for the first call, not for each", function()
+      local hang = etcd_server.hanging_port()
+      local ok, err = pcall(function()
+        local t0 = proc.monotonic()
+        local db = open { endpoints = { hang.url, srv.url }, prefix = new_prefix(), timeout_ms = 2000 }
+        local first = elapsed_since(t0)
+        assert.is_true(first >= 0.9 and first < 1.5, "open took " .. first)   -- half the budget to connect
+        assert.matches("Timeout", db:endpoints()[1].last_error)
+        -- 1.6 s of calls: past the 0.5 s backoff once, so one read probes the endpoint again
+        local worst, total, slow, calls = 0, 0, 0, 0
+        local t_end = proc.monotonic() + 1.6
+        while proc.monotonic() < t_end do
+          calls = calls + 1
+          local t = proc.monotonic()
+          if calls % 3 == 0 then
+            assert(db:txn { success = { { op = "put", key = "t", value = tostring(calls) } } })
+          elseif calls % 3 == 1 then
+            assert(db:put("k", tostring(calls)))
+          else
+            assert.equal(tostring(calls - 1), db:get("k").value)
+          end
+          local took = elapsed_since(t)
+          worst, total = math.max(worst, took), total + took
+          if took > 0.1 then slow = slow + 1 end
+        end
+        -- a probe costs at most its own 200 ms limit, once per backoff; no other call waits
+        local probes = db:endpoints()[1].attempts - 1
+        print(string.format("\n  hanging first endpoint: open %.0f ms, then %d calls in %.0f ms " ..
+          "(worst %.1f ms, %d probe(s), %d call(s) over 100 ms)", first * 1e3, calls, total * 1e3, worst * 1e3,
+          probes, slow))
+        assert.equal(1, probes)
+        assert.is_true(slow <= probes)
+        assert.is_true(worst < 0.2 + 0.1, "worst call " .. worst)
+        assert.is_true(calls > 100, calls .. " calls")
+        assert.is_false(db:endpoints()[1].up)
+        db:close()
+      end)
+      hang:stop()
+      assert(ok, err)
+    end)
+
     it("report etcd.unavailable (retryable) when no endpoint answers", function()
       local dead1 = "http://127.0.0.1:" .. etcd_server.free_port()
       local dead2 = "http://127.0.0.1:" .. etcd_server.free_port()
@@ -431,23 +499,65 @@ describe("forge.etcd", function()
       assert.matches("watch event", first_error("watch_garbage", function(d) return d:watch("", 0, 2000) end).message)
     end)
 
-    it("resend reads to the next endpoint when one answers 'unavailable', but not writes", function()
+    -- the state db:endpoints() reports for the endpoint with this URL
+    local function ep_state(db, url)
+      for _, ep in ipairs(db:endpoints()) do
+        if ep.url == url then return ep end
+      end
+      error("no endpoint " .. url)
+    end
+
+    it("resend reads and writes to the next endpoint when etcd says it did not process them", function()
+      for _, mode in ipairs({ "unavailable", "conn_closing", "busy" }) do
+        local prefix = new_prefix()
+        local db = open { endpoints = { fake_url(mode), srv.url }, prefix = prefix }
+        assert.matches(fake_url(mode), tostring(db), 1, true)     -- the fake answered the open probe
+        assert.is_nil(db:get("k"), mode)                          -- refused by the fake, then answered
+        assert.matches(srv.url, tostring(db), 1, true)
+        local db2 = open { endpoints = { fake_url(mode), srv.url }, prefix = prefix }
+        local rev = assert(db2:put("k", "v"), mode)               -- a write too: it was not processed
+        assert.is_true((db2:txn { compare = { { key = "k", mod_revision = rev } },
+          success = { { op = "put", key = "k", value = "w" } } }), mode)
+        assert.equal("w", db:get("k").value)
+        local fake_ep = ep_state(db2, fake_url(mode))
+        assert.is_false(fake_ep.up, mode)
+        assert.equal(1, fake_ep.failures, mode)
+        assert.is_true(fake_ep.retry_in_ms > 0 and fake_ep.retry_in_ms <= 500, mode)
+        assert.matches("HTTP", fake_ep.last_error, 1, true)
+        local real = ep_state(db2, srv.url)
+        assert.is_true(real.up and real.current, mode)
+        assert.equal(2, real.attempts, mode)                      -- the put, the txn: the fake was skipped
+        db:close(); db2:close()
+      end
+    end)
+
+    it("do not resend a write to the next endpoint when etcd may have applied it, but move on", function()
+      for _, mode in ipairs({ "closing", "timedout", "cancelled" }) do
+        local prefix = new_prefix()
+        local db = open { endpoints = { fake_url(mode), srv.url }, prefix = prefix }
+        local _, err = db:put("k", "v")
+        assert.equal("etcd.unavailable", err.code, mode)
+        assert.is_true(err.retryable)
+        assert.matches(fake_url(mode), err.message, 1, true)     -- names the endpoint that answered
+        assert.is_false(ep_state(db, fake_url(mode)).up)
+        assert(db:put("k", "v2"))                                 -- the next call starts elsewhere
+        assert.equal("v2", db:get("k").value)                     -- reads are always resent
+        assert.matches(srv.url, tostring(db), 1, true)
+        db:close()
+      end
+    end)
+
+    it("resend a watch whose stream a member broke to the next endpoint", function()
       local prefix = new_prefix()
-      local endpoints = { fake_url("unavailable"), srv.url }
-      local db = open { endpoints = endpoints, prefix = prefix }
-      assert.matches(fake_url(""), tostring(db), 1, true)      -- the fake answered the open probe
-      assert.is_nil(db:get("k"))                      -- answered 503 by the fake, then by the real etcd
-      assert.matches(srv.url, tostring(db), 1, true)
-      local db2 = open { endpoints = endpoints, prefix = prefix }
-      local _, err = db2:put("k", "v")                -- not resent: it might have been applied
-      assert.equal("etcd.unavailable", err.code)
-      assert.is_true(err.retryable)
-      assert.equal(503, err.status)
-      assert.is_nil(db:get("k"))
-      assert.matches(srv.url, tostring(db2), 1, true) -- but the next call starts with the next endpoint
-      assert(db2:put("k", "v"))
-      assert.equal("v", db:get("k").value)
-      db:close(); db2:close()
+      local db = open { endpoints = { fake_url("stream_error"), srv.url }, prefix = prefix }
+      local other = open { prefix = prefix }
+      local r1 = assert(other:put("w", "1"))
+      local events = assert(db:watch("", r1, 2000))
+      assert.equal(1, #events)
+      assert.same({ "w", "1", r1 }, { events[1].key, events[1].value, events[1].mod_revision })
+      assert.is_false(ep_state(db, fake_url("stream_error")).up)
+      assert.matches("stream broke", ep_state(db, fake_url("stream_error")).last_error, 1, true)
+      db:close(); other:close()
     end)
 
     it("do not resend a write whose answer timed out", function()

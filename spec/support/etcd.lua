@@ -5,6 +5,8 @@
 --   local srv = etcd_server.start { fast = true }   -- srv.url = "http://127.0.0.1:PORT"
 --   srv:stop()      -- stop the process, keep the data dir (srv:start() brings it back)
 --   srv:start()     -- (re)start on the same ports and data dir, wait until healthy
+--   srv:signal("TERM") / srv:running() / srv:spawn() / srv:wait_healthy()
+--                   -- stop or start without waiting (a drill keeps working meanwhile)
 --   srv:cleanup()   -- stop and remove the directory
 --
 -- start{} options:
@@ -12,6 +14,9 @@
 --   tls = true           HTTPS client URL with a throw-away CA, server and client certificates
 --                        (srv.tls = {cacert=, cert=, key=}); client certificates are required
 --   args = {...}         extra etcd flags (e.g. "--auth-token-ttl", "1")
+--
+--   etcd_server.cluster { n = 3, fast = true }    -- a cluster on loopback, see "A cluster" below
+--   etcd_server.hanging_port()                    -- a port where connecting hangs
 --
 -- The module is also a forge.http handler (handle/init): a fake gateway that answers badly
 -- on purpose, selected by the first path segment of the endpoint URL, e.g. an endpoint
@@ -118,21 +123,23 @@ function Server:log_tail()
   return log:sub(-2000)
 end
 
--- Start (or restart) the process and wait until /health answers.
-function Server:start(timeout)
-  local p = proc()
-  assert(not self.pid, "etcd already running")
+-- etcd's command line for this server (a cluster member names its peers).
+function Server:argv()
   local argv = {
-    "etcd", "--name", "spec",
+    "etcd", "--name", self.name,
     "--data-dir", self.dir .. "/data",
     "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
     "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
-    "--initial-cluster", "spec=" .. self.peer_url,
+    "--initial-cluster", self.initial_cluster or (self.name .. "=" .. self.peer_url),
     -- 8 MiB values travel base64-encoded (~11 MB) in one request
     "--max-request-bytes", tostring(16 * 1024 * 1024),
     -- a quick election on start, and a minimum lease TTL of 1 s
     "--heartbeat-interval", "50", "--election-timeout", "500",
   }
+  if self.cluster_token then
+    argv[#argv + 1] = "--initial-cluster-token"
+    argv[#argv + 1] = self.cluster_token
+  end
   if self.opts.fast then argv[#argv + 1] = "--unsafe-no-fsync" end
   if self.tls then
     for _, a in ipairs({ "--cert-file", self.tls.server_cert, "--key-file", self.tls.server_key,
@@ -141,8 +148,20 @@ function Server:start(timeout)
     end
   end
   for _, a in ipairs(self.opts.args or {}) do argv[#argv + 1] = a end
-  local child = assert(p.spawn { argv = argv, stdout = self.dir .. "/etcd.log" })
+  return argv
+end
+
+-- Start the process without waiting for it (a cluster member cannot be healthy alone).
+function Server:spawn()
+  assert(not self.pid, "etcd already running")
+  local child = assert(proc().spawn { argv = self:argv(), stdout = self.dir .. "/etcd.log" })
   self.pid, self.start_time = child.pid, child.start_time
+  return self
+end
+
+-- Wait until /health answers (raises, stopping the process, when it exits or times out).
+function Server:wait_healthy(timeout)
+  local p = proc()
   local deadline = p.monotonic() + (timeout or 20)
   while true do
     if not p.alive(self.pid, self.start_time) then
@@ -158,9 +177,29 @@ function Server:start(timeout)
   end
 end
 
-function Server:stop()
+-- Start (or restart) the process and wait until /health answers.
+function Server:start(timeout)
+  self:spawn()
+  return self:wait_healthy(timeout)
+end
+
+-- Send sig (default TERM) and return at once: the caller keeps working while etcd shuts
+-- down; srv:running() tells when it is gone, srv:stop() waits (and reaps).
+function Server:signal(sig)
+  assert(self.pid, "etcd is not running")
+  assert(proc().kill(self.pid, self.start_time, sig or "TERM"))
+end
+
+function Server:running()
+  return self.pid ~= nil and proc().alive(self.pid, self.start_time)
+end
+
+-- Stop the process (SIGTERM; SIGKILL after `timeout` s, default 10: a clean etcd stop may
+-- wait for its request timeout) and reap it.
+function Server:stop(timeout)
   if self.pid then
-    assert(proc().stop(self.pid, self.start_time, 5))
+    assert(proc().stop(self.pid, self.start_time, timeout or 10))
+    proc().wait(self.pid, 1)
     self.pid = nil
   end
 end
@@ -180,7 +219,7 @@ function M.start(opts)
   local dir = r.stdout:gsub("%s+$", "")
   local client = M.free_port()
   local peer = M.free_port({ [client] = true })
-  local srv = setmetatable({ opts = opts, dir = dir, client_port = client, peer_port = peer }, Server)
+  local srv = setmetatable({ opts = opts, dir = dir, name = "spec", client_port = client, peer_port = peer }, Server)
   srv.url = (opts.tls and "https" or "http") .. "://127.0.0.1:" .. client
   srv.peer_url = "http://127.0.0.1:" .. peer
   local ok, err = pcall(function()
@@ -192,6 +231,140 @@ function M.start(opts)
     error(err, 0)
   end
   return srv
+end
+
+---------------------------------------------------------------------------------------------
+-- A cluster of n members (default 3) on loopback, each a Server (member:stop(), :start(),
+-- :signal("TERM"), :running()), in one temporary directory. Plain HTTP only.
+--
+--   local cl = etcd_server.cluster { n = 3, fast = true }
+--   cl.urls                 -- every member's client URL, in member order
+--   cl.members[i]           -- Server objects (name "m1".."mN")
+--   cl:leader()             -- the member that is the raft leader now (nil if none answers)
+--   cl:others(m)            -- the members other than m
+--   cl:cleanup()            -- stop every member and remove the directory
+
+local Cluster = {}
+Cluster.__index = Cluster
+
+-- {member_id, leader} of a member from /v3/maintenance/status, or nil.
+local function member_status(srv)
+  local r = run(srv:curl_args("/v3/maintenance/status", "{}"), 5)
+  if not (r and r.code == 0) then return nil end
+  local id = r.stdout:match('"member_id":"(%d+)"')
+  local leader = r.stdout:match('"leader":"(%d+)"')
+  if id and leader then return { id = id, leader = leader } end
+  return nil
+end
+
+function Cluster:leader()
+  for _, m in ipairs(self.members) do
+    if m:running() then
+      local st = member_status(m)
+      if st and st.id == st.leader then return m end
+    end
+  end
+  return nil
+end
+
+-- Members other than `but` (a member or nil).
+function Cluster:others(but)
+  local out = {}
+  for _, m in ipairs(self.members) do
+    if m ~= but then out[#out + 1] = m end
+  end
+  return out
+end
+
+function Cluster:cleanup()
+  for _, m in ipairs(self.members) do m:stop() end
+  if self.dir then
+    os.execute("rm -rf " .. sh_quote(self.dir))
+    self.dir = nil
+  end
+end
+
+function M.cluster(opts)
+  opts = opts or {}
+  assert(not opts.tls, "cluster: plain HTTP only")
+  local n = opts.n or 3
+  local r = assert(run({ "mktemp", "-d", "/tmp/forge-etcd-cluster-XXXXXX" }))
+  local dir = r.stdout:gsub("%s+$", "")
+  local cl = setmetatable({ dir = dir, members = {}, urls = {} }, Cluster)
+  local used, peers = {}, {}
+  local token = string.format("forge-spec-%d-%d", proc().getpid(), M.free_port())
+  for i = 1, n do
+    local client = M.free_port(used)
+    used[client] = true
+    local peer = M.free_port(used)
+    used[peer] = true
+    local m = setmetatable({ opts = opts, dir = dir .. "/m" .. i, name = "m" .. i, client_port = client,
+      peer_port = peer, url = "http://127.0.0.1:" .. client, peer_url = "http://127.0.0.1:" .. peer,
+      cluster_token = token }, Server)
+    cl.members[i], cl.urls[i] = m, m.url
+    peers[i] = m.name .. "=" .. m.peer_url
+  end
+  local ok, err = pcall(function()
+    for _, m in ipairs(cl.members) do
+      m.initial_cluster = table.concat(peers, ",")
+      local mk = assert(run({ "mkdir", "-p", m.dir }))
+      assert(mk.code == 0, "mkdir " .. m.dir .. ": " .. mk.stderr)
+      m:spawn()
+    end
+    for _, m in ipairs(cl.members) do m:wait_healthy(30) end
+  end)
+  if not ok then
+    cl:cleanup()
+    error(err, 0)
+  end
+  return cl
+end
+
+---------------------------------------------------------------------------------------------
+-- A loopback port where connecting hangs (a listener whose accept queue is full: the kernel
+-- drops every new SYN), like a host that is down or behind a firewall that drops packets.
+--   local h = etcd_server.hanging_port()   -- h.url = "http://127.0.0.1:PORT"; h:stop()
+
+local HANG_PY = [[
+import socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(0)
+port = s.getsockname()[1]
+fill = []
+for _ in range(3):
+    c = socket.socket(); c.setblocking(False)
+    try: c.connect(("127.0.0.1", port))
+    except BlockingIOError: pass
+    fill.append(c)
+time.sleep(0.2)
+print(port, flush=True)
+time.sleep(float(sys.argv[1]))
+]]
+
+function M.hanging_port(lifetime)
+  local p = proc()
+  local r = assert(run({ "mktemp", "/tmp/forge-hang-XXXXXX" }))
+  local out = r.stdout:gsub("%s+$", "")
+  local child = assert(p.spawn { argv = { "python3", "-c", HANG_PY, tostring(lifetime or 120) }, stdout = out })
+  local h = { pid = child.pid, start_time = child.start_time }
+  function h:stop()
+    if self.pid then
+      p.stop(self.pid, self.start_time, 2)
+      p.wait(self.pid, 1)
+      self.pid = nil
+    end
+    os.remove(out)
+  end
+  local deadline = p.monotonic() + 10
+  repeat
+    local port = tonumber((slurp(out):match("%d+")))
+    if port then
+      h.port, h.url = port, "http://127.0.0.1:" .. port
+      return h
+    end
+    p.sleep(0.05)
+  until p.monotonic() > deadline
+  h:stop()
+  error("hanging_port: the listener did not start")
 end
 
 -- Lua source of an expression opening forge.etcd on srv with the given prefix (for child
@@ -219,6 +392,13 @@ local FAKE = {
   empty = { 200, "" },
   html500 = { 500, "<html><body>Internal \0 Server Error</body></html>" },
   unavailable = { 503, '{"error":"etcdserver: no leader","message":"etcdserver: no leader","code":14}' },
+  -- what a member that is stopping answers through its gateway (the request was not processed)
+  closing = { 503, '{"error":"transport is closing","message":"transport is closing","code":14}' },
+  conn_closing = { 408, '{"error":"grpc: the client connection is closing","message":' ..
+    '"grpc: the client connection is closing","code":1}' },
+  -- answers after which a write may have been applied
+  timedout = { 503, '{"error":"etcdserver: request timed out","message":"etcdserver: request timed out","code":14}' },
+  cancelled = { 408, '{"error":"etcdserver: request cancelled","message":"etcdserver: request cancelled","code":1}' },
   busy = { 429, '{"error":"etcdserver: too many requests","message":"etcdserver: too many requests","code":8}' },
   stream_error = { 200, '{"error":{"grpc_code":14,"http_code":503,"message":"stream broke","http_status":"x"}}' },
   watch_garbage = { 200, '{"result":{"header":{"revision":"5"},"created":true}}\n{"result":{"events":[{"type":"EXPLODE"' ..
