@@ -45,30 +45,6 @@ struct format {
 /* checks                                                                   */
 /* ------------------------------------------------------------------------ */
 
-/* Length of the UTF-8 sequence (RFC 3629: no overlongs, surrogates or > U+10FFFF) at s, or 0. */
-static size_t utf8_len(const unsigned char *s, size_t n)
-{
-    size_t len;
-    unsigned long cp, min;
-    if (s[0] >= 0xc2 && s[0] <= 0xdf)
-        len = 2, cp = s[0] & 0x1f, min = 0x80;
-    else if (s[0] >= 0xe0 && s[0] <= 0xef)
-        len = 3, cp = s[0] & 0x0f, min = 0x800;
-    else if (s[0] >= 0xf0 && s[0] <= 0xf4)
-        len = 4, cp = s[0] & 0x07, min = 0x10000;
-    else
-        return 0;
-    if (n < len)
-        return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xc0) != 0x80)
-            return 0;
-        cp = cp << 6 | (s[i] & 0x3f);
-    }
-    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-        return 0;
-    return len;
-}
 
 
 /*
@@ -81,7 +57,7 @@ static const char *text_problem(const char *str, size_t n, char *why, size_t why
                                         ['\r'] = "carriage return"};
     const unsigned char *s = (const unsigned char *)str;
     for (size_t i = 0; i < n;) {
-        size_t len = s[i] < 0x80 ? 1 : utf8_len(s + i, n - i);
+        size_t len = forge_utf8_len(s + i, n - i);
         if (len == 0) {
             snprintf(why, whyn, "is not valid UTF-8 (at offset %zu)", i);
             return why;

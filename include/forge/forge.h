@@ -49,6 +49,10 @@ lua_Number forge_optnumfield(lua_State *L, int idx, const char *key, lua_Number 
 const char *forge_optstrfield(lua_State *L, int idx, const char *key, const char *def);
 int forge_optboolfield(lua_State *L, int idx, const char *key, int def);
 
+/* Length of the valid UTF-8 sequence at s[0..n) (1..4; RFC 3629: no overlongs, surrogates or
+ * code points past U+10FFFF), or 0 when it is not one. n >= 1. */
+size_t forge_utf8_len(const unsigned char *s, size_t n);
+
 /*
  * Create the metatable `name` of a userdata class, unless the state has it already:
  * the `metamethods` (e.g. __gc, __close, __tostring; may be NULL) and, if `methods`
