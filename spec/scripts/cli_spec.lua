@@ -3,16 +3,11 @@
 local Broker = require "spec.support.broker"
 local proc = require "forge.proc"
 
-local FORGE = os.getenv("PWD") .. "/build/bin/forge"
+local shell = require "spec.support.shell"
 
-local function run(cmd)
-  local p = io.popen(cmd .. " 2>&1")
-  local out = p:read("a")
-  local _, _, code = p:close()
-  return code, out
-end
+local run = shell.run
 
-local function forge(args) return run(FORGE .. " " .. args) end
+local forge = shell.forge
 
 local function tmpdir()
   local d = Broker.tmpdir()

@@ -39,12 +39,7 @@ return service
 ]]):format(SVC, parts.description or "good", PLAN, parts.deploy or "", parts.bind or "")
 end
 
-local function run(cmd)
-  local p = io.popen(cmd .. " 2>&1")
-  local out = p:read("a")
-  local ok, _, code = p:close()
-  return ok and 0 or code, out
-end
+local run = require("spec.support.shell").run
 
 local function new_services(text)
   local dir = Broker.tmpdir()

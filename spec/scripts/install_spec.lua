@@ -6,16 +6,11 @@ local Broker = require "spec.support.broker"
 local lfs = require "lfs"
 local proc = require "forge.proc"
 
-local FORGE = os.getenv("PWD") .. "/build/bin/forge"
+local shell = require "spec.support.shell"
 
 local function q(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 
-local function run(cmd)
-  local p = io.popen(cmd .. " 2>&1")
-  local out = p:read("a")
-  local _, _, code = p:close()
-  return code, out
-end
+local run = shell.run
 
 local function sh(cmd) assert(os.execute(cmd), cmd) end
 
@@ -84,7 +79,7 @@ describe("forge install", function()
   end)
   after_each(function() os.execute("rm -rf " .. q(work)) end)
 
-  local function forge(args) return run(FORGE .. " " .. args) end
+  local forge = shell.forge
   local function install(pkg, extra)
     return forge("install " .. q(pkgs .. "/" .. pkg .. ".tgz") .. " --services " .. q(target) .. " " .. (extra or ""))
   end

@@ -2,8 +2,6 @@
 -- used through etcdctl with the bindings' credentials.
 local Broker = require "spec.support.broker"
 local proc = require "forge.proc"
-local store = require "forge.store"
-local cjson = require "cjson"
 
 local SVC = "2f3b8f3e-7a51-4b8e-9f5e-0c1d2e3f4a5b"
 local P1 = "6a7b8c9d-0e1f-4a2b-8c3d-4e5f6a7b8c9d"
@@ -21,12 +19,7 @@ local function etcdctl(creds, endpoints, ...)
   return (r.stdout:gsub("%s+$", "")), r.stdout .. r.stderr, r.code
 end
 
-local function instance_record(b, id)
-  local db = assert(store.open(b.state_dir .. "/forge.db"))
-  local kv = db:get("instance/" .. id)
-  db:close()
-  return kv and cjson.decode(kv.value)
-end
+local function instance_record(b, id) return b:instance(id) end
 
 local timings = {}
 local function timed(label, fn)

@@ -1,8 +1,6 @@
 -- The walking skeleton end to end: a real broker provisions, binds and removes real redis.
 local Broker = require "spec.support.broker"
 local proc = require "forge.proc"
-local store = require "forge.store"
-local cjson = require "cjson"
 
 local R = Broker.redis
 
@@ -16,12 +14,7 @@ local function redis_cli(creds, ...)
   return (out:gsub("%s+$", ""))
 end
 
-local function instance_record(b, id)
-  local db = assert(store.open(b.state_dir .. "/forge.db"))
-  local kv = db:get("instance/" .. id)
-  db:close()
-  return kv and cjson.decode(kv.value)
-end
+local function instance_record(b, id) return b:instance(id) end
 
 local function provision(b, id, plan)
   return b:call("PUT", "/v2/service_instances/" .. id .. "?accepts_incomplete=true",

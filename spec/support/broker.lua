@@ -111,6 +111,14 @@ end
 
 function M:url(path) return "http://127.0.0.1:" .. self.port .. path end
 
+--- The stored record of instance `id` (decoded), or nil.
+function M:instance(id)
+  local db = assert(require("forge.store").open(self.state_dir .. "/forge.db"))
+  local kv = db:get("instance/" .. id)
+  db:close()
+  return kv and cjson.decode(kv.value)
+end
+
 --- An authenticated OSB request with the version header (admin credentials for /admin/...);
 -- body tables are JSON-encoded.
 function M:call(method, path, body, headers)
