@@ -17,7 +17,9 @@
  *                         Content-Length (413) or a body the buffer budget cannot hold (503);
  *                         else the body deadline starts
  *   next calls            body chunks, kept up to the body limit and the budget
- *   last call (size 0)    dispatch to Lua and queue the answer — only now, so keep-alive holds
+ *   last call (size 0)    dispatch to Lua and queue the answer — only now, so keep-alive holds;
+ *                         or, when the handler answers with a wait, park the request (see "Waits")
+ *   call after a resume   queue the answer the waiter left (none: the client left, close)
  *   completed callback    frees the context; the connection's next headers get a deadline
  *
  * Abuse limits: a cap on connections in all (below the open-file limit, which http.serve
@@ -25,8 +27,10 @@
  * that hold however slowly the bytes trickle (see "Deadlines"); the bytes of request bodies
  * held across all connections (max_buffered_bytes).
  *
- * Stopping: srv:stop(grace) quiesces the listen socket, waits for in-flight requests to
- * finish (bounded by grace), stops the daemon and the sweeper and closes every worker state.
+ * Stopping: srv:stop(grace) quiesces the listen socket, has the waiter answer every parked
+ * request, waits for in-flight requests to finish (bounded by grace), stops the waiter (which
+ * resumes whatever is still parked: libmicrohttpd must not stop with suspended connections),
+ * the daemon and the sweeper, and closes every worker state.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -60,6 +64,7 @@
 #define DEFAULT_MAX_BUFFERED (64 * 1024 * 1024)
 #define FD_RESERVE 64                       /* descriptors left for the store, logs, children */
 #define SWEEP_INTERVAL_NS (100 * 1000 * 1000)
+#define WAIT_INTERVAL_NS (50 * 1000 * 1000)  /* between two looks at every parked request */
 #define RETRY_AFTER "2"                     /* seconds, on a 503 for the buffer budget */
 
 /* Present in the forge binary (generated preload table); absent when loaded as a .so. */
@@ -68,6 +73,7 @@ extern void forge_preload(lua_State *L) __attribute__((weak));
 struct worker {
     lua_State *L;
     int handle_ref;             /* registry ref of handler.handle, LUA_NOREF until loaded */
+    int poll_ref;               /* handler.poll; LUA_NOREF when the module has none */
     struct server *srv;
     struct worker *next;
 };
@@ -115,6 +121,12 @@ struct server {
     struct conn *conns;
     pthread_t sweeper;
     int sweeping;               /* the sweeper runs; cleared to stop it */
+    pthread_mutex_t waits_lock; /* guards waits, every parked request's wait_next, the two flags */
+    pthread_cond_t waits_wake;
+    struct request *waits;      /* parked requests, owned by the waiter between its passes */
+    pthread_t waiter;
+    int waiting;                /* the waiter runs and takes new waits; cleared to stop it */
+    int waits_ending;           /* stopping: every wait is answered at the waiter's next pass */
     int stopped;
 };
 
@@ -125,6 +137,14 @@ struct request {
     size_t len, cap;
     size_t reserved;            /* bytes of the buffer budget held (>= cap) */
     int started, too_large, over_budget;
+    int parked;                 /* suspended for the waiter, until the access call after its resume */
+    struct MHD_Connection *con; /* of a parked request, to resume it */
+    char *wait;                 /* the handler's wait token, handed to poll */
+    size_t wait_len;
+    double wait_deadline;       /* monotonic s by which the wait ends */
+    struct MHD_Response *answer; /* left by the waiter before the resume; NULL: close */
+    unsigned answer_status;
+    struct request *wait_next;  /* in server.waits */
     char id[32];
 };
 
@@ -234,8 +254,8 @@ static int traceback_handler(lua_State *L)
 }
 
 /*
- * Load the handler module into the worker state: require(handler), call init(arg), keep a
- * ref to handle. On failure leaves an error message on the stack and returns 0.
+ * Load the handler module into the worker state: require(handler), call init(arg), keep refs
+ * to handle and to poll (if any). On failure leaves an error message on the stack and returns 0.
  * Stack: [] -> [] on success, [] -> [msg] on failure.
  */
 static int worker_load(struct worker *w)
@@ -261,7 +281,9 @@ static int worker_load(struct worker *w)
         lua_pushfstring(L, "handler module '%s' has no handle function", w->srv->handler);
         goto fail;
     }
-    w->handle_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    w->handle_ref = luaL_ref(L, LUA_REGISTRYINDEX);       /* [msgh, module] */
+    if (lua_getfield(L, -1, "poll") == LUA_TFUNCTION)     /* [msgh, module, poll] */
+        w->poll_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_settop(L, 0);
     return 1;
 fail:
@@ -281,7 +303,7 @@ static struct worker *worker_new(struct server *s)
         return NULL;
     }
     w->srv = s;
-    w->handle_ref = LUA_NOREF;
+    w->handle_ref = w->poll_ref = LUA_NOREF;
     luaL_openlibs(w->L);
     if (forge_preload)
         forge_preload(w->L);
@@ -298,7 +320,7 @@ static struct worker *worker_new(struct server *s)
     return w;
 }
 
-/* The calling pool thread's worker, with its handler loaded; NULL and *err on failure. */
+/* The calling thread's worker (a pool thread's or the waiter's), handler loaded; NULL and *err on failure. */
 static struct worker *worker_get(struct server *s, char *err, size_t errlen)
 {
     if (!tls_worker || tls_worker->srv != s)
@@ -383,21 +405,24 @@ static void push_request(lua_State *L, struct MHD_Connection *con, const char *m
 }
 
 /*
- * Turn the handler's results into a queued response.
- * Stack: [msgh, status, headers, body] (as returned by handle)
+ * The handler's results as a response: a 500 when the status is not valid; NULL when out of memory.
+ * Stack: [msgh, status, headers, body] (as returned by handle or poll)
  */
-static enum MHD_Result queue_lua_response(lua_State *L, struct MHD_Connection *con, struct request *r)
+static struct MHD_Response *lua_response(lua_State *L, const struct request *r, unsigned *status)
 {
     int isnum;
-    lua_Integer status = lua_tointegerx(L, 2, &isnum);
-    if (!isnum || status < 100 || status > 599)
-        return queue_error(con, 500, "InternalError", "handler returned no valid status", r->id);
+    lua_Integer code = lua_tointegerx(L, 2, &isnum);
+    if (!isnum || code < 100 || code > 599) {
+        *status = 500;
+        return error_response("InternalError", "handler returned no valid status", r->id);
+    }
+    *status = (unsigned)code;
     size_t len = 0;
     const char *body = lua_tolstring(L, 4, &len);
     struct MHD_Response *resp =
         MHD_create_response_from_buffer(body ? len : 0, (void *)(body ? body : ""), MHD_RESPMEM_MUST_COPY);
     if (!resp)
-        return MHD_NO;
+        return NULL;
     int has_ctype = 0;
     if (lua_istable(L, 3)) {
         lua_pushnil(L);
@@ -414,7 +439,229 @@ static enum MHD_Result queue_lua_response(lua_State *L, struct MHD_Connection *c
     if (!has_ctype)
         MHD_add_response_header(resp, "Content-Type", "application/json");
     MHD_add_response_header(resp, "X-Request-Id", r->id);
-    return queue_owned(con, (unsigned)status, resp);
+    return resp;
+}
+
+
+/* ---- waits ------------------------------------------------------------------------ */
+
+/*
+ * A handler that must wait for something (forge.app: a sync operation the reconciler carries
+ * out) answers with a wait, {wait = token, timeout = seconds}, instead of blocking its pool
+ * thread. The request is then parked: its connection suspended (libmicrohttpd polls it no
+ * more, and its idle timeout stops) and the request put on the wait list. The waiter thread
+ * has a state of its own, loaded like the pool threads' ones; every WAIT_INTERVAL_NS it calls
+ * poll(token, why) for each parked request: nil while the wait goes on, else status, headers,
+ * body. `why` is nil, or "timeout" once the timeout has passed, or "stop" once the server
+ * stops: then poll must answer (one that still does not gets 504). The waiter leaves the answer
+ * in the request and resumes the connection; its pool thread calls the access handler again,
+ * which queues the answer: after the whole request, as a normal answer, so keep-alive holds.
+ * A suspended connection's disconnect goes unseen by libmicrohttpd, so the waiter peeks at
+ * each socket: a client that left is resumed without an answer, the access handler refuses,
+ * and libmicrohttpd closes the connection (completed callback, then NOTIFY_CLOSED).
+ * The sweeper leaves parked connections alone: their deadline is 0 from the end of the body
+ * to the completed callback.
+ * Only the waiter takes requests off the list: it takes the whole list for a pass (calling
+ * Lua without the lock) and puts back what still waits. A request is off the list before its
+ * resume, after which its pool thread may free it at any time.
+ */
+
+/* CLOCK_MONOTONIC now + ns (< 1 s), for pthread_cond_timedwait on the server's conditions. */
+static struct timespec monotonic_after(long ns)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    t.tv_nsec += ns;
+    if (t.tv_nsec >= 1000000000L) {
+        t.tv_sec++;
+        t.tv_nsec -= 1000000000L;
+    }
+    return t;
+}
+
+/*
+ * Park request r with wait token[0..len) for at most timeout seconds: suspend its connection
+ * and put it on the wait list. 1 when parked, 0 when the waiter takes no more waits (the
+ * server is stopping), -1 when out of memory. Called from the access handler, as
+ * MHD_suspend_connection must be.
+ */
+static int park(struct server *s, struct MHD_Connection *con, struct request *r, const char *token, size_t len,
+                double timeout)
+{
+    r->wait = xstrdup_len(token, len);
+    if (!r->wait)
+        return -1;
+    r->wait_len = len;
+    r->wait_deadline = monotonic_now() + timeout;
+    r->con = con;
+    pthread_mutex_lock(&s->waits_lock);
+    int ok = s->waiting;
+    if (ok) {
+        MHD_suspend_connection(con);                      /* before the waiter can see it */
+        r->parked = 1;
+        r->wait_next = s->waits;
+        s->waits = r;
+    }
+    pthread_mutex_unlock(&s->waits_lock);
+    return ok;
+}
+
+/*
+ * The handler answered with a wait: park the request.
+ * Stack: [msgh, wait, headers, body] (as returned by handle)
+ */
+static enum MHD_Result wait_lua_response(struct server *s, struct worker *w, struct MHD_Connection *con,
+                                         struct request *r)
+{
+    lua_State *L = w->L;
+    size_t len = 0;
+    int isnum;
+    lua_getfield(L, 2, "wait");                           /* [..., token] */
+    lua_getfield(L, 2, "timeout");                        /* [..., token, timeout] */
+    const char *token = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &len) : NULL;
+    lua_Number timeout = lua_tonumberx(L, -1, &isnum);
+    if (!token || !isnum || !(timeout >= 0) || w->poll_ref == LUA_NOREF) {
+        log_error("request handler returned an invalid wait", r->id,
+                  w->poll_ref == LUA_NOREF ? "the handler module has no poll function"
+                                           : "a wait is {wait = string, timeout = seconds >= 0}");
+        return queue_error(con, 500, "InternalError", "the broker failed on this request; see the broker log", r->id);
+    }
+    int parked = park(s, con, r, token, len, timeout);
+    if (parked > 0)
+        return MHD_YES;
+    if (parked == 0)
+        return queue_error(con, 503, "ServiceUnavailable", "the server is stopping", r->id);
+    return MHD_NO;
+}
+
+/* Whether the client of parked request r closed its side or the connection failed. */
+static int client_gone(const struct request *r)
+{
+    char c;
+    ssize_t n = recv(r->conn->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
+
+/*
+ * Ask poll about parked request r: 0 while the wait goes on (only when `why` is NULL), else 1
+ * with its answer in *status and *answer (NULL when out of memory).
+ * Stack: [] -> []
+ */
+static int poll_wait(struct worker *w, const struct request *r, const char *why, unsigned *status,
+                     struct MHD_Response **answer)
+{
+    lua_State *L = w->L;
+    lua_settop(L, 0);
+    lua_pushcfunction(L, traceback_handler);              /* [msgh] */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, w->poll_ref);       /* [msgh, poll] */
+    lua_pushlstring(L, r->wait, r->wait_len);             /* [msgh, poll, token] */
+    if (why)
+        lua_pushstring(L, why);
+    else
+        lua_pushnil(L);                                   /* [msgh, poll, token, why] */
+    int answered = 1;
+    if (lua_pcall(L, 2, 3, 1) != LUA_OK) {                /* [msgh, err] */
+        log_error("wait poll raised", r->id, lua_tostring(L, -1));
+        *status = 500;
+        *answer = error_response("InternalError", "the broker failed on this request; see the broker log", r->id);
+    } else if (!lua_isnil(L, 2)) {                        /* [msgh, status, headers, body] */
+        *answer = lua_response(L, r, status);
+    } else if (why) {                                     /* [msgh, nil, nil, nil] */
+        *status = 504;
+        *answer = error_response("Timeout", "the wait ended without an answer", r->id);
+    } else {
+        answered = 0;
+    }
+    lua_settop(L, 0);
+    return answered;
+}
+
+/* Leave parked request r its answer (NULL: none, close) and resume it; r may be freed from then on. */
+static void unpark(struct request *r, unsigned status, struct MHD_Response *answer)
+{
+    r->answer_status = status;
+    r->answer = answer;
+    MHD_resume_connection(r->con);
+}
+
+/*
+ * One look at each request of `list`: resume the ones answered or whose client left (all of
+ * them when `ending`); returns the others, still parked.
+ */
+static struct request *waits_pass(struct server *s, struct request *list, int ending)
+{
+    char err[1024];
+    if (!list)
+        return NULL;                                      /* the waiter's state loads with the first wait */
+    struct worker *w = worker_get(s, err, sizeof err);
+    double now = monotonic_now();
+    struct request *rest = NULL;
+    while (list) {
+        struct request *r = list;
+        list = r->wait_next;
+        const char *why = ending ? "stop" : now >= r->wait_deadline ? "timeout" : NULL;
+        unsigned status = 0;
+        struct MHD_Response *answer = NULL;
+        if (client_gone(r)) {
+            /* nobody to answer: the connection closes */
+        } else if (!w) {
+            log_error("broker handler failed to load", r->id, err);
+            status = 503;
+            answer = error_response("ServiceUnavailable", "broker is not ready; see the broker log", r->id);
+        } else if (!poll_wait(w, r, why, &status, &answer)) {
+            r->wait_next = rest;                          /* waits on */
+            rest = r;
+            continue;
+        }
+        unpark(r, status, answer);
+    }
+    return rest;
+}
+
+static void *waiter(void *arg)
+{
+    struct server *s = arg;
+    pthread_mutex_lock(&s->waits_lock);
+    while (s->waiting) {
+        struct request *list = s->waits;
+        int ending = s->waits_ending;
+        s->waits = NULL;
+        pthread_mutex_unlock(&s->waits_lock);
+        struct request *rest = waits_pass(s, list, ending);
+        pthread_mutex_lock(&s->waits_lock);
+        while (rest) {                                    /* back with the ones parked meanwhile */
+            struct request *r = rest;
+            rest = r->wait_next;
+            r->wait_next = s->waits;
+            s->waits = r;
+        }
+        struct timespec until = monotonic_after(WAIT_INTERVAL_NS);
+        pthread_cond_timedwait(&s->waits_wake, &s->waits_lock, &until);
+    }
+    struct request *left = s->waits;                      /* no more parking: answer the rest */
+    s->waits = NULL;
+    pthread_mutex_unlock(&s->waits_lock);
+    waits_pass(s, left, 1);
+    return NULL;
+}
+
+/* Have every wait answered at the waiter's next pass, and every new one at the pass after it. */
+static void waits_end(struct server *s)
+{
+    pthread_mutex_lock(&s->waits_lock);
+    s->waits_ending = 1;
+    pthread_cond_signal(&s->waits_wake);
+    pthread_mutex_unlock(&s->waits_lock);
+}
+
+/* Stop the waiter once it has resumed every parked request; later waits are refused (503). */
+static void waiter_stop(struct server *s)
+{
+    pthread_mutex_lock(&s->waits_lock);
+    s->waiting = 0;
+    pthread_cond_signal(&s->waits_wake);
+    pthread_mutex_unlock(&s->waits_lock);
+    pthread_join(s->waiter, NULL);
 }
 
 static enum MHD_Result dispatch(struct server *s, struct MHD_Connection *con, const char *method,
@@ -436,7 +683,14 @@ static enum MHD_Result dispatch(struct server *s, struct MHD_Connection *con, co
         lua_settop(L, 0);
         return queue_error(con, 500, "InternalError", "the broker failed on this request; see the broker log", r->id);
     }
-    enum MHD_Result ret = queue_lua_response(L, con, r); /* [msgh, status, headers, body] */
+    enum MHD_Result ret;                                  /* [msgh, status | wait, headers, body] */
+    if (lua_istable(L, 2)) {
+        ret = wait_lua_response(s, w, con, r);
+    } else {
+        unsigned status;
+        struct MHD_Response *resp = lua_response(L, r, &status);
+        ret = resp ? queue_owned(con, status, resp) : MHD_NO;
+    }
     lua_settop(L, 0);
     return ret;
 }
@@ -483,13 +737,7 @@ static void *sweep(void *arg)
                 c->deadline = 0;
             }
         }
-        struct timespec until;
-        clock_gettime(CLOCK_MONOTONIC, &until);
-        until.tv_nsec += SWEEP_INTERVAL_NS;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
+        struct timespec until = monotonic_after(SWEEP_INTERVAL_NS);
         pthread_cond_timedwait(&s->sweep_wake, &s->conns_lock, &until);
     }
     pthread_mutex_unlock(&s->conns_lock);
@@ -728,11 +976,23 @@ static void on_completed(void *cls, struct MHD_Connection *con, void **con_cls,
         return;
     conn_set_deadline(s, r->conn, monotonic_now() + s->header_timeout);
     atomic_fetch_sub(&s->buffered, r->reserved);
+    if (r->answer)                                        /* resumed, closed before its access call */
+        MHD_destroy_response(r->answer);
     free(r->uri);
     free(r->body);
+    free(r->wait);
     free(r);
     *con_cls = NULL;
     atomic_fetch_sub(&s->active, 1);
+}
+
+/* The access call after the waiter resumed request r: queue the answer it left; none: close. */
+static enum MHD_Result answer_parked(struct MHD_Connection *con, struct request *r)
+{
+    struct MHD_Response *answer = r->answer;
+    r->parked = 0;
+    r->answer = NULL;
+    return answer ? queue_owned(con, r->answer_status, answer) : MHD_NO;
 }
 
 /* Room for `need` body bytes: the reservation if it is enough, else doubling, at most the body limit. */
@@ -786,6 +1046,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *con, const c
     struct request *r = *con_cls;
     if (!r || !r->uri)
         return MHD_NO;                                    /* out of memory: drop the connection */
+    if (r->parked)
+        return answer_parked(con, r);
     if (!r->started) {
         r->started = 1;
         return on_headers(s, con, url, version, r);
@@ -857,7 +1119,7 @@ static void server_close_workers(struct server *s)
     }
 }
 
-/* Quiesce, wait up to `grace` seconds for in-flight requests, stop, close states. */
+/* Quiesce, answer the waits, wait up to `grace` seconds for in-flight requests, stop, close states. */
 static void server_stop(struct server *s, double grace)
 {
     if (s->stopped)
@@ -865,11 +1127,13 @@ static void server_stop(struct server *s, double grace)
     s->stopped = 1;
     if (s->daemon) {
         MHD_socket fd = MHD_quiesce_daemon(s->daemon);
+        waits_end(s);
         double deadline = monotonic_now() + grace;
         while (atomic_load(&s->active) > 0 && monotonic_now() < deadline) {
             struct timespec ts = {0, 10 * 1000 * 1000};
             nanosleep(&ts, NULL);
         }
+        waiter_stop(s);
         MHD_stop_daemon(s->daemon);
         if (fd != MHD_INVALID_SOCKET)
             close(fd);
@@ -881,6 +1145,8 @@ static void server_stop(struct server *s, double grace)
     pthread_mutex_destroy(&s->lock);
     pthread_mutex_destroy(&s->conns_lock);
     pthread_cond_destroy(&s->sweep_wake);
+    pthread_mutex_destroy(&s->waits_lock);
+    pthread_cond_destroy(&s->waits_wake);
 }
 
 /* Parse "host:port" or "[v6]:port" into addr; 0 on success. */
@@ -1091,9 +1357,11 @@ static void server_init_sync(struct server *s)
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&s->sweep_wake, &ca);
+    pthread_cond_init(&s->waits_wake, &ca);
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&s->lock, NULL);
     pthread_mutex_init(&s->conns_lock, NULL);
+    pthread_mutex_init(&s->waits_lock, NULL);
 }
 
 /***
@@ -1104,6 +1372,11 @@ static void server_init_sync(struct server *s)
  * Start serving. `handler` is required in every worker state and must return a table with
  * handle(req) -> status, headers, body (and optionally init(arg), called once per state).
  * req = {method, uri (raw, undecoded), headers (lowercase names), body, id, remote}.
+ * Instead of blocking, handle may answer with a wait, {wait = token (a string), timeout =
+ * seconds}: the connection is parked and the server's waiter state (loaded like the others)
+ * calls the module's poll(token, why) every 50 ms until it returns status, headers, body; why
+ * is nil, then "timeout" once the timeout has passed or "stop" once the server stops, when
+ * poll must answer (else 504). A client that leaves meanwhile is forgotten.
  *   threads             pool threads (default 0: 2 x cores), each with its own state
  *   body_limit          bytes of one request body (default 1 MiB); larger ones get 413
  *   connection_timeout  seconds a connection may stay silent (default 60)
@@ -1202,7 +1475,14 @@ static int l_http_serve(lua_State *L)
         server_free_config(s);
         return forge_pusherror(L, "http.thread", 1, "cannot start the deadline sweeper: %s", strerror(e));
     }
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ITC | MHD_USE_POLL;
+    s->waiting = 1;
+    e = pthread_create(&s->waiter, NULL, waiter, s);
+    if (e != 0) {
+        sweeper_stop(s);
+        server_free_config(s);
+        return forge_pusherror(L, "http.thread", 1, "cannot start the waiter: %s", strerror(e));
+    }
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_POLL;
     if (addr.ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
     s->daemon = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s,
@@ -1218,6 +1498,7 @@ static int l_http_serve(lua_State *L)
         MHD_OPTION_END);
     if (!s->daemon) {
         e = errno;
+        waiter_stop(s);
         sweeper_stop(s);
         server_free_config(s);
         return forge_pusherror(L, "http.listen", 1, "cannot listen on %s: %s", listen,

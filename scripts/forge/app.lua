@@ -4,7 +4,13 @@
 -- Service versions: the worker loads the versions the main thread published in the store and
 -- checks the published generation (one atomic read) before each request; when it moved, the
 -- registry is swapped between requests, so a request finishes on the version it started with.
+--
+-- Sync operations: a request without accepts_incomplete does not block its worker until the
+-- reconciler is done. Its handler answers with a wait (forge.osb.common.wait_for); handle turns
+-- it into a forge.http wait, the connection is parked, and forge.http's waiter thread, in a
+-- state of its own loaded like the workers' ones, calls poll until the wait ends.
 local Broker = require "forge.broker"
+local common = require "forge.osb.common"
 local log = require "forge.log"
 local reload = require "forge.reload"
 local services = require "forge.services"
@@ -56,13 +62,47 @@ local function unavailable(err)
     util.json_encode({ error = "ServiceUnavailable", description = "the broker's store is unavailable: " .. e })
 end
 
+-- What a parked request keeps for its answer (forge.broker's log lines, the version's shape of
+-- the body, the request identity header): not its body, nor its credentials.
+local function parked(req)
+  local headers = {}
+  for k, v in pairs(req.headers) do
+    if k ~= "authorization" then headers[k] = v end
+  end
+  return { id = req.id, method = req.method, uri = req.uri, remote = req.remote, headers = headers }
+end
+
 function M.handle(req)
   if not broker then
     local ok, err = connect()
     if not ok then return unavailable(err) end
   end
   refresh()
-  return broker:handle(req)
+  local status, headers, body = broker:handle(req)
+  if status ~= common.WAIT then return status, headers, body end
+  return { wait = util.json_encode({ req = parked(req), wait = body }), timeout = body.timeout }
+end
+
+--- A parked request's answer (forge.http calls it in its waiter state): nil while its operation
+-- is in progress and `why` (nil, "timeout" or "stop") does not end the wait; else status, headers,
+-- body, which forge.broker makes as for any request, with a route that settles the wait in place
+-- of the request's own.
+function M.poll(token, why)
+  local p = assert(util.json_decode(token))
+  if not broker then
+    local ok, err = connect()
+    if not ok then
+      if why then return unavailable(err) end
+      return nil
+    end
+  end
+  local ok, final = pcall(common.poll_wait, broker.db, p.wait)
+  if ok and final == nil and not why then return nil end
+  local settle = setmetatable({ route = function()
+    if not ok then error(final, 0) end
+    return common.settle(p.wait, final, why)
+  end }, { __index = broker })
+  return settle:handle(p.req)
 end
 
 return M

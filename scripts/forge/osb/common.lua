@@ -1,7 +1,6 @@
 --- Shared pieces of the OSB handlers: responses, request checks, operations, sync waits.
 local crypto = require "forge.crypto"
 local model = require "forge.model"
-local proc = require "forge.proc"
 local request = require "forge.request"
 local schema = require "forge.schema"
 local util = require "forge.util"
@@ -116,17 +115,30 @@ function M.operation_body(op)
   return body
 end
 
---- Wait, bounded, for the reconciler to finish operation `op_id` of the record at `key`.
--- @return the record once the operation is no longer in progress, or nil on timeout
-function M.wait_for(db, key, op_id, timeout)
-  local deadline = proc.monotonic() + timeout
-  repeat
-    proc.sleep(0.05)
-    local rec = model.read(db, key)
-    if not rec or not rec.operation or rec.operation.id ~= op_id or not M.in_progress(rec.operation) then
-      return rec or false
-    end
-  until proc.monotonic() > deadline
+--- A sync request's wait, at most `timeout` seconds, for the reconciler to finish operation
+-- `op_id` of the record at `key`, as the handler's answer (status M.WAIT): forge.app parks the
+-- request, so no worker is held, and polls it with M.poll_wait until the operation ends, the
+-- timeout passes or the broker stops; then M.settle builds the answer with the function named
+-- by done = {module, name}: done(final, ctx, why).
+function M.wait_for(key, op_id, timeout, done, ctx)
+  return M.WAIT, {}, { key = key, op_id = op_id, timeout = timeout, done = done, ctx = ctx }
+end
+
+M.WAIT = "wait"
+
+--- One look at a wait (M.wait_for): the record once the operation is no longer in progress
+-- (false: the record is gone), nil while it is.
+function M.poll_wait(db, wait)
+  local rec = model.read(db, wait.key)
+  if not rec or not rec.operation or rec.operation.id ~= wait.op_id or not M.in_progress(rec.operation) then
+    return rec or false
+  end
+end
+
+--- The answer to a wait that ended: `final` as M.poll_wait found it, nil when the wait ended first
+-- (`why`: "timeout", or "stop" when the broker stops).
+function M.settle(wait, final, why)
+  return require(wait.done[1])[wait.done[2]](final, wait.ctx, why)
 end
 
 return M

@@ -119,22 +119,32 @@ local function journal(b, rec, rev, claimed)
   return model.txn(b.db, { compare = compares, success = ops })
 end
 
--- Answer an accepted operation: 202 when async, else wait for it (bounded) and answer `done`.
+-- Answer an accepted operation: 202 when async, else wait for it (bounded, without holding a
+-- worker: common.wait_for) and answer `done_status` (M.settle).
 local function accepted(b, rec, async, extra, done_status)
   local body = { operation = rec.operation.id }
   for k, v in pairs(extra or {}) do body[k] = v end
   if async then return reply(202, body) end
-  local final = common.wait_for(b.db, key.instance(rec.id), rec.operation.id, b.config.sync_timeout)
+  body.operation = nil
+  return common.wait_for(key.instance(rec.id), rec.operation.id, b.config.sync_timeout,
+    { "forge.osb.instances", "settle" }, { id = rec.id, body = body, status = done_status,
+      operation = { id = rec.operation.id, type = rec.operation.type }, timeout = b.config.sync_timeout })
+end
+
+--- The answer to a sync operation once its wait ended (common.settle): `final` is the record
+-- once the operation ended (false: gone), nil when the wait ended first (`why`).
+function M.settle(final, ctx, why)
+  local op = ctx.operation
   if final == nil then
-    fail(504, "Timeout", string.format("%s of instance %s is still running after %ds; it goes on: poll "
-      .. "last_operation or retry with accepts_incomplete=true", rec.operation.type, rec.id, b.config.sync_timeout))
+    fail(504, "Timeout", string.format("%s of instance %s is still running %s; it goes on: poll last_operation "
+      .. "or retry with accepts_incomplete=true", op.type, ctx.id,
+      why == "stop" and "as the broker is stopping" or string.format("after %ds", ctx.timeout)))
   end
-  if final and final.operation.id == rec.operation.id and final.operation.state == "failed" then
-    fail(500, "OperationFailed", final.operation.description or (rec.operation.type .. " failed"),
+  if final and final.operation.id == op.id and final.operation.state == "failed" then
+    fail(500, "OperationFailed", final.operation.description or (op.type .. " failed"),
       { instance_usable = final.operation.instance_usable, update_repeatable = final.operation.update_repeatable })
   end
-  body.operation = nil
-  return reply(done_status, body)
+  return reply(ctx.status, ctx.body)
 end
 
 local function require_async(plan, q, what)
