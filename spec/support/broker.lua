@@ -162,7 +162,8 @@ end
 function M:cleanup()
   self:stop("TERM")
   for _, pid in ipairs(M.marked_pids(self.state_dir)) do
-    proc.kill(pid, proc.identity(pid), "KILL")
+    local start = proc.identity(pid)           -- nil when it exited meanwhile
+    if start then proc.kill(pid, start, "KILL") end
   end
   os.execute("rm -rf '" .. self.state_dir .. "'")
 end
