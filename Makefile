@@ -38,7 +38,7 @@ HEADERS    = $(wildcard include/forge/*.h runtime/*.h)
 
 DEBIAN_PKGS = build-essential pkg-config lua5.4 liblua5.4-dev libmicrohttpd-dev libcurl4-openssl-dev \
               lua-cjson lua-filesystem libyaml-dev libsqlite3-dev libssl-dev sqlite3 lua-busted lua-check redis-server redis-tools \
-              etcd-server etcd-client wrk curl openssl python3-minimal tar libpq-dev postgresql postgresql-client
+              etcd-server etcd-client wrk curl openssl python3-minimal tar libpq-dev postgresql postgresql-client clang libclang-rt-14-dev
 
 .PHONY: all deps run test bench install clean lint asan FORCE
 all: $(B)/bin/forge $(MOD_SO)
@@ -108,3 +108,81 @@ install: all
 
 clean:
 	rm -rf build
+
+# ---- coverage-guided fuzzing (libFuzzer; fuzz/README.md, docs/fuzzing.md) ----------------
+#   make fuzz         every harness for FUZZ_SECONDS (default 60) each; new inputs kept in
+#                     $(FUZZ_B)/corpus/<harness>, crashes in $(FUZZ_B)/artifacts/<harness>/
+#   make fuzz-smoke   every seed and regression input once, then FUZZ_SMOKE_SECONDS (4) of
+#                     fuzzing per harness; fails on any crash (spec/run runs it)
+#   make fuzz FUZZ_TARGETS=yaml FUZZ_SECONDS=600 FUZZ_FLAGS=-max_len=8192   one harness, longer
+FUZZ_CC            ?= clang
+FUZZ_B             ?= build/fuzz
+FUZZ_SECONDS       ?= 60
+FUZZ_SMOKE_SECONDS ?= 4
+FUZZ_TIMEOUT       ?= 10
+FUZZ_FLAGS         ?=
+FUZZ_TARGETS       ?= yaml request json etcd bosh resp sandbox sandbox_json
+FUZZ_PKGS           = lua5.4 libcurl yaml-0.1 libcrypto
+FUZZ_CFLAGS         = -O1 -g -fno-omit-frame-pointer -std=c11 -D_GNU_SOURCE -fPIC -Iinclude -Iruntime \
+                      $(shell pkg-config --cflags $(FUZZ_PKGS) 2>/dev/null) -DCURL_DISABLE_TYPECHECK \
+                      -DFORGE_DATADIR='"$(DATADIR)"' -DFUZZ_ROOT='"$(CURDIR)"' \
+                      -fsanitize=address,undefined
+FUZZ_LDLIBS         = $(shell pkg-config --libs $(FUZZ_PKGS) 2>/dev/null) -lpthread -lm -ldl
+FUZZ_COMMON         = lerror laux ltxn lnet
+# runtime modules linked into each harness; FUZZ_SRC_x: the runtime file harness x #includes
+FUZZ_MODS_yaml          = yaml
+FUZZ_MODS_sandbox       = crypto log yaml pattern conf
+FUZZ_MODS_sandbox_json  = $(FUZZ_MODS_sandbox)
+FUZZ_SRC_sandbox        = runtime/sandbox.c
+FUZZ_SRC_sandbox_json   = runtime/sandbox.c
+FUZZ_SRC_etcd           = runtime/etcd.c
+FUZZ_SRC_bosh           = runtime/bosh.c
+FUZZ_SRC_resp           = runtime/resp.c
+FUZZ_BINS           = $(FUZZ_TARGETS:%=$(FUZZ_B)/bin/fuzz_%)
+FUZZ_RUN            = -timeout=$(FUZZ_TIMEOUT) -print_final_stats=1
+
+.PHONY: fuzz fuzz-smoke fuzz-build
+fuzz-build: $(FUZZ_BINS)
+
+$(FUZZ_B)/obj/%.o: runtime/%.c $(HEADERS) | $(FUZZ_B)/obj
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c -o $@ $<
+
+define FUZZ_HARNESS
+$(FUZZ_B)/bin/fuzz_$(1): fuzz/fuzz_$(1).c $(wildcard fuzz/*.h) $(FUZZ_SRC_$(1)) $(HEADERS) \
+    $(addprefix $(FUZZ_B)/obj/,$(addsuffix .o,$(FUZZ_MODS_$(1)) $(FUZZ_COMMON))) | $(FUZZ_B)/bin
+	$$(FUZZ_CC) $$(FUZZ_CFLAGS) -fsanitize=fuzzer -rdynamic -o $$@ fuzz/fuzz_$(1).c $$(filter %.o,$$^) $$(FUZZ_LDLIBS)
+endef
+$(foreach h,$(FUZZ_TARGETS),$(eval $(call FUZZ_HARNESS,$(h))))
+
+$(FUZZ_B)/obj $(FUZZ_B)/bin:
+	mkdir -p $@
+
+fuzz: $(FUZZ_BINS)
+	@failed=""; for h in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_B)/corpus/$$h $(FUZZ_B)/artifacts/$$h; \
+	  dict=; [ -f fuzz/dict/$$h.dict ] && dict=-dict=fuzz/dict/$$h.dict; \
+	  echo "== fuzz_$$h: $(FUZZ_SECONDS) s"; \
+	  $(FUZZ_B)/bin/fuzz_$$h $(FUZZ_RUN) -max_total_time=$(FUZZ_SECONDS) $$dict \
+	    -artifact_prefix=$(FUZZ_B)/artifacts/$$h/ $(FUZZ_FLAGS) \
+	    $(FUZZ_B)/corpus/$$h fuzz/corpus/$$h 2>&1 | grep -E '^#[0-9]+.*(INITED|DONE)|^stat::|ERROR|==fuzz==|SUMMARY|artifact' ; \
+	  [ "$${PIPESTATUS[0]}" -eq 0 ] || failed="$$failed $$h"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: crashes in:$$failed (inputs under $(FUZZ_B)/artifacts/)"; exit 1; fi
+
+fuzz-smoke: SHELL = /bin/bash
+fuzz: SHELL = /bin/bash
+fuzz-smoke: $(FUZZ_BINS)
+	@failed=""; for h in $(FUZZ_TARGETS); do \
+	  bin=$(FUZZ_B)/bin/fuzz_$$h; log=$(FUZZ_B)/smoke/$$h.log; \
+	  rm -rf $(FUZZ_B)/smoke/$$h; mkdir -p $(FUZZ_B)/smoke/$$h; \
+	  inputs=$$(find fuzz/regressions/$$h fuzz/corpus/$$h -type f -not -path '*/open/*' 2>/dev/null | sort); \
+	  open=$$(find fuzz/regressions/$$h/open -type f 2>/dev/null | wc -l); \
+	  if [ -n "$$inputs" ] && ! $$bin $(FUZZ_RUN) $$inputs > $$log 2>&1; then \
+	    tail -n 40 $$log; echo "fuzz_$$h: a seed or regression input fails"; failed="$$failed $$h"; continue; fi; \
+	  dict=; [ -f fuzz/dict/$$h.dict ] && dict=-dict=fuzz/dict/$$h.dict; \
+	  if $$bin $(FUZZ_RUN) -max_total_time=$(FUZZ_SMOKE_SECONDS) $$dict -artifact_prefix=$(FUZZ_B)/smoke/$$h- \
+	       $(FUZZ_B)/smoke/$$h fuzz/corpus/$$h >> $$log 2>&1; then \
+	    echo "fuzz_$$h: ok ($$(echo $$inputs | wc -w) inputs; $$(grep -Eo 'stat::number_of_executed_units: *[0-9]+' $$log | grep -Eo '[0-9]+$$' | tail -n 1) runs in $(FUZZ_SMOKE_SECONDS) s$$( [ $$open -eq 0 ] || echo "; $$open open bug(s) in fuzz/regressions/$$h/open not run"))"; \
+	  else tail -n 40 $$log; echo "fuzz_$$h: crash (input in $(FUZZ_B)/smoke/)"; failed="$$failed $$h"; fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz-smoke failed:$$failed"; exit 1; fi

@@ -214,8 +214,9 @@ static void normalize(lua_State *L, int depth)
     while (lua_next(L, -2)) {                            /* [t, k, v] */
         int t = lua_type(L, -1);
         if (t == LUA_TNUMBER && !lua_isinteger(L, -1)) {
-            lua_Integer i;
-            if (lua_numbertointeger(lua_tonumber(L, -1), &i)) {
+            int integral;                                /* exactly an integer: 2.0 yes, 0.5 no */
+            lua_Integer i = lua_tointegerx(L, -1, &integral);
+            if (integral) {
                 lua_pushvalue(L, -2);
                 lua_pushinteger(L, i);
                 lua_rawset(L, -5);

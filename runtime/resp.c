@@ -643,14 +643,26 @@ static int l_resp_call(lua_State *L)
     char peer[320];
     snprintf(peer, sizeof peer, "%s:%d", host, (int)port);
     double deadline = now_mono() + timeout;
-    size_t want_auth = nauth ? 1 : 0;
+    size_t want_auth = nauth ? 1 : 0, auth_end = 0;
     int fail = resp_connect(c, host, (int)port, deadline);
     if (!fail && nauth) {
         fail = resp_exchange(c, req, auth_size, 1, deadline, peer);
+        auth_end = c->scan.pos;                 /* the scan stops right after the AUTH reply */
         if (!fail && c->buf[0] == '-') {
+            /* the server's words, control bytes (a NUL would end the message) as '?' */
             const char *cr = find_crlf(c->buf, c->len);
-            snprintf(c->why, sizeof c->why, "%.*s", (int)(cr - c->buf - 1), c->buf + 1);
+            size_t n = 0;
+            for (const char *q = c->buf + 1; q < cr && n + 1 < sizeof c->why; q++)
+                c->why[n++] = (unsigned char)*q < 0x20 || *q == 0x7f ? '?' : *q;
+            c->why[n] = '\0';
+            if (n == 0)
+                snprintf(c->why, sizeof c->why, "%.200s: AUTH refused (an empty error reply)", peer);
             fail = RESP_FAIL_AUTH;
+        } else if (!fail && c->buf[0] != '+') {
+            /* Only a status (+OK) means success; a bulk string or an array is not an answer to
+             * AUTH, and its bytes must not be read as the commands' replies. */
+            snprintf(c->why, sizeof c->why, "%.200s: AUTH answered with a '%c' reply, not +OK", peer, c->buf[0]);
+            fail = RESP_FAIL_PROTOCOL;
         }
     }
     if (!fail && ncmd > 0)
@@ -666,7 +678,7 @@ static int l_resp_call(lua_State *L)
     /* the replies as Lua values (may raise: the buffer stays owned by ctx until then) */
     size_t pos = 0;
     if (want_auth)
-        pos = (size_t)(find_crlf(c->buf, c->len) - c->buf) + 2;        /* +OK */
+        pos = auth_end;                                                 /* past +OK */
     lua_createtable(L, ncmd < INT_MAX ? (int)ncmd : INT_MAX, 0);
     for (lua_Integer i = 1; i <= ncmd; i++) {
         push_reply(L, c->buf, c->len, &pos);

@@ -794,7 +794,12 @@ static int jd_number(struct jdec *d)
         lua_pushinteger(d->L, (lua_Integer)strtoll(num, NULL, 10));
         return 0;
     }
-    lua_pushnumber(d->L, strtod(num, NULL));
+    double v = strtod(num, NULL);
+    if (!isfinite(v)) {                 /* 1e400: encode could not write it back */
+        d->p = s;
+        return jd_fail(d, "number out of range");
+    }
+    lua_pushnumber(d->L, v);
     return 0;
 }
 

@@ -1,0 +1,38 @@
+/*
+ * forge.etcd's answer readers: the hand-written JSON tokenizer and everything that reads
+ * its tokens (kv records, txn results, leases, auth tokens, error answers, the watch
+ * stream), through the module's whole Lua API. runtime/etcd.c is compiled into this file
+ * with libcurl's transfer calls replaced by fake_curl.h, which serves the answers parsed
+ * from the input: no network, no static function exposed by etcd.c.
+ *
+ * Input: one line of operations and options (fuzz/etcd.lua), then the answers in
+ * fake_curl.h's format. The first answer goes to etcd.open's probe (or the auth request).
+ */
+#include "fake_curl.h"
+#include "fuzz_lua.h"
+
+#include "../runtime/etcd.c"
+
+static lua_State *L;
+
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    (void)argc, (void)argv;
+    L = fuzz_lua_new();
+    luaL_requiref(L, "forge.etcd", luaopen_forge_etcd, 0);
+    lua_pop(L, 1);
+    fuzz_lua_load(L, "etcd.lua");
+    return 0;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    if (size > 262144)
+        return -1;
+    const char *s = (const char *)data;
+    const char *nl = memchr(s, '\n', size);
+    size_t oplen = nl ? (size_t)(nl - s) : size;
+    fz_parse_answers(nl ? nl + 1 : s + size, nl ? size - oplen - 1 : 0);
+    fuzz_lua_run(L, data, oplen, 0);
+    return 0;
+}
