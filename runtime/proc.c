@@ -307,6 +307,7 @@ struct child_spec {
     size_t ngroups;
     int fd_in, fd_out, fd_err;  /* become 0, 1, 2 */
     int errfd;                  /* CLOEXEC pipe: (stage, errno) on failure */
+    int short_lived;            /* run(): owns its stdio pipes, dies with the broker */
 };
 
 /* Where the child failed; the user stages index user_steps[] from STAGE_SETGROUPS. */
@@ -374,6 +375,16 @@ static void reset_reserved_signal(int sig)
  */
 static void child_become_user(const struct child_spec *cs, int errfd)
 {
+    /*
+     * A run() command's stdio are pipes the broker made: hand them to the user, or
+     * `initdb --pwfile=/dev/stdin` cannot reopen its own stdin. Only pipes: never a file
+     * such as /dev/null.
+     */
+    for (int fd = 0; cs->short_lived && fd <= 2; fd++) {
+        struct stat st;
+        if (fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode) && fchown(fd, cs->uid, cs->gid) < 0)
+            child_fail(errfd, STAGE_SETUP, errno);
+    }
     if (setgroups(cs->ngroups, cs->groups) < 0)
         child_fail(errfd, STAGE_SETGROUPS, errno);
     if (setgid(cs->gid) < 0)
@@ -421,6 +432,10 @@ static FORGE_NORETURN void child_exec(const struct child_spec *cs)
 
     if (cs->user)
         child_become_user(cs, errfd);           /* before chdir and exec: checked as the user */
+    /* a command (initdb, pg_basebackup) must not outlive a killed broker and run twice; set
+       after the uid change, which clears it */
+    if (cs->short_lived && prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0) < 0)
+        child_fail(errfd, STAGE_SETUP, errno);
     if (cs->cwd && chdir(cs->cwd) < 0)
         child_fail(errfd, STAGE_CHDIR, errno);
 
@@ -1155,6 +1170,7 @@ static int l_proc_run(lua_State *L)
     static const char *const keys[] = {"argv", "stdin", "env", "cwd", "timeout", "max_output", "user", NULL};
     struct child_spec cs;
     check_command(L, "proc.run", keys, &cs);     /* [opts, anchor, argv_ud [envp_ud]] */
+    cs.short_lived = 1;
     double timeout = forge_optnumfield(L, 1, "timeout", 10);
     if (!(timeout > 0))
         luaL_error(L, "proc.run: option 'timeout' must be > 0");

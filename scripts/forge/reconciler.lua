@@ -196,7 +196,12 @@ function Reconciler:deploy(rec)
     end)
     if not rec then return end
   end
-  local status, reason, log_tail = target:step_provision(rec, self:recorder(id))
+  -- a step that raises fails its operation (it would otherwise be retried, and hang, for ever)
+  local sok, status, reason, log_tail = pcall(target.step_provision, target, rec, self:recorder(id))
+  if not sok then
+    log.error("provision step raised", { instance = id, error = tostring(status) })
+    status, reason = "failed", "internal error: " .. tostring(status)
+  end
   if status == "wait" and os.time() - op.started_at > target.cfg.deploy_timeout then
     status, reason = "failed", string.format("not healthy after %ds%s%s", target.cfg.deploy_timeout,
       reason and (": " .. reason) or "", log_tail and ("; " .. log_tail) or "")

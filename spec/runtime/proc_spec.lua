@@ -492,6 +492,31 @@ describe("forge.proc", function()
       assert.has_error(function() proc.chown("", "root") end)
     end)
 
+    as_root("run() as another user can read its own stdin as /dev/stdin (the pipe is handed over)", function()
+      local r = assert(proc.run { argv = { "sh", "-c", "cat /dev/stdin" }, stdin = "pw\n", user = "nobody" })
+      assert.equal(0, r.code, r.stderr)
+      assert.equal("pw\n", r.stdout)
+      assert.same({ "0:0" }, owners { "/dev/null" })
+    end)
+
+    it("run()'s command dies with its broker (no initdb left running after a kill -9)", function()
+      local pidfile = dir .. "/run-child.pid"
+      local parent = assert(proc.spawn { argv = { "lua5.4", "-e", "package.cpath = 'build/lib/?.so;' .. package.cpath; "
+        .. "require('forge.proc').run { argv = { 'sh', '-c', 'echo $$ > " .. pidfile .. "; exec sleep 30' }, "
+        .. "timeout = 60 }" }, cwd = os.getenv("PWD") })
+      local deadline = proc.monotonic() + 5
+      while not tonumber(slurp(pidfile) or "") and proc.monotonic() < deadline do proc.sleep(0.05) end
+      local child = assert(tonumber(slurp(pidfile)))
+      local start = assert(proc.identity(child))
+      proc.kill(parent.pid, parent.start_time, "KILL")
+      proc.wait(parent.pid, 5)
+      deadline = proc.monotonic() + 5
+      while proc.alive(child, start) and proc.monotonic() < deadline do proc.sleep(0.05) end
+      local alive = proc.alive(child, start)
+      if alive then proc.kill(child, start, "KILL") end
+      assert.is_false(alive)
+    end)
+
     it("chmod() sets the mode of a file or directory, never through a symlink", function()
       local f, l = dir .. "/mode-file", dir .. "/mode-link"
       assert.same({ code = 0, stdout = "", stderr = "" }, proc.run {

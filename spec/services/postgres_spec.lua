@@ -290,7 +290,8 @@ describe("postgres on the local target", function()
     assert.is_nil(instance_record(b, "bad"))
   end)
 
-  it("updates 1-server -> 2-servers keeping the data, the standby replaying it; 2 -> 1 drops the standby", function()
+  it("updates 1-server -> 2-servers keeping the data, the standby replaying it; 2 -> 1 drops the standby; "
+    .. "1 -> 2 copies a new one", function()
     provisioned(b, "u1", PG.one, { max_connections = 50 })
     local own = bound(b, "u1", "own", PG.one)
     local shared = bound(b, "u1", "sh1", PG.one, { database = "shared" })
@@ -358,6 +359,17 @@ describe("postgres on the local target", function()
     assert.equal("before", (psql(own.uri, "SELECT v FROM t")))
     assert.equal("shared before,after", (psql(sh2.uri, "SELECT string_agg(v, ',' ORDER BY v DESC) FROM shared_t")))
 
+    -- 1 -> 2 again: a new standby, copied afresh from the primary (its init runs again)
+    assert.equal(202, (update(b, "u1", PG.two, { max_connections = 60, shared_buffers_mb = 32 })))
+    op = b:wait_operation("/v2/service_instances/u1", 60)
+    assert.equal("succeeded", op.state, op.description)
+    assert.equal(1, #postmasters(b, "u1").standby)
+    rec = instance_record(b, "u1")
+    local again = own.uri:gsub(":%d+/", string.format(":%d/", rec.resources.ports[2]))
+    assert.equal("before", eventually(again, "SELECT v FROM t", "before"))
+    assert.equal(202, (update(b, "u1", PG.one, { max_connections = 60, shared_buffers_mb = 32 })))
+    assert.equal("succeeded", b:wait_operation("/v2/service_instances/u1", 60).state)
+
     -- unbinding one shared binding leaves the shared tables to the others
     assert.equal(200, (unbind(b, "u1", "sh1", PG.one)))
     assert.is_false(select(2, psql(shared.uri, "SELECT 1")))
@@ -365,10 +377,6 @@ describe("postgres on the local target", function()
     deprovisioned(b, "u1", PG.one)
     assert.same({}, instance_pids(b, "u1"))
   end)
-
-  -- The broker keeps a removed process's init as done (inst.initialized), so the standby that
-  -- 2 -> 1 removed is not copied again by 1 -> 2 and cannot start on its removed directory.
-  pending("2 -> 1 -> 2 copies the primary into a new standby (needs the broker to forget a removed process's init)")
 
   it("provisions 2-servers; a postgres killed with SIGKILL is restarted and still has the data", function()
     timings["provision 2-servers"] = provisioned(b, "p2", PG.two)

@@ -66,7 +66,7 @@ function M.remove(b, svc, inst, rec)
   local target, terr = b.targets:of(inst)
   if not target then return nil, terr end
   local result, err = services.hook(svc, "unbind", services.binding_context(inst, rec.id, { binding = rec,
-    ips = inst.resources and inst.resources.ips }))
+    parameters = rec.parameters or {}, ips = inst.resources and inst.resources.ips }))
   if not result then return nil, "service " .. svc.name .. " unbind failed: " .. err, "script" end
   local ok, rerr = target:run_all(result.run, inst)
   if not ok then return nil, "could not remove the binding from instance " .. inst.id .. ": " .. rerr end

@@ -61,18 +61,24 @@ local function write_file(path, content)
   return os.rename(tmp, path)
 end
 
--- The last few lines of a log file, on one line: the reason a process gave for dying.
-local function tail(path)
+-- The last `bytes` of a file.
+local function last_bytes(path, bytes)
   local f = io.open(path, "rb")
   if not f then return "" end
   local size = f:seek("end")
-  f:seek("set", math.max(0, size - 600))
+  f:seek("set", math.max(0, size - bytes))
+  local text = f:read("a") or ""
+  f:close()
+  return text
+end
+
+-- The last few lines of a log file, on one line: the reason a process gave for dying.
+local function tail(path)
   local lines = {}
-  for line in (f:read("a") or ""):gmatch("[^\n]+") do
+  for line in last_bytes(path, 600):gmatch("[^\n]+") do
     line = line:gsub("^%s+", ""):gsub("%s+$", "")
     if line ~= "" then lines[#lines + 1] = line end
   end
-  f:close()
   return table.concat(lines, " / ", math.max(1, #lines - 2))
 end
 
@@ -283,7 +289,7 @@ function Local:write_files(inst)
   return true
 end
 
---- Remove the directories of processes a redeploy dropped.
+--- Remove the directories of processes a redeploy dropped (and their init records).
 function Local:remove_stale(inst)
   local keep = {}
   for _, p in ipairs(inst.deployment.processes) do keep[p.name] = true end
@@ -291,6 +297,7 @@ function Local:remove_stale(inst)
     if not keep[name] then
       remove_tree(self:process_dir(inst, { name = name }))
       os.remove(self:instance_dir(inst.id) .. "/" .. name .. ".log")
+      if inst.initialized then inst.initialized[name] = nil end   -- re-added later: init again
     end
   end
 end
@@ -305,32 +312,10 @@ local function last_lines(text, n)
   return table.concat(lines, " / ", math.max(1, #lines - (n or 3) + 1)):sub(-600)
 end
 
--- A declared SQL statement list, spoken natively (forge.pg on libpq): no psql process.
--- q = {host (default: the target's host), port, user, password, database, statements,
---      expect = {lua patterns, one per statement}, tolerate = {patterns of "SQLSTATE message"}}
--- A reply's text is the first column of its first row, else its command tag.
-function Local:run_pg(q)
-  local host = q.host or self.cfg.host
-  local where = string.format("postgres %s:%s", tostring(host), tostring(q.port))
-  local ok, replies, err = pcall(require("forge.pg").exec, { host = host, port = q.port, user = q.user,
-    password = q.password, database = q.database, statements = q.statements, tolerate = q.tolerate,
-    timeout = self.cfg.command_timeout })
-  if not ok then return nil, where .. ": bad statement: " .. tostring(replies) end
-  if not replies then return nil, where .. ": " .. tostring(err and err.message or err) end
-  for i, want in ipairs(q.expect or {}) do
-    local r = replies[i]
-    local text = r and (r.rows and r.rows[1] and tostring(r.rows[1][1]) or r.command) or ""
-    if not text:match(want) then
-      return nil, string.format("%s: statement %d: unexpected reply %q", where, i, text:sub(1, 200))
-    end
-  end
-  return true
-end
-
 --- Run a command declared by a service (health check, setup, bind/unbind step, init): either a
 -- helper process, cmd = {argv, env, stdin, expect = {lua patterns, one per output line},
--- tolerate = {patterns}}, or redis commands spoken by the broker itself, cmd = {redis = {host,
--- port, user, password, commands, expect = {lua patterns, one per reply}}} (see run_redis).
+-- tolerate = {patterns}}, or commands the broker speaks itself: cmd = {redis = {...}} or
+-- cmd = {pg = {...}} (forge.targets.wire).
 -- Helper processes run as `inst.run_as`, in `cwd` when given, for at most `timeout` seconds.
 function Local:run(cmd, inst, cwd, timeout)
   if cmd.redis or cmd.pg then return wire.run(cmd, self.cfg.host, self.cfg.command_timeout) end
@@ -457,7 +442,13 @@ function Local:step_provision(inst, record)
   for _, p in ipairs(inst.deployment.processes) do
     local rec = inst.processes[p.name]
     if rec and not proc.alive(rec.pid, rec.start_time) then
-      local why = tail(self:instance_dir(inst.id) .. "/" .. p.name .. ".log")
+      local logfile = self:instance_dir(inst.id) .. "/" .. p.name .. ".log"
+      local why = tail(logfile)
+      -- servers say it a few lines before their last words: the reconciler moves such a provision
+      if not why:find("Address already in use", 1, true)
+          and last_bytes(logfile, 4096):find("Address already in use", 1, true) then
+        why = why .. " (Address already in use)"
+      end
       return "failed", string.format("%s exited during start-up%s", p.name, why ~= "" and (": " .. why) or "")
     end
     if rec and not rec.healthy then

@@ -58,6 +58,30 @@ function M.redis(r, default_host, timeout)
 end
 
 
+--- A declared SQL statement list, spoken natively (forge.pg on libpq): no psql process.
+-- q = {host (default: default_host), port, user, password, database, statements,
+--      expect = {lua patterns, one per statement}, tolerate = {patterns of "SQLSTATE message"}}
+-- A reply's text is the first column of its first row, else its command tag.
+-- @return true | nil, message
+function M.pg(q, default_host, timeout)
+  local host = q.host or default_host
+  if not host then return nil, "pg command: no host (give pg.host)" end
+  local where = string.format("postgres %s:%s", tostring(host), tostring(q.port))
+  local ok, replies, err = pcall(require("forge.pg").exec, { host = host, port = q.port, user = q.user,
+    password = q.password, database = q.database, statements = q.statements, tolerate = q.tolerate,
+    timeout = timeout })
+  if not ok then return nil, where .. ": bad statement: " .. tostring(replies) end
+  if not replies then return nil, where .. ": " .. tostring(err and err.message or err) end
+  for i, want in ipairs(q.expect or {}) do
+    local r = replies[i]
+    local text = r and (r.rows and r.rows[1] and tostring(r.rows[1][1]) or r.command) or ""
+    if not text:match(want) then
+      return nil, string.format("%s: statement %d: unexpected reply %q", where, i, text:sub(1, 200))
+    end
+  end
+  return true
+end
+
 --- Run a network command (cmd.redis or cmd.pg). Returns true | nil, message; nil, nil when cmd
 -- is neither (a helper process: the caller's business).
 function M.run(cmd, default_host, timeout)
