@@ -31,7 +31,7 @@ local sb = sandbox.new{ name = "redis" }
 assert(sb:load(src, "@services/redis/service.lua"))
 -- the same script loaded straight into this state, with the same capabilities
 local env = setmetatable({ forge = { crypto = require "forge.crypto", yaml = require "forge.yaml",
-  json = require "cjson", log = flog } }, { __index = _G })
+  conf = require "forge.conf", json = require "cjson", log = flog } }, { __index = _G })
 local direct = { script = assert(load(src, "@services/redis/service.lua", "t", env))() }
 
 local function direct_call(hook)

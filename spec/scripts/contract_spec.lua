@@ -306,6 +306,20 @@ describe("process primitives of the local target", function()
     assert.truthy(b:records()[string.format("port/%05d", taken)])
   end)
 
+  it("fails a provision clearly when the service user cannot reach the state dir", function()
+    local parent = Broker.tmpdir()
+    proc.chmod(parent, tonumber("700", 8))
+    assert(lfs.mkdir(parent .. "/state"))
+    local closed = Broker.start { state_dir = parent .. "/state", services_dir = os.getenv("PWD") .. "/spec/fixtures/contract",
+      env = { FORGE_LOCAL_COMMANDS = "sh,sleep,redis-server" } }
+    finally(function() closed:cleanup(); os.execute("rm -rf " .. parent) end)
+    local status, _, _, body = closed:call("PUT", "/v2/service_instances/c1", { service_id = PROBE .. "01",
+      plan_id = PROBE .. "10", organization_guid = "o", space_guid = "s" })
+    assert.equal(500, status)
+    assert.matches("the service user forge%-svc cannot reach .*: " .. parent:gsub("%p", "%%%0") .. " is closed to other users",
+      body.description)
+  end)
+
   it("refuses a user the operator did not allow", function()
     local status, _, _, body = provision("p4", "40")
     assert.equal(500, status)

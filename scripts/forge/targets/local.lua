@@ -252,10 +252,26 @@ function Local:spawn(inst, p)
     stdout = self:instance_dir(inst.id) .. "/" .. p.name .. ".log" }
 end
 
+-- The first directory above `dir` that `user` cannot pass through (no search permission for
+-- others, and not the user's own), or nil.
+local function closed_ancestor(dir, user)
+  local path = ""
+  for part in dir:gmatch("[^/]+") do
+    path = path .. "/" .. part
+    local perms, uid = lfs.attributes(path, "permissions"), lfs.attributes(path, "uid")
+    if perms and perms:sub(9, 9) ~= "x" and uid ~= user.uid then return path end
+  end
+end
+
 -- The instance's directory belongs to the user its processes run as, and only to it.
 function Local:own(inst)
   if not inst.run_as then return true end
   proc.chmod(self.dir, tonumber("711", 8))   -- instances/: passable, not listable
+  local closed = closed_ancestor(self.dir, proc.user(inst.run_as) or {})
+  if closed then
+    return nil, string.format("the service user %s cannot reach %s: %s is closed to other users (give it o+x, "
+      .. "or put state_dir elsewhere)", inst.run_as, self.dir, closed)
+  end
   local dir = self:instance_dir(inst.id)
   local ok, err = proc.chown(dir, inst.run_as, true)
   if not ok then return nil, "cannot hand " .. dir .. " to user " .. inst.run_as .. ": " .. tostring(err.message or err) end
