@@ -102,6 +102,7 @@ typedef struct yctx {
     struct { uint32_t ip; char *owner; } *claims;
     size_t nclaims, capclaims;
     int glob_mode;          /* path errors as spruce's Cursor.Glob words them (no [=value]) */
+    int go_emit;            /* emit as spruce's go-yaml v2 marshals (stringify): float32 floats, 80 columns */
 } yctx;
 
 static int ysentinel;   /* its address is the error value of an operational failure */
@@ -584,45 +585,57 @@ static ynode *ncopy(yctx *c, const ynode *n, long *budget)
 /* number formatting                                                          */
 /* ------------------------------------------------------------------------- */
 
-/* Shortest round-trip digits, printed like Go's %v (strconv 'g', shortest). */
-static void fmt_go_float(double f, char *out, size_t size)
+/* Go's float32(f): rounded to float, ±Inf beyond its range (done here, not left to the conversion). */
+static double to_f32(double f)
 {
-    if (isnan(f)) {
-        snprintf(out, size, "NaN");
-        return;
-    }
-    if (isinf(f)) {
-        snprintf(out, size, f < 0 ? "-Inf" : "+Inf");
-        return;
-    }
+    if (!isnan(f) && fabs(f) >= 0x1.ffffffp127)
+        return f < 0 ? -HUGE_VAL : HUGE_VAL;
+    return (double)(float)f;
+}
+
+/* Shortest round-trip digits of f (of (float)f when f32) and the decimal exponent of the first digit. */
+static int go_shortest(double f, int f32, char *digits, int *exp)
+{
     char e[40];
-    int prec;
-    for (prec = 0; prec < 17; prec++) {
+    for (int prec = 0; prec < 17; prec++) {
         snprintf(e, sizeof e, "%.*e", prec, f);
-        if (strtod(e, NULL) == f)
+        double back = strtod(e, NULL);
+        if (f32 ? to_f32(back) == f : back == f)
             break;
     }
-    /* e = [-]d[.ddd]e[+-]XX */
-    char digits[32];
-    int nd = 0, neg = 0;
-    const char *p = e;
-    if (*p == '-') {
-        neg = 1;
-        p++;
-    }
+    int nd = 0;
+    const char *p = e + (e[0] == '-');
     for (; *p && *p != 'e'; p++)
         if (isdigit((unsigned char)*p))
             digits[nd++] = *p;
-    digits[nd] = 0;
-    int exp = atoi(p + 1);
+    *exp = atoi(p + 1);
     while (nd > 1 && digits[nd - 1] == '0')
-        digits[--nd] = 0;
+        nd--;
+    digits[nd] = 0;
+    return nd;
+}
+
+/*
+ * Go's strconv.FormatFloat(f, 'g', -1, bits) as fmt's %v and go-yaml print it: shortest digits, exponent
+ * form when the exponent is below -4 or at least eprec (21 for %v, 6 for FormatFloat), bits 32 rounding
+ * to float32 first (go-yaml v2 of 2016 writes every float that way).
+ */
+static void fmt_go_floatx(double f, int f32, int eprec, char *out, size_t size)
+{
+    if (f32)
+        f = to_f32(f);
+    if (isnan(f) || isinf(f)) {
+        snprintf(out, size, "%s", isnan(f) ? "NaN" : f < 0 ? "-Inf" : "+Inf");
+        return;
+    }
+    char digits[32];
+    int exp, nd = go_shortest(f, f32, digits, &exp);
     char *o = out;
     size_t left = size;
 #define PUT(...) do { int w_ = snprintf(o, left, __VA_ARGS__); if (w_ < 0 || (size_t)w_ >= left) return; o += w_; left -= (size_t)w_; } while (0)
-    if (neg)
+    if (signbit(f))
         PUT("-");
-    if (exp < -4 || exp >= 21) {
+    if (exp < -4 || exp >= eprec) {
         PUT("%c", digits[0]);
         if (nd > 1)
             PUT(".%s", digits + 1);
@@ -639,6 +652,12 @@ static void fmt_go_float(double f, char *out, size_t size)
             PUT(".%s", digits + exp + 1);
     }
 #undef PUT
+}
+
+/* Shortest round-trip digits, printed like Go's %v (strconv 'g', shortest). */
+static void fmt_go_float(double f, char *out, size_t size)
+{
+    fmt_go_floatx(f, 0, 21, out, size);
 }
 
 /* A float as YAML that reads back as the same float. */

@@ -7,6 +7,8 @@
 #ifndef FORGE_YAML_EVAL_H
 #define FORGE_YAML_EVAL_H
 
+#include <regex.h>
+
 #include "yaml_merge.h"
 
 /* ------------------------------------------------------------------------- */
@@ -86,6 +88,34 @@ static void add_tok(yctx *c, yarg **args, int *nargs, int *cap, int *join, atok 
     *join = 0;
 }
 
+/* spruce's envvar pattern: `$` then [a-zA-Z_][a-zA-Z0-9_.]* (the whole word). */
+static int is_envvar_word(const char *w, size_t n)
+{
+    if (n < 2 || w[0] != '$' || !(isalpha((unsigned char)w[1]) || w[1] == '_'))
+        return 0;
+    for (size_t i = 2; i < n; i++)
+        if (!(isalnum((unsigned char)w[i]) || w[i] == '_' || w[i] == '.'))
+            return 0;
+    return 1;
+}
+
+/* Length of the variable name after a `$` at w[i] (`NAME` or `{NAME}`), 0 when there is none. */
+static size_t env_name_at(const char *w, size_t n, size_t i, size_t *skip)
+{
+    size_t j = i + 1, brace = j < n && w[j] == '{';
+    if (brace)
+        j++;
+    size_t st = j;
+    if (j >= n || !(isalpha((unsigned char)w[j]) || w[j] == '_'))
+        return 0;
+    while (j < n && (isalnum((unsigned char)w[j]) || w[j] == '_'))
+        j++;
+    if (brace && (j >= n || w[j] != '}'))
+        return 0;
+    *skip = j - i + brace;
+    return j - st;
+}
+
 static void classify_word(yctx *c, atok *t, const char *w, size_t n)
 {
     memset(t, 0, sizeof *t);
@@ -105,7 +135,7 @@ static void classify_word(yctx *c, atok *t, const char *w, size_t n)
         t->kind = A_BOOL;
         return;
     }
-    if (n > 1 && w[0] == '$' && (isalpha((unsigned char)w[1]) || w[1] == '_')) {
+    if (is_envvar_word(w, n)) {
         t->kind = A_ENV;
         t->s = astrdup(c, w + 1, n - 1);
         t->n = n - 1;
@@ -429,10 +459,33 @@ static ynode *step(yctx *c, ynode *cur, const char *s, size_t n, size_t *idx)
 
 static ynode *resolve(yctx *c, const char *ref, size_t n, char *err, size_t errsz, int depth);
 
-/* Text of a segment, resolving a dynamic [ref]. */
+/*
+ * A segment that is exactly $NAME or ${NAME} (spruce pull request #378, and op_grab_bracket_test.go for
+ * [$NAME]): the variable's value is the key, taken literally. 1 with *s set, -1 when it is not set (or
+ * empty, as spruce counts it), 0 for any other segment.
+ */
+static int seg_env(yctx *c, const yseg *sg, const char **s, size_t *n, const char **name)
+{
+    size_t skip = 0, nl = sg->n > 1 && sg->s[0] == '$' ? env_name_at(sg->s, sg->n, 0, &skip) : 0;
+    if (!nl || skip != sg->n)
+        return 0;
+    *name = astrdup(c, sg->s + 1 + (sg->s[1] == '{'), nl);
+    *s = env_get(c, *name, n);
+    return *s && *n ? 1 : -1;
+}
+
+/* Text of a segment, resolving a dynamic [ref] and a $NAME. */
 static int seg_text(yctx *c, const yseg *sg, const char **s, size_t *n, char *tmp, size_t tmpsz,
                     char *err, size_t errsz, int depth)
 {
+    const char *name;
+    int env = seg_env(c, sg, s, n, &name);
+    if (env < 0) {
+        snprintf(err, errsz, "Environment variable $%s is not set", name);
+        return 0;
+    }
+    if (env > 0)
+        return 1;
     if (!sg->bracket || all_digits(sg->s, sg->n)) {
         *s = sg->s;
         *n = sg->n;
@@ -585,10 +638,13 @@ static void ref_deps(yctx *c, yops *o, int self, const char *ref, size_t n, int 
             dep_add(c, o, self, ops_find(o, canon->p));
             return;
         }
-        const char *s = seg[i].s;
+        const char *s = seg[i].s, *name;
         size_t sl = seg[i].n, idx;
         char tmp[64];
-        if (seg[i].bracket && !all_digits(s, sl)) {
+        int env = seg_env(c, &seg[i], &s, &sl, &name);
+        if (env < 0)
+            return;
+        if (!env && seg[i].bracket && !all_digits(s, sl)) {
             /* dynamic key: depend on the key's reference and everything under here */
             char *save = astrdup(c, canon->p, canon->n);
             ref_deps(c, o, self, s, sl, depth + 1);
@@ -620,40 +676,52 @@ static void ref_deps(yctx *c, yops *o, int self, const char *ref, size_t n, int 
     dep_subtree(c, o, self, p, 0);
 }
 
-/* Dotted names in a calc expression (paths), calling fn for each. */
-typedef void (*ident_fn)(yctx *c, void *ud, const char *s, size_t n, int dotted, int func);
-
-static void calc_idents(yctx *c, const char *e, size_t n, ident_fn fn, void *ud)
+/* spruce's searchForCursors: the next match of `(\w+|-)\.(\w+|-|\.)+` at or after *i that is not a
+ * number (Go's ParseFloat/ParseInt would take it); 1 with [*st, *st + *len) set, 0 at the end. */
+static int cw_word(char ch)
 {
-    size_t i = 0;
-    while (i < n) {
-        if (isalpha((unsigned char)e[i]) || e[i] == '_') {
-            size_t st = i;
-            int dotted = 0;
-            while (i < n && (isalnum((unsigned char)e[i]) || e[i] == '_' || e[i] == '.' || e[i] == '[' || e[i] == ']'
-                             || (e[i] == '-' && i + 1 < n && isalpha((unsigned char)e[i + 1]) && dotted)))
-                if (e[i++] == '.')
-                    dotted = 1;
-            size_t j = i;
-            while (j < n && isspace((unsigned char)e[j]))
-                j++;
-            fn(c, ud, e + st, i - st, dotted, j < n && e[j] == '(');
-        } else if (isdigit((unsigned char)e[i]) || e[i] == '.') {
-            while (i < n && (isalnum((unsigned char)e[i]) || e[i] == '.'))
-                i++;
-        } else {
-            i++;
-        }
-    }
+    return isalnum((unsigned char)ch) || ch == '_';
 }
 
-typedef struct depctx { yops *o; int self; } depctx;
-
-static void calc_dep_cb(yctx *c, void *ud, const char *s, size_t n, int dotted, int func)
+static int cw_tail(char ch)
 {
-    depctx *d = ud;
-    if (dotted && !func)
-        ref_deps(c, d->o, d->self, s, n, 0);
+    return cw_word(ch) || ch == '-' || ch == '.';
+}
+
+static size_t calc_match(const char *e, size_t n, size_t i)
+{
+    size_t j = i;
+    if (cw_word(e[i])) {
+        while (j < n && cw_word(e[j]))
+            j++;
+    } else if (e[i] == '-') {
+        j = i + 1;
+    } else {
+        return 0;
+    }
+    if (j + 1 >= n || e[j] != '.' || !cw_tail(e[j + 1]))
+        return 0;
+    for (j++; j < n && cw_tail(e[j]); j++)
+        ;
+    return j - i;
+}
+
+static int calc_next_cursor(const char *e, size_t n, size_t *i, size_t *st, size_t *len)
+{
+    while (*i < n) {
+        size_t m = calc_match(e, n, *i);
+        double f;
+        if (!m) {
+            (*i)++;
+            continue;
+        }
+        *st = *i;
+        *len = m;
+        *i += m;
+        if (!parse_go_float(e + *st, m, &f))
+            return 1;
+    }
+    return 0;
 }
 
 static void op_deps(yctx *c, yops *o, int self)
@@ -666,8 +734,9 @@ static void op_deps(yctx *c, yops *o, int self)
                 && strcmp(op->name, "sort") != 0)
                 ref_deps(c, o, self, tk->s, tk->n, 0);
             else if (tk->kind == A_STR && strcmp(op->name, "calc") == 0) {
-                depctx d = {o, self};
-                calc_idents(c, tk->s, tk->n, calc_dep_cb, &d);
+                size_t i = 0, st, len;
+                while (calc_next_cursor(tk->s, tk->n, &i, &st, &len))
+                    ref_deps(c, o, self, tk->s + st, len, 0);
             }
         }
     if (strcmp(op->name, "static_ips") == 0) {
@@ -685,19 +754,6 @@ static void op_deps(yctx *c, yops *o, int self)
 /* values of arguments                                                        */
 /* ------------------------------------------------------------------------- */
 
-static const char *env_get(yctx *c, const char *name, size_t *len)
-{
-    if (c->envidx) {
-        lua_getfield(c->L, c->envidx, name);
-        const char *v = lua_tolstring(c->L, -1, len);
-        lua_pop(c->L, 1);   /* still referenced by the env table */
-        return v;
-    }
-    const char *v = getenv(name);
-    if (v)
-        *len = strlen(v);
-    return v;
-}
 
 static ynode *tok_literal(yctx *c, const atok *t, const ynode *at)
 {
@@ -708,6 +764,47 @@ static ynode *tok_literal(yctx *c, const atok *t, const ynode *at)
     case A_BOOL: return nbool(c, t->b, at);
     default: return nnew(c, T_NULL, at);
     }
+}
+
+/* Whether text is one well-formed YAML document (checked on a parser of its own, so nothing is raised). */
+static int yaml_one_document(const char *text, size_t len)
+{
+    yaml_parser_t p;
+    yaml_event_t ev;
+    int ok = 1, docs = 0, done = 0;
+    if (!yaml_parser_initialize(&p))
+        return 0;
+    yaml_parser_set_input_string(&p, (const unsigned char *)text, len);
+    while (ok && !done) {
+        if (!yaml_parser_parse(&p, &ev)) {
+            ok = 0;
+            break;
+        }
+        docs += ev.type == YAML_DOCUMENT_START_EVENT;
+        done = ev.type == YAML_STREAM_END_EVENT;
+        yaml_event_delete(&ev);
+    }
+    yaml_parser_delete(&p);
+    return ok && docs <= 1;
+}
+
+/* An environment variable's value as spruce's Expr.Resolve gives it: YAML-unmarshalled, except that a value
+ * that reads as a string (or does not read at all) stays the raw text, so multi-line text is kept as it is. */
+static ynode *env_value(yctx *c, const char *v, size_t len, const ynode *at)
+{
+    ynode *n = NULL;
+    if (yaml_one_document(v, len)) {
+        char *copy = astrdup(c, v, len);
+        unsigned short file = c->curfile;
+        n = load_document(c, copy, len, at ? at->file : file);
+        c->curfile = file;
+    }
+    if (!n || n->t == T_STR) {
+        n = nnew(c, T_STR, at);
+        n->u.s.p = astrdup(c, v, len);
+        n->u.s.n = len;
+    }
+    return n;
 }
 
 /* Value of argument a (alternatives tried left to right). lit set when a literal gave it. */
@@ -728,11 +825,8 @@ static ynode *arg_value(yctx *c, yop *op, int a, char *err, size_t errsz, int *l
         } else if (t->kind == A_ENV) {
             size_t len = 0;
             const char *v = env_get(c, t->s, &len);
-            if (v && len) {
-                ynode *n = nnew(c, T_STR, op->node);
-                resolve_plain(c, n, v, len, 1);
-                return n;
-            }
+            if (v && len)
+                return env_value(c, v, len, op->node);
             snprintf(err, errsz, "Environment variable $%s is not set", t->s);
         } else {
             if (lit)
@@ -1029,29 +1123,119 @@ static int op_negate(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     return 1;
 }
 
+/* -- stringify: spruce marshals with go-yaml v2 (2016) ------------------------ */
+
+/* reflect.Kind order of a key, which go-yaml's sorter falls back on */
+static int go_kind(const ynode *k)
+{
+    switch (k->t) {
+    case T_BOOL: return 1;
+    case T_INT: return 2;
+    case T_FLOAT: return 14;
+    case T_STR: return 24;
+    default: return 20;   /* nil interface */
+    }
+}
+
+/* One rune of UTF-8 at s[*i] (a bad byte stands for itself). */
+static long go_rune(const char *s, size_t n, size_t *i)
+{
+    unsigned char ch = (unsigned char)s[*i];
+    int len = ch >= 0xf0 ? 4 : ch >= 0xe0 ? 3 : ch >= 0xc0 ? 2 : 1;
+    long r = len == 1 ? ch : ch & (0x3f >> (len - 1));
+    size_t j = *i + 1;
+    for (int k = 1; k < len && j < n && ((unsigned char)s[j] & 0xc0) == 0x80; k++, j++)
+        r = r << 6 | ((unsigned char)s[j] & 0x3f);
+    *i = j;
+    return r;
+}
+
+static int go_letter(long r)
+{
+    return (r < 0x80 && isalpha((int)r)) || (r >= 0xc0 && r != 0xd7 && r != 0xf7);
+}
+
+static size_t go_runes(yctx *c, const ynode *k, long **out)
+{
+    long *v = aalloc(c, sizeof(long) * (k->u.s.n + 1));
+    size_t n = 0;
+    for (size_t i = 0; i < k->u.s.n;)
+        v[n++] = go_rune(k->u.s.p, k->u.s.n, &i);
+    *out = v;
+    return n;
+}
+
+/* The digit run of r from i: its value and where it ends. */
+static int64_t go_digits(const long *r, size_t n, size_t i, size_t *end)
+{
+    int64_t v = 0;
+    for (; i < n && r[i] >= '0' && r[i] <= '9'; i++)
+        v = v * 10 + (r[i] - '0');
+    *end = i;
+    return v;
+}
+
+/*
+ * go-yaml's keyList.Less for two strings, with go-yaml PR #195 that spruce's fork carries (equal digits are
+ * not skipped, so digit runs compare by value: q2GB < q4GB < q256MB): letters by code point, other runes
+ * before letters.
+ */
+static int go_str_less(yctx *c, const ynode *a, const ynode *b)
+{
+    long *ar, *br;
+    size_t an = go_runes(c, a, &ar), bn = go_runes(c, b, &br);
+    for (size_t i = 0; i < an && i < bn; i++) {
+        if (ar[i] == br[i] && !(ar[i] >= '0' && ar[i] <= '9'))
+            continue;
+        int al = go_letter(ar[i]), bl = go_letter(br[i]);
+        if (al && bl)
+            return ar[i] < br[i];
+        if (al || bl)
+            return bl;
+        size_t ai, bi;
+        int64_t x = go_digits(ar, an, i, &ai), y = go_digits(br, bn, i, &bi);
+        if (x != y)
+            return x < y;
+        if (ai != bi)
+            return ai < bi;
+        if (ar[i] == br[i])
+            continue;
+        return ar[i] < br[i];
+    }
+    return an < bn;
+}
+
+static int go_key_less(yctx *c, const ynode *a, const ynode *b)
+{
+    int ak = go_kind(a), bk = go_kind(b);
+    int an = a->t == T_INT || a->t == T_FLOAT || a->t == T_BOOL, bn = b->t == T_INT || b->t == T_FLOAT || b->t == T_BOOL;
+    if (an && bn) {
+        double x = a->t == T_INT ? (double)a->u.i : a->t == T_FLOAT ? a->u.f : a->u.b;
+        double y = b->t == T_INT ? (double)b->u.i : b->t == T_FLOAT ? b->u.f : b->u.b;
+        if (x != y)
+            return x < y;
+        if (ak != bk)
+            return ak < bk;
+        return a->t == T_INT ? a->u.i < b->u.i : a->t == T_BOOL ? !a->u.b && b->u.b : a->u.f < b->u.f;
+    }
+    if (ak != 24 || bk != 24)
+        return ak < bk;
+    return go_str_less(c, a, b);
+}
+
+/* A copy of n with every map's keys in go-yaml's order (insertion sort: maps are small). */
 static ynode *sorted_copy(yctx *c, const ynode *n)
 {
     ynode *r = ncopy(c, n, NULL);
-    if (r->t == T_MAP && r->u.c.n > 1) {
-        /* sort keys, carrying values along */
-        size_t cnt = r->u.c.n;
-        ynode **pairs = aalloc(c, sizeof(ynode *) * cnt * 2);
-        for (size_t i = 0; i < cnt; i++) {
-            pairs[2 * i] = r->u.c.k[i];
-            pairs[2 * i + 1] = r->u.c.v[i];
-        }
-        for (size_t i = 1; i < cnt; i++)
-            for (size_t j = i; j > 0 && key_cmp(&pairs[2 * (j - 1)], &pairs[2 * j]) > 0; j--) {
-                ynode *tk = pairs[2 * j], *tv = pairs[2 * j + 1];
-                pairs[2 * j] = pairs[2 * (j - 1)];
-                pairs[2 * j + 1] = pairs[2 * (j - 1) + 1];
-                pairs[2 * (j - 1)] = tk;
-                pairs[2 * (j - 1) + 1] = tv;
+    if (r->t == T_MAP) {
+        for (size_t i = 1; i < r->u.c.n; i++)
+            for (size_t j = i; j > 0 && go_key_less(c, r->u.c.k[j], r->u.c.k[j - 1]); j--) {
+                ynode *tk = r->u.c.k[j], *tv = r->u.c.v[j];
+                r->u.c.k[j] = r->u.c.k[j - 1];
+                r->u.c.v[j] = r->u.c.v[j - 1];
+                r->u.c.k[j - 1] = tk;
+                r->u.c.v[j - 1] = tv;
             }
-        for (size_t i = 0; i < cnt; i++) {
-            r->u.c.k[i] = pairs[2 * i];
-            r->u.c.v[i] = pairs[2 * i + 1];
-        }
         r->u.c.h = NULL;
     }
     if (r->t == T_MAP || r->t == T_SEQ)
@@ -1072,7 +1256,9 @@ static int op_stringify(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
         return 1;
     }
     ynode *s = sorted_copy(c, v);
+    c->go_emit = 1;
     emit_document(c, s);
+    c->go_emit = 0;
     *out = nstr(c, c->out.p, c->out.n, op->node);
     return 1;
 }
@@ -1189,27 +1375,210 @@ static int op_cartesian(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     return 1;
 }
 
-/* IPv4 helpers */
+/* IPv4 in dotted decimal as Go's netip parses it: four fields 0-255, no leading zeros. */
 static int parse_ip(const char *s, size_t n, uint32_t *ip)
 {
-    unsigned v[4];
-    char tmp[32], tail;
-    if (n >= sizeof tmp)
-        return 0;
-    memcpy(tmp, s, n);
-    tmp[n] = 0;
-    if (sscanf(tmp, "%u.%u.%u.%u%c", &v[0], &v[1], &v[2], &v[3], &tail) != 4)
-        return 0;
-    for (int i = 0; i < 4; i++)
-        if (v[i] > 255)
+    uint32_t v = 0;
+    size_t i = 0;
+    for (int f = 0; f < 4; f++) {
+        size_t st = i;
+        unsigned x = 0;
+        while (i < n && isdigit((unsigned char)s[i]) && i - st < 4)
+            x = x * 10 + (unsigned)(s[i++] - '0');
+        if (i == st || x > 255 || (i - st > 1 && s[st] == '0'))
             return 0;
-    *ip = v[0] << 24 | v[1] << 16 | v[2] << 8 | v[3];
+        v = v << 8 | x;
+        if (f < 3 && (i >= n || s[i++] != '.'))
+            return 0;
+    }
+    if (i != n)
+        return 0;
+    *ip = v;
     return 1;
 }
 
 static void fmt_ip(uint32_t ip, char *out, size_t size)
 {
     snprintf(out, size, "%u.%u.%u.%u", ip >> 24, (ip >> 16) & 255, (ip >> 8) & 255, ip & 255);
+}
+
+/* An address as Go's net.IP holds it: 4 bytes, or 16 (IPv4 then as ::ffff:a.b.c.d). */
+typedef struct goip { unsigned char b[16]; int len; } goip;
+
+static int goip_is4(const goip *ip)
+{
+    static const unsigned char v4in6[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    return ip->len == 4 || memcmp(ip->b, v4in6, 12) == 0;
+}
+
+static void goip_from4(goip *ip, uint32_t v)
+{
+    memset(ip->b, 0, 10);
+    ip->b[10] = ip->b[11] = 0xff;
+    for (int i = 0; i < 4; i++)
+        ip->b[12 + i] = (unsigned char)(v >> (24 - 8 * i));
+    ip->len = 16;
+}
+
+/* One IPv6 group (1-4 hex digits) at s[*i]; -1 when there is none. */
+static long hex_group(const char *s, size_t n, size_t *i)
+{
+    long v = 0;
+    size_t st = *i;
+    while (*i < n && isxdigit((unsigned char)s[*i]) && *i - st < 5)
+        v = v * 16 + (isdigit((unsigned char)s[*i]) ? s[*i] - '0' : (tolower((unsigned char)s[*i]) - 'a' + 10)), (*i)++;
+    return *i == st || *i - st > 4 ? -1 : v;
+}
+
+/* netip's parseIPv6 (with an embedded IPv4 tail); no zones. */
+static int parse_ip6(const char *s, size_t n, unsigned char out[16])
+{
+    unsigned char ip[16] = {0};
+    int k = 0, ell = -1;
+    size_t i = 0;
+    if (n >= 2 && s[0] == ':' && s[1] == ':') {
+        ell = 0;
+        i = 2;
+    }
+    while (i < n && k < 16) {
+        size_t st = i;
+        long g = hex_group(s, n, &i);
+        if (g >= 0 && i < n && s[i] == '.') {
+            uint32_t v4;
+            if ((ell < 0 && k != 12) || k > 12 || !parse_ip(s + st, n - st, &v4))
+                return 0;
+            for (int b = 0; b < 4; b++)
+                ip[k++] = (unsigned char)(v4 >> (24 - 8 * b));
+            i = n;
+            break;
+        }
+        if (g < 0)
+            return 0;
+        ip[k++] = (unsigned char)(g >> 8);
+        ip[k++] = (unsigned char)g;
+        if (i >= n)
+            break;
+        if (s[i] != ':' || i + 1 >= n)
+            return 0;
+        i++;
+        if (s[i] == ':') {
+            if (ell >= 0)
+                return 0;
+            ell = k;
+            if (++i >= n)
+                break;
+        }
+    }
+    if (i != n || (k == 16 && ell >= 0) || (k < 16 && ell < 0))
+        return 0;
+    if (ell >= 0) {
+        int gap = 16 - k;
+        memmove(ip + ell + gap, ip + ell, (size_t)(k - ell));
+        memset(ip + ell, 0, (size_t)gap);
+    }
+    memcpy(out, ip, 16);
+    return 1;
+}
+
+/* Go's netip.ParseAddr without zones: *bits is 32 for IPv4, 128 for IPv6 (even ::ffff:a.b.c.d). */
+static int parse_goaddr(const char *s, size_t n, goip *ip, int *bits)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '.') {
+            uint32_t v;
+            if (!parse_ip(s, n, &v))
+                return 0;
+            goip_from4(ip, v);
+            *bits = 32;
+            return 1;
+        }
+        if (s[i] == ':') {
+            ip->len = 16;
+            *bits = 128;
+            return parse_ip6(s, n, ip->b);
+        }
+        if (s[i] == '%')
+            return 0;
+    }
+    return 0;
+}
+
+/* net.ParseCIDR: the network address (ip.Mask(mask), 4 bytes for IPv4) and the prefix length. */
+static int parse_gocidr(const char *s, size_t n, goip *net, int *ones, int *bits)
+{
+    const char *slash = memchr(s, '/', n);
+    if (!slash || !parse_goaddr(s, (size_t)(slash - s), net, bits))
+        return 0;
+    const char *m = slash + 1;
+    size_t ml = n - (size_t)(m - s), i = 0;
+    long v = 0;
+    while (i < ml && isdigit((unsigned char)m[i]) && v < 0xFFFFFF)
+        v = v * 10 + (m[i++] - '0');
+    if (i == 0 || i != ml || v > *bits)
+        return 0;
+    *ones = (int)v;
+    if (*bits == 32) {
+        memmove(net->b, net->b + 12, 4);
+        net->len = 4;
+    }
+    for (int b = 0; b < net->len; b++) {
+        int keep = *ones - 8 * b;
+        net->b[b] &= (unsigned char)(keep >= 8 ? 0xff : keep <= 0 ? 0 : 0xff << (8 - keep));
+    }
+    return 1;
+}
+
+/* ziutek/utils netaddr.IPAdd: IPv4 wraps at 32 bits, anything else at 128. */
+static goip goip_add(const goip *ip, int64_t off)
+{
+    goip r;
+    if (goip_is4(ip)) {
+        const unsigned char *p = ip->b + ip->len - 4;
+        uint32_t a = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+        goip_from4(&r, a + (uint32_t)(uint64_t)off);
+        return r;
+    }
+    r = *ip;
+    unsigned carry = 0;
+    uint64_t o = (uint64_t)off;
+    for (int b = 15; b >= 0; b--) {
+        unsigned add = (unsigned)(b >= 8 ? (o >> (8 * (15 - b))) & 0xff : off < 0 ? 0xff : 0);
+        unsigned sum = r.b[b] + add + carry;
+        r.b[b] = (unsigned char)sum;
+        carry = sum >> 8;
+    }
+    return r;
+}
+
+/* net.IP.String: dotted for IPv4 (and ::ffff:a.b.c.d), else RFC 5952 (the first longest zero run of 2+ groups). */
+static void goip_text(const goip *ip, char *out, size_t size)
+{
+    const unsigned char *p = ip->b + (ip->len == 16 ? 12 : 0);
+    if (goip_is4(ip)) {
+        fmt_ip((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3], out, size);
+        return;
+    }
+    unsigned g[8];
+    int zs = -1, ze = -1;
+    for (int i = 0; i < 8; i++)
+        g[i] = (unsigned)ip->b[2 * i] << 8 | ip->b[2 * i + 1];
+    for (int i = 0; i < 8; i++) {
+        int j = i;
+        while (j < 8 && g[j] == 0)
+            j++;
+        if (j - i >= 2 && j - i > ze - zs)
+            zs = i, ze = j;
+    }
+    size_t k = 0;
+    out[0] = 0;
+    for (int i = 0; i < 8 && k + 6 < size; i++) {
+        if (i == zs) {
+            k += (size_t)snprintf(out + k, size - k, "::");
+            i = ze - 1;
+            continue;
+        }
+        k += (size_t)snprintf(out + k, size - k, "%s%x", i > 0 && i != ze ? ":" : "", g[i]);
+    }
 }
 
 static int int_of(const ynode *v, lua_Integer *i)
@@ -1225,33 +1594,30 @@ static int int_of(const ynode *v, lua_Integer *i)
     return 0;
 }
 
-/* First address for (( ips BASE IDX [COUNT] )): CIDRs count from the network base (from its end if IDX < 0). */
-static int ips_start(const ynode *base, lua_Integer idx, int has_count, lua_Integer count, int64_t *start,
+/* The base address and first offset of (( ips BASE IDX [COUNT] )), checked as op_ips.go checks them, with Go's
+ * int arithmetic: a CIDR's size is 1 << host bits (0 from 64 host bits on, negative at exactly 63). */
+static int ips_start(const ynode *base, lua_Integer idx, int has_count, lua_Integer count, goip *ip, int64_t *start,
                      char *err, size_t errsz)
 {
     const char *s = base->u.s.p;
-    const char *slash = memchr(s, '/', base->u.s.n);
-    uint32_t ip;
-    int bits = slash ? atoi(slash + 1) : 32;
-    NEED(parse_ip(s, slash ? (size_t)(slash - s) : base->u.s.n, &ip) && bits >= 0 && bits <= 32
-         && (!slash || (slash[1] && strspn(slash + 1, "0123456789") == base->u.s.n - (size_t)(slash + 1 - s))),
-         "invalid CIDR address: %.*s", (int)base->u.s.n, s);
-    if (!slash) {
-        *start = (int64_t)ip + idx;
-        NEED(*start >= 0 && *start + (has_count && count > 0 ? count - 1 : 0) <= 0xFFFFFFFFLL,
-             "ips: index %lld is out of range for %.*s", (long long)idx, (int)base->u.s.n, s);
+    size_t n = base->u.s.n;
+    int ones, bits;
+    if (!parse_gocidr(s, n, ip, &ones, &bits)) {
+        NEED(!memchr(s, '/', n) && parse_goaddr(s, n, ip, &bits), "invalid CIDR address: %.*s", (int)n, s);
+        *start = idx;
         return 1;
     }
-    uint32_t mask = bits == 0 ? 0 : 0xFFFFFFFFu << (32 - bits);
-    int64_t size = (int64_t)1 << (32 - bits);
-    NEED(llabs((long long)idx) <= size, "start index %lld exceeds size of subnet %.*s", (long long)idx,
-         (int)base->u.s.n, s);
-    int64_t st = idx < 0 ? size + idx : idx;
-    NEED(!has_count || st + count <= size, "start index %lld and count %lld would exceed size of subnet %.*s",
-         (long long)st, (long long)count, (int)base->u.s.n, s);
-    *start = (int64_t)(ip & mask) + st;
-    NEED(*start + (has_count && count > 0 ? count - 1 : 0) <= 0xFFFFFFFFLL, "ips: index %lld is out of range for %.*s",
-         (long long)idx, (int)base->u.s.n, s);
+    int host = bits - ones;
+    int64_t size = host >= 64 ? 0 : host == 63 ? INT64_MIN : (int64_t)1 << host;
+    uint64_t mag = idx < 0 ? 0 - (uint64_t)idx : (uint64_t)idx;
+    int64_t absidx = (int64_t)(mag > (uint64_t)INT64_MAX ? (uint64_t)INT64_MIN : mag);
+    NEED(absidx <= size, "start index %lld exceeds size of subnet %.*s",
+         (long long)idx, (int)n, s);
+    int64_t st = idx < 0 ? (int64_t)((uint64_t)idx + (uint64_t)size) : idx;
+    NEED(!has_count || (int64_t)((uint64_t)st + (uint64_t)count) <= size,
+         "start index %lld and count %lld would exceed size of subnet %.*s", (long long)st, (long long)count,
+         (int)n, s);
+    *start = st;
     return 1;
 }
 
@@ -1271,18 +1637,21 @@ static int op_ips(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     NEED(int_of(vals[1], &idx), "ips: index %s is not an integer", arg_text(c, op, 1));
     NEED(op->nargs == 2 || (int_of(vals[2], &count) && count <= 65536), "ips: count %s is not a usable integer",
          arg_text(c, op, 2));
+    goip ip, one;
     int64_t start;
-    if (!ips_start(vals[0], idx, op->nargs > 2, count, &start, err, errsz))
+    if (!ips_start(vals[0], idx, op->nargs > 2, count, &ip, &start, err, errsz))
         return 0;
-    char tmp[32];
+    char tmp[64];
     if (op->nargs == 2) {
-        fmt_ip((uint32_t)start, tmp, sizeof tmp);
+        one = goip_add(&ip, start);
+        goip_text(&one, tmp, sizeof tmp);
         *out = nstrz(c, tmp, op->node);
         return 1;
     }
     ynode *l = nnew(c, T_SEQ, op->node);
     for (lua_Integer i = 0; i < count; i++) {
-        fmt_ip((uint32_t)(start + i), tmp, sizeof tmp);
+        one = goip_add(&ip, (int64_t)((uint64_t)start + (uint64_t)i));
+        goip_text(&one, tmp, sizeof tmp);
         seq_push(c, l, nstrz(c, tmp, op->node));
     }
     *out = l;
@@ -1769,294 +2138,738 @@ static int op_static_ips(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 }
 
 /* -- calc ------------------------------------------------------------------ */
+/*
+ * spruce's op_calc: the references in the expression are replaced by their values as text
+ * (replaceReferences), then the text goes through govaluate (v3.0.0, as spruce pins it): its lexer,
+ * its parenthesis and token-transition checks, spruce's named-variable check, and evaluation with
+ * govaluate's precedence levels, type checks and error wording. Division by zero is not an error
+ * there (it gives +Inf, or NaN for %), and neither is it here.
+ */
 
-typedef struct cval { int isbool; double v; } cval;
-typedef struct cpar { yctx *c; const char *s; size_t n, i; char *err; size_t errsz; int failed; } cpar;
-
-static void cp_ws(cpar *p)
+/* The expression with every reference replaced by its value, or NULL with err set. */
+static char *str_replace_all(yctx *c, const char *s, const char *from, const char *to)
 {
-    while (p->i < p->n && isspace((unsigned char)p->s[p->i]))
-        p->i++;
+    size_t fl = strlen(from), tl = strlen(to), cnt = 0;
+    for (const char *p = s; fl && (p = strstr(p, from)); p += fl)
+        cnt++;
+    if (!cnt)
+        return (char *)s;
+    char *out = aalloc(c, strlen(s) + cnt * tl + 1), *o = out;
+    for (const char *p = s, *q; (q = strstr(p, from)); p = q + fl) {
+        memcpy(o, p, (size_t)(q - p));
+        o += q - p;
+        memcpy(o, to, tl);
+        o += tl;
+        s = q + fl;
+    }
+    strcpy(o, s);
+    return out;
 }
 
-static int cp_eat(cpar *p, const char *tok)
+/* A referenced value as replaceReferences writes it (%d, %f), or NULL with err set. */
+static const char *calc_value_text(const ynode *v, const char *path, char *tmp, size_t tsz, char *err, size_t errsz)
 {
-    cp_ws(p);
-    size_t l = strlen(tok);
-    if (p->i + l <= p->n && memcmp(p->s + p->i, tok, l) == 0) {
-        p->i += l;
-        return 1;
+    if (v->t == T_INT) {
+        snprintf(tmp, tsz, "%lld", (long long)v->u.i);
+    } else if (v->t == T_FLOAT) {
+        if (isnan(v->u.f))
+            snprintf(tmp, tsz, "NaN");
+        else if (isinf(v->u.f))
+            snprintf(tmp, tsz, v->u.f < 0 ? "-Inf" : "+Inf");
+        else
+            snprintf(tmp, tsz, "%f", v->u.f);
+    } else if (v->t == T_NULL) {
+        snprintf(err, errsz, "path %s references a nil value, which cannot be used in calculations", path);
+        return NULL;
+    } else {
+        snprintf(err, errsz, "path %s is of type %s, which cannot be used in calculations", path, type_name(v));
+        return NULL;
     }
+    return tmp;
+}
+
+static char *calc_replace_refs(yctx *c, const char *e, size_t n, char *err, size_t errsz)
+{
+    char *out = astrdup(c, e, n);
+    size_t i = 0, st, len;
+    while (calc_next_cursor(e, n, &i, &st, &len)) {
+        const char *path = ref_norm(c, e + st, len);
+        char tmp[400];
+        ynode *v = resolve(c, e + st, len, err, errsz, 0);
+        const char *text = v ? calc_value_text(v, path, tmp, sizeof tmp, err, errsz) : NULL;
+        if (!text)
+            return NULL;
+        out = str_replace_all(c, out, path, text);
+    }
+    return out;
+}
+
+/* govaluate's token kinds (those a spruce expression can produce) and their valid successors */
+enum { GK_UNKNOWN, GK_PREFIX, GK_NUMERIC, GK_BOOLEAN, GK_STRING, GK_VARIABLE, GK_FUNCTION, GK_SEPARATOR,
+       GK_COMPARATOR, GK_LOGICALOP, GK_MODIFIER, GK_CLAUSE, GK_CLAUSE_CLOSE, GK_TERNARY, GK_COUNT };
+
+static const char *const gk_names[GK_COUNT] = {
+    "UNKNOWN", "PREFIX", "NUMERIC", "BOOLEAN", "STRING", "VARIABLE", "FUNCTION", "SEPARATOR",
+    "COMPARATOR", "LOGICALOP", "MODIFIER", "CLAUSE", "CLAUSE_CLOSE", "TERNARY",
+};
+
+#define GB(k) (1u << (k))
+#define GK_OPERAND (GB(GK_PREFIX) | GB(GK_NUMERIC) | GB(GK_BOOLEAN) | GB(GK_VARIABLE) | GB(GK_FUNCTION) \
+                    | GB(GK_STRING) | GB(GK_CLAUSE))
+#define GK_AFTER_VALUE (GB(GK_MODIFIER) | GB(GK_COMPARATOR) | GB(GK_LOGICALOP) | GB(GK_CLAUSE_CLOSE) \
+                        | GB(GK_TERNARY) | GB(GK_SEPARATOR))
+
+static const unsigned gk_next[GK_COUNT] = {
+    [GK_UNKNOWN] = GK_OPERAND,
+    [GK_PREFIX] = GB(GK_NUMERIC) | GB(GK_BOOLEAN) | GB(GK_VARIABLE) | GB(GK_FUNCTION) | GB(GK_CLAUSE)
+                  | GB(GK_CLAUSE_CLOSE),
+    [GK_NUMERIC] = GK_AFTER_VALUE,
+    [GK_BOOLEAN] = GK_AFTER_VALUE,
+    [GK_STRING] = GK_AFTER_VALUE,
+    [GK_VARIABLE] = GK_AFTER_VALUE,
+    [GK_FUNCTION] = GB(GK_CLAUSE),
+    [GK_SEPARATOR] = GK_OPERAND,
+    [GK_COMPARATOR] = GK_OPERAND | GB(GK_CLAUSE_CLOSE),
+    [GK_LOGICALOP] = GK_OPERAND | GB(GK_CLAUSE_CLOSE),
+    [GK_MODIFIER] = GK_OPERAND | GB(GK_CLAUSE_CLOSE),
+    [GK_CLAUSE] = GK_OPERAND | GB(GK_CLAUSE_CLOSE),
+    [GK_CLAUSE_CLOSE] = (GK_AFTER_VALUE | GB(GK_NUMERIC) | GB(GK_BOOLEAN) | GB(GK_VARIABLE) | GB(GK_STRING)
+                         | GB(GK_CLAUSE)),
+    [GK_TERNARY] = (GK_OPERAND | GB(GK_SEPARATOR)),
+};
+
+static const unsigned gk_eof = GB(GK_NUMERIC) | GB(GK_BOOLEAN) | GB(GK_STRING) | GB(GK_VARIABLE)
+                               | GB(GK_CLAUSE_CLOSE);
+
+static const char *const calc_funcs[] = {"min", "max", "mod", "pow", "sqrt", "floor", "ceil", NULL};
+
+typedef struct gtok { int kind; const char *s; size_t n; double f; } gtok;
+
+typedef struct glex {
+    yctx *c;
+    const char *s;
+    size_t n, i;
+    gtok *t;
+    int nt, cap;
+    char *err;
+    size_t errsz;
+} glex;
+
+static int gl_space(int ch)
+{
+    return ch == ' ' || (ch >= '\t' && ch <= '\r');
+}
+
+static int gl_letter(int ch)
+{
+    return isalpha(ch) || ch >= 0x80;
+}
+
+static int gl_numeric(int ch)
+{
+    return isdigit(ch) || ch == '.';
+}
+
+static int gl_varname(int ch)
+{
+    return gl_letter(ch) || isdigit(ch) || ch == '_';
+}
+
+static int gl_notquote(int ch)
+{
+    return ch != '\'' && ch != '"';
+}
+
+static int gl_notbracket(int ch)
+{
+    return ch != ']';
+}
+
+static int gl_symbol(int ch)
+{
+    return !(isdigit(ch) || gl_letter(ch) || ch == '(' || ch == ')' || !gl_notquote(ch));
+}
+
+/* govaluate's readUntilFalse from l->i (`\` escapes the next character): keep = whitespace is text,
+ * else whitespace ends a non-empty token. Returns whether a non-matching character ended it. */
+static int gl_read(glex *l, int keep, int (*cond)(int), const char **out, size_t *outn)
+{
+    char *buf = aalloc(l->c, l->n - l->i + 1);
+    size_t k = 0;
+    int ended = 0;
+    while (l->i < l->n) {
+        int ch = (unsigned char)l->s[l->i++];
+        if (ch == '\\' && l->i < l->n) {
+            buf[k++] = l->s[l->i++];
+            continue;
+        }
+        if (gl_space(ch) && !keep) {
+            if (k) {
+                ended = 1;
+                break;
+            }
+            continue;
+        }
+        if (!cond(ch)) {
+            ended = 1;
+            l->i--;
+            break;
+        }
+        buf[k++] = (char)ch;
+    }
+    buf[k] = 0;
+    *out = buf;
+    *outn = k;
+    return ended;
+}
+
+static int gl_in(const char *const *list, const char *s, size_t n)
+{
+    for (int i = 0; list[i]; i++)
+        if (strlen(list[i]) == n && memcmp(list[i], s, n) == 0)
+            return 1;
     return 0;
 }
 
-static cval cp_fail(cpar *p, const char *msg)
+static int gl_fail(glex *l, const char *fmt, const char *s)
 {
-    if (!p->failed)
-        snprintf(p->err, p->errsz, "%s", msg);
-    p->failed = 1;
-    cval z = {0, 0};
-    return z;
+    snprintf(l->err, l->errsz, fmt, s);
+    return -1;
 }
 
-static cval cp_expr(cpar *p);
-
-static cval cp_num(cpar *p, cval v)
+/* The kind of an operator symbol after a token of kind prev (-1: not a symbol govaluate knows). */
+static int gl_symbol_kind(int prev, const char *s, size_t n)
 {
-    if (v.isbool)
-        return cp_fail(p, "calc: a boolean cannot be used as a number");
+    static const char *const prefix[] = {"-", "!", "~", NULL};
+    static const char *const modifier[] = {"+", "-", "*", "/", "%", "**", "&", "|", "^", ">>", "<<", NULL};
+    static const char *const logical[] = {"&&", "||", NULL};
+    static const char *const comparator[] = {"==", "!=", ">", ">=", "<", "<=", "=~", "!~", NULL};
+    static const char *const ternary[] = {"?", ":", "??", NULL};
+    if ((gk_next[prev] & GB(GK_PREFIX)) && gl_in(prefix, s, n))
+        return GK_PREFIX;
+    if (gl_in(modifier, s, n))
+        return GK_MODIFIER;
+    if (gl_in(logical, s, n))
+        return GK_LOGICALOP;
+    if (gl_in(comparator, s, n))
+        return GK_COMPARATOR;
+    return gl_in(ternary, s, n) ? GK_TERNARY : -1;
+}
+
+static int gl_word(glex *l, gtok *t)
+{
+    l->i--;
+    gl_read(l, 0, gl_varname, &t->s, &t->n);
+    t->kind = GK_VARIABLE;
+    if (word_is(t->s, t->n, "true") || word_is(t->s, t->n, "false")) {
+        t->kind = GK_BOOLEAN;
+        t->f = word_is(t->s, t->n, "true");
+    } else if (word_is(t->s, t->n, "in") || word_is(t->s, t->n, "IN")) {
+        t->kind = GK_COMPARATOR;
+        t->s = "in";
+    }
+    if (gl_in(calc_funcs, t->s, t->n))
+        t->kind = GK_FUNCTION;
+    return 1;
+}
+
+static int gl_number(glex *l, gtok *t)
+{
+    l->i--;
+    gl_read(l, 0, gl_numeric, &t->s, &t->n);
+    t->kind = GK_NUMERIC;
+    if (!parse_go_float(t->s, t->n, &t->f))
+        return gl_fail(l, "Unable to parse numeric value '%s' to float64", t->s);
+    return 1;
+}
+
+/* govaluate's readToken: 1 with *t filled, 0 at the end, -1 with l->err set. */
+static int gl_token(glex *l, int prev, gtok *t)
+{
+    memset(t, 0, sizeof *t);
+    while (l->i < l->n && gl_space((unsigned char)l->s[l->i]))
+        l->i++;
+    if (l->i >= l->n)
+        return 0;
+    int ch = (unsigned char)l->s[l->i++];
+    if (gl_numeric(ch))
+        return gl_number(l, t);
+    if (ch == ',' || ch == '(' || ch == ')') {
+        t->kind = ch == ',' ? GK_SEPARATOR : ch == '(' ? GK_CLAUSE : GK_CLAUSE_CLOSE;
+        t->s = ch == ',' ? "," : ch == '(' ? "40" : "41";   /* a rune prints as its number */
+        t->n = strlen(t->s);
+        return 1;
+    }
+    if (ch == '[' || !gl_notquote(ch)) {
+        int done = gl_read(l, 1, ch == '[' ? gl_notbracket : gl_notquote, &t->s, &t->n);
+        if (!done)
+            return gl_fail(l, "%s", ch == '[' ? "Unclosed parameter bracket" : "Unclosed string literal");
+        l->i++;
+        t->kind = ch == '[' ? GK_VARIABLE : GK_STRING;
+        return 1;
+    }
+    if (gl_letter(ch))
+        return gl_word(l, t);
+    l->i--;
+    gl_read(l, 0, gl_symbol, &t->s, &t->n);
+    t->kind = gl_symbol_kind(prev, t->s, t->n);
+    return t->kind < 0 ? gl_fail(l, "Invalid token: '%s'", t->s) : 1;
+}
+
+/* parseTokens + checkBalance: 0 with l->err set on failure. */
+static int gl_tokens(glex *l)
+{
+    int prev = GK_UNKNOWN, r, depth = 0;
+    gtok t;
+    while ((r = gl_token(l, prev, &t)) > 0) {
+        if (l->nt == l->cap) {
+            int cap = l->cap ? l->cap * 2 : 16;
+            gtok *v = aalloc(l->c, sizeof(gtok) * (size_t)cap);
+            if (l->nt)
+                memcpy(v, l->t, sizeof(gtok) * (size_t)l->nt);
+            l->t = v;
+            l->cap = cap;
+        }
+        l->t[l->nt++] = t;
+        prev = t.kind;
+        depth += t.kind == GK_CLAUSE ? 1 : t.kind == GK_CLAUSE_CLOSE ? -1 : 0;
+    }
+    if (r < 0)
+        return 0;
+    if (depth) {
+        snprintf(l->err, l->errsz, "Unbalanced parenthesis");
+        return 0;
+    }
+    return 1;
+}
+
+/* A token's value as Go's %v prints it. */
+static const char *gtok_text(yctx *c, const gtok *t)
+{
+    if (!t)
+        return "<nil>";
+    if (t->kind == GK_NUMERIC) {
+        char tmp[64];
+        fmt_go_float(t->f, tmp, sizeof tmp);
+        return astrdup(c, tmp, strlen(tmp));
+    }
+    if (t->kind == GK_BOOLEAN)
+        return t->f ? "true" : "false";
+    return astrdup(c, t->s, t->n);
+}
+
+/* checkExpressionSyntax: 0 with err set when a token cannot follow the one before it. */
+static int gl_syntax(glex *l)
+{
+    int state = GK_UNKNOWN;
+    const gtok *last = NULL;
+    for (int i = 0; i < l->nt; i++) {
+        const gtok *t = &l->t[i];
+        if (!(gk_next[state] & GB(t->kind))) {
+            if (last && last->kind == GK_VARIABLE && t->kind == GK_CLAUSE)
+                snprintf(l->err, l->errsz, "Undefined function %s", gtok_text(l->c, last));
+            else
+                snprintf(l->err, l->errsz, "Cannot transition token types from %s [%s] to %s [%s]", gk_names[state],
+                         gtok_text(l->c, last), gk_names[t->kind], gtok_text(l->c, t));
+            return 0;
+        }
+        state = t->kind;
+        last = t;
+    }
+    if (!(gk_eof & GB(state))) {
+        snprintf(l->err, l->errsz, "Unexpected end of expression");
+        return 0;
+    }
+    return 1;
+}
+
+/* govaluate values: float64, bool, string, nil and the lists that `,` builds */
+enum { GV_NIL, GV_NUM, GV_BOOL, GV_STR, GV_LIST };
+
+typedef struct gval { int t; double f; const char *s; struct gval *l; size_t n; } gval;
+
+typedef struct gev { yctx *c; const gtok *t; int nt, p; char *err; size_t errsz; int failed; } gev;
+
+static const gval gv_nil = {GV_NIL, 0, NULL, NULL, 0};
+
+static gval gv_num(double f)
+{
+    gval v = {GV_NUM, f, NULL, NULL, 0};
     return v;
 }
 
-/* min max mod pow (two arguments) and sqrt floor ceil (one), as spruce registers them with govaluate. */
-static cval calc_func(cpar *p, const char *id, size_t il, const cval *a, int na)
+static gval gv_bool(int b)
 {
-    static const char *const two[] = {"min", "max", "mod", "pow"};
-    static const char *const one[] = {"sqrt", "floor", "ceil"};
-    char m[128];
-    cval r = {0, 0};
-    for (int i = 0; i < 4; i++)
-        if (word_is(id, il, two[i])) {
-            if (na != 2 || a[0].isbool || a[1].isbool) {
-                snprintf(m, sizeof m, "%s function expects two arguments of type float64", two[i]);
-                return cp_fail(p, m);
-            }
-            r.v = i == 0 ? fmin(a[0].v, a[1].v) : i == 1 ? fmax(a[0].v, a[1].v)
-                : i == 2 ? fmod(a[0].v, a[1].v) : pow(a[0].v, a[1].v);
-            return r;
-        }
-    for (int i = 0; i < 3; i++)
-        if (word_is(id, il, one[i])) {
-            if (na != 1 || a[0].isbool) {
-                snprintf(m, sizeof m, "%s function expects one argument of type float64", one[i]);
-                return cp_fail(p, m);
-            }
-            r.v = i == 0 ? sqrt(a[0].v) : i == 1 ? floor(a[0].v) : ceil(a[0].v);
-            return r;
-        }
-    snprintf(m, sizeof m, "calc: unknown function %.*s/%d", (int)il, id, na);
-    return cp_fail(p, m);
+    gval v = {GV_BOOL, b, NULL, NULL, 0};
+    return v;
 }
 
-static cval cp_primary(cpar *p)
+/* A value as Go's %v prints it. */
+static void gv_text(yctx *c, ybuf *b, const gval *v)
 {
-    cp_ws(p);
-    cval r = {0, 0};
-    if (p->failed || p->i >= p->n)
-        return cp_fail(p, "calc: unexpected end of expression");
-    char ch = p->s[p->i];
-    if (ch == '(') {
-        p->i++;
-        r = cp_expr(p);
-        if (!cp_eat(p, ")"))
-            return cp_fail(p, "calc: missing )");
-        return r;
+    char tmp[64];
+    switch (v->t) {
+    case GV_NUM:
+        fmt_go_float(v->f, tmp, sizeof tmp);
+        buf_adds(c, b, tmp);
+        break;
+    case GV_BOOL:
+        buf_adds(c, b, v->f ? "true" : "false");
+        break;
+    case GV_STR:
+        buf_add(c, b, v->s, v->n);
+        break;
+    case GV_LIST:
+        buf_add(c, b, "[", 1);
+        for (size_t i = 0; i < v->n; i++) {
+            if (i)
+                buf_add(c, b, " ", 1);
+            gv_text(c, b, &v->l[i]);
+        }
+        buf_add(c, b, "]", 1);
+        break;
+    default:
+        buf_adds(c, b, "<nil>");
     }
-    if (isdigit((unsigned char)ch) || ch == '.') {
-        char *end;
-        char tmp[64];
-        size_t l = 0;
-        while (p->i + l < p->n && l < 63 && (isalnum((unsigned char)p->s[p->i + l]) || p->s[p->i + l] == '.'
-               || ((p->s[p->i + l] == '-' || p->s[p->i + l] == '+') && l && (p->s[p->i + l - 1] == 'e'
-                                                                              || p->s[p->i + l - 1] == 'E'))))
-            l++;
-        memcpy(tmp, p->s + p->i, l);
-        tmp[l] = 0;
-        r.v = strtod(tmp, &end);
-        if (*end)
-            return cp_fail(p, "calc: bad number");
-        p->i += l;
-        return r;
-    }
-    if (isalpha((unsigned char)ch) || ch == '_') {
-        size_t st = p->i;
-        int dotted = 0;
-        while (p->i < p->n && (isalnum((unsigned char)p->s[p->i]) || p->s[p->i] == '_' || p->s[p->i] == '.'
-                               || p->s[p->i] == '[' || p->s[p->i] == ']'
-                               || (p->s[p->i] == '-' && dotted && p->i + 1 < p->n && isalpha((unsigned char)p->s[p->i + 1]))))
-            if (p->s[p->i++] == '.')
-                dotted = 1;
-        const char *id = p->s + st;
-        size_t il = p->i - st;
-        if (cp_eat(p, "(")) {
-            cval a[8];
-            int na = 0;
-            if (!cp_eat(p, ")")) {
-                do {
-                    if (na < 8)
-                        a[na++] = cp_num(p, cp_expr(p));
-                    else
-                        return cp_fail(p, "calc: too many function arguments");
-                } while (cp_eat(p, ","));
-                if (!cp_eat(p, ")"))
-                    return cp_fail(p, "calc: missing ) after function arguments");
-            }
-            if (p->failed)
-                return r;
-            return calc_func(p, id, il, a, na);
-        }
-        if (word_is(id, il, "true") || word_is(id, il, "false")) {
-            r.isbool = 1;
-            r.v = word_is(id, il, "true");
-            return r;
-        }
-        char e2[400];
-        ynode *v = resolve(p->c, id, il, e2, sizeof e2, 0);
-        char m[600];
-        if (!v)
-            return cp_fail(p, e2);
-        switch (v->t) {
-        case T_INT: r.v = (double)v->u.i; return r;
-        case T_FLOAT: {
-            char six[64];   /* spruce substitutes floats into the expression with %f */
-            snprintf(six, sizeof six, "%f", v->u.f);
-            r.v = strtod(six, NULL);
-            return r;
-        }
-        case T_NULL:
-            snprintf(m, sizeof m, "path %.*s references a nil value, which cannot be used in calculations", (int)il, id);
-            return cp_fail(p, m);
-        default:
-            snprintf(m, sizeof m, "path %.*s is of type %s, which cannot be used in calculations", (int)il, id,
-                     type_name(v));
-            return cp_fail(p, m);
-        }
-    }
-    char m[64];
-    snprintf(m, sizeof m, "calc: unexpected '%c' in expression", ch);
-    return cp_fail(p, m);
 }
 
-static cval cp_unary(cpar *p)
+static const char *gv_str(yctx *c, const gval *v)
 {
-    if (cp_eat(p, "-")) {
-        cval v = cp_num(p, cp_unary(p));
-        v.v = -v.v;
+    ybuf *b = &c->tmp;
+    b->n = 0;
+    gv_text(c, b, v);
+    buf_add(c, b, "", 1);
+    return astrdup(c, b->p, b->n - 1);
+}
+
+static gval ge_fail(gev *e, const char *fmt, const gval *v, const char *sym)
+{
+    if (!e->failed)
+        snprintf(e->err, e->errsz, fmt, v ? gv_str(e->c, v) : "", sym);
+    e->failed = 1;
+    return gv_nil;
+}
+
+/* reflect.DeepEqual on two values */
+static int gv_equal(const gval *a, const gval *b)
+{
+    if (a->t != b->t)
+        return 0;
+    switch (a->t) {
+    case GV_NUM:
+    case GV_BOOL: return a->f == b->f;
+    case GV_STR: return a->n == b->n && memcmp(a->s, b->s, a->n) == 0;
+    case GV_LIST:
+        if (a->n != b->n)
+            return 0;
+        for (size_t i = 0; i < a->n; i++)
+            if (!gv_equal(&a->l[i], &b->l[i]))
+                return 0;
+        return 1;
+    default: return 1;
+    }
+}
+
+static int gv_strcmp(const gval *a, const gval *b)
+{
+    size_t n = a->n < b->n ? a->n : b->n;
+    int r = memcmp(a->s, b->s, n);
+    return r ? r : (a->n > b->n) - (a->n < b->n);
+}
+
+static const char g_modfmt[] = "Value '%s' cannot be used with the modifier '%s', it is not a number";
+static const char g_cmpfmt[] = "Value '%s' cannot be used with the comparator '%s', it is not a number";
+static const char g_logfmt[] = "Value '%s' cannot be used with the logical operator '%s', it is not a bool";
+static const char g_terfmt[] = "Value '%s' cannot be used with the ternary operator '%s', it is not a bool";
+
+/* Both sides must pass check (left first), as govaluate's typeCheck does for most operators. */
+static int ge_check(gev *e, int type, const gval *a, const gval *b, const char *fmt, const char *sym)
+{
+    if (a->t != type)
+        ge_fail(e, fmt, a, sym);
+    else if (b->t != type)
+        ge_fail(e, fmt, b, sym);
+    return !e->failed;
+}
+
+static gval ge_concat(gev *e, const gval *a, const gval *b)
+{
+    ybuf *buf = &e->c->tmp;
+    buf->n = 0;
+    gv_text(e->c, buf, a);
+    gv_text(e->c, buf, b);
+    buf_add(e->c, buf, "", 0);
+    gval r = {GV_STR, 0, NULL, NULL, buf->n};
+    r.s = astrdup(e->c, buf->p, buf->n);
+    return r;
+}
+
+/* + - * / % ** and the bitwise operators */
+static gval ge_modifier(gev *e, const char *sym, const gval *a, const gval *b)
+{
+    if (!strcmp(sym, "+")) {
+        if (a->t == GV_NUM && b->t == GV_NUM)
+            return gv_num(a->f + b->f);
+        if (a->t == GV_STR || b->t == GV_STR)
+            return ge_concat(e, a, b);
+        return ge_fail(e, g_modfmt, a, sym);
+    }
+    if (!ge_check(e, GV_NUM, a, b, g_modfmt, sym))
+        return gv_nil;
+    double x = a->f, y = b->f;
+    switch (sym[0]) {
+    case '-': return gv_num(x - y);
+    case '*': return gv_num(sym[1] ? pow(x, y) : x * y);
+    case '/': return gv_num(x / y);
+    case '%': return gv_num(fmod(x, y));
+    case '&': return gv_num((double)((int64_t)x & (int64_t)y));
+    case '|': return gv_num((double)((int64_t)x | (int64_t)y));
+    case '^': return gv_num((double)((int64_t)x ^ (int64_t)y));
+    default: {
+        uint64_t u = (uint64_t)(int64_t)x, s = (uint64_t)(int64_t)y;
+        if (s >= 64)
+            return gv_num(0);
+        return gv_num((double)(sym[0] == '<' ? u << s : u >> s));
+    }
+    }
+}
+
+static gval ge_regex(gev *e, const char *sym, const gval *a, const gval *b)
+{
+    if (!ge_check(e, GV_STR, a, b, g_cmpfmt, sym))
+        return gv_nil;
+    regex_t re;
+    char *pat = astrdup(e->c, b->s, b->n), *subj = astrdup(e->c, a->s, a->n);
+    if (regcomp(&re, pat, REG_EXTENDED | REG_NOSUB) != 0) {
+        gval pv = {GV_STR, 0, pat, NULL, b->n};
+        return ge_fail(e, "Unable to compile regexp pattern '%s': %s", &pv, "invalid pattern");
+    }
+    int m = regexec(&re, subj, 0, NULL, 0) == 0;
+    regfree(&re);
+    return gv_bool(sym[0] == '=' ? m : !m);
+}
+
+static gval ge_comparator(gev *e, const char *sym, const gval *a, const gval *b)
+{
+    if (!strcmp(sym, "==") || !strcmp(sym, "!="))
+        return gv_bool(gv_equal(a, b) == (sym[0] == '='));
+    if (!strcmp(sym, "=~") || !strcmp(sym, "!~"))
+        return ge_regex(e, sym, a, b);
+    if (!strcmp(sym, "in")) {
+        if (b->t != GV_LIST)
+            return ge_fail(e, g_cmpfmt, b, sym);
+        for (size_t i = 0; i < b->n; i++)
+            if (b->l[i].t != GV_LIST && gv_equal(a, &b->l[i]))
+                return gv_bool(1);
+        return gv_bool(0);
+    }
+    int r;
+    if (a->t == GV_NUM && b->t == GV_NUM)
+        r = (a->f > b->f) - (a->f < b->f) + (isnan(a->f) || isnan(b->f) ? 8 : 0);
+    else if (a->t == GV_STR && b->t == GV_STR)
+        r = gv_strcmp(a, b);
+    else
+        return ge_fail(e, g_cmpfmt, a, sym);
+    if (r >= 8)
+        return gv_bool(0);   /* NaN compares false */
+    if (sym[0] == '>')
+        return gv_bool(sym[1] ? r >= 0 : r > 0);
+    return gv_bool(sym[1] ? r <= 0 : r < 0);
+}
+
+static gval ge_separator(gev *e, const gval *a, const gval *b)
+{
+    size_t n = a->t == GV_LIST ? a->n : 1;
+    gval r = {GV_LIST, 0, NULL, NULL, n + 1};
+    r.l = aalloc(e->c, sizeof(gval) * (n + 1));
+    if (a->t == GV_LIST)
+        memcpy(r.l, a->l, sizeof(gval) * n);
+    else
+        r.l[0] = *a;
+    r.l[n] = *b;
+    return r;
+}
+
+/* One binary operator of a precedence level, applied to its evaluated sides. */
+static gval ge_apply(gev *e, int kind, const char *sym, const gval *a, const gval *b)
+{
+    switch (kind) {
+    case GK_SEPARATOR:
+        return ge_separator(e, a, b);
+    case GK_TERNARY:
+        if (sym[0] != '?' || sym[1])
+            return a->t != GV_NIL ? *a : *b;
+        if (a->t != GV_BOOL)
+            return ge_fail(e, g_terfmt, a, sym);
+        return a->f ? *b : gv_nil;
+    case GK_LOGICALOP:
+        if (!ge_check(e, GV_BOOL, a, b, g_logfmt, sym))
+            return gv_nil;
+        return gv_bool(sym[0] == '|' ? (a->f || b->f) : (a->f && b->f));
+    case GK_COMPARATOR:
+        return ge_comparator(e, sym, a, b);
+    default:
+        return ge_modifier(e, sym, a, b);
+    }
+}
+
+/* spruce's functions: min max mod pow take two float64 arguments, sqrt floor ceil one */
+static gval ge_call(gev *e, const gtok *fn, const gval *arg)
+{
+    const gval *a = arg->t == GV_LIST ? arg->l : arg;
+    size_t na = arg->t == GV_LIST ? arg->n : arg->t == GV_NIL ? 0 : 1;
+    int two = gl_in((const char *const[]){"min", "max", "mod", "pow", NULL}, fn->s, fn->n);
+    size_t want = two ? 2 : 1;
+    int ok = na == want;
+    for (size_t i = 0; ok && i < na; i++)
+        ok = a[i].t == GV_NUM;
+    if (!ok) {
+        snprintf(e->err, e->errsz, "%.*s function expects %s of type float64", (int)fn->n, fn->s,
+                 two ? "two arguments" : "one argument");
+        e->failed = 1;
+        return gv_nil;
+    }
+    switch (fn->s[1]) {
+    case 'i': return gv_num(fmin(a[0].f, a[1].f));
+    case 'a': return gv_num(fmax(a[0].f, a[1].f));
+    case 'o': return gv_num(fn->s[0] == 'm' ? fmod(a[0].f, a[1].f) : pow(a[0].f, a[1].f));
+    case 'q': return gv_num(sqrt(a[0].f));
+    case 'l': return gv_num(floor(a[0].f));
+    default: return gv_num(ceil(a[0].f));
+    }
+}
+
+static gval ge_level(gev *e, int lv);
+static gval ge_function(gev *e);
+
+static gval ge_prefix(gev *e, const gtok *t)
+{
+    gval r = ge_function(e);
+    if (e->failed)
+        return r;
+    char sym[8];
+    snprintf(sym, sizeof sym, "%.*s", (int)t->n, t->s);
+    if ((sym[0] == '!' && r.t != GV_BOOL) || (sym[0] != '!' && r.t != GV_NUM))
+        return ge_fail(e, "Value '%s' cannot be used with the prefix '%s'", &r, sym);
+    if (sym[0] == '!')
+        return gv_bool(!r.f);
+    return gv_num(sym[0] == '-' ? -r.f : (double)~(int64_t)r.f);
+}
+
+/* govaluate's planValue: a literal, a parenthesized expression, a prefix operation or nothing. */
+static gval ge_value(gev *e)
+{
+    if (e->p >= e->nt)
+        return gv_nil;
+    const gtok *t = &e->t[e->p++];
+    gval v = gv_nil;
+    switch (t->kind) {
+    case GK_CLAUSE:
+        v = e->p < e->nt ? ge_level(e, 0) : gv_nil;
+        e->p++;   /* the CLAUSE_CLOSE (parentheses are balanced) */
+        return v;
+    case GK_CLAUSE_CLOSE:
+        e->p--;
+        return v;
+    case GK_NUMERIC:
+        return gv_num(t->f);
+    case GK_BOOLEAN:
+        return gv_bool(t->f != 0);
+    case GK_STRING:
+        v.t = GV_STR;
+        v.s = t->s;
+        v.n = t->n;
+        return v;
+    case GK_PREFIX:
+        return ge_prefix(e, t);
+    default:
+        snprintf(e->err, e->errsz, "Unable to plan token kind: '%s', value: '%s'", gk_names[t->kind],
+                 gtok_text(e->c, t));
+        e->failed = 1;
         return v;
     }
-    if (cp_eat(p, "!")) {
-        cp_ws(p);
-        if (p->i < p->n && p->s[p->i] == '=')
-            return cp_fail(p, "calc: unexpected =");
-        cval v = cp_unary(p);
-        if (!v.isbool)
-            return cp_fail(p, "calc: ! needs a boolean");
-        v.v = !v.v;
-        return v;
-    }
-    cp_eat(p, "+");
-    return cp_primary(p);
 }
 
-static cval cp_pow(cpar *p)
+static gval ge_function(gev *e)
 {
-    cval a = cp_unary(p);
-    if (cp_eat(p, "**")) {
-        cval b = cp_num(p, cp_pow(p));
-        a = cp_num(p, a);
-        a.v = pow(a.v, b.v);
+    if (e->p < e->nt && e->t[e->p].kind == GK_FUNCTION) {
+        const gtok *fn = &e->t[e->p++];
+        gval arg = ge_value(e);
+        return e->failed ? arg : ge_call(e, fn, &arg);
+    }
+    return ge_value(e);
+}
+
+/* govaluate's precedence levels, lowest first (each left-associative) */
+static const struct { int kind; const char *syms[10]; } g_levels[] = {
+    {GK_SEPARATOR, {",", NULL}},
+    {GK_TERNARY, {"?", ":", "??", NULL}},
+    {GK_LOGICALOP, {"||", NULL}},
+    {GK_LOGICALOP, {"&&", NULL}},
+    {GK_COMPARATOR, {"==", "!=", ">", ">=", "<", "<=", "=~", "!~", "in", NULL}},
+    {GK_MODIFIER, {"&", "|", "^", NULL}},
+    {GK_MODIFIER, {"<<", ">>", NULL}},
+    {GK_MODIFIER, {"+", "-", NULL}},
+    {GK_MODIFIER, {"*", "/", "%", NULL}},
+    {GK_MODIFIER, {"**", NULL}},
+};
+
+static gval ge_level(gev *e, int lv)
+{
+    if (lv == (int)(sizeof g_levels / sizeof g_levels[0]))
+        return ge_function(e);
+    gval a = ge_level(e, lv + 1);
+    while (!e->failed && e->p < e->nt) {
+        const gtok *t = &e->t[e->p];
+        if (t->kind != g_levels[lv].kind || !gl_in(g_levels[lv].syms, t->s, t->n))
+            break;
+        e->p++;
+        gval b = ge_level(e, lv + 1);
+        if (e->failed)
+            break;
+        char sym[8];
+        snprintf(sym, sizeof sym, "%.*s", (int)t->n, t->s);
+        a = ge_apply(e, t->kind, sym, &a, &b);
     }
     return a;
 }
 
-static cval cp_mul(cpar *p)
+/* The result as a node: numbers become integers when they are whole (spruce returns int64s if it can). */
+static ynode *gv_node(yctx *c, const gval *v, const ynode *at)
 {
-    cval a = cp_pow(p);
-    for (;;) {
-        cp_ws(p);
-        if (p->i + 1 < p->n && p->s[p->i] == '*' && p->s[p->i + 1] == '*')
-            break;
-        char op = p->i < p->n ? p->s[p->i] : 0;
-        if (op != '*' && op != '/' && op != '%')
-            break;
-        p->i++;
-        cval b = cp_num(p, cp_pow(p));
-        a = cp_num(p, a);
-        a.v = op == '*' ? a.v * b.v : op == '/' ? a.v / b.v : fmod(a.v, b.v);
+    switch (v->t) {
+    case GV_NUM:
+        if (isfinite(v->f) && v->f == floor(v->f) && fabs(v->f) < 9.2e18)
+            return nint(c, (lua_Integer)v->f, at);
+        return nfloat(c, v->f, at);
+    case GV_BOOL: return nbool(c, v->f != 0, at);
+    case GV_STR: return nstr(c, v->s, v->n, at);
+    case GV_LIST: {
+        ynode *l = nnew(c, T_SEQ, at);
+        for (size_t i = 0; i < v->n; i++)
+            seq_push(c, l, gv_node(c, &v->l[i], at));
+        return l;
     }
-    return a;
+    default: return nnew(c, T_NULL, at);
+    }
 }
 
-static cval cp_add(cpar *p)
+/* spruce's check of expression.Vars(): every VARIABLE token, in order. */
+static int calc_no_vars(yctx *c, const glex *l, char *err, size_t errsz)
 {
-    cval a = cp_mul(p);
-    for (;;) {
-        cp_ws(p);
-        char op = p->i < p->n ? p->s[p->i] : 0;
-        if (op != '+' && op != '-')
-            break;
-        p->i++;
-        cval b = cp_num(p, cp_mul(p));
-        a = cp_num(p, a);
-        a.v = op == '+' ? a.v + b.v : a.v - b.v;
-    }
-    return a;
-}
-
-static cval cp_cmp(cpar *p)
-{
-    cval a = cp_add(p);
-    static const char *const ops[] = {"==", "!=", "<=", ">=", "<", ">"};
-    for (int i = 0; i < 6; i++) {
-        if (cp_eat(p, ops[i])) {
-            cval b = cp_add(p);
-            cval r = {1, 0};
-            switch (i) {
-            case 0: r.v = a.v == b.v && a.isbool == b.isbool; break;
-            case 1: r.v = !(a.v == b.v && a.isbool == b.isbool); break;
-            case 2: r.v = a.v <= b.v; break;
-            case 3: r.v = a.v >= b.v; break;
-            case 4: r.v = a.v < b.v; break;
-            default: r.v = a.v > b.v; break;
-            }
-            return r;
+    ybuf *b = &c->tmp;
+    b->n = 0;
+    buf_add(c, b, "", 0);
+    int n = 0;
+    for (int i = 0; i < l->nt; i++)
+        if (l->t[i].kind == GK_VARIABLE) {
+            if (n++)
+                buf_add(c, b, ", ", 2);
+            buf_add(c, b, l->t[i].s, l->t[i].n);
         }
-    }
-    return a;
-}
-
-/* A left-associative boolean level: operand (op operand)*, op "&&" or "||". */
-static cval cp_logic(cpar *p, cval (*operand)(cpar *), int is_or)
-{
-    cval a = operand(p);
-    while (cp_eat(p, is_or ? "||" : "&&")) {
-        cval b = operand(p);
-        if (!a.isbool || !b.isbool)
-            return cp_fail(p, is_or ? "calc: || needs booleans" : "calc: && needs booleans");
-        a.v = is_or ? (a.v || b.v) : (a.v && b.v);
-    }
-    return a;
-}
-
-static cval cp_and(cpar *p) { return cp_logic(p, cp_cmp, 0); }
-
-static cval cp_or(cpar *p) { return cp_logic(p, cp_and, 1); }
-
-static cval cp_expr(cpar *p)
-{
-    cval a = cp_or(p);
-    if (cp_eat(p, "?")) {
-        cval x = cp_expr(p);
-        if (!cp_eat(p, ":"))
-            return cp_fail(p, "calc: missing : in ?: expression");
-        cval y = cp_expr(p);
-        if (!a.isbool)
-            return cp_fail(p, "calc: ?: needs a boolean condition");
-        return a.v ? x : y;
-    }
-    return a;
-}
-
-typedef struct namectx { ybuf *b; int n; } namectx;
-
-static void calc_name_cb(yctx *c, void *ud, const char *s, size_t n, int dotted, int func)
-{
-    namectx *nc = ud;
-    if (dotted || func || word_is(s, n, "true") || word_is(s, n, "false"))
-        return;
-    if (nc->n++)
-        buf_add(c, nc->b, ", ", 2);
-    buf_add(c, nc->b, s, n);
+    buf_add(c, b, "", 1);
+    NEED(n == 0, "calc operator does not support named variables in expression: %s", b->p);
+    return 1;
 }
 
 static int op_calc(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
@@ -2065,24 +2878,17 @@ static int op_calc(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     atok *t = &op->args[0].alt[0];
     NEED(op->args[0].nalt == 1 && t->kind == A_STR,
          "calc operator argument is suppose to be a quoted mathematical expression (type Literal)");
-    ybuf *b = &c->tmp;
-    b->n = 0;
-    buf_add(c, b, "", 0);
-    namectx nc = {b, 0};
-    calc_idents(c, t->s, t->n, calc_name_cb, &nc);
-    NEED(nc.n == 0, "calc operator does not support named variables in expression: %s", b->p);
-    cpar p = {c, t->s, t->n, 0, err, errsz, 0};
-    cval v = cp_expr(&p);
-    if (p.failed)
+    char *text = calc_replace_refs(c, t->s, t->n, err, errsz);
+    if (!text)
         return 0;
-    cp_ws(&p);
-    NEED(p.i == p.n, "calc: unexpected text at position %zu in expression", p.i + 1);
-    if (v.isbool)
-        *out = nbool(c, v.v != 0, op->node);
-    else if (isfinite(v.v) && v.v == floor(v.v) && fabs(v.v) < 9.2e18)
-        *out = nint(c, (lua_Integer)v.v, op->node);
-    else
-        *out = nfloat(c, v.v, op->node);
+    glex l = {c, text, strlen(text), 0, NULL, 0, 0, err, errsz};
+    if (!gl_tokens(&l) || !gl_syntax(&l) || !calc_no_vars(c, &l, err, errsz))
+        return 0;
+    gev e = {c, l.t, l.nt, 0, err, errsz, 0};
+    gval v = l.nt ? ge_level(&e, 0) : gv_nil;
+    if (e.failed)
+        return 0;
+    *out = gv_node(c, &v, op->node);
     return 1;
 }
 

@@ -628,7 +628,12 @@ static void emit_scalar(yctx *c, const ynode *n)
         emit_text(c, tmp, strlen(tmp), YAML_PLAIN_SCALAR_STYLE);
         break;
     case T_FLOAT:
-        fmt_yaml_float(n->u.f, tmp, sizeof tmp);
+        if (c->go_emit && (isnan(n->u.f) || isinf(to_f32(n->u.f))))
+            snprintf(tmp, sizeof tmp, "%s", isnan(n->u.f) ? ".nan" : n->u.f < 0 ? "-.inf" : ".inf");
+        else if (c->go_emit)
+            fmt_go_floatx(n->u.f, 1, 6, tmp, sizeof tmp);
+        else
+            fmt_yaml_float(n->u.f, tmp, sizeof tmp);
         emit_text(c, tmp, strlen(tmp), YAML_PLAIN_SCALAR_STYLE);
         break;
     default: {
@@ -676,7 +681,7 @@ static void emit_document(yctx *c, const ynode *n)
     c->emitter_live = 1;
     yaml_emitter_set_output(&c->emitter, emit_write, c);
     yaml_emitter_set_unicode(&c->emitter, 1);
-    yaml_emitter_set_width(&c->emitter, -1);
+    yaml_emitter_set_width(&c->emitter, c->go_emit ? 80 : -1);
     yaml_emitter_set_indent(&c->emitter, 2);
     emit_ev(c, &ev, yaml_stream_start_event_initialize(&ev, YAML_UTF8_ENCODING));
     emit_ev(c, &ev, yaml_document_start_event_initialize(&ev, NULL, NULL, NULL, 1));

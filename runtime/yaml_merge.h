@@ -375,12 +375,41 @@ static long entry_index(yctx *c, ynode *list, const char *key, size_t keylen, co
     return -1;
 }
 
+/* $NAME from opts.env, or from the process environment when opts.env is absent. */
+static const char *env_get(yctx *c, const char *name, size_t *len)
+{
+    *len = 0;
+    if (c->envidx) {
+        lua_getfield(c->L, c->envidx, name);
+        const char *v = lua_tolstring(c->L, -1, len);
+        lua_pop(c->L, 1);   /* still referenced by the env table */
+        return v;
+    }
+    const char *v = getenv(name);
+    if (v)
+        *len = strlen(v);
+    return v;
+}
+
+/* The default rule's key: $DEFAULT_ARRAY_MERGE_KEY when it is set (spruce's mergeArrayDefault), else name. */
+static const char *default_merge_key(yctx *c, size_t *len)
+{
+    const char *k = env_get(c, "DEFAULT_ARRAY_MERGE_KEY", len);
+    if (!k || !*len) {
+        *len = 4;
+        return "name";
+    }
+    return k;
+}
+
 static int piece_default(yctx *c, ynode *orig, ynode *piece)
 {
     if (piece->u.c.n == 0)
         return 1;
-    if (keyable(c, orig, "name", 4, "original", 0) && keyable(c, piece, "name", 4, "new", 0))
-        merge_by_key(c, orig, piece, "name", 4);
+    size_t kl;
+    const char *key = default_merge_key(c, &kl);
+    if (keyable(c, orig, key, kl, "original", 0) && keyable(c, piece, key, kl, "new", 0))
+        merge_by_key(c, orig, piece, key, kl);
     else if (c->fallback_append)
         merge_append(c, orig, piece);
     else
