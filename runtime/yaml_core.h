@@ -394,7 +394,9 @@ static unsigned khash(const ynode *k)
             h = (uint64_t)(int64_t)k->u.f * 0x9E3779B97F4A7C15ULL;
             return (unsigned)(h >> 32);
         }
-        return (unsigned)(k->u.f * 2654435761.0);
+        memcpy(&h, &k->u.f, sizeof h);              /* other floats: hash their bits */
+        h *= 0x9E3779B97F4A7C15ULL;
+        return (unsigned)(h >> 32);
     case T_BOOL:
         return 7u + (unsigned)k->u.b;
     default:

@@ -1875,8 +1875,10 @@ static int sip_pools(yctx *c, yop *op, sipzones *z, const char **netname, char *
         size_t kl;
         if (subs->t == T_SEQ)
             snprintf(r, sizeof r, "%s.%zu", cb, i);
-        else
-            snprintf(r, sizeof r, "%s.%.*s", cb, (int)kl, scalar_text(subs->u.c.k[i], tmp, sizeof tmp, &kl));
+        else {
+            const char *key = scalar_text(subs->u.c.k[i], tmp, sizeof tmp, &kl);   /* sets kl first */
+            snprintf(r, sizeof r, "%s.%.*s", cb, (int)kl, key);
+        }
         if (!subnet_statics(c, z, net, r, err, errsz))
             return 0;
     }

@@ -166,6 +166,14 @@ static void unquote(const char **w, size_t *wl)
 }
 
 /* Is this list entry an array operator? Fills op. */
+/* An operator's list index; huge ones are clamped (strtol gives LONG_MAX, and pos + 1 must
+   not overflow): any index past INT_MAX is out of range anyway. */
+static long index_word(const char *w)
+{
+    long v = strtol(w, NULL, 10);
+    return v > INT_MAX ? INT_MAX : v;
+}
+
 static int parse_aop(const ynode *n, aop *op)
 {
     const char *in, *w[6];
@@ -203,7 +211,7 @@ static int parse_aop(const ynode *n, aop *op)
             if (w[2][0] == '-')
                 return 0;   /* spruce: not an array operator, just data */
             op->has_idx = 1;
-            op->idx = strtol(w[2], NULL, 10);
+            op->idx = index_word(w[2]);
             return 1;
         }
         op->key = k == 4 ? w[2] : "name";
@@ -217,7 +225,7 @@ static int parse_aop(const ynode *n, aop *op)
         op->kind = AOP_DELETE;
         if (k == 2 && is_int_word(w[1], wl[1])) {
             op->has_idx = 1;
-            op->idx = strtol(w[1], NULL, 10);
+            op->idx = index_word(w[1]);
             return 1;
         }
         op->key = k == 3 ? w[1] : "name";
