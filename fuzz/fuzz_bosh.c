@@ -48,12 +48,5 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    if (size > 262144)
-        return -1;
-    const char *s = (const char *)data;
-    const char *nl = memchr(s, '\n', size);
-    size_t oplen = nl ? (size_t)(nl - s) : size;
-    fz_parse_answers(nl ? nl + 1 : s + size, nl ? size - oplen - 1 : 0);
-    fuzz_lua_run(L, data, oplen, 0);
-    return 0;
+    return fuzz_lua_run_answers(L, data, size);
 }

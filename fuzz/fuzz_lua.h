@@ -149,4 +149,42 @@ static void fuzz_lua_run(lua_State *L, const uint8_t *data, size_t size, int nar
     lua_gc(L, LUA_GCCOLLECT);
 }
 
+/*
+ * The whole of a harness whose check is fuzz/<file> alone, for inputs up to `max` bytes; the
+ * script's line coverage guides the fuzzer.
+ */
+#define FUZZ_LUA_SCRIPT_HARNESS(file, max)                                  \
+    static lua_State *L;                                                    \
+    int LLVMFuzzerInitialize(int *argc, char ***argv)                       \
+    {                                                                       \
+        (void)argc, (void)argv;                                             \
+        L = fuzz_lua_new();                                                 \
+        fuzz_lua_load(L, file);                                             \
+        fuzz_lua_coverage(L);                                               \
+        return 0;                                                           \
+    }                                                                       \
+    int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)            \
+    {                                                                       \
+        if (size > (max))                                                   \
+            return -1;                                                      \
+        fuzz_lua_run(L, data, size, 0);                                     \
+        return 0;                                                           \
+    }
+
+#ifdef FORGE_FUZZ_FAKE_CURL_H
+/* Input "<operation line>\n<answers>": queue the answers (fake_curl.h), run the check on the
+   operation line. For the etcd and bosh harnesses. */
+static int fuzz_lua_run_answers(lua_State *L, const uint8_t *data, size_t size)
+{
+    if (size > 262144)
+        return -1;
+    const char *s = (const char *)data;
+    const char *nl = memchr(s, '\n', size);
+    size_t oplen = nl ? (size_t)(nl - s) : size;
+    fz_parse_answers(nl ? nl + 1 : s + size, nl ? size - oplen - 1 : 0);
+    fuzz_lua_run(L, data, oplen, 0);
+    return 0;
+}
+#endif
+
 #endif
