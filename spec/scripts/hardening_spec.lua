@@ -2,26 +2,9 @@
 -- port, and children that must be reaped.
 local Broker = require "spec.support.broker"
 local lfs = require "lfs"
+local concurrently = require("spec.support.shell").concurrently
 
 local D = Broker.dummy
-
--- Status codes of `n` concurrent requests, `make(i)` giving each one's curl arguments.
-local function concurrently(b, n, make)
-  local script = os.tmpname()
-  local f = assert(io.open(script, "w"))
-  for i = 1, n do
-    f:write("curl -s -o /dev/null -w '%{http_code}\\n' --max-time 60 -u '", b.user, ":", b.password,
-      "' -H 'X-Broker-API-Version: 2.17' -H 'Content-Type: application/json' ", make(i), " &\n")
-  end
-  f:write("wait\n")
-  f:close()
-  local p = io.popen("sh " .. script)
-  local codes = {}
-  for line in p:lines() do codes[#codes + 1] = tonumber(line) end
-  p:close()
-  os.remove(script)
-  return codes
-end
 
 -- Zombie children of pid (state Z in /proc/<child>/stat).
 local function zombies(pid)

@@ -14,4 +14,22 @@ end
 --- Run the forge binary with `args` (shell words); returns exit code, output.
 function M.forge(args) return M.run(M.FORGE .. " " .. args) end
 
+--- Status codes of `n` concurrent requests to broker b, `make(i)` giving each one's curl arguments.
+function M.concurrently(b, n, make)
+  local script = os.tmpname()
+  local f = assert(io.open(script, "w"))
+  for i = 1, n do
+    f:write("curl -s -o /dev/null -w '%{http_code}\\n' --max-time 60 -u '", b.user, ":", b.password,
+      "' -H 'X-Broker-API-Version: 2.17' -H 'Content-Type: application/json' ", make(i), " &\n")
+  end
+  f:write("wait\n")
+  f:close()
+  local p = io.popen("sh " .. script)
+  local codes = {}
+  for line in p:lines() do codes[#codes + 1] = tonumber(line) end
+  p:close()
+  os.remove(script)
+  return codes
+end
+
 return M
