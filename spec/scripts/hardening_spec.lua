@@ -69,12 +69,15 @@ describe("a pool port held by another program", function()
   local proc = require "forge.proc"
   it("is skipped: the provision gets another port", function()
     local b = Broker.start { pool = 4 }
-    finally(function() b:cleanup() end)
     local held = b.pool.from
     local listener = assert(proc.spawn { argv = { "python3", "-c", "import socket,time\n"
       .. "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
       .. "s.bind(('127.0.0.1', " .. held .. ")); s.listen(); time.sleep(60)" } })
-    finally(function() proc.stop(listener.pid, listener.start_time, 2) end)
+    -- busted keeps one finally per test: it stops both
+    finally(function()
+      proc.stop(listener.pid, listener.start_time, 2)
+      b:cleanup()
+    end)
     local deadline = proc.monotonic() + 5
     while not proc.tcp_check("127.0.0.1", held, 1) and proc.monotonic() < deadline do proc.sleep(0.05) end
     local R = Broker.redis
