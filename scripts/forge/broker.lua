@@ -9,6 +9,7 @@ local crypto = require "forge.crypto"
 local instances = require "forge.osb.instances"
 local log = require "forge.log"
 local request = require "forge.request"
+local services = require "forge.services"
 local util = require "forge.util"
 
 local fail, reply = common.fail, common.reply
@@ -65,14 +66,14 @@ local function catalog_for(reg, minor)
   reg.catalog_variants = reg.catalog_variants or {}
   local v = reg.catalog_variants[minor]
   if not v then
-    local services = {}
+    local entries = {}
     for i, svc in ipairs(reg.list) do
       local entry = strip(util.copy(svc.catalog), SINCE.service, minor)
       for _, plan in ipairs(entry.plans) do strip(plan, SINCE.plan, minor) end
-      services[i] = entry
+      entries[i] = entry
     end
-    local json = #services > 0 and util.json_encode_sorted({ services = services }) or '{"services":[]}'
-    v = { json = json, etag = '"' .. crypto.sha256_hex(json):sub(1, 32) .. '"' }
+    local json, etag = services.catalog_body(entries)
+    v = { json = json, etag = etag }
     reg.catalog_variants[minor] = v
   end
   return v.json, v.etag

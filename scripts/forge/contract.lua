@@ -261,17 +261,7 @@ function M.format(svc, hook, p)
     p.path ~= "" and (p.path .. ": ") or "", p.message)
 end
 
---- Check a hook result at request time. Returns true | nil, one-line message naming the field.
-function M.result(svc, hook, value)
-  local out = M.problems(hook, value)
-  if hook == "deploy" then deployment_rules(value, out) end
-  if #out == 0 then return true end
-  local msg = M.format(svc, hook, out[1])
-  if #out > 1 then msg = msg .. string.format(" (and %d more)", #out - 1) end
-  return nil, msg
-end
-
---- Every problem of a hook result, formatted (for forge check).
+--- Every problem of a hook result, formatted (an empty list when it fits).
 function M.all(svc, hook, value)
   local out = M.problems(hook, value)
   if hook == "deploy" then deployment_rules(value, out) end

@@ -75,14 +75,9 @@ function Reconciler:move_ports(rec, target)
   cur.operation.started_at = os.time()        -- the deploy timeout counts from the new start
   cur.operation.description = "port(s) " .. table.concat(held, ", ") .. " taken by another program; moved to "
     .. table.concat(cur.resources.ports, ", ")
-  local compares = { { key = key.instance(rec.id), mod_revision = rev } }
-  local ops = { model.put(key.instance(rec.id), cur) }
-  for _, k in ipairs(added) do
-    compares[#compares + 1] = { key = k, exists = false }
-    ops[#ops + 1] = model.put(k, rec.id)
-  end
-  for _, p in ipairs(held) do ops[#ops + 1] = model.put(key.port(p), { outsider = true, until_ = os.time() + OUTSIDER_HOLD }) end
-  if model.txn(self.db, { compare = compares, success = ops }) then
+  local marks, held_until = {}, os.time() + OUTSIDER_HOLD
+  for _, p in ipairs(held) do marks[#marks + 1] = model.put(key.port(p), { outsider = true, until_ = held_until }) end
+  if instances.journal(self, cur, rev, added, marks) then
     log.warn("ports taken by another program, provision moved", { instance = rec.id, held = held,
       ports = cur.resources.ports })
   end

@@ -258,12 +258,17 @@ local function add(reg, svc)
   return true
 end
 
+--- The catalog body of a list of catalog entries, byte-stable (keys sorted), and its ETag.
+function M.catalog_body(entries)
+  local json = #entries > 0 and util.json_encode_sorted({ services = entries }) or '{"services":[]}'
+  return json, '"' .. crypto.sha256_hex(json):sub(1, 32) .. '"'
+end
+
 local function finish(reg)
   table.sort(reg.list, function(a, b) return a.name < b.name end)
   local services = {}
   for i, svc in ipairs(reg.list) do services[i] = svc.catalog end
-  reg.catalog_json = #services > 0 and util.json_encode_sorted({ services = services }) or '{"services":[]}'
-  reg.catalog_etag = '"' .. crypto.sha256_hex(reg.catalog_json):sub(1, 32) .. '"'
+  reg.catalog_json, reg.catalog_etag = M.catalog_body(services)
   return reg
 end
 
@@ -461,17 +466,24 @@ function M.call(svc, hook, ctx, ...)
 end
 
 --- Call a hook whose result has a contract shape (deploy, bind, unbind, manifest) and check the
--- result against it: a wrong shape fails with the field's path and the script's line.
--- @return result | nil, message
-function M.hook(svc, hook, ctx, ...)
+-- result against it (on the version that ran): each problem names the field's path and the
+-- script's line.
+-- @return result | nil, {messages}
+function M.checked(svc, hook, ctx, ...)
   local res, err, version = M.call(svc, hook, ctx, ...)
   if res == nil then
-    return nil, err or ("service " .. svc.name .. ": " .. hook .. " returned nothing (" ..
-      contract.format(svc, hook, { path = "", message = "must return a table" }) .. ")")
+    return nil, { err or contract.format(version or svc, hook, { path = "", message = "must return a table (got nil)" }) }
   end
-  local ok, why = contract.result(version, hook, res)
-  if not ok then return nil, why end
+  local problems = contract.all(version, hook, res)
+  if #problems > 0 then return nil, problems end
   return res
+end
+
+--- M.checked at request time: result | nil, one line (the first problem, and how many more).
+function M.hook(svc, hook, ctx, ...)
+  local res, problems = M.checked(svc, hook, ctx, ...)
+  if res then return res end
+  return nil, problems[1] .. (#problems > 1 and string.format(" (and %d more)", #problems - 1) or "")
 end
 
 return M

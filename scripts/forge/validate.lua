@@ -13,18 +13,9 @@ local services = require "forge.services"
 
 local M = {}
 
-local SAMPLE_DIR = "/var/lib/forge/instances/dry-run"
+local SAMPLE_INSTANCES = "/var/lib/forge/instances"   -- the instances dir of a dry run without a config
 
--- Call a hook and check its result against the contract: result | nil, {messages}.
-local function checked(svc, hook, ctx, ...)
-  local res, err, version = services.call(svc, hook, ctx, ...)
-  if res == nil then
-    return nil, { err or contract.format(svc, hook, { path = "", message = "must return a table (got nil)" }) }
-  end
-  local problems = contract.all(version, hook, res)
-  if #problems > 0 then return nil, problems end
-  return res
-end
+local checked = services.checked
 
 local function create_schema(plan)
   local s = plan.schemas and plan.schemas.service_instance and plan.schemas.service_instance.create
@@ -63,7 +54,7 @@ function M.render_local(svc, plan, params, dir)
   local ports = {}
   for i = 1, count do ports[i] = 30000 + i - 1 end
   local ctx = { instance_id = "dry-run", plan = plan, parameters = params, context = {}, host = "127.0.0.1",
-    ports = ports, dir = (dir or SAMPLE_DIR:match("^(.*)/[^/]+$")) .. "/dry-run", secrets = {},
+    ports = ports, dir = (dir or SAMPLE_INSTANCES) .. "/dry-run", secrets = {},
     templates = svc.templates }
   local deployment, errs = checked(svc, "deploy", ctx)
   if not deployment then return nil, errs end
@@ -126,9 +117,7 @@ local function local_target_warnings(svc, local_cfg, out)
   if svc.script.user then wanted[#wanted + 1] = svc.script.user end
   for _, p in ipairs(svc.script.plans) do if p.user then wanted[#wanted + 1] = p.user end end
   for _, u in ipairs(wanted) do
-    local allowed = false
-    for _, a in ipairs(local_cfg.users or {}) do allowed = allowed or a == u end
-    if not allowed then
+    if not target:allows_user(u) then
       out[#out + 1] = string.format("%s: user '%s' is not allowed on the local target (targets.local.users)",
         where(svc, "user"), u)
     end

@@ -67,10 +67,10 @@ describe("the contract", function()
     assert.matches("exactly one of argv, redis, pg, tcp", by_path["processes[1].health"])
     assert.matches("relative path", by_path['processes[1].files["/etc/passwd"]'])
     assert.matches("signal name", by_path["processes[1].stop_signal"])
-    local ok, msg = contract.result({ name = "x" }, "deploy", { processes = { { name = "a", argv = { "x" },
+    local msgs = contract.all({ name = "x" }, "deploy", { processes = { { name = "a", argv = { "x" },
       after = { "b" } }, { name = "b", argv = { "x" } } } })
-    assert.is_nil(ok)
-    assert.matches("processes%[1%]%.after%[1%]: 'b' is not a process listed before a", msg)
+    assert.equal(1, #msgs)
+    assert.matches("processes%[1%]%.after%[1%]: 'b' is not a process listed before a", msgs[1])
     assert.same({}, contract.problems("bind", { credentials = {}, run = { { redis = { port = 1, commands = {
       { "PING" } } } } } }))
     assert.matches("is required", contract.problems("bind", { run = {} })[1].message)

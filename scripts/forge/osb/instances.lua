@@ -106,9 +106,9 @@ function M.render(b, svc, plan, rec, pinned, spread)
   return added
 end
 
--- Journal `rec` (new operation) with a compare on the record revision and on newly claimed
--- resource keys (port/, ip/).
-local function journal(b, rec, rev, claimed)
+--- Journal `rec` (new operation) with a compare on the record revision and on newly claimed
+-- resource keys (port/, ip/); `extra` ops go in the same transaction.
+function M.journal(b, rec, rev, claimed, extra)
   local ikey = key.instance(rec.id)
   local compares = { { key = ikey, mod_revision = rev } }
   local ops = { model.put(ikey, rec), model.put(key.pending(rec.id), ""), model.delete(key.gone(rec.id)) }
@@ -116,6 +116,7 @@ local function journal(b, rec, rev, claimed)
     compares[#compares + 1] = { key = k, exists = false }
     ops[#ops + 1] = model.put(k, rec.id)
   end
+  for _, op in ipairs(extra or {}) do ops[#ops + 1] = op end
   return model.txn(b.db, { compare = compares, success = ops })
 end
 
@@ -191,7 +192,7 @@ function M.provision(b, id, req, q)
       deployment_name = svc.name .. "-" .. id, operation = common.new_operation("provision", fingerprint),
       created_at = now, updated_at = now }
     local added = M.render(b, svc, plan, new, nil, attempt > 1)
-    if journal(b, new, rev, added) then
+    if M.journal(b, new, rev, added) then
       log.info("provision accepted", { instance = id, service = svc.name, plan = plan.name, target = target,
         operation = new.operation.id, ports = new.resources.ports, ips = new.resources.ips, request_id = req.id,
         origin = req.origin })
@@ -297,7 +298,7 @@ function M.update(b, id, req, q)
   while #updated.history > 20 do table.remove(updated.history) end
   updated.operation = common.new_operation("update", fingerprint)
   local added = M.render(b, svc, plan, updated, not upgrade and rec.script_hash or nil)
-  if not journal(b, updated, rev, added) then
+  if not M.journal(b, updated, rev, added) then
     fail(422, "ConcurrencyError", "instance " .. id .. " changed while the update was being prepared")
   end
   log.info("update accepted", { instance = id, plan = plan.name, operation = updated.operation.id,

@@ -72,15 +72,19 @@ local function last_bytes(path, bytes)
   return text
 end
 
--- The last few lines of a log file, on one line: the reason a process gave for dying.
-local function tail(path)
+-- The last three non-empty lines of some output, trimmed, on one line: what a command or a
+-- dying process said last.
+local function last_lines(text)
   local lines = {}
-  for line in last_bytes(path, 600):gmatch("[^\n]+") do
+  for line in (text or ""):gmatch("[^\n]+") do
     line = line:gsub("^%s+", ""):gsub("%s+$", "")
     if line ~= "" then lines[#lines + 1] = line end
   end
   return table.concat(lines, " / ", math.max(1, #lines - 2))
 end
+
+-- The last lines of a log file (of its last 600 bytes): the reason a process gave for dying.
+local function tail(path) return last_lines(last_bytes(path, 600)) end
 
 --- Ports needed for a deployment, as the service says (default 1): the lowest free ones, or,
 -- with `spread` (a retry after another request claimed the same ports), free ones from a random
@@ -210,9 +214,7 @@ function Local:run_as(script, plan)
   if proc.geteuid() ~= 0 then return nil end
   local wanted = plan and plan.user or script and script.user
   if wanted then
-    local allowed = false
-    for _, u in ipairs(self.cfg.users or {}) do allowed = allowed or u == wanted end
-    if not allowed then
+    if not self:allows_user(wanted) then
       return false, string.format("user '%s' is not allowed on the local target (targets.local.users)", wanted)
     end
     if wanted == "root" then return false, "services never run as root" end
@@ -220,6 +222,14 @@ function Local:run_as(script, plan)
     return wanted
   end
   return Local.ensure_user(self.cfg.user)
+end
+
+--- Whether the operator lets services ask for `user` (targets.local.users).
+function Local:allows_user(user)
+  for _, u in ipairs(self.cfg.users or {}) do
+    if u == user then return true end
+  end
+  return false
 end
 
 --- The default service user, created as a system user (no login, no home) when missing.
@@ -318,16 +328,6 @@ function Local:remove_stale(inst)
   end
 end
 
--- The last lines of a command's output, on one line (what a failing init or check said).
-local function last_lines(text, n)
-  local lines = {}
-  for line in (text or ""):gmatch("[^\n]+") do
-    line = line:gsub("^%s+", ""):gsub("%s+$", "")
-    if line ~= "" then lines[#lines + 1] = line end
-  end
-  return table.concat(lines, " / ", math.max(1, #lines - (n or 3) + 1)):sub(-600)
-end
-
 --- Run a command declared by a service (health check, setup, bind/unbind step, init): either a
 -- helper process, cmd = {argv, env, stdin, expect = {lua patterns, one per output line},
 -- tolerate = {patterns}}, or commands the broker speaks itself: cmd = {redis = {...}} or
@@ -350,7 +350,7 @@ function Local:run(cmd, inst, cwd, timeout)
     end
     return nil, string.format("%s exited with %s: %s", cmd.argv[1],
       res.code and tostring(res.code) or ("signal " .. tostring(res.signal)),
-      last_lines(res.stderr ~= "" and res.stderr or res.stdout))
+      last_lines(res.stderr ~= "" and res.stderr or res.stdout):sub(-600))
   end
   local i = 0
   for line in (res.stdout .. "\n"):gmatch("([^\n]*)\n") do
@@ -457,8 +457,8 @@ function Local:step_provision(inst, record)
   end
   for _, p in ipairs(inst.deployment.processes) do
     local rec = inst.processes[p.name]
+    local logfile = self:instance_dir(inst.id) .. "/" .. p.name .. ".log"
     if rec and not proc.alive(rec.pid, rec.start_time) then
-      local logfile = self:instance_dir(inst.id) .. "/" .. p.name .. ".log"
       local why = tail(logfile)
       -- servers say it a few lines before their last words: the reconciler moves such a provision
       if not why:find("Address already in use", 1, true)
@@ -474,7 +474,7 @@ function Local:step_provision(inst, record)
         record(p.name, rec)
       elseif not waiting then
         waiting = string.format("%s not healthy yet: %s", p.name, tostring(err))
-        local log_tail = tail(self:instance_dir(inst.id) .. "/" .. p.name .. ".log")
+        local log_tail = tail(logfile)
         if log_tail ~= "" then waiting_log = p.name .. "'s log: " .. log_tail end
       end
     end
