@@ -11,24 +11,7 @@
 
 #include "fuzz_lua.h"
 
-/* compiled in, to reach the sandbox's own state (collected after every input below) */
-#include "../runtime/sandbox.c"
-
-static lua_State *L;
-
-/*
- * Collect the sandbox state's garbage too (the check script keeps its sandbox in the global
- * FUZZ_SANDBOX): else nearly every input ends with more mallocs than frees, and libFuzzer
- * runs its slow leak scan after each.
- */
-static void fuzz_collect_sandbox(lua_State *S)
-{
-    lua_getglobal(S, "FUZZ_SANDBOX");
-    struct sbox *box = luaL_testudata(S, -1, FORGE_SANDBOX_MT);
-    if (box && box->sb && box->sb->S)
-        lua_gc(box->sb->S, LUA_GCCOLLECT);
-    lua_pop(S, 1);
-}
+#include "sandbox_in.h"
 
 #define FZ_STACK 48
 
@@ -123,10 +106,7 @@ static void build_value(lua_State *S, const uint8_t *p, size_t n)
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc, (void)argv;
-    L = fuzz_lua_new();
-    luaL_requiref(L, "forge.sandbox", luaopen_forge_sandbox, 0);
-    lua_pop(L, 1);
-    fuzz_lua_load(L, "sandbox.lua");
+    fuzz_sandbox_init("sandbox.lua");
     return 0;
 }
 
