@@ -38,7 +38,8 @@ HEADERS    = $(wildcard include/forge/*.h runtime/*.h)
 
 DEBIAN_PKGS = build-essential pkg-config lua5.4 liblua5.4-dev libmicrohttpd-dev libcurl4-openssl-dev \
               lua-cjson lua-filesystem libyaml-dev libsqlite3-dev libssl-dev sqlite3 lua-busted lua-check redis-server redis-tools \
-              etcd-server etcd-client wrk curl openssl python3-minimal tar libpq-dev postgresql postgresql-client clang libclang-rt-14-dev
+              etcd-server etcd-client wrk curl openssl python3-minimal tar libpq-dev postgresql postgresql-client clang libclang-rt-14-dev \
+              chromium python3-prometheus-client bubblewrap libgnutls28-dev libhiredis-dev
 
 .PHONY: all deps run test bench install clean lint asan FORCE
 all: $(B)/bin/forge $(MOD_SO)
