@@ -3,11 +3,14 @@
 --
 -- Auth (401) and the version header (412) are checked before the body is parsed or anything is
 -- looked up. Any 4xx leaves the store unchanged.
+local admin = require "forge.admin"
 local bindings = require "forge.osb.bindings"
 local common = require "forge.osb.common"
 local crypto = require "forge.crypto"
 local instances = require "forge.osb.instances"
 local log = require "forge.log"
+local orphans = require "forge.orphans"
+local quotas = require "forge.quotas"
 local request = require "forge.request"
 local services = require "forge.services"
 local util = require "forge.util"
@@ -21,10 +24,11 @@ Broker.__index = Broker
 function Broker.new(config, db, registry, targets)
   local function token(a) return "Basic " .. crypto.base64_encode(a.username .. ":" .. a.password) end
   -- the admin API has its own credentials, or is off: it never falls back to the broker's
-  local admin = config.admin and config.admin.password and config.admin
+  local adm = config.admin and config.admin.password and config.admin
   return setmetatable({ config = config, db = db, registry = registry, targets = targets,
     public_url = config.public_url or ("http://" .. config.listen),
-    auth_token = token(config.auth), admin_token = admin and token(admin) }, Broker)
+    auth_token = token(config.auth), admin_token = adm and token(adm), admin_user = adm and adm.username },
+    Broker)
 end
 
 local function check_auth(req, token, who)
@@ -97,6 +101,11 @@ local function catalog(self, req)
   return reply(200, json, { ETag = etag })
 end
 
+-- An admin action on an instance: fn(broker, id, who) -> status, body.
+local function acting(fn)
+  return function(self, id) return reply(fn(self, id, self.admin_user)) end
+end
+
 -- Route table: path pattern (":" = an id segment) -> method -> handler(broker, ids..., req, q).
 -- `osb` routes require the version header; the others are the 2014 Service Forge's own API.
 local ROUTES = {
@@ -110,6 +119,19 @@ local ROUTES = {
     { GET = bindings.last_operation }, osb = true },
   { { "service_instances", ":" }, { GET = instances.seed_view } },
   { { "admin", "services" }, { GET = function(self) return reply(200, self:services_status()) end }, admin = true },
+  { { "admin", "instances" }, { GET = function(self, _, q) return reply(200, admin.list_instances(self, q)) end },
+    admin = true },
+  { { "admin", "instances", ":" }, { GET = function(self, id) return reply(200, admin.instance_detail(self, id)) end,
+    DELETE = function(self, id, _, q) return reply(admin.purge(self, id, q, self.admin_user)) end }, admin = true },
+  { { "admin", "instances", ":", "retry" }, { POST = acting(admin.retry) }, admin = true },
+  { { "admin", "instances", ":", "cancel" }, { POST = acting(admin.cancel) }, admin = true },
+  { { "admin", "instances", ":", "restart" }, { POST = acting(admin.restart) }, admin = true },
+  { { "admin", "operations" }, { GET = function(self, _, q) return reply(200, admin.operations(self, q)) end },
+    admin = true },
+  { { "admin", "quotas" }, { GET = function(self) return reply(200, { quotas = quotas.usage(self) }) end }, admin = true },
+  { { "admin", "orphans" }, { GET = function(self) return reply(200, orphans.list(self)) end }, admin = true },
+  { { "admin", "orphans", ":", ":", "clean" }, { POST = function(self, kind, id)
+    return reply(200, orphans.clean(self, kind, id, self.admin_user)) end }, admin = true, ids = { "kind", "id" } },
 }
 
 --- Loaded service versions and refused edits, as the workers see them (GET /admin/services).
@@ -155,8 +177,9 @@ function Broker:route(req)
   if route.osb then check_version(req) end
   local handler = route[2][req.method]
   if not handler then fail(405, "MethodNotAllowed", req.method .. " is not allowed on " .. path) end
-  common.check_id(ids[1] or "x", "instance id")
-  common.check_id(ids[2] or "x", "binding id")
+  local names = route.ids or { "instance id", "binding id" }
+  common.check_id(ids[1] or "x", names[1])
+  common.check_id(ids[2] or "x", names[2])
   if #ids == 2 then return handler(self, ids[1], ids[2], req, q) end
   if #ids == 1 then return handler(self, ids[1], req, q) end
   return handler(self, req, q)

@@ -8,6 +8,7 @@ local instances = require "forge.osb.instances"
 local log = require "forge.log"
 local model = require "forge.model"
 local proc = require "forge.proc"
+local quotas = require "forge.quotas"
 local util = require "forge.util"
 
 local key = model.key
@@ -22,6 +23,7 @@ function Reconciler.new(config, db, registry, targets)
   local host = f and f:read("l") or "unknown"
   if f then f:close() end
   local pid = proc.getpid()
+  quotas.recount(db, config.quotas)
   return setmetatable({ config = config, db = db, registry = registry, targets = targets,
     next_supervise = 0, replica = crypto.token(8), host = host, pid = pid,
     start_time = proc.identity(pid) }, Reconciler)
@@ -176,13 +178,15 @@ function Reconciler:deploy_bosh(rec, target)
   end
 end
 
+local DONE = { update = "instance updated", restart = "instance restarted" }
+
 function Reconciler:deploy(rec)
   local id, op = rec.id, rec.operation
   local ikey, pending = key.instance(id), key.pending(id)
   local target = self:target_of(rec)
   if target.kind == "bosh" then return self:deploy_bosh(rec, target) end
-  if op.type == "update" and not op.stopped then
-    -- redeploy: stop what runs now, then start the new deployment like a provision
+  if (op.type == "update" or op.type == "restart") and not op.stopped then
+    -- redeploy (or an operator's restart): stop what runs now, then start the deployment like a provision
     local ok, err = target:stop_all(rec)
     if not ok then return log.warn("update: stopping failed, will retry", { instance = id, error = err }) end
     rec = model.update(self.db, ikey, function(r)
@@ -208,7 +212,7 @@ function Reconciler:deploy(rec)
     if not ok then status, reason = "failed", err end
   end
   if status == "done" then
-    self:finish(ikey, pending, op.id, "succeeded", op.type == "update" and "instance updated" or "instance is running",
+    self:finish(ikey, pending, op.id, "succeeded", DONE[op.type] or "instance is running",
       function(r)
         r.state = "running"
         local ops = {}
@@ -260,6 +264,7 @@ function Reconciler:deprovision_bosh(rec, target)
         { op = "delete_prefix", prefix = key.pending(rec.id .. "/") } }
       return target:release_ops(self.db, rec.id, ops)
     end)
+  quotas.release(self, rec)
   log.info("deprovision succeeded", { instance = rec.id, operation = rec.operation.id, target = target.name })
 end
 
@@ -281,6 +286,7 @@ function Reconciler:deprovision(rec)
     end
     return ops
   end)
+  quotas.release(self, rec)
   log.info("deprovision succeeded", { instance = rec.id, operation = rec.operation.id })
 end
 
@@ -290,8 +296,37 @@ function Reconciler:advance_instance(id)
     model.txn(self.db, { success = { model.delete(key.pending(id)) } })
     return
   end
+  if rec.operation.cancel_requested then return self:cancel(rec) end
   if rec.operation.type == "deprovision" then return self:deprovision(rec) end
   return self:deploy(rec)
+end
+
+-- An operation the operator cancelled (forge.admin): stop what it started (local processes, or
+-- the BOSH task; a later operation waits for that task to end), and fail it.
+function Reconciler:cancel(rec)
+  local op, target = rec.operation, self:target_of(rec)
+  if target.kind == "bosh" then
+    local b = rec.bosh or {}
+    local d = b.task and b.task_op == op.id and target:director()
+    if d then d:cancel_task(b.task) end
+    target:forget(rec.id)
+  else
+    local ok, err = target:stop_all(rec)
+    if not ok then return log.warn("cancel: stopping failed, will retry", { instance = rec.id, error = err }) end
+  end
+  self:finish(key.instance(rec.id), key.pending(rec.id), op.id, "failed", op.type .. " cancelled by the operator",
+    function(r)
+      r.state = "failed"
+      r.operation.instance_usable = false
+      r.operation.update_repeatable = op.type == "update" or nil
+      if target.kind == "bosh" then return end
+      r.processes = {}
+      if op.type == "provision" then
+        r.resources.released = true
+        return release_ports(r.resources.ports, {})
+      end
+    end)
+  log.warn(op.type .. " cancelled", { instance = rec.id, operation = op.id, by = op.cancelled_by })
 end
 
 function Reconciler:advance_binding(iid, bid)

@@ -264,9 +264,12 @@ return service
   it("has no admin API without admin credentials: the broker's own never open it", function()
     local b = Broker.start { env = { FORGE_ADMIN_PASSWORD = "" } }
     finally(function() b:cleanup() end)
-    local status, raw, _, body = client.request("GET", b:url("/admin/services"), { user = b.user, password = b.password })
-    assert.equal(404, status, raw)
-    assert.matches("the admin API is off", body.description)
+    for _, path in ipairs({ "/admin/services", "/admin/instances", "/admin/instances/x", "/admin/operations",
+        "/admin/orphans", "/admin/quotas" }) do
+      local status, raw, _, body = client.request("GET", b:url(path), { user = b.user, password = b.password })
+      assert.equal(404, status, raw)
+      assert.matches("the admin API is off", body.description)
+    end
   end)
 
   it("prints the broker password at start only when it generated it", function()

@@ -8,6 +8,7 @@
 local common = require "forge.osb.common"
 local log = require "forge.log"
 local model = require "forge.model"
+local quotas = require "forge.quotas"
 local services = require "forge.services"
 local util = require "forge.util"
 
@@ -107,10 +108,11 @@ function M.render(b, svc, plan, rec, pinned, spread)
 end
 
 --- Journal `rec` (new operation) with a compare on the record revision and on newly claimed
--- resource keys (port/, ip/); `extra` ops go in the same transaction.
-function M.journal(b, rec, rev, claimed, extra)
+-- resource keys (port/, ip/); `extra` ops and `extra_compares` (quota counters) go in the same
+-- transaction.
+function M.journal(b, rec, rev, claimed, extra, extra_compares)
   local ikey = key.instance(rec.id)
-  local compares = { { key = ikey, mod_revision = rev } }
+  local compares = { { key = ikey, mod_revision = rev }, table.unpack(extra_compares or {}) }
   local ops = { model.put(ikey, rec), model.put(key.pending(rec.id), ""), model.delete(key.gone(rec.id)) }
   for _, k in ipairs(claimed) do
     compares[#compares + 1] = { key = k, exists = false }
@@ -191,8 +193,9 @@ function M.provision(b, id, req, q)
       context = context, maintenance_info = plan.maintenance_info, state = "deploying", target = target,
       deployment_name = svc.name .. "-" .. id, operation = common.new_operation("provision", fingerprint),
       created_at = now, updated_at = now }
+    local usage = quotas.change(b, rec, new)
     local added = M.render(b, svc, plan, new, nil, attempt > 1)
-    if M.journal(b, new, rev, added) then
+    if M.journal(b, new, rev, added, usage.ops, usage.compare) then
       log.info("provision accepted", { instance = id, service = svc.name, plan = plan.name, target = target,
         operation = new.operation.id, ports = new.resources.ports, ips = new.resources.ips, request_id = req.id,
         origin = req.origin })
@@ -297,8 +300,9 @@ function M.update(b, id, req, q)
   table.insert(updated.history, 1, rec.operation)
   while #updated.history > 20 do table.remove(updated.history) end
   updated.operation = common.new_operation("update", fingerprint)
+  local usage = quotas.change(b, rec, updated)
   local added = M.render(b, svc, plan, updated, not upgrade and rec.script_hash or nil)
-  if not M.journal(b, updated, rev, added) then
+  if not M.journal(b, updated, rev, added, usage.ops, usage.compare) then
     fail(422, "ConcurrencyError", "instance " .. id .. " changed while the update was being prepared")
   end
   log.info("update accepted", { instance = id, plan = plan.name, operation = updated.operation.id,

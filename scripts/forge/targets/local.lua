@@ -111,29 +111,42 @@ end
 -- this machine; it is also put in the process's environment as FORGE_PROCESS.
 function Local:process_dir(inst, p) return self:instance_dir(inst.id) .. "/" .. p.name end
 
--- A process of ours whose spawn was never recorded (broker killed in between): find it by its
--- working directory, or by the FORGE_PROCESS marker for processes that change directory.
+-- The FORGE_PROCESS marker of a process and its working directory (either may be nil).
 -- (Some servers, redis among them, overwrite their environment for the process title.)
-function Local:find_unrecorded(inst, p)
-  local dir = self:process_dir(inst, p)
-  local needle = "FORGE_PROCESS=" .. dir .. "\0"
+local function process_place(pid)
+  local f = io.open("/proc/" .. pid .. "/environ", "rb")
+  local marker = f and ("\0" .. (f:read("a") or "")):match("%zFORGE_PROCESS=([^%z]+)") or nil
+  if f then f:close() end
+  return { marker, lfs.symlinkattributes("/proc/" .. pid .. "/cwd", "target") }
+end
+
+--- Live processes spawned by this target (or left by an earlier broker): their working
+-- directory or FORGE_PROCESS marker is a process directory under the instances dir.
+-- `want(dir)` picks the process directories to report (all when nil).
+-- @return array of {pid=, start_time=, dir=}
+function Local:our_processes(want)
+  local found, root = {}, self.dir .. "/"
   for entry in lfs.dir("/proc") do
     if entry:match("^%d+$") then
-      local found = lfs.symlinkattributes("/proc/" .. entry .. "/cwd", "target") == dir
-      if not found then
-        local f = io.open("/proc/" .. entry .. "/environ", "rb")
-        if f then
-          found = (f:read("a") or ""):find(needle, 1, true) ~= nil
-          f:close()
+      local places = process_place(entry)
+      for i = 1, 2 do
+        local dir = places[i]
+        if dir and dir:sub(1, #root) == root and (not want or want(dir)) then
+          local pid = tonumber(entry)
+          local start = proc.identity(pid)
+          if start then found[#found + 1] = { pid = pid, start_time = start, dir = dir } end
+          break
         end
-      end
-      if found then
-        local pid = tonumber(entry)
-        local start = proc.identity(pid)
-        if start then return { pid = pid, start_time = start } end
       end
     end
   end
+  return found
+end
+
+-- A process of ours whose spawn was never recorded (broker killed in between).
+function Local:find_unrecorded(inst, p)
+  local dir = self:process_dir(inst, p)
+  return self:our_processes(function(d) return d == dir end)[1]
 end
 
 -- Directories searched for a bare command name after PATH: /usr/lib/<pkg>/bin and
@@ -518,11 +531,14 @@ function Local:stop_all(inst)
   return true
 end
 
+--- Remove the directory of instance `id` (its processes are stopped).
+function Local:remove_dir(id) remove_tree(self:instance_dir(id)) end
+
 --- Stop everything and remove the instance's directory.
 function Local:destroy(inst)
   local ok, err = self:stop_all(inst)
   if not ok then return nil, err end
-  remove_tree(self:instance_dir(inst.id))
+  self:remove_dir(inst.id)
   return true
 end
 
