@@ -9,11 +9,14 @@
  * 64 KiB and stay valid JSON when cut ("truncated":true is added).
  *
  * The minimum level is process-wide (an atomic), read from FORGE_LOG_LEVEL when the
- * module is first loaded. The line is built in a buffer owned by Lua (a userdata once
+ * module is first loaded. So is the context (log.context{replica=...}): fields written on
+ * every line of every thread, right after msg; a line's own field of the same name is renamed
+ * with a leading "_", as ts, level and msg are. The line is built in a buffer owned by Lua (a userdata once
  * it outgrows the C stack), so a raise (memory error) never leaks.
  */
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +32,9 @@
 #define LOG_MAX_DEPTH 16
 #define TRUNC_MARK    "...[truncated]"
 #define REDACTED      "\"[redacted]\""
+#define CONTEXT_MAX   512            /* the context's JSON members */
+#define CONTEXT_KEYS  8
+#define CONTEXT_KEY   32
 
 enum { LVL_DEBUG = 0, LVL_INFO, LVL_WARN, LVL_ERROR, LVL_COUNT };
 
@@ -36,6 +42,17 @@ static const char *const level_names[LVL_COUNT] = {"debug", "info", "warn", "err
 
 /* Process-wide minimum level; -1 until the first luaopen reads FORGE_LOG_LEVEL. */
 static atomic_int min_level = -1;
+
+/* The process-wide context: its members as JSON (",\"k\":v..."), and their keys. */
+struct log_context {
+    char json[CONTEXT_MAX];
+    size_t len;
+    int nkeys;
+    char keys[CONTEXT_KEYS][CONTEXT_KEY];
+};
+
+static struct log_context context;
+static pthread_mutex_t context_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static const char *const secret_words[] = {
     "password", "secret", "token", "credential", "passwd", "authorization", NULL,
@@ -282,7 +299,21 @@ static const char *key_string(lua_State *L, int idx, char *tmp, size_t tmpn, siz
 struct enc {
     struct lbuf *b;
     int seen;                   /* stack index: tables on the current path */
+    const struct log_context *ctx;      /* its keys are taken, like ts/level/msg (NULL: none) */
 };
+
+
+/* Whether a top-level key is taken by the line itself: ts, level, msg or a context key. */
+static int reserved_key(const struct log_context *ctx, const char *k, size_t klen)
+{
+    if ((klen == 2 && memcmp(k, "ts", 2) == 0) || (klen == 3 && memcmp(k, "msg", 3) == 0) ||
+        (klen == 5 && memcmp(k, "level", 5) == 0))
+        return 1;
+    for (int i = 0; ctx && i < ctx->nkeys; i++)
+        if (strlen(ctx->keys[i]) == klen && memcmp(ctx->keys[i], k, klen) == 0)
+            return 1;
+    return 0;
+}
 
 static int add_value(struct enc *e, lua_State *L, int idx, int depth);
 
@@ -291,7 +322,7 @@ static int add_value(struct enc *e, lua_State *L, int idx, int depth);
  * Encode the table at `idx` as a JSON array when its keys are exactly 1..n (n > 0),
  * else as an object. Tables on the current path (cycles) and tables deeper than
  * LOG_MAX_DEPTH become "...". `top` writes only the entries (the caller owns the braces),
- * each prefixed with a comma, and renames keys clashing with ts/level/msg.
+ * each prefixed with a comma, and renames keys clashing with ts/level/msg or the context.
  * Returns 0, or -1 after an overflow (the container is closed before returning).
  * Stack: unchanged.
  */
@@ -357,9 +388,7 @@ static int add_table(struct enc *e, lua_State *L, int idx, int depth, int top)
             char tmp[64];
             size_t klen, mark = b->len;
             const char *k = key_string(L, -2, tmp, sizeof tmp, &klen);
-            int clash = top && ((klen == 2 && memcmp(k, "ts", 2) == 0) ||
-                                (klen == 3 && memcmp(k, "msg", 3) == 0) ||
-                                (klen == 5 && memcmp(k, "level", 5) == 0));
+            int clash = top && reserved_key(e->ctx, k, klen);
             if ((!first && lbuf_lit(b, ",") < 0) || (clash && lbuf_lit(b, "\"_") < 0) ||
                 (clash ? lbuf_add(b, k, klen) < 0 || lbuf_lit(b, "\"") < 0
                        : add_string(b, k, klen, 0) < 0) ||
@@ -449,11 +478,16 @@ static void push_line(lua_State *L, int lvl)
     lua_newtable(L);                            /* anchor for the heap buffer */
     int anchor = lua_gettop(L);
     lua_newtable(L);                            /* tables on the current path */
+    struct log_context ctx;
+    pthread_mutex_lock(&context_lock);
+    ctx = context;
+    pthread_mutex_unlock(&context_lock);
     struct enc e;
     struct lbuf b;
     lbuf_init(&b, L, anchor);
     e.b = &b;
     e.seen = lua_gettop(L);
+    e.ctx = &ctx;
 
     lbuf_lit(&b, "{\"ts\":\"");
     add_timestamp(&b);
@@ -461,6 +495,8 @@ static void push_line(lua_State *L, int lvl)
     lbuf_add(&b, level_names[lvl], strlen(level_names[lvl]));
     lbuf_lit(&b, "\",\"msg\":");
     int rc = add_string(&b, msg, mlen, 1);
+    if (rc == 0)
+        rc = lbuf_add(&b, ctx.json, ctx.len);
     if (rc == 0 && has_fields)
         add_table(&e, L, 2, 0, 1);
     if (b.overflow)
@@ -580,6 +616,58 @@ static int l_log_level(lua_State *L)
 }
 
 
+/* Raise unless the key at `idx` is a context key: a plain name, not ts/level/msg. Returns it. */
+static const char *check_context_key(lua_State *L, int idx)
+{
+    size_t n;
+    const char *k = lua_type(L, idx) == LUA_TSTRING ? lua_tolstring(L, idx, &n) : NULL;
+    int ok = k && n > 0 && n < CONTEXT_KEY && !reserved_key(NULL, k, n);
+    for (size_t i = 0; ok && i < n; i++)
+        ok = (k[i] >= 'a' && k[i] <= 'z') || (k[i] >= 'A' && k[i] <= 'Z') || (k[i] >= '0' && k[i] <= '9')
+             || k[i] == '_';
+    if (!ok)
+        luaL_error(L, "log.context: keys must be names of letters, digits and '_' (at most %d), "
+                      "not ts, level or msg", CONTEXT_KEY - 1);
+    return k;
+}
+
+
+/***
+ * Set the process-wide context: fields written on every line of every thread from now on,
+ * after msg (they replace the previous context; nil or {} clears it).
+ * @function context
+ * @tparam[opt] table fields e.g. {replica = "3f2a9c0d1e4b5a67"}
+ */
+static int l_log_context(lua_State *L)
+{
+    struct log_context next = {.len = 0, .nkeys = 0};
+    if (!lua_isnoneornil(L, 1)) {
+        luaL_checktype(L, 1, LUA_TTABLE);
+        lua_settop(L, 1);
+        lua_pushnil(L);
+        while (lua_next(L, 1)) {                    /* [fields key value] */
+            if (next.nkeys == CONTEXT_KEYS)
+                return luaL_error(L, "log.context: at most %d fields", CONTEXT_KEYS);
+            strcpy(next.keys[next.nkeys++], check_context_key(L, 2));
+            lua_pop(L, 1);
+        }
+        lua_newtable(L);                            /* 2: anchor for the heap buffer */
+        lua_newtable(L);                            /* 3: tables on the current path */
+        struct lbuf b;
+        lbuf_init(&b, L, 2);
+        struct enc e = {.b = &b, .seen = 3, .ctx = NULL};
+        if (add_table(&e, L, 1, 0, 1) < 0 || b.len > sizeof next.json)
+            return luaL_error(L, "log.context: the fields take more than %d bytes", CONTEXT_MAX);
+        memcpy(next.json, b.p, b.len);
+        next.len = b.len;
+    }
+    pthread_mutex_lock(&context_lock);
+    context = next;
+    pthread_mutex_unlock(&context_lock);
+    return 0;
+}
+
+
 /***
  * The line log.<level>(msg, fields) would write, without writing it (level filter ignored).
  * @function encode
@@ -622,6 +710,7 @@ int luaopen_forge_log(lua_State *L)
         {"warn", l_log_warn},
         {"error", l_log_error},
         {"level", l_log_level},
+        {"context", l_log_context},
         {"encode", l_log_encode},
         {"redact", l_log_redact},
         {NULL, NULL},
