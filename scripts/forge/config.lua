@@ -10,6 +10,8 @@ local DEFAULTS = {
   listen = "127.0.0.1:5000",
   auth = { username = "admin", password = nil },
   admin = { username = "forge-admin", password = nil }, -- admin API (/admin/*); no password: the API is off
+  metrics = { token = nil },   -- GET /metrics also answers `Authorization: Bearer <token>`
+  quotas = nil,                -- instance and weight limits (QUOTA_SCHEMA); none by default
   state_dir = "state",
   services_dir = "services",
   threads = 0,                 -- 0: 2 x cores
@@ -49,9 +51,21 @@ local DEFAULTS = {
   },
 }
 
+-- Quotas (docs/admin.md "Quotas"): live instances per plan ("service/plan"), per service, per
+-- organization and per space (organizations: per-organization overrides), and summed plan
+-- weights (e.g. memory_mb) over all instances and per organization.
+local QUOTA_SCHEMA = {
+  plans = { map = "count" }, services = { map = "count" }, organization = "count", space = "count",
+  organizations = { map = "count" },
+  weights = { map = { plans = { map = "amount" }, total = "amount", organization = "amount" } },
+}
+
+local check_value
+
 local SCHEMA = {
   listen = "string", auth = { username = "string", password = "string" },
-  admin = { username = "string", password = "string" },
+  admin = { username = "string", password = "string" }, metrics = { token = "string" },
+  quotas = function(v, p, kind) return check_value(v, QUOTA_SCHEMA, p, kind) end,
   state_dir = "string", services_dir = "string", threads = "integer", body_limit = "integer",
   http = { header_timeout = "number", request_timeout = "number", max_connections = "integer",
     max_connections_per_ip = "integer", max_buffered_bytes = "integer" },
@@ -92,7 +106,11 @@ local function merge(dst, src, schema, path, kind)
       goto continue
     end
     if want == nil then return nil, "unknown setting '" .. p .. "'" end
-    if type(want) == "table" then
+    if type(want) == "function" then
+      local value, err = want(v, p, kind)
+      if value == nil then return nil, err end
+      dst[k] = value
+    elseif type(want) == "table" then
       dst[k] = dst[k] or {}
       local ok, err = merge(dst[k], v, want, p, kind)
       if not ok then return nil, err end
@@ -109,9 +127,20 @@ local function merge(dst, src, schema, path, kind)
   return true
 end
 
--- Check a value against a BOSH_SCHEMA entry; returns the value (copied) | nil, message.
-local function check_value(v, want, p, kind)
-  if type(want) == "table" and want.list then
+-- Check a value against a BOSH_SCHEMA or QUOTA_SCHEMA entry: a schema table (a map of those
+-- keys), {list = entry}, {map = entry} (any keys), "list:string", "map:string", "count" (an
+-- integer >= 0), "amount" (a number >= 0) or a Lua type. Returns the value (copied) | nil, message.
+check_value = function(v, want, p, kind)
+  if type(want) == "table" and want.map then
+    if type(v) ~= "table" or kind(v) ~= "map" then return nil, p .. " must be a map" end
+    local out = {}
+    for k, e in pairs(v) do
+      local ev, err = check_value(e, want.map, p .. "." .. tostring(k), kind)
+      if ev == nil then return nil, err end
+      out[tostring(k)] = ev
+    end
+    return out
+  elseif type(want) == "table" and want.list then
     if type(v) ~= "table" or kind(v) ~= "seq" then return nil, p .. " must be a list" end
     local out = {}
     for i, e in ipairs(v) do
@@ -144,6 +173,10 @@ local function check_value(v, want, p, kind)
     return out
   elseif want == "integer" then
     if math.type(v) ~= "integer" then return nil, p .. " must be an integer" end
+  elseif want == "count" then
+    if math.type(v) ~= "integer" or v < 0 then return nil, p .. " must be a whole number >= 0" end
+  elseif want == "amount" then
+    if type(v) ~= "number" or v < 0 then return nil, p .. " must be a number >= 0" end
   elseif type(v) ~= want then
     return nil, p .. " must be a " .. want
   end
@@ -167,40 +200,80 @@ local function absolute(path)
   return require("lfs").currentdir() .. "/" .. path
 end
 
--- FORGE_* overrides: variable, setter.
+-- FORGE_* values: text -> value | raise with a message.
+local function number(name, v) return tonumber(v) or error(name .. " must be a number", 0) end
+local function integer(name, v) return math.tointeger(tonumber(v)) or error(name .. " must be an integer", 0) end
+local function list(_, v)
+  local out = {}
+  for e in v:gmatch("[^,%s]+") do out[#out + 1] = e end
+  return out
+end
+local function port_range(name, v)
+  local from, to = v:match("^(%d+)%-(%d+)$")
+  if not from then error(name .. " must look like 30000-30999", 0) end
+  return { from = tonumber(from), to = tonumber(to) }
+end
+local function quotas(name, v)
+  local yaml = require "forge.yaml"
+  local doc, err = yaml.decode(v, name)
+  if err then error(tostring(err), 0) end
+  local q, qerr = check_value(doc, QUOTA_SCHEMA, name, yaml.kind)
+  if q == nil then error(qerr, 0) end
+  return q
+end
+
+-- FORGE_* overrides: variable, the setting it sets, how its text is read (default: as is), and
+-- what `forge help` says of its form.
 local ENV = {
-  { "FORGE_LISTEN", function(c, v) c.listen = v end },
-  { "FORGE_USER", function(c, v) c.auth.username = v end },
-  { "FORGE_PASSWORD", function(c, v) c.auth.password = v end },
-  { "FORGE_ADMIN_USER", function(c, v) c.admin.username = v end },
-  { "FORGE_ADMIN_PASSWORD", function(c, v) c.admin.password = v end },
-  { "FORGE_STATE_DIR", function(c, v) c.state_dir = v end },
-  { "FORGE_SERVICES_DIR", function(c, v) c.services_dir = v end },
-  { "FORGE_LOG_LEVEL", function(c, v) c.log_level = v end },
-  { "FORGE_PUBLIC_URL", function(c, v) c.public_url = v end },
-  { "FORGE_SYNC_TIMEOUT", function(c, v) c.sync_timeout = tonumber(v) end },
-  { "FORGE_SANDBOX_CPU", function(c, v) c.sandbox.cpu = tonumber(v) end },
-  { "FORGE_STORE", function(c, v) c.store = v end },
-  { "FORGE_ETCD_ENDPOINTS", function(c, v)
-      c.etcd.endpoints = {}
-      for e in v:gmatch("[^,%s]+") do c.etcd.endpoints[#c.etcd.endpoints + 1] = e end
-    end },
-  { "FORGE_ETCD_PREFIX", function(c, v) c.etcd.prefix = v end },
-  { "FORGE_LOCK_TTL", function(c, v) c.lock_ttl = tonumber(v) end },
-  { "FORGE_SANDBOX_MEMORY", function(c, v) c.sandbox.memory = math.tointeger(tonumber(v)) end },
-  { "FORGE_THREADS", function(c, v) c.threads = tonumber(v) end },
-  { "FORGE_LOCAL_COMMANDS", function(c, v)
-      local list = {}
-      for e in v:gmatch("[^,%s]+") do list[#list + 1] = e end
-      c.targets["local"].commands = list
-    end },
-  { "FORGE_LOCAL_USER", function(c, v) c.targets["local"].user = v end },
-  { "FORGE_PORTS", function(c, v)
-      local from, to = v:match("^(%d+)%-(%d+)$")
-      if not from then error("FORGE_PORTS must look like 30000-30999", 0) end
-      c.targets["local"].ports = { from = tonumber(from), to = tonumber(to) }
-    end },
+  { "FORGE_LISTEN", "listen" },
+  { "FORGE_USER", "auth.username" },
+  { "FORGE_PASSWORD", "auth.password" },
+  { "FORGE_ADMIN_USER", "admin.username" },
+  { "FORGE_ADMIN_PASSWORD", "admin.password" },
+  { "FORGE_METRICS_TOKEN", "metrics.token" },
+  { "FORGE_STATE_DIR", "state_dir" },
+  { "FORGE_SERVICES_DIR", "services_dir" },
+  { "FORGE_LOG_LEVEL", "log_level" },
+  { "FORGE_PUBLIC_URL", "public_url" },
+  { "FORGE_THREADS", "threads", integer },
+  { "FORGE_SYNC_TIMEOUT", "sync_timeout", number },
+  { "FORGE_SANDBOX_CPU", "sandbox.cpu", number },
+  { "FORGE_SANDBOX_MEMORY", "sandbox.memory", integer },
+  { "FORGE_STORE", "store" },
+  { "FORGE_ETCD_ENDPOINTS", "etcd.endpoints", list, "comma-separated URLs" },
+  { "FORGE_ETCD_PREFIX", "etcd.prefix" },
+  { "FORGE_LOCK_TTL", "lock_ttl", number },
+  { "FORGE_PORTS", "targets.local.ports", port_range, "FROM-TO, e.g. 30000-30999" },
+  { "FORGE_LOCAL_COMMANDS", "targets.local.commands", list, "comma-separated" },
+  { "FORGE_LOCAL_USER", "targets.local.user" },
+  { "FORGE_QUOTAS", "quotas", quotas, "the section as YAML or JSON, e.g. '{organization: 20}'" },
 }
+
+-- Set the setting at dotted `path` of c (its parents exist in DEFAULTS).
+local function set(c, path, value)
+  local head, rest = path:match("^([^.]+)%.(.+)$")
+  if head then return set(c[head], rest, value) end
+  c[path] = value
+end
+
+--- The FORGE_* variables and the settings they override, in the order `forge help` lists them.
+-- @return list of {name, setting, form}
+function M.environment()
+  local out = {}
+  for i, e in ipairs(ENV) do out[i] = { name = e[1], setting = e[2], form = e[4] } end
+  return out
+end
+
+local function validate_etcd(e)
+  if type(e.endpoints) ~= "table" or #e.endpoints == 0 then return nil, "etcd.endpoints must list at least one URL" end
+  for i, url in ipairs(e.endpoints) do
+    if type(url) ~= "string" or not url:match("^https?://[^/%s]+/?$") then
+      return nil, string.format("etcd.endpoints[%d] must be an http:// or https:// URL such as "
+        .. "http://10.0.0.5:2379 (got '%s')", i, tostring(url))
+    end
+  end
+  return true
+end
 
 local function validate(c)
   local ports = c.targets["local"].ports
@@ -236,8 +309,9 @@ local function validate(c)
     return nil, "targets.local.user must be a user name other than root"
   end
   if c.store ~= "sqlite" and c.store ~= "etcd" then return nil, "store must be sqlite or etcd" end
-  if c.store == "etcd" and (#c.etcd.endpoints == 0 or type(c.etcd.endpoints[1]) ~= "string") then
-    return nil, "etcd.endpoints must list at least one URL"
+  if c.store == "etcd" then
+    local ok, err = validate_etcd(c.etcd)
+    if not ok then return nil, err end
   end
   local claims = {}
   local names = {}
@@ -272,6 +346,60 @@ local function validate(c)
   return true
 end
 
+-- The settings that name services or plans: {path, name, plan_only}.
+local function references(c)
+  local refs = {}
+  local names = {}
+  for name in pairs(c.targets) do if name ~= "local" then names[#names + 1] = name end end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    for i, claim in ipairs(c.targets[name].services or {}) do
+      refs[#refs + 1] = { path = "targets." .. name .. ".services[" .. i .. "]", name = claim }
+    end
+  end
+  local function keys(map, path, plan_only)
+    local sorted = {}
+    for k in pairs(map or {}) do sorted[#sorted + 1] = k end
+    table.sort(sorted)
+    for _, k in ipairs(sorted) do refs[#refs + 1] = { path = path, name = k, plan_only = plan_only } end
+  end
+  local q = c.quotas or {}
+  keys(q.plans, "quotas.plans", true)
+  keys(q.services, "quotas.services", false)
+  local weights = {}
+  for w in pairs(q.weights or {}) do weights[#weights + 1] = w end
+  table.sort(weights)
+  for _, w in ipairs(weights) do keys(q.weights[w].plans, "quotas.weights." .. w .. ".plans", true) end
+  return refs
+end
+
+--- Check the settings that name services or plans (`targets.X.services`, the quotas' plans and
+-- services) against the loaded services: a name that matches nothing would otherwise leave a
+-- plan silently on `local`, or a quota counting nothing.
+-- @param registry  the loaded services (forge.services: by_name, errors = refused services)
+-- @return errors, warnings (lists of messages; a name that may be a refused service is a warning)
+function M.check_references(c, registry)
+  local errors, warnings = {}, {}
+  for _, ref in ipairs(references(c)) do
+    local service, plan = ref.name:match("^([^/]+)/(.+)$")
+    service = service or ref.name
+    local svc = registry.by_name[service]
+    local known = svc ~= nil and plan == nil
+    for _, p in ipairs(svc and plan and svc.script.plans or {}) do known = known or p.name == plan end
+    local where = ref.path .. ": '" .. ref.name .. "'"
+    if ref.plan_only and not plan then
+      errors[#errors + 1] = where .. " must name a plan as service/plan"
+    elseif svc and not known then
+      errors[#errors + 1] = where .. ": service " .. service .. " has no plan '" .. plan .. "'"
+    elseif not svc and #(registry.errors or {}) > 0 then
+      warnings[#warnings + 1] = where .. " names no loaded service (a refused one?)"
+    elseif not svc then
+      errors[#errors + 1] = where .. " names no loaded service"
+    end
+  end
+  return errors, warnings
+end
+
 --- Load the configuration.
 -- @param path  forge.yml path, or nil for defaults + environment only
 -- @param getenv  optional function(name) (default os.getenv), for specs
@@ -295,8 +423,9 @@ function M.load(path, getenv)
   for _, e in ipairs(ENV) do
     local v = getenv(e[1])
     if v and v ~= "" then
-      local ok, err = pcall(e[2], c, v)
-      if not ok then return nil, err end
+      local ok, value = pcall(e[3] or function(_, text) return text end, e[1], v)
+      if not ok then return nil, value end
+      set(c, e[2], value)
     end
   end
   local ok, err = validate(c)
