@@ -13,7 +13,9 @@
 -- polling the same task: nothing is deployed twice.
 local bosh = require "forge.bosh"
 local lfs = require "lfs"
+local log = require "forge.log"
 local model = require "forge.model"
+local util = require "forge.util"
 local wire = require "forge.targets.wire"
 local yaml = require "forge.yaml"
 
@@ -72,16 +74,43 @@ function Bosh.new(name, cfg, state_dir)
   return self
 end
 
+-- A new director handle whose calls take at most timeout_ms.
+function Bosh:connect(timeout_ms)
+  local c = self.cfg
+  return bosh.new { url = c.url, username = c.username, password = c.password, client = c.client,
+    client_secret = c.client_secret, ca_cert = c.ca_cert, insecure = c.insecure or false, timeout_ms = timeout_ms }
+end
+
 --- The director handle (created on first use, kept).
 function Bosh:director()
   if self.d then return self.d end
-  local c = self.cfg
-  local d, err = bosh.new { url = c.url, username = c.username, password = c.password, client = c.client,
-    client_secret = c.client_secret, ca_cert = c.ca_cert, insecure = c.insecure or false,
-    timeout_ms = c.timeout_ms or 10000 }
+  local d, err = self:connect(self.cfg.timeout_ms or 10000)
   if not d then return nil, err end
   self.d = d
   return d
+end
+
+local function one_line(s) return (tostring(s):gsub("%s+", " ")) end
+
+-- A director's error as one line (it may hold raw newlines; operation descriptions may not).
+local function errtext(err) return one_line(err and err.message or err) end
+
+--- Whether the director answers with this target's credentials: GET /info, then an
+-- authenticated call (the newest task), on a handle of its own whose calls take at most
+-- timeout_ms (readiness probes must not wait for the deploy path's timeout).
+-- @return true | nil, message
+function Bosh:probe(timeout_ms)
+  local d = self.probe_d
+  if not d then
+    local err
+    d, err = self:connect(timeout_ms)
+    if not d then return nil, "BOSH target " .. self.name .. ": " .. errtext(err) end
+    self.probe_d = d
+  end
+  local _, ierr = d:info()
+  if not ierr then _, ierr = d:tasks { limit = 1 } end
+  if ierr then return nil, "director " .. self.name .. " (" .. d:url() .. "): " .. errtext(ierr) end
+  return true
 end
 
 --- The network a plan uses: plan.bosh_network if it names one of the target's, else the first.
@@ -261,7 +290,7 @@ function Bosh:binding_info(inst)
   local d, err = self:director()
   if not d then return nil, tostring(err) end
   local vms, verr = d:vms(inst.bosh and inst.bosh.deployment or inst.deployment_name, { full = false })
-  if not vms then return nil, "director " .. self.name .. ": " .. tostring(verr and verr.message or verr) end
+  if not vms then return nil, "director " .. self.name .. ": " .. errtext(verr) end
   local list, ips = {}, {}
   for _, v in ipairs(vms) do
     list[#list + 1] = { job_name = v.job_name or v.job, index = v.index, id = v.id, az = v.az, ips = v.ips or {} }
@@ -274,18 +303,43 @@ function Bosh:binding_info(inst)
   return { vms = list, ips = ips }
 end
 
--- The full error text of a failed task (the event log's error line), else its result.
+-- The full error text of a failed task (the event log's error line), else its result; one line.
 local function task_reason(d, t)
   local out = d:task_output(t.id, "event")
   local msg
   for line in (out or ""):gmatch("[^\n]+") do
-    local m = line:match('"error":%s*{.-"message":%s*"(.-)"%s*[,}]')
-    if m then msg = m end
+    local event = util.json_decode(line)
+    if type(event) == "table" and type(event.error) == "table" and type(event.error.message) == "string" then
+      msg = event.error.message
+    end
   end
-  return msg or t.result or t.description or "no reason given"
+  return one_line(msg or t.result or t.description or "no reason given")
 end
 
-local function errtext(err) return tostring(err and err.message or err) end
+-- What the log says of the task an operation goes on with: found on the director (a broker
+-- that stopped between upload and journal), started again (it vanished), or started.
+local function task_event(b, op, found)
+  if found then return "BOSH task of the operation found on the director" end
+  local last = b.tasks and b.tasks[1]
+  if last and last.operation == op.id then return "BOSH task resubmitted" end
+  return "BOSH task started"
+end
+
+local REPORT_EVERY = 30   -- seconds between log lines of one target's retried director errors
+
+-- Log a director error: each one that fails an operation; one that is retried (the director
+-- is unreachable) at most every REPORT_EVERY seconds per target while it lasts.
+function Bosh:report(rec, err, retried)
+  if retried then
+    local now = os.time()
+    if now < (self.quiet_until or 0) then return end
+    self.quiet_until = now + REPORT_EVERY
+  end
+  local fields = { target = self.name, instance = rec.id, operation = rec.operation.id,
+    code = type(err) == "table" and err.code or nil, error = errtext(err) }
+  if retried then return log.warn("director unreachable, retrying", fields) end
+  log.error("director error", fields)
+end
 
 --- Advance the BOSH side of the operation of `rec`. `what` is "deploy" or "delete".
 -- save(fn) applies fn to the stored record (only while it still has this operation) and
@@ -298,7 +352,12 @@ function Bosh:advance(rec, what, save, now)
   local d, derr = self:director()
   if not d then return "failed", "BOSH target " .. self.name .. ": " .. errtext(derr) end
   local function unreachable(err)
+    self:report(rec, err, true)
     return "wait", string.format("director %s unreachable (%s); retrying", self.name, errtext(err))
+  end
+  local function refused(err, doing)
+    self:report(rec, err, false)
+    return "failed", "director " .. self.name .. doing .. ": " .. errtext(err)
   end
   -- a task of an earlier operation still running (a delete during a deploy): cancel it, let it end
   if b.task and b.task_op ~= op.id then
@@ -319,7 +378,7 @@ function Bosh:advance(rec, what, save, now)
     local found, ferr = d:tasks { context_id = op.id, verbose = 2 }
     if not found then
       if ferr.retryable then return unreachable(ferr) end
-      return "failed", "director " .. self.name .. ": " .. errtext(ferr)
+      return refused(ferr, "")
     end
     local id = found[1] and found[1].id
     if not id then
@@ -332,9 +391,11 @@ function Bosh:advance(rec, what, save, now)
       end
       if not id then
         if err.retryable then return unreachable(err) end
-        return "failed", "director " .. self.name .. " refused the " .. what .. ": " .. errtext(err)
+        return refused(err, " refused the " .. what)
       end
     end
+    log.info(task_event(b, op, found[1]), { target = self.name, instance = rec.id, operation = op.id, task = id,
+      type = what })
     local stored = save(function(r)
       r.bosh = r.bosh or {}
       r.bosh.task, r.bosh.task_op, r.bosh.cancel_sent = id, op.id, nil
@@ -354,9 +415,11 @@ function Bosh:advance(rec, what, save, now)
     if err.code == "bosh.not_found" then
       -- the director lost the task (restarted): forget it; the next pass looks again, then resubmits
       save(function(r) r.bosh.task, r.bosh.task_op = nil, nil end)
+      log.warn("BOSH task vanished, resubmitting", { target = self.name, instance = rec.id, operation = op.id,
+        task = b.task })
       return "wait", string.format("BOSH task %s vanished on director %s; resubmitting", b.task, self.name)
     end
-    return "failed", "director " .. self.name .. ": " .. errtext(err)
+    return refused(err, "")
   end
   if t.state == "done" then return "done", string.format("BOSH task %s done", t.id) end
   if FINAL[t.state] then
