@@ -32,16 +32,28 @@ local function check_targets(path)
   return path, names
 end
 
---- forge check [dir]: load, validate, render every plan; non-zero exit on problems.
+-- The settings of `config` that name services or plans, checked against the services that
+-- passed (svcs) and the folders that did not (refused). @return the number of errors
+local function check_config(config, svcs, refused)
+  local reg = { by_name = {}, errors = refused }
+  for _, svc in ipairs(svcs) do reg.by_name[svc.name] = svc end
+  local errors, warnings = require("forge.config").check_references(config, reg)
+  for _, e in ipairs(errors) do complain("config: ", e) end
+  for _, w in ipairs(warnings) do complain("warning: config: ", w) end
+  return #errors
+end
+
+--- forge check [dir]: load, validate, render every plan; non-zero exit on problems. A whole
+-- services dir is also checked against the settings of `config` that name services or plans.
 -- opts: {local_cfg = targets.local config}
-function M.check(path, limits, opts)
+function M.check(path, limits, opts, config)
   path = path or "services"
   if not lfs.attributes(path, "mode") then
     complain("forge check: ", path, ": no such directory")
     return 2
   end
   local dir, names = check_targets(path)
-  local failed = 0
+  local failed, passed, refused = 0, {}, {}
   for _, name in ipairs(names) do
     local src, rerr = services.read_folder(dir, name)
     local svc, warnings, problems = nil, nil, { rerr }
@@ -49,18 +61,21 @@ function M.check(path, limits, opts)
     if not svc then
       for _, p in ipairs(problems) do complain(p) end
       failed = failed + 1
+      refused[#refused + 1] = { service = name }
     else
       for _, w in ipairs(warnings) do complain("warning: ", w) end
       say(string.format("ok  services/%s  %s, %d plan(s), version %s", name, svc.name, #svc.script.plans, svc.hash))
       svc.sandbox:close()
+      passed[#passed + 1] = svc
     end
   end
   if #names == 0 then
     complain("forge check: no service found under ", path)
     return 1
   end
+  local config_errors = (config and dir == path) and check_config(config, passed, refused) or 0
   say(string.format("%d service(s) checked, %d with problems", #names, failed))
-  return failed == 0 and 0 or 1
+  return (failed == 0 and config_errors == 0) and 0 or 1
 end
 
 -- A sample BOSH target for dry runs when no director is configured.
@@ -145,6 +160,9 @@ function M.render(dir, service_name, plan_name, params_json, limits, target, con
     return 1
   end
   io.stdout:write("# dry run of ", svc.name, "/", plan.name, " (version ", svc.hash, "); secrets are samples\n")
+  if instances then
+    io.stdout:write("# state_dir: ", config.state_dir, " (the instance's files go under ", instances, "/<id>)\n")
+  end
   io.stdout:write(assert(yaml.encode({ service = svc.name, plan = plan.name, parameters = params,
     deployment = deployment, bind = bound, unbind = unbound })))
   return 0

@@ -1,5 +1,7 @@
 --- `forge serve`: load the config, start the HTTP workers, run the reconciler until a
--- SIGTERM/SIGINT, then stop gracefully (in-flight requests finish).
+-- SIGTERM/SIGINT, then stop gracefully (in-flight requests finish). A store that does not
+-- answer at start (etcd down) does not keep the broker from listening: /healthz answers,
+-- /readyz and OSB requests answer 503, and the main loop opens the store once it answers.
 local Reconciler = require "forge.reconciler"
 local config_mod = require "forge.config"
 local crypto = require "forge.crypto"
@@ -81,17 +83,6 @@ local function follow_store(config, db, registry, generation)
   return loaded, gen
 end
 
--- The store, retried while it is unreachable (etcd may start after the broker).
-local function open_store(config)
-  local deadline = proc.monotonic() + 60
-  while true do
-    local db, err = storage.open(config)
-    if db or not (err and err.retryable) or proc.monotonic() > deadline then return db, err end
-    log.warn("store unavailable, retrying", { store = storage.describe(config), error = tostring(err) })
-    proc.sleep(1)
-  end
-end
-
 -- Services run as other users: they may pass through the state dir to their instance's own
 -- directory, but not list it nor read the store (SQLite gives its WAL the database's mode).
 local function close_state_dir(config)
@@ -102,7 +93,200 @@ local function close_state_dir(config)
   end
 end
 
---- Run the broker with the config file at `path` (or defaults); returns the exit status.
+local STORE_RETRY = 1          -- seconds between attempts to open a store that did not answer
+local STORE_REPORT = 30        -- seconds between log lines about it
+
+-- Open the store. One that does not answer (etcd down) or refuses leaves st.db nil: the main
+-- loop tries again. @return nil | err (its reason)
+local function try_store(st, now)
+  st.next_store_try = now + STORE_RETRY
+  local db, err = storage.open(st.config)
+  st.db = db
+  if db then return nil end
+  if now >= (st.next_store_report or 0) then
+    st.next_store_report = now + STORE_REPORT
+    local fields = { store = storage.describe(st.config), error = tostring(err) }
+    if err and err.retryable then
+      log.warn("store unavailable, retrying; /readyz and OSB requests answer 503 until it answers", fields)
+    else
+      log.error("the store refused, retrying", fields)
+    end
+  end
+  return err
+end
+
+-- What each plan of the loaded services goes to (the instance records keep their own).
+local function plan_targets(registry, drivers)
+  local map = {}
+  for _, svc in ipairs(registry.list) do
+    for _, plan in ipairs(svc.script.plans) do
+      map[svc.name .. "/" .. plan.name] = drivers.claims[svc.name .. "/" .. plan.name] or drivers.claims[svc.name]
+        or (svc.script.target_for and "target_for()") or plan.target or svc.script.target or drivers.default
+    end
+  end
+  return map
+end
+
+local function sorted_pairs(map, fmt)
+  local out = {}
+  for k, v in pairs(map) do out[#out + 1] = string.format(fmt, k, v) end
+  table.sort(out)
+  return table.concat(out, ", ")
+end
+
+--- The start-up summary: one log line, and the same for a person on stdout.
+local function summary(st, port)
+  local c, registry = st.config, st.reconciler.targets
+  local store = c.store == "etcd" and { kind = "etcd", endpoints = c.etcd.endpoints, prefix = c.etcd.prefix }
+    or { kind = "sqlite", path = c.state_dir .. "/forge.db" }
+  local target_list, versions = {}, {}
+  for _, name in ipairs(registry:names()) do
+    target_list[name] = name == "local" and "local" or ("bosh " .. c.targets[name].url)
+  end
+  for _, svc in ipairs(st.registry.list) do versions[svc.name] = svc.hash end
+  local plans = plan_targets(st.registry, registry)
+  local admin = c.admin.password and "on" or "off"
+  log.info("started", { store = store, targets = target_list, plans = plans, services = versions,
+    listen = c.listen, port = port, admin = admin, state_dir = c.state_dir })
+  io.stdout:write("  store:    ", storage.describe(c), "\n",
+    "  targets:  ", sorted_pairs(target_list, "%s (%s)"), "\n",
+    "  plans:    ", sorted_pairs(plans, "%s -> %s"), "\n",
+    "  services: ", sorted_pairs(versions, "%s %.8s"), "\n",
+    "  admin API ", admin == "on" and ("on (user " .. c.admin.username .. ")") or "off (no admin.password)", "\n")
+  io.stdout:flush()
+end
+
+-- With the store open: close the state dir, load the services, check the settings that name
+-- them, and make the reconciler. @return true | nil, problems (config errors: the broker stops)
+local function start_work(st)
+  close_state_dir(st.config)
+  st.registry, st.generation, st.local_hashes = sync_services(st.config, st.db, nil, nil)
+  local errors, warnings = config_mod.check_references(st.config, st.registry)
+  if #errors > 0 then return nil, errors end
+  for _, w in ipairs(warnings) do log.warn("config", { warning = w }) end
+  st.reconciler = Reconciler.new(st.config, st.db, st.registry, targets.new(st.config, st.config.state_dir))
+  st.reconciler.replica = st.replica
+  return true
+end
+
+-- Store endpoint failovers as the main thread's etcd handle sees them (the reconciler reads
+-- every pass): an endpoint that goes down or comes back, another endpoint answering now.
+local function log_failovers(st)
+  if st.config.store ~= "etcd" then return end
+  local now, before = st.db:endpoints(), st.endpoints
+  st.endpoints = now
+  if not before then return end
+  local from
+  for _, ep in ipairs(before) do if ep.current then from = ep.url end end
+  for i, ep in ipairs(now) do
+    local was = before[i]
+    if was.up and not ep.up then
+      log.warn("store endpoint down", { endpoint = ep.url, error = ep.last_error })
+    elseif ep.up and not was.up then
+      log.info("store endpoint up again", { endpoint = ep.url })
+    end
+    if ep.current and not was.current then log.warn("store failover", { from = from, to = ep.url }) end
+  end
+end
+
+-- Open the store and, once it answers, start the work (services, reconciler).
+-- @return true (started, or the store does not answer yet) | nil, exit status, problems
+local function begin(st, now, at_start)
+  local err = try_store(st, now)
+  if not st.db then
+    if at_start and not (err and err.retryable) then
+      return nil, 1, { "cannot open the store (" .. storage.describe(st.config) .. "): " .. tostring(err) }
+    end
+    return true
+  end
+  local ok, started, problems = pcall(start_work, st)
+  if not ok then            -- the store failed on the way (etcd lost a member meanwhile): again later
+    log.warn("the store failed while the services loaded; retrying", { error = tostring(started) })
+    st.db:close()
+    st.db = nil
+    return true
+  end
+  if not started then return nil, 2, problems end
+  return true
+end
+
+-- A reload (watch or SIGHUP): scan again; a failure keeps the running versions.
+local function reload_services(st)
+  local ok, new, gen, hashes = pcall(sync_services, st.config, st.db, st.registry, st.local_hashes)
+  if not ok then return log.error("service reload failed; the running versions stay", { error = tostring(new) }) end
+  st.registry, st.generation, st.local_hashes = new, gen, hashes
+  st.reconciler.registry = new
+  local errors, warnings = config_mod.check_references(st.config, new)
+  for _, w in ipairs(errors) do log.warn("config names what is not loaded", { problem = w }) end
+  for _, w in ipairs(warnings) do log.warn("config", { warning = w }) end
+end
+
+-- One reconciler pass, after following versions other replicas published.
+local function reconcile(st)
+  local fok, freg, fgen = pcall(follow_store, st.config, st.db, st.registry, st.generation)
+  if fok then
+    st.registry, st.generation = freg, fgen
+    st.reconciler.registry = freg
+  end
+  local rok, rerr = pcall(st.reconciler.tick, st.reconciler, os.time())
+  if not rok then log.error("reconciler pass failed", { error = tostring(rerr) }) end
+  log_failovers(st)
+end
+
+local function report_problems(problems)
+  for _, p in ipairs(problems) do io.stderr:write("forge serve: ", p, "\n") end
+end
+
+-- The C layer's checks, made before a body is read: the broker's and the admin credentials on
+-- every path but the public ones, the OSB version header under /v2. /metrics is public to it
+-- when a bearer token may open it (forge.broker checks the token or the admin credentials).
+local function listen(config)
+  local h = config.http
+  local public = { "/healthz", "/readyz" }
+  if config.metrics.token then public[#public + 1] = "/metrics" end
+  return http.serve { listen = config.listen, handler = "forge.app", init = util.json_encode(config),
+    threads = config.threads, body_limit = config.body_limit, header_timeout = h.header_timeout,
+    request_timeout = h.request_timeout, max_connections = h.max_connections,
+    max_connections_per_ip = h.max_connections_per_ip, max_buffered_bytes = h.max_buffered_bytes,
+    auth = { realm = "forge", users = { config.auth, config.admin.password and config.admin or config.auth },
+      public = public },
+    version = { header = "X-Broker-API-Version", major = 2, under = { "/v2" } } }
+end
+
+-- Until SIGTERM/SIGINT: open the store while it does not answer (then start the work), reload
+-- the services when they change, and run a reconciler pass every reconcile_interval.
+-- @return the exit status
+local function loop(st, srv, watcher)
+  local next_tick = 0
+  while true do
+    local sig = http.wait(0.05)
+    if sig == "stop" then return 0 end
+    local now = proc.monotonic()
+    if not st.reconciler then
+      if now >= st.next_store_try then
+        local ok, code, problems = begin(st, now, false)
+        if not ok then
+          report_problems(problems)
+          log.error("cannot start", { problems = problems })
+          return code
+        end
+        if st.reconciler then summary(st, srv:port()) end
+      end
+    else
+      if sig == "reload" or (watcher and watcher:poll(0)) then
+        if watcher then repeat until not watcher:poll(0.02) end -- let an editor finish writing
+        reload_services(st)
+      end
+      if now >= next_tick then
+        next_tick = now + st.config.reconcile_interval
+        reconcile(st)
+      end
+    end
+  end
+end
+
+--- Run the broker with the config file at `path` (or defaults); returns the exit status:
+-- 0 stopped by a signal, 1 cannot start (state dir, store refused, listen address), 2 bad config.
 function M.run(path)
   local config, err = config_mod.load(path)
   if not config then
@@ -110,6 +294,9 @@ function M.run(path)
     return 2
   end
   log.level(config.log_level)
+  -- every log line of this process names the replica, the id its operation locks carry
+  local st = { config = config, replica = crypto.token(8) }
+  log.context({ replica = st.replica })
   -- no password configured: make one up and show it once on stdout (never in the log)
   local generated = not config.auth.password
   config.auth.password = config.auth.password or crypto.password(24)
@@ -118,68 +305,39 @@ function M.run(path)
     io.stderr:write("forge serve: ", merr, "\n")
     return 1
   end
-  local db, serr = open_store(config)
-  if not db then
-    io.stderr:write("forge serve: cannot open the store (", storage.describe(config), "): ", tostring(serr), "\n")
-    return 1
+  local started, code, problems = begin(st, proc.monotonic(), true)
+  if not started then
+    report_problems(problems)
+    return code
   end
-  close_state_dir(config)
-  local registry, generation, local_hashes = sync_services(config, db, nil, nil)
 
-  local reconciler = Reconciler.new(config, db, registry, targets.new(config, config.state_dir))
   http.trap_signals()
-  -- forge.broker's checks, made again in C before a body is read: the broker's and the admin
-  -- credentials on every path but /healthz, the OSB version header under /v2
-  local h = config.http
-  local srv, herr = http.serve { listen = config.listen, handler = "forge.app", init = util.json_encode(config),
-    threads = config.threads, body_limit = config.body_limit, header_timeout = h.header_timeout,
-    request_timeout = h.request_timeout, max_connections = h.max_connections,
-    max_connections_per_ip = h.max_connections_per_ip, max_buffered_bytes = h.max_buffered_bytes,
-    auth = { realm = "forge", users = { config.auth, config.admin.password and config.admin or config.auth },
-      public = { "/healthz" } },
-    version = { header = "X-Broker-API-Version", major = 2, under = { "/v2" } } }
+  local srv, herr = listen(config)
   if not srv then
     io.stderr:write("forge serve: ", tostring(herr), "\n")
     return 1
   end
   local host = config.listen:match("^(.*):%d+$")
-  io.stdout:write(string.format("Service Forge listening on http://%s:%d (user %s, %s)\n", host, srv:port(),
-    config.auth.username, generated and ("generated password " .. config.auth.password) or "password as configured"))
+  io.stdout:write(string.format("Service Forge listening on http://%s:%d (user %s, %s, replica %s)\n", host,
+    srv:port(), config.auth.username, generated and ("generated password " .. config.auth.password)
+    or "password as configured", st.replica))
   io.stdout:flush()
   log.info("listening", { listen = config.listen, port = srv:port(), state_dir = config.state_dir })
+  if st.reconciler then
+    summary(st, srv:port())
+  else
+    io.stdout:write("  store:    ", storage.describe(config), " does not answer; retrying (/readyz: 503)\n")
+    io.stdout:flush()
+  end
 
   local watcher, werr = reload.watch(config.services_dir)
   if not watcher then log.warn("services are not watched; reload with SIGHUP", { error = tostring(werr) }) end
-  local next_tick = 0
-  while true do
-    local sig = http.wait(0.05)
-    if sig == "stop" then break end
-    if sig == "reload" or (watcher and watcher:poll(0)) then
-      if watcher then repeat until not watcher:poll(0.02) end -- let an editor finish writing
-      local rok, new, gen, hashes = pcall(sync_services, config, db, registry, local_hashes)
-      if rok then
-        registry, generation, local_hashes = new, gen, hashes
-        reconciler.registry = registry
-      else
-        log.error("service reload failed; the running versions stay", { error = tostring(new) })
-      end
-    end
-    if proc.monotonic() >= next_tick then
-      next_tick = proc.monotonic() + config.reconcile_interval
-      local fok, freg, fgen = pcall(follow_store, config, db, registry, generation)
-      if fok then
-        registry, generation = freg, fgen
-        reconciler.registry = registry
-      end
-      local rok, rerr = pcall(reconciler.tick, reconciler, os.time())
-      if not rok then log.error("reconciler pass failed", { error = tostring(rerr) }) end
-    end
-  end
+  local status = loop(st, srv, watcher)
   log.info("stopping", { in_flight = srv:active() })
   srv:stop(30)
-  db:close()
+  if st.db then st.db:close() end
   log.info("stopped")
-  return 0
+  return status
 end
 
 return M
