@@ -1064,9 +1064,10 @@ end
 ------------------------------------------------------------------------------------------------
 
 M.USAGE = [[
-usage: forge lua scripts/forge/boshsim_main.lua [options]      (later: forge bosh-sim [options])
+usage: forge bosh-sim [options]
+       (the same: forge lua scripts/forge/boshsim_main.lua [options])
 
-A simulated BOSH director for specs and authors (docs/bosh.md).
+A simulated BOSH director for specs and authors (docs/bosh.md), serving until SIGTERM or SIGINT.
 
   --listen HOST:PORT     address to serve on (default 127.0.0.1:25555; port 0 picks one)
   --state DIR            state directory (store file boshsim.db; created; default a temp dir)
@@ -1088,6 +1089,8 @@ A simulated BOSH director for specs and authors (docs/bosh.md).
 
 Admin endpoints (no auth): GET|DELETE /_sim/requests, GET|POST|DELETE /_sim/faults,
 POST /_sim/errands, POST /_sim/config, GET /_sim/state.
+
+exit status: 0 stopped by a signal, 1 cannot listen, 2 usage error
 ]]
 
 local FLAGS = { listen = 1, state = 1, auth = 1, user = 1, password = 1, client = 1, secret = 1, ["token-ttl"] = 1,

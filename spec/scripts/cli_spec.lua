@@ -28,6 +28,38 @@ describe("forge help", function()
     end
   end)
 
+  it("lists every command and every FORGE_* variable with the setting it overrides", function()
+    local _, out = forge("help")
+    for _, cmd in ipairs({ "status", "instances", "instance ID", "ops", "retry ID", "cancel ID", "restart ID",
+      "orphans", "metrics" }) do
+      assert.is_truthy(out:find(" " .. cmd .. " ", 1, true), cmd)
+    end
+    local readme = require("spec.support.files").read("README.md")
+    for _, e in ipairs(require("forge.config").environment()) do
+      assert.matches("\n  " .. e.name .. " +" .. e.setting:gsub("%p", "%%%0"), out)
+      assert.is_truthy(readme:find("`" .. e.name .. "`", 1, true), e.name .. " in README.md")
+    end
+    for _, cmd in ipairs({ "status", "instances", "instance", "ops", "retry", "cancel", "restart", "orphans",
+      "metrics" }) do
+      local c, o = forge(cmd .. " --help")
+      assert.equal(0, c, o)
+      assert.matches("usage: forge " .. cmd, o)
+      assert.matches("exit status: 0 ok, 1 ", o, 1, true)
+    end
+  end)
+
+  it("shows bosh-sim's real usage, and its exit codes match it", function()
+    local code, out = forge("bosh-sim --help")
+    assert.equal(0, code)
+    assert.matches("^usage: forge bosh%-sim %[options%]", out)
+    assert.matches("exit status: 0 stopped by a signal, 1 cannot listen, 2 usage error", out, 1, true)
+    assert.equal(2, (forge("bosh-sim --bogus")))
+    assert.equal(2, (forge("bosh-sim --auth kerberos")))
+    local dir = tmpdir()
+    finally(function() os.execute("rm -rf " .. dir) end)
+    assert.equal(1, (forge("bosh-sim --listen 192.0.2.1:1 --state " .. dir)))
+  end)
+
   it("exits 2 with the usage on unknown commands and options", function()
     local code, out = forge("frobnicate")
     assert.equal(2, code)
@@ -69,6 +101,10 @@ describe("forge check and render", function()
   it("renders a plan as YAML without touching any state", function()
     local code, out = forge("render redis 3-servers --params '{\"maxmemory_mb\": 32}'")
     assert.equal(0, code, out)
+    local state = os.getenv("PWD") .. "/state"
+    assert.matches("# state_dir: " .. state .. " (the instance's files go under " .. state .. "/instances/<id>)", out,
+      1, true)
+    assert.is_nil(io.open(state .. "/forge.db"))
     assert.matches("redis%-2/redis.conf", out)
     assert.matches("replicaof 127.0.0.1 30000", out)
     local c2, o2 = forge("render redis 1-server --params '{\"maxmemory_mb\": 1}'")
