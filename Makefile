@@ -129,7 +129,7 @@ FUZZ_CFLAGS         = -O1 -g -fno-omit-frame-pointer -std=c11 -D_GNU_SOURCE -fPI
                       -DFORGE_DATADIR='"$(DATADIR)"' -DFUZZ_ROOT='"$(CURDIR)"' \
                       -fsanitize=address,undefined
 FUZZ_LDLIBS         = $(shell pkg-config --libs $(FUZZ_PKGS) 2>/dev/null) -lpthread -lm -ldl
-FUZZ_COMMON         = lerror laux ltxn lnet
+FUZZ_COMMON         = lerror laux ltxn lnet lmetrics
 # runtime modules linked into each harness; FUZZ_SRC_x: the runtime file harness x #includes
 FUZZ_MODS_yaml          = yaml
 FUZZ_MODS_sandbox       = crypto log yaml pattern conf

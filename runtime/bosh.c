@@ -40,6 +40,7 @@
 #include <curl/curl.h>
 
 #include "forge/forge.h"
+#include "forge/metrics.h"
 
 #define DIRECTOR_MT         "forge.bosh.director"
 #define DEFAULT_TIMEOUT_MS  30000
@@ -348,6 +349,27 @@ static int is_unreachable(CURLcode rc)
 }
 
 /*
+ * Count a director call in forge_bosh_director_calls_total{director, outcome} (described by
+ * the broker's forge.telemetry; elsewhere the family is absent and nothing is counted).
+ * outcome: 2xx..5xx, or unreachable, tls, too_large.
+ */
+static void count_call(const struct director *d, CURL *c, CURLcode rc)
+{
+    char outcome[16] = "unreachable";
+    long st = 0;
+    if (rc == CURLE_OK) {
+        curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &st);
+        snprintf(outcome, sizeof outcome, "%ldxx", st / 100 % 10);
+    } else if (rc == CURLE_WRITE_ERROR) {
+        strcpy(outcome, "too_large");
+    } else if (!is_unreachable(rc)) {
+        strcpy(outcome, "tls");
+    }
+    struct forge_label labels[] = {{"director", d->url}, {"outcome", outcome}};
+    forge_metrics_inc("forge_bosh_director_calls_total", labels, 2, 1);
+}
+
+/*
  * Run one exchange. On success d->status, d->body, d->location hold the answer.
  * Stack: [] -> [] (returns 0) | [] -> [err] (returns -1): only transport failures are errors here.
  */
@@ -431,6 +453,7 @@ static int perform(lua_State *L, struct director *d, const struct req *rq)
     CURLcode rc = curl_easy_perform(c);
     curl_slist_free_all(d->hdrs);
     d->hdrs = NULL;
+    count_call(d, c, rc);
     if (rc != CURLE_OK) {
         const char *detail = d->errbuf[0] ? d->errbuf : curl_easy_strerror(rc);
         if (rc == CURLE_WRITE_ERROR)

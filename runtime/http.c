@@ -54,6 +54,7 @@
 #include <openssl/evp.h>
 
 #include "forge/forge.h"
+#include "forge/metrics.h"
 
 #define SERVER_MT "forge.http.server"
 #define DEFAULT_BODY_LIMIT (1024 * 1024)
@@ -225,9 +226,21 @@ static struct MHD_Response *error_response(const char *error, const char *descri
     return resp;
 }
 
+/* A request refused before any handler ran, in forge_http_refused_total{status} (not 500s). */
+static void count_refused(unsigned status)
+{
+    if (status == 500)
+        return;
+    char code[8];
+    snprintf(code, sizeof code, "%u", status);
+    struct forge_label label = {"status", code};
+    forge_metrics_inc("forge_http_refused_total", &label, 1, 1);
+}
+
 static enum MHD_Result queue_error(struct MHD_Connection *con, unsigned status, const char *error,
                                    const char *description, const char *request_id)
 {
+    count_refused(status);
     return queue_owned(con, status, error_response(error, description, request_id));
 }
 
@@ -239,6 +252,7 @@ static enum MHD_Result queue_error_with(struct MHD_Connection *con, unsigned sta
     struct MHD_Response *resp = error_response(error, description, request_id);
     if (resp)
         MHD_add_response_header(resp, name, value);
+    count_refused(status);
     return queue_owned(con, status, resp);
 }
 

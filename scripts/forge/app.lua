@@ -12,10 +12,12 @@
 local Broker = require "forge.broker"
 local common = require "forge.osb.common"
 local log = require "forge.log"
+local proc = require "forge.proc"
 local reload = require "forge.reload"
 local services = require "forge.services"
 local storage = require "forge.storage"
 local targets = require "forge.targets"
+local telemetry = require "forge.telemetry"
 local util = require "forge.util"
 
 local M = {}
@@ -72,15 +74,33 @@ local function parked(req)
   return { id = req.id, method = req.method, uri = req.uri, remote = req.remote, headers = headers }
 end
 
+-- A request answered: its route template, status and time since it arrived.
+local function answered(route, method, status, started)
+  telemetry.in_flight(-1)
+  telemetry.request(route or "unmatched", method, status, proc.monotonic() - started)
+end
+
 function M.handle(req)
+  local started = proc.monotonic()
+  telemetry.in_flight(1)
   if not broker then
     local ok, err = connect()
-    if not ok then return unavailable(err) end
+    if not ok then
+      local status, headers, body = require("forge.readiness").without_store(req, config, err)
+      if not status then status, headers, body = unavailable(err) end
+      answered(nil, req.method, status, started)
+      return status, headers, body
+    end
   end
   refresh()
   local status, headers, body = broker:handle(req)
-  if status ~= common.WAIT then return status, headers, body end
-  return { wait = util.json_encode({ req = parked(req), wait = body }), timeout = body.timeout }
+  if status ~= common.WAIT then
+    answered(req.route, req.method, status, started)
+    return status, headers, body
+  end
+  local p = parked(req)
+  p.route, p.started = req.route, started
+  return { wait = util.json_encode({ req = p, wait = body }), timeout = body.timeout }
 end
 
 --- A parked request's answer (forge.http calls it in its waiter state): nil while its operation
@@ -92,8 +112,10 @@ function M.poll(token, why)
   if not broker then
     local ok, err = connect()
     if not ok then
-      if why then return unavailable(err) end
-      return nil
+      if not why then return nil end
+      local status, headers, body = unavailable(err)
+      answered(p.req.route, p.req.method, status, p.req.started)
+      return status, headers, body
     end
   end
   local ok, final = pcall(common.poll_wait, broker.db, p.wait)
@@ -102,7 +124,9 @@ function M.poll(token, why)
     if not ok then error(final, 0) end
     return common.settle(p.wait, final, why)
   end }, { __index = broker })
-  return settle:handle(p.req)
+  local status, headers, body = settle:handle(p.req)
+  answered(p.req.route, p.req.method, status, p.req.started)
+  return status, headers, body
 end
 
 return M

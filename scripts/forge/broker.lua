@@ -7,12 +7,14 @@ local admin = require "forge.admin"
 local bindings = require "forge.osb.bindings"
 local common = require "forge.osb.common"
 local crypto = require "forge.crypto"
+local dashboard = require "forge.dashboard"
 local instances = require "forge.osb.instances"
 local log = require "forge.log"
 local orphans = require "forge.orphans"
 local quotas = require "forge.quotas"
 local request = require "forge.request"
 local services = require "forge.services"
+local telemetry = require "forge.telemetry"
 local util = require "forge.util"
 
 local fail, reply = common.fail, common.reply
@@ -27,12 +29,17 @@ function Broker.new(config, db, registry, targets)
   local adm = config.admin and config.admin.password and config.admin
   return setmetatable({ config = config, db = db, registry = registry, targets = targets,
     public_url = config.public_url or ("http://" .. config.listen),
-    auth_token = token(config.auth), admin_token = adm and token(adm), admin_user = adm and adm.username },
-    Broker)
+    auth_token = token(config.auth), admin_token = adm and token(adm), admin_user = adm and adm.username,
+    metrics_token = config.metrics and config.metrics.token and ("Bearer " .. config.metrics.token) }, Broker)
+end
+
+local function authorized(req, token)
+  return crypto.equal(((req.headers.authorization or ""):gsub("^[Bb][Aa][Ss][Ii][Cc] +", "Basic ")), token)
 end
 
 local function check_auth(req, token, who)
-  if not crypto.equal(((req.headers.authorization or ""):gsub("^[Bb][Aa][Ss][Ii][Cc] +", "Basic ")), token) then
+  if not authorized(req, token) then
+    telemetry.refused(401)
     fail(401, "Unauthorized", "missing or wrong " .. who .. " credentials")
   end
 end
@@ -106,6 +113,9 @@ local function acting(fn)
   return function(self, id) return reply(fn(self, id, self.admin_user)) end
 end
 
+-- The OSB dashboard_url to a browser with the admin credentials: the instance's dashboard page.
+local DASHBOARD_URL = { { "service_instances", ":" }, { GET = dashboard.instance }, admin = true }
+
 -- Route table: path pattern (":" = an id segment) -> method -> handler(broker, ids..., req, q).
 -- `osb` routes require the version header; the others are the 2014 Service Forge's own API.
 local ROUTES = {
@@ -117,7 +127,14 @@ local ROUTES = {
     GET = bindings.fetch }, osb = true },
   { { "v2", "service_instances", ":", "service_bindings", ":", "last_operation" },
     { GET = bindings.last_operation }, osb = true },
-  { { "service_instances", ":" }, { GET = instances.seed_view } },
+  { { "service_instances", ":" }, { GET = instances.seed_view }, browser = DASHBOARD_URL },
+  { { "dashboard" }, { GET = dashboard.overview }, admin = true },
+  { { "dashboard", "instances" }, { GET = dashboard.instances }, admin = true },
+  { { "dashboard", "instances", ":" }, { GET = dashboard.instance }, admin = true },
+  { { "dashboard", "instances", ":", ":" }, { POST = dashboard.act }, admin = true, ids = { "instance id", "action" } },
+  { { "dashboard", "services" }, { GET = dashboard.services }, admin = true },
+  { { "dashboard", "style.css" }, { GET = dashboard.asset("style.css") }, admin = true },
+  { { "dashboard", "dashboard.js" }, { GET = dashboard.asset("dashboard.js") }, admin = true },
   { { "admin", "services" }, { GET = function(self) return reply(200, self:services_status()) end }, admin = true },
   { { "admin", "instances" }, { GET = function(self, _, q) return reply(200, admin.list_instances(self, q)) end },
     admin = true },
@@ -130,8 +147,11 @@ local ROUTES = {
     admin = true },
   { { "admin", "quotas" }, { GET = function(self) return reply(200, { quotas = quotas.usage(self) }) end }, admin = true },
   { { "admin", "orphans" }, { GET = function(self) return reply(200, orphans.list(self)) end }, admin = true },
+  { { "metrics" }, { GET = function(self)
+    return 200, { ["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8" }, telemetry.render(quotas.usage(self))
+  end }, admin = true, metrics = true },
   { { "admin", "orphans", ":", ":", "clean" }, { POST = function(self, kind, id)
-    return reply(200, orphans.clean(self, kind, id, self.admin_user)) end }, admin = true, ids = { "kind", "id" } },
+    return reply(200, orphans.clean(self, kind, id, self.admin_user)) end }, admin = true, ids = { "kind", "orphan id" } },
 }
 
 --- Loaded service versions and refused edits, as the workers see them (GET /admin/services).
@@ -160,17 +180,42 @@ local function match(segs)
   end
 end
 
+-- "/v2/service_instances/:instance_id/service_bindings/:binding_id": a route's name in metrics.
+local function template(route)
+  local names, n, parts = route.ids or { "instance_id", "binding_id" }, 0, {}
+  for i, p in ipairs(route[1]) do
+    if p == ":" then n = n + 1 end
+    parts[i] = p == ":" and (":" .. names[n]:gsub(" ", "_")) or p
+  end
+  return "/" .. table.concat(parts, "/")
+end
+
 function Broker:route(req)
   local segs, q, path = request.target(req.uri)
   if not segs then fail(400, "BadRequest", q) end
-  if #segs == 1 and segs[1] == "healthz" then return reply(200, { status = "ok" }) end
+  if #segs == 1 and segs[1] == "healthz" then
+    req.route = "/healthz"
+    return reply(200, { status = "ok" })
+  end
+  if #segs == 1 and segs[1] == "readyz" then
+    req.route = "/readyz"
+    return reply(require("forge.readiness").check(self))
+  end
   local route, ids = match(segs)
-  if route and route.admin then
+  if route and route.browser and self.admin_token and dashboard.wants_html(req) and authorized(req, self.admin_token) then
+    route = route.browser
+  end
+  req.html = segs[1] == "dashboard" or route == DASHBOARD_URL      -- its errors are pages too
+  req.route = route and (route.template or template(route))
+  -- /metrics also answers its own token (a scraper need not hold the admin credentials)
+  local by_token = route and route.metrics and self.metrics_token
+    and crypto.equal(req.headers.authorization or "", self.metrics_token)
+  if route and route.admin and not by_token then
     if not self.admin_token then
       fail(404, "NotFound", "the admin API is off: give it its own credentials (admin.password, FORGE_ADMIN_PASSWORD)")
     end
     check_auth(req, self.admin_token, "admin")
-  else
+  elseif not by_token then
     check_auth(req, self.auth_token, "broker")
   end
   if not route then fail(404, "NotFound", "no such endpoint: " .. req.method .. " " .. path) end
@@ -211,7 +256,7 @@ function Broker:handle(req)
       log.warn("request refused", { request_id = req.id, method = req.method, uri = req.uri, status = e.status,
         error = e.error, description = e.description })
     end
-    status, headers, body = common.error_reply(e)
+    status, headers, body = (req.html and dashboard.error_reply or common.error_reply)(e)
   end
   body = shape_response(api_minor(req), body)
   local rid = req.headers["x-broker-api-request-identity"]

@@ -7,6 +7,8 @@
 --   pending/<id>             instance has an operation for the reconciler
 --   gone/<id>                purged tombstone: last_operation still answers 410
 -- Store failures raise a broker error {status=503, retryable=true}; callers answer it.
+local proc = require "forge.proc"
+local telemetry = require "forge.telemetry"
 local util = require "forge.util"
 
 local M = {}
@@ -53,16 +55,56 @@ function M.range(db, prefix, limit)
   return out
 end
 
+-- The records of put ops on instance/ and binding/ keys (weak: they go with their op), so a
+-- transaction that held tells forge.telemetry what is stored now without decoding it again.
+local written = setmetatable({}, { __mode = "k" })
+
+-- Binding ids under the delete_prefix ops of `t` (a deprovision drops all of an instance's).
+local function doomed_bindings(db, t)
+  local ids
+  for _, op in ipairs(t.success or {}) do
+    if op.op == "delete_prefix" and op.prefix:match("^binding/") then
+      for _, kv in ipairs(db:range(op.prefix) or {}) do
+        ids = ids or {}
+        ids[#ids + 1] = kv.key
+      end
+    end
+  end
+  return ids
+end
+
+-- Move the tracked instances and bindings to what the transaction stored.
+local function track(t, doomed)
+  for _, op in ipairs(t.success or {}) do
+    local k = op.key or ""
+    local id = k:match("^instance/(.+)$")
+    local iid, bid = k:match("^binding/([^/]+)/(.+)$")
+    local rec = op.op == "put" and written[op] or nil
+    if id and (op.op == "delete" or rec) then telemetry.instance(id, rec) end
+    if iid and (op.op == "delete" or rec) then telemetry.binding(iid, bid, rec, rec and rec.service) end
+  end
+  for _, k in ipairs(doomed or {}) do
+    local iid, bid = k:match("^binding/([^/]+)/(.+)$")
+    if iid then telemetry.binding(iid, bid, nil) end
+  end
+end
+
 --- Apply a transaction; returns true if the compares held.
 function M.txn(db, t)
+  local doomed = doomed_bindings(db, t)
+  local started = proc.monotonic()
   local ok, err = db:txn(t)
   if ok == nil then store_failed(err) end
+  telemetry.txn(proc.monotonic() - started, ok)
+  if ok then track(t, doomed) end
   return ok
 end
 
 --- A put op for txn.
 function M.put(key, value)
-  return { op = "put", key = key, value = type(value) == "string" and value or util.json_encode(value) }
+  local op = { op = "put", key = key, value = type(value) == "string" and value or util.json_encode(value) }
+  if type(value) == "table" and (key:match("^instance/") or key:match("^binding/")) then written[op] = value end
+  return op
 end
 
 function M.delete(key) return { op = "delete", key = key } end

@@ -9,6 +9,7 @@ local log = require "forge.log"
 local model = require "forge.model"
 local proc = require "forge.proc"
 local quotas = require "forge.quotas"
+local telemetry = require "forge.telemetry"
 local util = require "forge.util"
 
 local key = model.key
@@ -24,6 +25,7 @@ function Reconciler.new(config, db, registry, targets)
   if f then f:close() end
   local pid = proc.getpid()
   quotas.recount(db, config.quotas)
+  telemetry.seed(db)
   return setmetatable({ config = config, db = db, registry = registry, targets = targets,
     next_supervise = 0, replica = crypto.token(8), host = host, pid = pid,
     start_time = proc.identity(pid) }, Reconciler)
@@ -40,7 +42,7 @@ end
 -- Close operation `op_id` of the record at `rkey` (unless another operation replaced it).
 -- change(r) sets the final state and may return extra txn ops.
 function Reconciler:finish(rkey, pending, op_id, op_state, description, change)
-  return model.update(self.db, rkey, function(r)
+  local stored = model.update(self.db, rkey, function(r)
     if r.operation.id ~= op_id then return false end
     r.operation.state, r.operation.description = op_state, description
     r.operation.finished_at, r.updated_at = os.time(), os.time()
@@ -48,6 +50,8 @@ function Reconciler:finish(rkey, pending, op_id, op_state, description, change)
     ops[#ops + 1] = model.delete(pending)
     return ops
   end)
+  if stored then telemetry.finished(stored.operation.type, op_state) end
+  return stored
 end
 
 -- How long a pool port that another program was found holding stays out of allocation.
@@ -426,7 +430,12 @@ function Reconciler:lock(name, now)
   if cur and cur.owner == self.replica and cur.expires - now > self.config.lock_ttl / 2 then return true end
   local value = { owner = self.replica, expires = now + self.config.lock_ttl, host = self.host, pid = self.pid,
     start_time = self.start_time }
-  return model.txn(self.db, { compare = { { key = k, mod_revision = rev } }, success = { model.put(k, value) } })
+  local taken = model.txn(self.db, { compare = { { key = k, mod_revision = rev } }, success = { model.put(k, value) } })
+  if taken and cur and cur.owner ~= self.replica then
+    log.warn("lock taken over from another replica", { lock = name, from = cur.owner, from_host = cur.host,
+      from_pid = cur.pid, expired = (cur.expires or 0) <= now })
+  end
+  return taken
 end
 
 -- A lock whose owner ran on this host and is no longer alive (a broker restarted after a
@@ -456,6 +465,22 @@ end
 --- One pass: advance the pending operations this replica holds (or can take), then
 -- housekeeping every supervise_interval seconds by whichever replica holds its lock.
 function Reconciler:tick(now)
+  local started = proc.monotonic()
+  self:pass(now)
+  telemetry.pass(proc.monotonic() - started)
+end
+
+-- Other replicas' writes are not seen by this one's metrics: count the records again now and then.
+local RESEED = 60
+
+function Reconciler:pass(now)
+  if self.config.store == "etcd" then
+    self.next_seed = self.next_seed or now + RESEED
+    if now >= self.next_seed then
+      self.next_seed = now + RESEED
+      pcall(telemetry.seed, self.db)
+    end
+  end
   local ok, pending = pcall(model.range, self.db, "pending/")
   if not ok then return self:report("reconciler pass failed", pending, now) end
   for _, kv in ipairs(pending) do

@@ -12,6 +12,7 @@ local lfs = require "lfs"
 local log = require "forge.log"
 local sandbox = require "forge.sandbox"
 local schema = require "forge.schema"
+local telemetry = require "forge.telemetry"
 local util = require "forge.util"
 
 local M = {}
@@ -414,6 +415,7 @@ function M.load_published(db, limits, previous)
   for _, e in ipairs(current.errors or {}) do reg.errors[#reg.errors + 1] = e end
   reg.by_folder = {}
   for _, svc in ipairs(reg.list) do reg.by_folder[svc.folder] = svc end
+  telemetry.services(reg)
   return finish(M.attach(reg, db, limits, previous)), current.generation
 end
 
@@ -457,7 +459,9 @@ function M.call(svc, hook, ctx, ...)
   end
   if svc.script[hook] == nil then return nil, "service " .. svc.name .. " has no " .. hook .. " hook" end
   local res, after = svc.sandbox:call(hook, ctx, ...)
-  if res == nil and getmetatable(after) and after.message then return nil, after.message end
+  local failed = res == nil and getmetatable(after) and after.message
+  telemetry.sandbox_call(svc.name, hook, failed)
+  if failed then return nil, after.message end
   if type(ctx) == "table" and type(ctx.secrets) == "table" and type(after) == "table"
       and type(after.secrets) == "table" then
     for k, v in pairs(after.secrets) do ctx.secrets[k] = v end

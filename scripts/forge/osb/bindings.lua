@@ -8,6 +8,7 @@ local common = require "forge.osb.common"
 local log = require "forge.log"
 local model = require "forge.model"
 local services = require "forge.services"
+local telemetry = require "forge.telemetry"
 local util = require "forge.util"
 
 local fail, key, reply = common.fail, model.key, common.reply
@@ -114,7 +115,7 @@ function M.bind(b, iid, bid, req, q)
   end
 
   local now = os.time()
-  local rec = { id = bid, instance_id = iid, service_id = body.service_id, plan_id = body.plan_id,
+  local rec = { id = bid, instance_id = iid, service_id = body.service_id, service = svc.name, plan_id = body.plan_id,
     parameters = body.parameters, bind_resource = body.bind_resource, app_guid = body.app_guid, context = context,
     state = "creating", operation = common.new_operation("bind", fp), created_at = now, updated_at = now }
   rec.operation.async = async or nil
@@ -145,6 +146,7 @@ function M.bind(b, iid, bid, req, q)
     M.remove(b, svc, inst, rec)
     fail(409, "Conflict", "instance " .. iid .. " was deleted while binding " .. bid .. " was being created")
   end
+  telemetry.finished("bind", "succeeded")
   log.info("binding created", { instance = iid, binding = bid, request_id = req.id, origin = req.origin })
   return reply(201, { credentials = creds })
 end
@@ -184,6 +186,7 @@ function M.unbind(b, iid, bid, req, q)
   if not model.txn(b.db, { compare = { { key = bkey, mod_revision = rev } }, success = { model.delete(bkey) } }) then
     fail(422, "ConcurrencyError", "binding " .. bid .. " changed while it was being deleted")
   end
+  telemetry.finished("unbind", "succeeded")
   log.info("binding deleted", { instance = iid, binding = bid, request_id = req.id, origin = req.origin })
   return reply(200, {})
 end

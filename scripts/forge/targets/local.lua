@@ -12,6 +12,7 @@ local wire = require "forge.targets.wire"
 local log = require "forge.log"
 local model = require "forge.model"
 local contract = require "forge.contract"
+local telemetry = require "forge.telemetry"
 
 local Local = {}
 Local.__index = Local
@@ -553,6 +554,7 @@ function Local:supervise(inst, now)
       local spawned, err = self:spawn(inst, p)
       log.warn("process died, restarting", { instance = inst.id, process = p.name, restarts = restarts,
         error = spawned == nil and tostring(err and err.message or err) or nil })
+      telemetry.restarted(inst.service)
       local nrec = spawned or { pid = 0, start_time = 0 }
       nrec.restarts = restarts
       nrec.retry_at = now + math.min(60, 2 ^ math.min(restarts, 6))
