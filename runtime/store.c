@@ -26,9 +26,13 @@
  * under lua_pcall; on a raise every statement is reset and any transaction is
  * rolled back before the error is re-raised.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <sqlite3.h>
 
@@ -811,6 +815,91 @@ static int l_revision(lua_State *L)
 }
 
 
+/*
+ * Copy the whole of s into the open, empty database dst in one backup step: the copy is the
+ * store as of one moment, and writers on other connections go on meanwhile (WAL). A busy or
+ * locked source is retried for up to STORE_BUSY_MS. Then the copy is checked (quick_check)
+ * and its revision read into rev[64]. Runs no Lua.
+ */
+static int backup_into(struct store *s, sqlite3 *dst, char *rev, struct sqlerr *e)
+{
+    sqlite3_backup *b = sqlite3_backup_init(dst, "main", s->db, "main");
+    if (!b) {
+        e->rc = sqlite3_errcode(dst);
+        snprintf(e->msg, sizeof e->msg, "%s", sqlite3_errmsg(dst));
+        return e->rc;
+    }
+    int rc, waited = 0;
+    while ((rc = sqlite3_backup_step(b, -1)) == SQLITE_BUSY || rc == SQLITE_LOCKED) {
+        if (waited >= STORE_BUSY_MS)
+            break;
+        sqlite3_sleep(10);
+        waited += 10;
+    }
+    sqlite3_backup_finish(b);
+    if (rc != SQLITE_DONE) {
+        e->rc = rc;
+        snprintf(e->msg, sizeof e->msg, "%s", sqlite3_errstr(rc));
+        return rc;
+    }
+    char check[64] = "";
+    rc = sqlite3_exec(dst, "PRAGMA quick_check", first_column_cb, check, NULL);
+    if (rc == SQLITE_OK && strcmp(check, "ok") != 0) {
+        e->rc = SQLITE_CORRUPT;
+        snprintf(e->msg, sizeof e->msg, "the copy fails its check: %s", check);
+        return e->rc;
+    }
+    if (rc == SQLITE_OK)
+        rc = sqlite3_exec(dst, "SELECT revision FROM meta WHERE id = 0", first_column_cb, rev, NULL);
+    if (rc != SQLITE_OK) {
+        e->rc = rc;
+        snprintf(e->msg, sizeof e->msg, "%s", sqlite3_errmsg(dst));
+    }
+    return rc;
+}
+
+
+/***
+ * Copy the store into a new file with SQLite's online backup API: a consistent copy of one
+ * moment, taken while the broker goes on writing. The file is created with mode 0600 (it holds
+ * every secret of the store) and removed again when the copy fails.
+ * @function db:backup
+ * @tparam string path a file that does not exist yet
+ * @return the store revision of the copy; or nil, err (store.exists when path exists,
+ *   store.io, store.busy)
+ */
+static int l_backup(lua_State *L)
+{
+    struct store *s = checkdb(L);
+    const char *path = luaL_checkstring(L, 2);
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return forge_pusherror(L, errno == EEXIST ? "store.exists" : "store.io", 0, "backup: cannot create %s: %s",
+                               path, strerror(errno));
+    close(fd);
+    sqlite3 *dst = NULL;
+    struct sqlerr e = {0};
+    char rev[64] = "";
+    int rc = sqlite3_open_v2(path, &dst, SQLITE_OPEN_READWRITE, NULL);
+    if (rc != SQLITE_OK) {
+        e.rc = rc;
+        snprintf(e.msg, sizeof e.msg, "%s", dst ? sqlite3_errmsg(dst) : sqlite3_errstr(rc));
+    } else {
+        rc = backup_into(s, dst, rev, &e);
+    }
+    if (sqlite3_close(dst) != SQLITE_OK && rc == SQLITE_OK) {
+        e.rc = rc = SQLITE_IOERR;
+        snprintf(e.msg, sizeof e.msg, "cannot close the copy");
+    }
+    if (rc != SQLITE_OK) {
+        unlink(path);
+        return push_sqlerr(L, &e, "backup");
+    }
+    lua_pushinteger(L, (lua_Integer)strtoll(rev, NULL, 10));
+    return 1;
+}
+
+
 int luaopen_forge_store(lua_State *L)
 {
     static const luaL_Reg lib[] = {
@@ -824,6 +913,7 @@ int luaopen_forge_store(lua_State *L)
         {"delete", l_delete},
         {"txn", l_txn},
         {"revision", l_revision},
+        {"backup", l_backup},
         {"close", l_close},
         {NULL, NULL},
     };
