@@ -29,6 +29,7 @@ local SIGNAL = scalar("a signal name (TERM, INT, QUIT, HUP, USR1, USR2, KILL)", 
   return type(v) == "string" and SIGNALS[v:upper():gsub("^SIG", "")] ~= nil
 end)
 local TABLE = scalar("a table", function(v) return type(v) == "table" end)
+local BOOLEAN = scalar("a boolean", function(v) return type(v) == "boolean" end)
 local ARG = scalar("a string or a number", function(v) return type(v) == "string" or type(v) == "number" end)
 local DOCUMENT = scalar("a template name, YAML text or a table", function(v)
   return type(v) == "string" or type(v) == "table"
@@ -96,6 +97,12 @@ M.shapes = {
   unbind = record("unbinding", { run = list(COMMAND) }),
   manifest = record("manifest", { documents = list(DOCUMENT, 1), params = TABLE, prune = list(STRING) },
     { required = { "documents" } }),
+  -- what to run, await and copy for a backup; files: name in the backup -> path in the instance dir
+  backup = record("backup", { run = list(COMMAND), ready = HEALTH, files = map(RELPATH, NAME) },
+    { required = { "files" } }),
+  -- how to put a backup back (a string instead refuses the restore)
+  restore = record("restore", { stop = BOOLEAN, remove = list(RELPATH), put = map(NAME, RELPATH),
+    write = map(TEXT, RELPATH), prepare = list(COMMAND), run = list(COMMAND), notes = list(STRING) }),
 }
 
 -- Fields of the service table (service.lua's returned table) beyond the OSB catalog fields,
@@ -261,10 +268,32 @@ function M.format(svc, hook, p)
     p.path ~= "" and (p.path .. ": ") or "", p.message)
 end
 
---- Every problem of a hook result, formatted (an empty list when it fits).
-function M.all(svc, hook, value)
+-- Cross-field rules of backups: a backup holds at least one file; a restore puts back only
+-- files the backup holds (`names`: the backup's file names, when known).
+local function backup_rules(hook, v, names, out)
+  if type(v) ~= "table" then return end
+  if hook == "backup" and type(v.files) == "table" and next(v.files) == nil then
+    out[#out + 1] = { path = "files", field = "files", message = "must name at least one file" }
+  end
+  if hook == "restore" and names and type(v.put) == "table" then
+    local have = {}
+    for _, n in ipairs(names) do have[n] = true end
+    for _, rel in ipairs(sorted_keys(v.put)) do
+      local name = v.put[rel]
+      if type(name) == "string" and not have[name] then
+        out[#out + 1] = { path = "put[" .. string.format("%q", tostring(rel)) .. "]", field = "put",
+          message = "the backup holds no file '" .. name .. "' (it holds: " .. table.concat(names, ", ") .. ")" }
+      end
+    end
+  end
+end
+
+--- Every problem of a hook result, formatted (an empty list when it fits). `names`: for a
+-- restore, the file names of the backup it puts back.
+function M.all(svc, hook, value, names)
   local out = M.problems(hook, value)
   if hook == "deploy" then deployment_rules(value, out) end
+  backup_rules(hook, value, names, out)
   local msgs = {}
   for i, p in ipairs(out) do msgs[i] = M.format(svc, hook, p) end
   return msgs
@@ -308,6 +337,16 @@ function M.field_names()
   for k in pairs(M.plan_fields) do add(k) end
   table.sort(names)
   return names
+end
+
+--- The commands of a backup or restore result, in the order they run (run, ready; prepare, run).
+function M.backup_commands(result)
+  local cmds = {}
+  for _, field in ipairs({ "prepare", "run" }) do
+    for _, c in ipairs(type(result[field]) == "table" and result[field] or {}) do cmds[#cmds + 1] = c end
+  end
+  if type(result.ready) == "table" then cmds[#cmds + 1] = result.ready end
+  return cmds
 end
 
 --- Every executable a deployment or command list names (argv[1] of processes, init, health,

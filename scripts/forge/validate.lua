@@ -3,10 +3,12 @@
 --
 -- Beyond the catalog rules (services.build), it checks the script's own fields, renders every
 -- plan with sample parameters, checks each hook's result against the contract
--- (forge.contract), runs bind and unbind on a sample context, checks that every executable is
+-- (forge.contract), runs bind and unbind on a sample context, backup and restore on a sample
+-- backup of the rendered instance, checks that every executable is
 -- declared (service.commands). It warns when, given the local target's config, a declared
 -- command is not approved or not installed or a user is not allowed, and when a parameter
 -- without a constraining schema reaches a file unescaped.
+local backups = require "forge.backups"
 local contract = require "forge.contract"
 local Local = require "forge.targets.local"
 local services = require "forge.services"
@@ -72,6 +74,45 @@ function M.bind_unbind(svc, ctx)
   local unbound, uerrs = checked(svc, "unbind", bctx)
   if not unbound then return nil, uerrs end
   return bound, unbound
+end
+
+local function sorted_keys(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  table.sort(keys)
+  return keys
+end
+
+--- The backup and restore results for a rendered deployment's ctx: a backup of the sample
+-- instance with one binding, restored into the same instance. Both hooks or neither.
+-- @return backup, restore | nil, {messages} | nil, nil (no hooks)
+function M.backup_restore(svc, plan, ctx)
+  local script = svc.script
+  if not script.backup and not script.restore then return nil, nil end
+  if not (script.backup and script.restore) then
+    local missing = script.backup and "restore" or "backup"
+    return nil, { string.format("%s: backup and restore come as a pair: define %s too",
+      where(svc, script.backup and "backup" or "restore"), missing) }
+  end
+  local bindings = { { id = "dry-run-binding", parameters = {} } }
+  local function sample()
+    return { instance_id = ctx.instance_id, plan = plan, parameters = ctx.parameters, context = ctx.context,
+      host = ctx.host, ports = ctx.ports, dir = ctx.dir, secrets = ctx.secrets, bindings = bindings,
+      scratch = backups.SCRATCH }
+  end
+  local saved, errs = checked(svc, "backup", sample())
+  if not saved then return nil, errs end
+  local rctx = sample()
+  rctx.backup = { id = "dry-run-backup", instance_id = ctx.instance_id, service = svc.name, plan = plan.name,
+    version = svc.hash, created_at = 0, files = sorted_keys(saved.files), bindings = bindings, secrets = ctx.secrets }
+  local restored, err, version = services.call(svc, "restore", rctx)
+  if type(restored) == "string" then
+    return nil, { where(svc, "restore") .. ": restore: refuses a backup of its own instance: " .. restored }
+  end
+  if restored == nil then return nil, { err } end
+  local problems = contract.all(version, "restore", restored, rctx.backup.files)
+  if #problems > 0 then return nil, problems end
+  return saved, restored
 end
 
 -- The manifest hook's result on a sample BOSH network (its shape only; forge render --target
@@ -193,6 +234,13 @@ function M.service(svc, opts)
           add_all(runs, bound.run or {})
           add_all(runs, unbound.run or {})
         end
+      end
+      local saved, restored = M.backup_restore(svc, plan, ctx)
+      if saved then
+        add_all(runs, contract.backup_commands(saved))
+        add_all(runs, contract.backup_commands(restored))
+      elseif restored then
+        failed(restored)
       end
       undeclared(svc, plan, deployment, runs, problems)
       injection_warnings(svc, plan, params, warnings)

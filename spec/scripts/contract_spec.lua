@@ -105,6 +105,55 @@ describe("the contract", function()
     os.execute("rm -rf " .. dir)
   end)
 
+  it("checks backup and restore results: shapes, the files a restore puts back, the pair", function()
+    assert.same({}, contract.problems("backup", { run = { { argv = { "sleep", "0" } } }, ready = { tcp = 1 },
+      files = { ["dump.rdb"] = "p/dump.rdb" } }))
+    local by_path = {}
+    for _, p in ipairs(contract.problems("backup", { files = { ["../x"] = "/etc/passwd" }, ready = { argv = "x" } })) do
+      by_path[p.path] = p.message
+    end
+    assert.matches("key must be a simple name", by_path['files["../x"]'])
+    assert.matches("must be a list", by_path["ready.argv"])
+    assert.matches("is required", contract.problems("backup", { run = {} })[1].message)
+    local msgs = contract.all({ name = "x" }, "backup", { files = {} })
+    assert.matches("files: must name at least one file", msgs[1])
+    msgs = contract.all({ name = "x" }, "restore", { stop = "yes", put = { ["p/a"] = "a", ["p/b"] = "b" } }, { "a" })
+    assert.equal(2, #msgs)
+    assert.matches('put%["p/b"%]: the backup holds no file \'b\' %(it holds: a%)', table.concat(msgs, "\n"))
+    assert.matches("stop: must be a boolean", table.concat(msgs, "\n"))
+
+    local hooks = {
+      pair = 'function service.backup() return { files = { d = "p/d" } } end',
+      unknown = 'function service.backup() return { files = { d = "p/d" } } end\n'
+        .. 'function service.restore() return { put = { ["p/d"] = "other" } } end',
+      refuses = 'function service.backup() return { files = { d = "p/d" } } end\n'
+        .. 'function service.restore() return "never" end',
+      undeclared = 'function service.backup(ctx) return { run = { { argv = { "pg_dump" } } }, files = { d = "p/d" } } end\n'
+        .. 'function service.restore() return {} end',
+      good = 'function service.backup(ctx)\n'
+        .. '  return { run = { { argv = { "sleep", "0" } } }, files = { d = ctx.scratch .. "/d" } }\nend\n'
+        .. 'function service.restore(ctx) return { stop = true, put = { ["p/d"] = ctx.backup.files[1] } } end',
+    }
+    local want = {
+      pair = "backup and restore come as a pair: define restore too",
+      unknown = "restore: put%[\"p/d\"%]: the backup holds no file 'other'",
+      refuses = "restore: refuses a backup of its own instance: never",
+      undeclared = "command 'pg_dump' is run but not declared",
+    }
+    for name, code in pairs(hooks) do
+      local text = script():gsub("return service\n$", code .. "\nreturn service\n")
+      local dir = new_services(text)
+      local status, out = run("build/bin/forge check " .. dir .. "/contract")
+      os.execute("rm -rf " .. dir)
+      if want[name] then
+        assert.equal(1, status, out)
+        assert.matches(want[name], out)
+      else
+        assert.equal(0, status, out)
+      end
+    end
+  end)
+
   it("forge check warns when a free-form parameter reaches a file", function()
     local dir = Broker.tmpdir()
     assert(lfs.mkdir(dir .. "/contract"))
