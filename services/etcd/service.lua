@@ -252,6 +252,65 @@ function service.unbind(ctx)
   } }
 end
 
+-- Backups ------------------------------------------------------------------------------------
+
+local SNAPSHOT = "snapshot.db"
+
+--- Backup: a snapshot of the keyspace (etcdctl snapshot save, from the first member; it holds
+-- every key, user and role, the root password's hash among them).
+function service.backup(ctx)
+  local path = ctx.scratch .. "/" .. SNAPSHOT
+  return {
+    run = { { argv = { "etcdctl", "--endpoints=" .. client_url(ctx, 1), "--dial-timeout=3s", "--command-timeout=300s",
+      "snapshot", "save", ctx.dir .. "/" .. path }, env = as_root(ctx) } },
+    files = { [SNAPSHOT] = path },
+  }
+end
+
+-- After a snapshot of another instance: root has that instance's password (set this one's,
+-- signing in with the other's; "authentication failed" means it is done already), and the other
+-- instance's binding users, which have no binding here, are deleted. This instance's bindings
+-- are re-created by the broker once it is healthy.
+local function adopt_snapshot(ctx)
+  local run = {}
+  local theirs = ctx.backup.secrets.root_password
+  local ours = ctx.secret("root_password")
+  local all = endpoints(ctx, 1, ctx.plan.members)
+  if theirs and theirs ~= ours then
+    run[1] = { argv = etcdctl(all, { "user", "passwd", "root", "--interactive=false" }), stdin = ours,
+      env = { ETCDCTL_API = "3", ETCDCTL_USER = "root:" .. theirs }, expect = { "^Password updated$" },
+      tolerate = { "authentication failed" } }
+  end
+  local here = {}
+  for _, b in ipairs(ctx.bindings or {}) do here[b.id] = true end
+  for _, b in ipairs(ctx.backup.bindings or {}) do
+    if not here[b.id] then
+      local user, role = names(b.id)
+      run[#run + 1] = { argv = etcdctl(all, { "user", "delete", user }), env = as_root(ctx), tolerate = { "not found" } }
+      run[#run + 1] = { argv = etcdctl(all, { "role", "delete", role }), env = as_root(ctx), tolerate = { "not found" } }
+    end
+  end
+  return run
+end
+
+--- Restore: stop every member, drop their data, rebuild each member's data directory from the
+-- snapshot (etcdctl snapshot restore with this cluster's members and token), start again.
+-- A snapshot of any plan fits any plan.
+function service.restore(ctx)
+  local remove, prepare = {}, {}
+  local snapshot = ctx.dir .. "/" .. ctx.scratch .. "/" .. SNAPSHOT
+  for i = 1, ctx.plan.members do
+    local data = process_name(i) .. "/data"
+    remove[i] = data
+    prepare[i] = { argv = { "etcdctl", "snapshot", "restore", snapshot, "--name", member_name(i),
+      "--initial-cluster", initial_cluster(ctx, ctx.plan.members), "--initial-cluster-token", "forge-" .. ctx.instance_id,
+      "--initial-advertise-peer-urls", peer_url(ctx, i), "--data-dir", ctx.dir .. "/" .. data },
+      env = { ETCDCTL_API = "3" } }
+  end
+  return { stop = true, remove = remove, put = { [ctx.scratch .. "/" .. SNAPSHOT] = SNAPSHOT }, prepare = prepare,
+    run = adopt_snapshot(ctx) }
+end
+
 --- BOSH: templates/etcd.yml with the plan's member count and the root password as params
 -- (the broker's pool stub adds meta.forge: deployment name, network, static IPs, AZs,
 -- stemcell and releases).

@@ -65,8 +65,8 @@ local service = {
   instances_retrievable = true,
   bindings_retrievable = true,
   -- the operator approves each one; sleep waits out an initdb or pg_basebackup orphaned by a
-  -- broker crash (see until_marker)
-  commands = { "postgres", "initdb", "pg_basebackup", "sleep" },
+  -- broker crash (see until_marker); pg_dump and pg_restore make and restore backups
+  commands = { "postgres", "initdb", "pg_basebackup", "sleep", "pg_dump", "pg_restore" },
   plans = {
     {
       id = "90e77abd-a3e9-4bb2-b1e4-5de0e19609ed",
@@ -465,6 +465,80 @@ function service.unbind(ctx)
   local servers = servers_of(ctx)
   if not servers[1] then return { run = {} } end     -- BOSH: no VMs left, nothing to remove
   return { run = unbind_commands(servers, ctx.secret("admin_password"), role_name(ctx.binding_id)) }
+end
+
+-- Backups ------------------------------------------------------------------------------------
+
+-- The databases a backup holds: app, and the own database of every binding that has one
+-- ({file = "<database>.dump", database, role = its owner}).
+local function backed_up_databases(bindings)
+  local list = { { file = APP_DB .. ".dump", database = APP_DB, role = APP_OWNER } }
+  for _, b in ipairs(bindings or {}) do
+    if database_mode(b.parameters) == "own" then
+      local role = role_name(b.id)
+      list[#list + 1] = { file = role .. ".dump", database = role, role = role, binding = b.id }
+    end
+  end
+  return list
+end
+
+-- A client program (pg_dump, pg_restore) against the primary as forge-admin; the password in
+-- its environment, never in argv.
+local function client(ctx, program, args)
+  local argv = { program, "--host", ctx.host, "--port", tostring(ctx.ports[1]), "--username", ADMIN, "--no-password" }
+  for _, a in ipairs(args) do argv[#argv + 1] = a end
+  return { argv = argv, env = { PGPASSWORD = ctx.secret("admin_password"), PGCONNECT_TIMEOUT = "10" } }
+end
+
+--- Backup: a pg_dump (custom format) of app and of each binding's own database, from the
+-- primary. Roles are not in it: bindings are the broker's, which re-creates them after a restore.
+function service.backup(ctx)
+  local run, files = {}, {}
+  for _, db in ipairs(backed_up_databases(ctx.bindings)) do
+    local path = ctx.scratch .. "/" .. db.file
+    run[#run + 1] = client(ctx, "pg_dump", { "--format=custom", "--file", ctx.dir .. "/" .. path, db.database })
+    files[db.file] = path
+  end
+  return { run = run, files = files }
+end
+
+-- Replace database `db` with the dump `file` (in the scratch dir): dropped (its sessions
+-- ended), created empty and closed to PUBLIC again, then restored with every object owned by
+-- db.role. The broker re-applies every binding afterwards (grants, role settings).
+local function replace_database(ctx, db)
+  return {
+    admin_pg(ctx.host, ctx.ports[1], ctx.secret("admin_password"), "postgres", {
+      { format = "DROP DATABASE IF EXISTS %I WITH (FORCE)", args = { db.database } },
+      { format = "CREATE DATABASE %I OWNER %I", args = { db.database, db.role } },
+      { format = "REVOKE ALL ON DATABASE %I FROM PUBLIC", args = { db.database } },
+    }),
+    client(ctx, "pg_restore", { "--dbname", db.database, "--no-owner", "--no-privileges", "--role", db.role,
+      "--exit-on-error", "--single-transaction", ctx.dir .. "/" .. ctx.scratch .. "/" .. db.file }),
+  }
+end
+
+--- Restore, the servers running: app from the backup, and each binding's own database when
+-- the binding exists in this instance (the same instance, or its bindings were re-created);
+-- a binding database that has no binding here is left out, and the notes say so. Any plan
+-- takes a backup of any plan: the standby replays what the primary restores.
+function service.restore(ctx)
+  local here = {}
+  for _, b in ipairs(ctx.bindings or {}) do here[b.id] = true end
+  local have = {}
+  for _, f in ipairs(ctx.backup.files) do have[f] = true end
+  local put, run, notes = {}, {}, {}
+  for _, db in ipairs(backed_up_databases(ctx.backup.bindings)) do
+    if not have[db.file] then
+      notes[#notes + 1] = "database " .. db.database .. " is not in the backup"
+    elseif db.binding and not here[db.binding] then
+      notes[#notes + 1] = "database " .. db.database .. " of binding " .. db.binding
+        .. " was not restored: this instance has no such binding"
+    else
+      put[ctx.scratch .. "/" .. db.file] = db.file
+      for _, c in ipairs(replace_database(ctx, db)) do run[#run + 1] = c end
+    end
+  end
+  return { put = put, run = run, notes = notes }
 end
 
 return service

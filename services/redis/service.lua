@@ -230,4 +230,43 @@ function service.unbind(ctx)
   return { run = run }
 end
 
+-- Backups ------------------------------------------------------------------------------------
+
+--- Backup: a background save of the primary (BGSAVE SCHEDULE: an AOF rewrite in progress goes
+-- first), awaited until no save or rewrite runs and the last save succeeded, then its RDB file.
+-- Replicas hold the same data; binding users live in the ACL files, not in the backup.
+function service.backup(ctx)
+  local admin_password = ctx.secret("admin_password")
+  local primary = ctx.ports[1]
+  return {
+    run = { admin_redis(ctx.host, primary, admin_password, { { "BGSAVE", "SCHEDULE" } }, { "^Background saving s" }) },
+    ready = admin_redis(ctx.host, primary, admin_password, { { "INFO", "persistence" } },
+      { "rdb_bgsave_in_progress:0.-rdb_last_bgsave_status:ok.-aof_rewrite_in_progress:0" }),
+    files = { ["dump.rdb"] = node_name(1) .. "/dump.rdb" },
+  }
+end
+
+-- Redis (appendonly yes) loads its data from the multi-part AOF in appendonlydir/ and ignores an
+-- RDB file beside it: the backup goes back as that AOF's base, with a manifest naming it.
+local AOF_DIR = "appendonlydir"
+local AOF_BASE = "appendonly.aof.1.base.rdb"
+
+--- Restore: stop every node, drop their data, put the RDB back as the primary's AOF base and
+-- start again; replicas copy the primary. The ACL files (binding users) stay as they are, so
+-- the instance's bindings keep working; a backup of any plan fits any plan.
+function service.restore(ctx)
+  local remove = {}
+  for i = 1, ctx.plan.nodes do
+    remove[#remove + 1] = node_name(i) .. "/" .. AOF_DIR
+    remove[#remove + 1] = node_name(i) .. "/dump.rdb"
+  end
+  local aof = node_name(1) .. "/" .. AOF_DIR .. "/"
+  return {
+    stop = true,
+    remove = remove,
+    put = { [aof .. AOF_BASE] = "dump.rdb" },
+    write = { [aof .. "appendonly.aof.manifest"] = "file " .. AOF_BASE .. " seq 1 type b\n" },
+  }
+end
+
 return service
