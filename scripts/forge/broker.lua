@@ -4,6 +4,7 @@
 -- Auth (401) and the version header (412) are checked before the body is parsed or anything is
 -- looked up. Any 4xx leaves the store unchanged.
 local admin = require "forge.admin"
+local backups = require "forge.backups"
 local bindings = require "forge.osb.bindings"
 local common = require "forge.osb.common"
 local crypto = require "forge.crypto"
@@ -143,6 +144,12 @@ local ROUTES = {
   { { "admin", "instances", ":", "retry" }, { POST = acting(admin.retry) }, admin = true },
   { { "admin", "instances", ":", "cancel" }, { POST = acting(admin.cancel) }, admin = true },
   { { "admin", "instances", ":", "restart" }, { POST = acting(admin.restart) }, admin = true },
+  { { "admin", "instances", ":", "backup" }, { POST = acting(backups.backup) }, admin = true },
+  { { "admin", "backups" }, { GET = function(self, _, q) return reply(backups.list(self, q)) end }, admin = true },
+  { { "admin", "backups", ":" }, { DELETE = function(self, id) return reply(backups.delete(self, id)) end },
+    admin = true, ids = { "backup id" } },
+  { { "admin", "backups", ":", "restore" }, { POST = function(self, id, req)
+    return reply(backups.restore(self, id, req, self.admin_user)) end }, admin = true, ids = { "backup id" } },
   { { "admin", "operations" }, { GET = function(self, _, q) return reply(200, admin.operations(self, q)) end },
     admin = true },
   { { "admin", "quotas" }, { GET = function(self) return reply(200, { quotas = quotas.usage(self) }) end }, admin = true },

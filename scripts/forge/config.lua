@@ -66,6 +66,7 @@ local SCHEMA = {
   listen = "string", auth = { username = "string", password = "string" },
   admin = { username = "string", password = "string" }, metrics = { token = "string" },
   quotas = function(v, p, kind) return check_value(v, QUOTA_SCHEMA, p, kind) end,
+  backups = function(v, p, kind) return require("forge.backups").check_config(v, p, kind) end,
   state_dir = "string", services_dir = "string", threads = "integer", body_limit = "integer",
   http = { header_timeout = "number", request_timeout = "number", max_connections = "integer",
     max_connections_per_ip = "integer", max_buffered_bytes = "integer" },

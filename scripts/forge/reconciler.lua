@@ -2,6 +2,7 @@
 -- bind and unbind), supervises running instances, and purges old tombstones. It runs in the
 -- main thread between signal checks, so state converges whether or not anybody polls, and a
 -- restarted broker resumes where it stopped.
+local backups = require "forge.backups"
 local bindings = require "forge.osb.bindings"
 local crypto = require "forge.crypto"
 local instances = require "forge.osb.instances"
@@ -300,6 +301,7 @@ function Reconciler:advance_instance(id)
     model.txn(self.db, { success = { model.delete(key.pending(id)) } })
     return
   end
+  if backups.handles(rec.operation) then return backups.advance(self, rec) end
   if rec.operation.cancel_requested then return self:cancel(rec) end
   if rec.operation.type == "deprovision" then return self:deprovision(rec) end
   return self:deploy(rec)
@@ -493,6 +495,8 @@ function Reconciler:pass(now)
     end)
     if not aok then self:report("reconciler failed on " .. kv.key, err, now) end
   end
+  local bok, berr = pcall(backups.due, self, now)
+  if not bok then self:report("scheduled backups failed", berr, now) end
   if now >= self.next_supervise then
     self.next_supervise = now + self.config.supervise_interval
     local hok, err = pcall(function()
