@@ -579,8 +579,10 @@ static void child_build_view(const struct ns_view *v, int errfd)
     for (int i = 0; v->hide[i]; i++)
         if ((tmpfs[i] = (unsigned char)hide_path(v->hide[i])) == (unsigned char)-1)
             view_fail(errfd, VIEW_HIDE, i);
+    mode_t mask = umask(0);                     /* the mount point's parents: passable by all */
     if (mkdir_p(v->writable) < 0)
         view_fail(errfd, VIEW_MKDIR, -1);
+    umask(mask);
     if (move_mount(wfd, "", AT_FDCWD, v->writable, MOVE_MOUNT_F_EMPTY_PATH) < 0)
         view_fail(errfd, VIEW_BIND, -1);
     close(wfd);

@@ -169,6 +169,9 @@ authoring("status", 0, 0, function(_, opts, _, _, config)
     return 1
   end
   io.write("generation ", tostring(status.generation), "\n")
+  local iso = status.isolation or {}
+  io.write("local target: isolation ", tostring(iso.mode), ", limits ", tostring(iso.limits), "\n")
+  for _, w in ipairs(iso.warnings or {}) do io.write("  WARNING ", w, "\n") end
   for _, svc in ipairs(status.services) do
     io.write(string.format("  %-20s version %s  (%d plan(s))\n", svc.name, svc.version, svc.plans))
   end

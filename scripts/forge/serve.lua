@@ -127,6 +127,7 @@ function M.run(path)
   local registry, generation, local_hashes = sync_services(config, db, nil, nil)
 
   local reconciler = Reconciler.new(config, db, registry, targets.new(config, config.state_dir))
+  for _, w in ipairs(reconciler.targets.by_name["local"]:isolation().warnings) do log.warn(w) end
   http.trap_signals()
   -- forge.broker's checks, made again in C before a body is read: the broker's and the admin
   -- credentials on every path but /healthz, the OSB version header under /v2
