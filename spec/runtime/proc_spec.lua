@@ -553,24 +553,24 @@ describe("forge.proc", function()
 
     as_root("can isolate here", function() assert.is_true(proc.can_isolate()) end)
 
-    as_root("starts a process alone in new namespaces, seeing a read-only tree but its own dir", function()
-      local dir, hidden = tmpdir(), tmpdir()
+    as_root("starts a process alone in new namespaces, seeing a read-only tree but its own box", function()
+      local box, hidden = tmpdir(), tmpdir()
       assert(io.open(hidden .. "/secret", "w")):close()
-      assert(proc.chown(dir, "nobody"))
-      local p = assert(proc.spawn { argv = { "sleep", "30" }, user = "nobody", cwd = dir,
-        namespaces = { writable = dir, hide = { hidden }, hostname = "box" } })
+      assert(proc.chown(box, "nobody"))
+      local p = assert(proc.spawn { argv = { "sleep", "30" }, user = "nobody", cwd = box,
+        namespaces = { writable = box, hide = { hidden }, hostname = "box" } })
       finally(function()
         proc.kill(p.pid, p.start_time, "KILL")
         proc.wait(p.pid, 5)
-        os.execute("rm -rf " .. dir .. " " .. hidden)
+        os.execute("rm -rf " .. box .. " " .. hidden)
       end)
       for _, ns in ipairs({ "mnt", "pid", "ipc", "uts" }) do assert.are_not.equal(link("self", ns), link(p.pid, ns)) end
       assert.equal(link("self", "net"), link(p.pid, "net"))
-      assert.equal(dir, lfs.symlinkattributes("/proc/" .. p.pid .. "/cwd", "target"))
+      assert.equal(box, lfs.symlinkattributes("/proc/" .. p.pid .. "/cwd", "target"))
       -- a command inside it: a member of its PID namespace, no capability, its view
       local r = assert(proc.run { argv = { "sh", "-c", "ls /proc | grep -c '^[0-9]'; hostname; id -u; "
         .. "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; ls " .. hidden .. "; touch /etc/nope; "
-        .. "touch " .. dir .. "/yes /tmp/private && echo wrote" }, user = "nobody", join = p, cwd = dir })
+        .. "touch " .. box .. "/yes /tmp/private && echo wrote" }, user = "nobody", join = p, cwd = box })
       assert.equal(0, r.code)
       local count, host, uid = r.stdout:match("^(%d+)\n(%S+)\n(%d+)\n")
       assert.is_true(tonumber(count) >= 3 and tonumber(count) <= 5, r.stdout)   -- sleep, sh, its pipeline
@@ -580,7 +580,7 @@ describe("forge.proc", function()
       assert.matches("wrote", r.stdout)
       assert.is_nil(r.stdout:find("secret", 1, true))
       assert.matches("/etc/nope': Read-only file system", r.stderr, 1, true)
-      assert.is_true(exists(dir .. "/yes"))
+      assert.is_true(exists(box .. "/yes"))
       assert.is_false(exists("/tmp/private"))
       -- the first process of a PID namespace ignores TERM without a handler: stop() ends with KILL
       assert.is_true(proc.stop(p.pid, p.start_time, 0.2))
@@ -591,13 +591,13 @@ describe("forge.proc", function()
     end)
 
     as_root("runs a command in a sandbox of its own, with its exit status and output", function()
-      local dir = tmpdir()
-      finally(function() os.execute("rm -rf " .. dir) end)
+      local box = tmpdir()
+      finally(function() os.execute("rm -rf " .. box) end)
       local r = assert(proc.run { argv = { "sh", "-c", "echo $$; ls /proc | grep -c '^[0-9]'; exit 3" },
-        namespaces = { writable = dir }, user = "nobody" })
+        namespaces = { writable = box }, user = "nobody" })
       assert.equal(3, r.code)
       assert.equal("1\n3\n", r.stdout)       -- the shell is pid 1; /proc shows it, ls and grep
-      local bad, err = proc.run { argv = { "true" }, namespaces = { writable = dir .. "/missing" } }
+      local bad, err = proc.run { argv = { "true" }, namespaces = { writable = box .. "/missing" } }
       assert.is_nil(bad)
       assert.equal("proc.isolate", err.code)
       assert.matches("sandbox: opening the writable directory", err.message, 1, true)

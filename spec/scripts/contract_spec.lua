@@ -77,6 +77,16 @@ describe("the contract", function()
     assert.matches("unknown field", contract.problems("unbind", { credentials = {} })[1].message)
   end)
 
+  it("checks the limits of a service and of its plans", function()
+    local msgs = contract.script_problems({ name = "x", script = { limits = { memory_mb = 0.5, disk_mb = 1 },
+      plans = { { limits = { pids = "many" } }, { limits = { memory_mb = 64, pids = 32, cpu_shares = 2, files = 64 } } } } })
+    table.sort(msgs)
+    assert.equal(3, #msgs)
+    assert.matches("limits%.disk_mb: unknown field %(a limits has: cpu_shares, files, memory_mb, pids%)", msgs[1])
+    assert.matches("limits%.memory_mb: must be a positive integer", msgs[2])
+    assert.matches("plans%[1%]%.limits%.pids: must be a positive integer", msgs[3])
+  end)
+
   it("is documented field by field in docs/authoring.md", function()
     local doc = files.read("docs/authoring.md")
     for _, name in ipairs(contract.field_names()) do
