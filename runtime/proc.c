@@ -5,6 +5,12 @@
  * user when asked, supervises them, and after its own restart adopts them by identity:
  * pid + start time (field 22 of /proc/<pid>/stat), so a recycled pid is never signalled.
  *
+ * Isolation: a process may start in new mount, PID, IPC and UTS namespaces with a read-only
+ * view of the root tree (one writable directory, private /tmp and /dev/shm, hidden paths, its
+ * own /proc), as a user with no capabilities, in given cgroups and under an open-file limit;
+ * a command may run inside the namespaces of such a process (docs/isolation.md says why this
+ * is done here rather than with bubblewrap).
+ *
  * Threads: the broker is multi-threaded, each thread with its own lua_State. Nothing
  * here keeps mutable static state; the child side of fork() only makes
  * async-signal-safe calls (no malloc, no Lua, no locks); waitpid() is only ever called
@@ -20,12 +26,14 @@
 #include <poll.h>
 #include <pthread.h>
 #include <pwd.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -35,6 +43,7 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/capability.h>
 
 #include "forge/forge.h"
 #include "lnet.h"
@@ -274,6 +283,19 @@ static int signal_identity(pid_t pid, long long start_time, int sig)
 }
 
 
+/* A pidfd (CLOEXEC) of the live process `pid` whose start time is `start_time`, or -1. */
+static int pidfd_of_identity(pid_t pid, long long start_time)
+{
+    struct proc_stat ps;
+    int fd = pidfd_open_(pid);
+    if (fd >= 0 && !identity_matches(pid, start_time, &ps)) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
+}
+
+
 /* Push {code=, signal=} for a wait status. */
 static void push_status(lua_State *L, int status)
 {
@@ -306,27 +328,76 @@ struct child_spec {
     const gid_t *groups;        /* supplementary groups (the primary one included) */
     size_t ngroups;
     int fd_in, fd_out, fd_err;  /* become 0, 1, 2 */
-    int errfd;                  /* CLOEXEC pipe: (stage, errno) on failure */
+    int errfd;                  /* CLOEXEC pipe: struct child_error on failure */
     int short_lived;            /* run(): owns its stdio pipes, dies with the broker */
+    const char *const *cgroups; /* cgroup.procs files to join (NULL-terminated), or NULL */
+    rlim_t nofile;              /* RLIMIT_NOFILE (soft and hard), or 0: inherited */
+    const struct ns_view *view; /* start in new namespaces with this view, or NULL */
+    int join_fd;                /* pidfd of a process whose namespaces to enter, or -1 */
+};
+
+/*
+ * A sandbox: new mount, PID, IPC and UTS namespaces (not the network), the whole root tree
+ * read-only, `writable` bound read-write at its own path, private /tmp and /dev/shm, each
+ * `hide` entry emptied (a directory becomes an empty read-only tmpfs, a file /dev/null), and
+ * a /proc that shows the new PID namespace only.
+ */
+struct ns_view {
+    const char *writable;
+    const char *const *hide;    /* NULL-terminated */
+    const char *hostname;       /* NULL: the broker's */
 };
 
 /* Where the child failed; the user stages index user_steps[] from STAGE_SETGROUPS. */
 enum {
     STAGE_EXEC = 0, STAGE_CHDIR = 1, STAGE_SETUP = 2,
     STAGE_SETGROUPS = 3, STAGE_SETGID = 4, STAGE_SETUID = 5, STAGE_NO_NEW_PRIVS = 6,
+    STAGE_CGROUP = 7, STAGE_RLIMIT = 8, STAGE_SETNS = 9, STAGE_CAPS = 10, STAGE_VIEW = 11,
 };
 
 static const char *const user_steps[] = {"setgroups", "setgid", "setuid", "prctl(PR_SET_NO_NEW_PRIVS)"};
 
+/* The steps of building a sandbox's view (STAGE_VIEW), as error messages name them. */
+enum {
+    VIEW_PRIVATE, VIEW_OPEN_WRITABLE, VIEW_TREE, VIEW_RDONLY, VIEW_ATTACH, VIEW_PIVOT, VIEW_TMP,
+    VIEW_SHM, VIEW_HIDE, VIEW_MKDIR, VIEW_BIND, VIEW_SEAL, VIEW_PROC, VIEW_HOSTNAME,
+};
+
+static const char *const view_steps[] = {
+    "making mounts private", "opening the writable directory", "copying the root tree",
+    "making the root tree read-only", "attaching the new root", "pivot_root", "mounting a private /tmp",
+    "mounting a private /dev/shm", "hiding", "creating the mount point", "binding the writable directory",
+    "making read-only", "mounting /proc", "setting the host name",
+};
+
+/* What a failed child reports through errfd. */
+struct child_error {
+    int stage, err;
+    int step;                   /* STAGE_VIEW: VIEW_* */
+    int index;                  /* the cgroups[] or hide[] entry at fault, or -1 */
+};
+
+
+static FORGE_NORETURN void child_fail_at(int errfd, int stage, int err, int step, int index)
+{
+    struct child_error msg = {stage, err, step, index};
+    ssize_t n;
+    do
+        n = write(errfd, &msg, sizeof msg);
+    while (n < 0 && errno == EINTR);
+    _exit(127);
+}
+
 
 static FORGE_NORETURN void child_fail(int errfd, int stage, int err)
 {
-    int msg[2] = {stage, err};
-    ssize_t n;
-    do
-        n = write(errfd, msg, sizeof msg);
-    while (n < 0 && errno == EINTR);
-    _exit(127);
+    child_fail_at(errfd, stage, err, 0, -1);
+}
+
+
+static FORGE_NORETURN void view_fail(int errfd, int step, int index)
+{
+    child_fail_at(errfd, STAGE_VIEW, errno, step, index);
 }
 
 
@@ -385,14 +456,168 @@ static void child_become_user(const struct child_spec *cs, int errfd)
         if (fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode) && fchown(fd, cs->uid, cs->gid) < 0)
             child_fail(errfd, STAGE_SETUP, errno);
     }
-    if (setgroups(cs->ngroups, cs->groups) < 0)
+    /* raw system calls: the child of a raw clone() (new namespaces) shares glibc's idea of the
+       parent's threads, and glibc's set*id() would try to signal them all */
+    if (syscall(SYS_setgroups, cs->ngroups, cs->groups) < 0)
         child_fail(errfd, STAGE_SETGROUPS, errno);
-    if (setgid(cs->gid) < 0)
+    if (syscall(SYS_setgid, cs->gid) < 0)
         child_fail(errfd, STAGE_SETGID, errno);
-    if (setuid(cs->uid) < 0)
+    if (syscall(SYS_setuid, cs->uid) < 0)
         child_fail(errfd, STAGE_SETUID, errno);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         child_fail(errfd, STAGE_NO_NEW_PRIVS, errno);
+}
+
+
+/* Join each cgroup in cs->cgroups (writing 0 to cgroup.procs moves the writer). */
+static void child_join_cgroups(const struct child_spec *cs, int errfd)
+{
+    for (int i = 0; cs->cgroups && cs->cgroups[i]; i++) {
+        int fd = open(cs->cgroups[i], O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || write(fd, "0", 1) != 1)
+            child_fail_at(errfd, STAGE_CGROUP, errno, 0, i);
+        close(fd);
+    }
+}
+
+
+/*
+ * Enter the namespaces of the process behind cs->join_fd, then fork: the command goes on in
+ * them as a member of that PID namespace, while this process (setns does not move its caller
+ * into a PID namespace) waits outside and exits as the command did.
+ */
+static void child_join_namespaces(const struct child_spec *cs, int errfd)
+{
+    if (setns(cs->join_fd, CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID) < 0)
+        child_fail(errfd, STAGE_SETNS, errno);
+    close(cs->join_fd);
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
+        child_fail(errfd, STAGE_SETUP, errno);
+    pid_t pid = _Fork();
+    if (pid < 0)
+        child_fail(errfd, STAGE_SETUP, errno);
+    if (pid == 0)
+        return;
+    close_from(0, ~0U);
+    int status;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+        ;
+    if (WIFSIGNALED(status))
+        kill(getpid(), WTERMSIG(status));
+    _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+}
+
+
+/* mkdir -p of an absolute path; 0 or -1 (errno). */
+static int mkdir_p(const char *path)
+{
+    char buf[PATH_MAX];
+    size_t n = strlen(path);
+    if (n >= sizeof buf) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(buf, path, n + 1);
+    for (char *p = buf + 1;; p++) {
+        if (*p != '/' && *p != '\0')
+            continue;
+        char c = *p;
+        *p = '\0';
+        if (mkdir(buf, 0755) < 0 && errno != EEXIST)
+            return -1;
+        if (c == '\0')
+            return 0;
+        *p = c;
+    }
+}
+
+
+/* Empty `path` in the view: a directory gets a tmpfs (made read-only later, once the writable
+ * directory's mount point exists: returns 1), a file /dev/null; an absent path needs nothing.
+ * Returns 0, 1, or -1 (errno). */
+static int hide_path(const char *path)
+{
+    struct stat st;
+    if (stat(path, &st) < 0)
+        return errno == ENOENT ? 0 : -1;
+    if (!S_ISDIR(st.st_mode))
+        return mount("/dev/null", path, NULL, MS_BIND, NULL);
+    return mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=1m") < 0 ? -1 : 1;
+}
+
+
+/*
+ * Build the view of cs->view, in the new mount namespace: a read-only recursive copy of the
+ * root tree becomes the root (pivot_root), then private /tmp and /dev/shm, the hidden paths,
+ * the writable directory (taken before the copy hid it) and a /proc of our PID namespace.
+ */
+static void child_build_view(const struct ns_view *v, int errfd)
+{
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+        view_fail(errfd, VIEW_PRIVATE, -1);
+    int wfd = open_tree(AT_FDCWD, v->writable, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+    if (wfd < 0)
+        view_fail(errfd, VIEW_OPEN_WRITABLE, -1);
+    int root = open_tree(AT_FDCWD, "/", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE);
+    if (root < 0)
+        view_fail(errfd, VIEW_TREE, -1);
+    struct mount_attr ro = {.attr_set = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, .propagation = MS_PRIVATE};
+    if (mount_setattr(root, "", AT_EMPTY_PATH | AT_RECURSIVE, &ro, sizeof ro) < 0)
+        view_fail(errfd, VIEW_RDONLY, -1);
+    if (move_mount(root, "", AT_FDCWD, "/", MOVE_MOUNT_F_EMPTY_PATH) < 0 || fchdir(root) < 0)
+        view_fail(errfd, VIEW_ATTACH, -1);
+    /* pivot_root(".", ".") stacks the old root on the new one; detaching it leaves the new */
+    if (syscall(SYS_pivot_root, ".", ".") < 0 || umount2(".", MNT_DETACH) < 0 || chdir("/") < 0)
+        view_fail(errfd, VIEW_PIVOT, -1);
+    close(root);
+    if (mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
+        view_fail(errfd, VIEW_TMP, -1);
+    struct stat st;
+    if (stat("/dev/shm", &st) == 0 && mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
+        view_fail(errfd, VIEW_SHM, -1);
+    unsigned char tmpfs[1024];                  /* read_paths() allows 1024 */
+    for (int i = 0; v->hide[i]; i++)
+        if ((tmpfs[i] = (unsigned char)hide_path(v->hide[i])) == (unsigned char)-1)
+            view_fail(errfd, VIEW_HIDE, i);
+    mode_t mask = umask(0);                     /* the mount point's parents: passable by all */
+    if (mkdir_p(v->writable) < 0)
+        view_fail(errfd, VIEW_MKDIR, -1);
+    umask(mask);
+    if (move_mount(wfd, "", AT_FDCWD, v->writable, MOVE_MOUNT_F_EMPTY_PATH) < 0)
+        view_fail(errfd, VIEW_BIND, -1);
+    close(wfd);
+    for (int i = 0; v->hide[i]; i++)
+        if (tmpfs[i] == 1 && mount(NULL, v->hide[i], NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV |
+                                   MS_NOEXEC, NULL) < 0)
+            view_fail(errfd, VIEW_SEAL, i);
+    umount2("/proc", MNT_DETACH);               /* the broker's /proc, copied with the tree */
+    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+        view_fail(errfd, VIEW_PROC, -1);
+    if (v->hostname && sethostname(v->hostname, strlen(v->hostname)) < 0)
+        view_fail(errfd, VIEW_HOSTNAME, -1);
+}
+
+
+/* While still root: empty the bounding and ambient capability sets, so nothing exec'd later
+ * can regain a capability. */
+static void child_drop_bounding(int errfd)
+{
+    int cap = 0;
+    while (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0)
+        cap++;
+    if (errno != EINVAL || cap == 0 || prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
+        child_fail(errfd, STAGE_CAPS, errno);
+}
+
+
+/* After the uid change (which empties the permitted and effective sets): the inheritable set too. */
+static void child_clear_caps(int errfd)
+{
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
+    memset(data, 0, sizeof data);
+    if (syscall(SYS_capset, &hdr, data) < 0)
+        child_fail(errfd, STAGE_CAPS, errno);
 }
 
 
@@ -414,6 +639,9 @@ static FORGE_NORETURN void child_exec(const struct child_spec *cs)
 
     if (setsid() < 0)
         child_fail(errfd, STAGE_SETUP, errno);
+    child_join_cgroups(cs, errfd);              /* first: a view makes /sys/fs/cgroup read-only */
+    if (cs->join_fd >= 0)
+        child_join_namespaces(cs, errfd);
 
     /* Lift every fd we need above 2 first, so the dup2()s below cannot clobber one. */
     int e = fcntl(errfd, F_DUPFD_CLOEXEC, 3);
@@ -430,11 +658,25 @@ static FORGE_NORETURN void child_exec(const struct child_spec *cs)
     close_from(3, (unsigned)errfd - 1);
     close_from((unsigned)errfd + 1, ~0U);
 
+    struct rlimit nofile = {cs->nofile, cs->nofile};
+    if (cs->nofile && setrlimit(RLIMIT_NOFILE, &nofile) < 0)
+        child_fail(errfd, STAGE_RLIMIT, errno);
+    int sandboxed = cs->view || cs->join_fd >= 0;
+    if (cs->view)
+        child_build_view(cs->view, errfd);
+    if (sandboxed)
+        child_drop_bounding(errfd);
     if (cs->user)
         child_become_user(cs, errfd);           /* before chdir and exec: checked as the user */
+    if (sandboxed) {
+        child_clear_caps(errfd);
+        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+            child_fail(errfd, STAGE_NO_NEW_PRIVS, errno);
+    }
     /* a command (initdb, pg_basebackup) must not outlive a killed broker and run twice; set
-       after the uid change, which clears it */
-    if (cs->short_lived && prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0) < 0)
+       after the uid change, which clears it. The first process of a PID namespace ignores a
+       signal it has no handler for, unless it is SIGKILL. */
+    if (cs->short_lived && prctl(PR_SET_PDEATHSIG, cs->view ? SIGKILL : SIGTERM, 0, 0, 0) < 0)
         child_fail(errfd, STAGE_SETUP, errno);
     if (cs->cwd && chdir(cs->cwd) < 0)
         child_fail(errfd, STAGE_CHDIR, errno);
@@ -485,16 +727,15 @@ static FORGE_NORETURN void child_exec(const struct child_spec *cs)
 
 
 /*
- * fork + exec `cs`; the caller owns every fd in it (they stay open here). On success
- * returns the pid. On failure returns -1 and fills `stage`/`err`: stage -1 for a failed
- * pipe/fork in the parent, else the child's STAGE_*.
+ * fork + exec `cs` (a clone into new namespaces when cs->view); the caller owns every fd in
+ * it (they stay open here). On success returns the pid. On failure returns -1 and fills `ce`:
+ * stage -1 for a failed pipe/fork in the parent, else what the child reported.
  */
-static pid_t fork_exec(struct child_spec *cs, int *stage, int *err)
+static pid_t fork_exec(struct child_spec *cs, struct child_error *ce)
 {
     int pfd[2];
     if (pipe2(pfd, O_CLOEXEC) < 0) {
-        *stage = -1;
-        *err = errno;
+        *ce = (struct child_error){-1, errno, 0, -1};
         return -1;
     }
     cs->errfd = pfd[1];
@@ -503,7 +744,10 @@ static pid_t fork_exec(struct child_spec *cs, int *stage, int *err)
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    pid_t pid = fork();
+    /* no new stack: the child goes on, as after fork(), on a copy of ours */
+    pid_t pid = cs->view ? (pid_t)syscall(SYS_clone, CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS |
+                                          SIGCHLD, NULL, NULL, NULL, 0L)
+                         : fork();
     if (pid == 0)
         child_exec(cs);
     int fork_err = errno;
@@ -511,23 +755,21 @@ static pid_t fork_exec(struct child_spec *cs, int *stage, int *err)
     close(pfd[1]);
     if (pid < 0) {
         close(pfd[0]);
-        *stage = -1;
-        *err = fork_err;
+        *ce = (struct child_error){-1, fork_err, 0, -1};
         return -1;
     }
 
-    int msg[2];
+    struct child_error msg;
     ssize_t n;
     do
-        n = read(pfd[0], msg, sizeof msg);
+        n = read(pfd[0], &msg, sizeof msg);
     while (n < 0 && errno == EINTR);
     close(pfd[0]);
     if (n == (ssize_t)sizeof msg) {             /* exec failed: reap the child, report */
         int status;
         while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
             ;
-        *stage = msg[0];
-        *err = msg[1];
+        *ce = msg;
         return -1;
     }
     return pid;                                 /* EOF: exec succeeded (CLOEXEC) */
@@ -535,23 +777,38 @@ static pid_t fork_exec(struct child_spec *cs, int *stage, int *err)
 
 
 /* Push `nil, err` for a failed fork_exec. */
-static int push_spawn_error(lua_State *L, const struct child_spec *cs, int stage, int err)
+static int push_spawn_error(lua_State *L, const struct child_spec *cs, const struct child_error *ce)
 {
     char eb[128];
-    const char *msg = forge_strerror(err, eb, sizeof eb);
-    switch (stage) {
+    const char *msg = forge_strerror(ce->err, eb, sizeof eb);
+    const char *exe = cs->argv[0];
+    switch (ce->stage) {
     case STAGE_EXEC:
-        return forge_pusherror(L, "proc.exec", 0, "%s: %s", cs->argv[0], msg);
+        return forge_pusherror(L, "proc.exec", 0, "%s: %s", exe, msg);
     case STAGE_CHDIR:
-        return forge_pusherror(L, "proc.exec", 0, "%s: chdir %s: %s", cs->argv[0], cs->cwd, msg);
+        return forge_pusherror(L, "proc.exec", 0, "%s: chdir %s: %s", exe, cs->cwd, msg);
     case STAGE_SETUP:
-        return forge_pusherror(L, "proc.exec", 0, "%s: child setup: %s", cs->argv[0], msg);
+        return forge_pusherror(L, "proc.exec", 0, "%s: child setup: %s", exe, msg);
     case STAGE_SETGROUPS: case STAGE_SETGID: case STAGE_SETUID: case STAGE_NO_NEW_PRIVS:
-        return forge_pusherror(L, "proc.user", 0, "%s: cannot switch to user '%s': %s: %s", cs->argv[0],
-                               cs->user, user_steps[stage - STAGE_SETGROUPS], msg);
+        return forge_pusherror(L, "proc.user", 0, "%s: cannot switch to user '%s': %s: %s", exe,
+                               cs->user, user_steps[ce->stage - STAGE_SETGROUPS], msg);
+    case STAGE_CGROUP:
+        return forge_pusherror(L, "proc.limits", 0, "%s: joining %s: %s", exe, cs->cgroups[ce->index], msg);
+    case STAGE_RLIMIT:
+        return forge_pusherror(L, "proc.limits", 0, "%s: setrlimit(RLIMIT_NOFILE): %s", exe, msg);
+    case STAGE_SETNS:
+        return forge_pusherror(L, "proc.isolate", ce->err == ESRCH, "%s: entering the sandbox: %s", exe, msg);
+    case STAGE_CAPS:
+        return forge_pusherror(L, "proc.isolate", 0, "%s: dropping capabilities: %s", exe, msg);
+    case STAGE_VIEW: {
+        const char *path = ce->index >= 0 ? cs->view->hide[ce->index] :
+                           ce->step >= VIEW_MKDIR && ce->step <= VIEW_BIND ? cs->view->writable : NULL;
+        return forge_pusherror(L, "proc.isolate", 0, "%s: sandbox: %s%s%s: %s", exe, view_steps[ce->step],
+                               path ? " " : "", path ? path : "", msg);
+    }
     default:
-        return forge_pusherror(L, "proc.spawn", err == EAGAIN || err == ENOMEM || err == EMFILE ||
-                               err == ENFILE, "%s: fork: %s", cs->argv[0], msg);
+        return forge_pusherror(L, "proc.spawn", ce->err == EAGAIN || ce->err == ENOMEM || ce->err == EMFILE ||
+                               ce->err == ENFILE, "%s: fork: %s", exe, msg);
     }
 }
 
@@ -665,7 +922,77 @@ static void check_command(lua_State *L, const char *what, const char *const allo
     lua_settop(L, 1);
     lua_newtable(L);                            /* 2: anchor */
     memset(cs, 0, sizeof *cs);
+    cs->join_fd = -1;
     read_command(L, 1, 2, cs, what);
+}
+
+
+/*
+ * The list of absolute paths on top of the stack as a NULL-terminated array, each path
+ * followed by `suffix`; the array and the strings are anchored in the table at 2.
+ * Stack: [opts, anchor, ... list] -> unchanged
+ * May longjmp (usage errors, memory).
+ */
+static const char **read_paths(lua_State *L, const char *what, const char *field, const char *suffix)
+{
+    int t = lua_gettop(L);
+    if (!lua_istable(L, t))
+        luaL_error(L, "%s: option '%s' must be a list of absolute paths", what, field);
+    lua_Integer n = luaL_len(L, t);
+    if (n < 0 || n > 1024)
+        luaL_error(L, "%s: option '%s' must list at most 1024 paths", what, field);
+    const char **paths = lua_newuserdatauv(L, (size_t)(n + 1) * sizeof *paths, 0);
+    lua_rawseti(L, 2, (lua_Integer)lua_rawlen(L, 2) + 1);
+    for (lua_Integer i = 1; i <= n; i++) {
+        size_t len;
+        const char *path = lua_geti(L, t, i) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
+        if (!path || path[0] != '/' || strlen(path) != len || len >= PATH_MAX)
+            luaL_error(L, "%s: %s[%d] must be an absolute path", what, field, (int)i);
+        paths[i - 1] = lua_pushfstring(L, "%s%s", path, suffix);
+        lua_rawseti(L, 2, (lua_Integer)lua_rawlen(L, 2) + 1);
+        lua_pop(L, 1);
+    }
+    paths[n] = NULL;
+    return paths;
+}
+
+
+/*
+ * The isolation options of the spawn/run options at 1 into `cs`: `cgroups` (directories to
+ * join), `nofile` (open-file limit), `namespaces` = {writable=, hide={...}, hostname=} (into
+ * `view`, which cs->view then points at).
+ * Stack: [opts, anchor, ...] -> unchanged (buffers go into the anchor)
+ * May longjmp (usage errors, memory).
+ */
+static void read_isolation(lua_State *L, struct child_spec *cs, struct ns_view *view, const char *what)
+{
+    static const char *const view_keys[] = {"writable", "hide", "hostname", NULL};
+    if (lua_getfield(L, 1, "cgroups") != LUA_TNIL)
+        cs->cgroups = read_paths(L, what, "cgroups", "/cgroup.procs");
+    lua_pop(L, 1);
+    lua_Integer nofile = forge_optintfield(L, 1, "nofile", 0);
+    if (nofile < 0 || nofile > (1 << 30))
+        luaL_error(L, "%s: option 'nofile' must be in 1..2^30", what);
+    cs->nofile = (rlim_t)nofile;
+    int t = lua_getfield(L, 1, "namespaces");
+    if (t != LUA_TNIL) {
+        if (t != LUA_TTABLE)
+            luaL_error(L, "%s: option 'namespaces' must be a table", what);
+        int v = lua_gettop(L);
+        forge_checkkeys(L, v, "namespaces", view_keys);
+        view->writable = forge_optstrfield(L, v, "writable", NULL);
+        if (!view->writable || view->writable[0] != '/' || strlen(view->writable) >= PATH_MAX)
+            luaL_error(L, "%s: namespaces.writable must be an absolute path", what);
+        if (lua_getfield(L, v, "hide") == LUA_TNIL)
+            lua_newtable(L);
+        view->hide = read_paths(L, what, "namespaces.hide", "");
+        lua_pop(L, 1);
+        view->hostname = forge_optstrfield(L, v, "hostname", NULL);
+        if (view->hostname && (view->hostname[0] == '\0' || strlen(view->hostname) > 64))
+            luaL_error(L, "%s: namespaces.hostname must be 1..64 characters", what);
+        cs->view = view;
+    }
+    lua_pop(L, 1);
 }
 
 
@@ -818,18 +1145,30 @@ static int read_user(lua_State *L, struct child_spec *cs, const char *what)
  * With `user` (a name or a uid) the child drops to that user's uid, primary gid and
  * groups, with no_new_privs, before chdir and exec (nothing changes when it is us);
  * the output files are still opened, and owned, by us.
+ * Isolation (root only): `cgroups` lists cgroup directories the child joins before anything
+ * else; `nofile` sets its open-file limit; `namespaces` = {writable=dir, hide={paths},
+ * hostname=?} starts it as the first process of new mount, PID, IPC and UTS namespaces,
+ * seeing the root tree read-only but for `writable`, a private /tmp and /dev/shm, each
+ * `hide` path emptied and its own /proc, with no capability left (bounding set included)
+ * and no_new_privs. Such a process ignores signals it has no handler for, but SIGKILL; when
+ * it exits, the kernel kills whatever else runs in its namespaces.
  * @function spawn
- * @tparam table opts {argv={...}, cwd=?, env={K=V}?, stdout=path?, stderr=path?, user=?}
+ * @tparam table opts {argv={...}, cwd=?, env={K=V}?, stdout=path?, stderr=path?, user=?,
+ *   cgroups={dir,...}?, nofile=?, namespaces={writable=, hide=?, hostname=?}?}
  * @return {pid=, start_time=} or nil, err (code "proc.exec" when exec/chdir failed,
  *   "proc.io" when an output file cannot be opened, "proc.spawn" when fork failed,
  *   "proc.user" for an unknown user, another user while we are not root, or a failed
- *   switch in the child)
+ *   switch in the child, "proc.limits" when a cgroup or the open-file limit cannot be set,
+ *   "proc.isolate" when the sandbox cannot be built (the step and path named))
  */
 static int l_proc_spawn(lua_State *L)
 {
-    static const char *const keys[] = {"argv", "cwd", "env", "stdout", "stderr", "user", NULL};
+    static const char *const keys[] = {"argv", "cwd", "env", "stdout", "stderr", "user", "cgroups", "nofile",
+                                       "namespaces", NULL};
     struct child_spec cs;
+    struct ns_view view;
     check_command(L, "proc.spawn", keys, &cs);     /* [opts, anchor, argv_ud [envp_ud]] */
+    read_isolation(L, &cs, &view, "proc.spawn");
     const char *out_path = forge_optstrfield(L, 1, "stdout", NULL);
     const char *err_path = forge_optstrfield(L, 1, "stderr", NULL);
     int rc = read_user(L, &cs, "proc.spawn: option 'user'");
@@ -860,14 +1199,14 @@ static int l_proc_spawn(lua_State *L)
     cs.fd_in = fd_in;
     cs.fd_out = fd_out;
     cs.fd_err = fd_err;
-    int stage = 0, err = 0;
-    pid_t pid = fork_exec(&cs, &stage, &err);
+    struct child_error ce;
+    pid_t pid = fork_exec(&cs, &ce);
     close(fd_in);
     close(fd_out);
     if (fd_err != fd_out)
         close(fd_err);
     if (pid < 0)
-        return push_spawn_error(L, &cs, stage, err);
+        return push_spawn_error(L, &cs, &ce);
 
     struct proc_stat ps;
     rc = read_stat(pid, &ps);                   /* our child: even a zombie is still there */
@@ -1078,6 +1417,7 @@ static int l_proc_wait(lua_State *L)
 struct run_ctx {
     pid_t pid;                  /* 0 once reaped (or never started) */
     int in_fd, pidfd;
+    int join_fd;                /* pidfd of the process to join, until the fork */
     int out_fd[2];              /* stdout, stderr read ends */
     char *buf[2];
     size_t len[2], cap[2];
@@ -1099,10 +1439,12 @@ static void run_close(struct run_ctx *rc)
         close(rc->in_fd);
     if (rc->pidfd >= 0)
         close(rc->pidfd);
+    if (rc->join_fd >= 0)
+        close(rc->join_fd);
     for (int i = 0; i < 2; i++)
         if (rc->out_fd[i] >= 0)
             close(rc->out_fd[i]);
-    rc->in_fd = rc->pidfd = rc->out_fd[0] = rc->out_fd[1] = -1;
+    rc->in_fd = rc->pidfd = rc->join_fd = rc->out_fd[0] = rc->out_fd[1] = -1;
 }
 
 
@@ -1157,20 +1499,38 @@ static int make_pipe(int p[2], int parent_end)
 /***
  * Run a helper command to completion, feeding stdin and capturing stdout and stderr.
  * The command runs in its own process group, which is SIGKILLed on timeout; only the
- * command's own pid is reaped.
+ * command's own pid is reaped. `cgroups`, `nofile` and `namespaces` as for spawn; or
+ * `join` = {pid=, start_time=}: the command runs inside the namespaces of that process
+ * (a member of its PID namespace; the child we wait for stays outside and exits as the
+ * command did), with no capability left and no_new_privs.
  * @function run
  * @tparam table opts {argv={...}, stdin=string?, env={K=V}?, cwd=?, timeout=seconds
- *   (default 10), max_output=bytes per stream (default 1 MiB), user=? (as for spawn)}
+ *   (default 10), max_output=bytes per stream (default 1 MiB), user=? (as for spawn),
+ *   cgroups=?, nofile=?, namespaces=? (as for spawn), join={pid=, start_time=}?}
  * @return {code=, signal=, stdout=, stderr=}, or nil, err ("proc.exec",
  *   "proc.timeout" (retryable), "proc.output" when an output exceeds max_output, "proc.io",
- *   "proc.user" as for spawn)
+ *   "proc.user", "proc.limits", "proc.isolate" as for spawn, "proc.gone" (retryable) when
+ *   the process to join is not alive)
  */
 static int l_proc_run(lua_State *L)
 {
-    static const char *const keys[] = {"argv", "stdin", "env", "cwd", "timeout", "max_output", "user", NULL};
+    static const char *const keys[] = {"argv", "stdin", "env", "cwd", "timeout", "max_output", "user", "cgroups",
+                                       "nofile", "namespaces", "join", NULL};
     struct child_spec cs;
+    struct ns_view view;
     check_command(L, "proc.run", keys, &cs);     /* [opts, anchor, argv_ud [envp_ud]] */
+    read_isolation(L, &cs, &view, "proc.run");
     cs.short_lived = 1;
+    lua_Integer join_pid = 0, join_start = -1;
+    if (lua_getfield(L, 1, "join") != LUA_TNIL) {
+        if (!lua_istable(L, -1) || cs.view)
+            luaL_error(L, "proc.run: option 'join' must be {pid=, start_time=}, without 'namespaces'");
+        join_pid = forge_optintfield(L, -1, "pid", 0);
+        join_start = forge_optintfield(L, -1, "start_time", -1);
+        if (join_pid <= 1 || join_pid > INT_MAX || join_start < 0)
+            luaL_error(L, "proc.run: option 'join' must be {pid=, start_time=}, without 'namespaces'");
+    }
+    lua_pop(L, 1);
     double timeout = forge_optnumfield(L, 1, "timeout", 10);
     if (!(timeout > 0))
         luaL_error(L, "proc.run: option 'timeout' must be > 0");
@@ -1192,7 +1552,7 @@ static int l_proc_run(lua_State *L)
 
     struct run_ctx *rc = lua_newuserdatauv(L, sizeof *rc, 0);
     memset(rc, 0, sizeof *rc);
-    rc->in_fd = rc->pidfd = rc->out_fd[0] = rc->out_fd[1] = -1;
+    rc->in_fd = rc->pidfd = rc->join_fd = rc->out_fd[0] = rc->out_fd[1] = -1;
     if (luaL_newmetatable(L, PROC_RUN_MT)) {
         lua_pushcfunction(L, l_run_gc);
         lua_setfield(L, -2, "__gc");
@@ -1203,6 +1563,13 @@ static int l_proc_run(lua_State *L)
     /* From here to the result, only rc owns resources; nothing below raises before
      * the final pushes, and those are covered by __gc. */
     char eb[128];
+    if (join_pid && (rc->join_fd = pidfd_of_identity((pid_t)join_pid, (long long)join_start)) < 0) {
+        char stbuf[32];
+        snprintf(stbuf, sizeof stbuf, "%lld", (long long)join_start);
+        return forge_pusherror(L, "proc.gone", 1, "%s: no process %d with start time %s to join", cs.argv[0],
+                               (int)join_pid, stbuf);
+    }
+    cs.join_fd = rc->join_fd;
     int pin[2] = {-1, -1}, pout[2] = {-1, -1}, perr[2] = {-1, -1};
     int e = 0;
     if (in_data)
@@ -1226,14 +1593,18 @@ static int l_proc_run(lua_State *L)
     cs.fd_in = pin[0];
     cs.fd_out = pout[1];
     cs.fd_err = perr[1];
-    int stage = 0, err = 0;
-    pid_t pid = fork_exec(&cs, &stage, &err);
+    struct child_error ce;
+    pid_t pid = fork_exec(&cs, &ce);
     close(pin[0]);
     close(pout[1]);
     close(perr[1]);
+    if (rc->join_fd >= 0) {
+        close(rc->join_fd);
+        rc->join_fd = -1;
+    }
     if (pid < 0) {
         run_close(rc);
-        return push_spawn_error(L, &cs, stage, err);
+        return push_spawn_error(L, &cs, &ce);
     }
     rc->pid = pid;
     rc->pidfd = pidfd_open_(pid);               /* readable once the child exits */
@@ -1375,6 +1746,71 @@ static int l_proc_run(lua_State *L)
         rc->buf[i] = NULL;
     }
     return 1;
+}
+
+
+/* The child of can_isolate(): the first steps of a view, then exit. */
+static FORGE_NORETURN void probe_view(int errfd)
+{
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+        view_fail(errfd, VIEW_PRIVATE, -1);
+    int root = open_tree(AT_FDCWD, "/", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE);
+    if (root < 0)
+        view_fail(errfd, VIEW_TREE, -1);
+    struct mount_attr ro = {.attr_set = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, .propagation = MS_PRIVATE};
+    if (mount_setattr(root, "", AT_EMPTY_PATH | AT_RECURSIVE, &ro, sizeof ro) < 0)
+        view_fail(errfd, VIEW_RDONLY, -1);
+    _exit(0);
+}
+
+
+/***
+ * Whether spawn/run can start sandboxes here (option `namespaces`): we are root, and the
+ * kernel gives a child new mount, PID, IPC and UTS namespaces and has the mount API the view
+ * is built with (open_tree, mount_setattr: Linux 5.12).
+ * @function can_isolate
+ * @return true, or false, message (what is missing)
+ */
+static int l_proc_can_isolate(lua_State *L)
+{
+    char eb[128];
+    lua_pushboolean(L, 0);
+    if (geteuid() != 0) {
+        lua_pushliteral(L, "the broker does not run as root");
+        return 2;
+    }
+    int pfd[2];
+    if (pipe2(pfd, O_CLOEXEC) < 0) {
+        lua_pushfstring(L, "pipe: %s", forge_strerror(errno, eb, sizeof eb));
+        return 2;
+    }
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid_t pid = (pid_t)syscall(SYS_clone, CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | SIGCHLD,
+                               NULL, NULL, NULL, 0L);
+    if (pid == 0)
+        probe_view(pfd[1]);
+    int clone_err = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    close(pfd[1]);
+    struct child_error ce;
+    ssize_t n = 0;
+    if (pid > 0) {
+        do
+            n = read(pfd[0], &ce, sizeof ce);
+        while (n < 0 && errno == EINTR);
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+    }
+    close(pfd[0]);
+    if (pid < 0)
+        lua_pushfstring(L, "new namespaces: %s", forge_strerror(clone_err, eb, sizeof eb));
+    else if (n == (ssize_t)sizeof ce)
+        lua_pushfstring(L, "%s: %s", view_steps[ce.step], forge_strerror(ce.err, eb, sizeof eb));
+    else
+        lua_pushboolean(L, 1);
+    return lua_isboolean(L, -1) ? 1 : 2;
 }
 
 
@@ -1712,6 +2148,7 @@ int luaopen_forge_proc(lua_State *L)
         {"stop", l_proc_stop},
         {"wait", l_proc_wait},
         {"run", l_proc_run},
+        {"can_isolate", l_proc_can_isolate},
         {"sleep", l_proc_sleep},
         {"monotonic", l_proc_monotonic},
         {"time", l_proc_time},

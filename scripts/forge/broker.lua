@@ -171,7 +171,9 @@ function Broker:services_status()
   for i, e in ipairs(self.registry.errors) do
     errors[i] = { service = e.service, message = e.message, kept_version = e.kept }
   end
-  return { generation = require("forge.reload").generation(), services = list, errors = errors }
+  local iso = self.targets.by_name["local"]:isolation()
+  return { generation = require("forge.reload").generation(), services = list, errors = errors,
+    isolation = { mode = iso.mode, limits = iso.limits, warnings = iso.warnings } }
 end
 
 local function match(segs)

@@ -350,6 +350,9 @@ admin_command("status", "usage: forge status [--url URL] [--config FILE] [--json
       io.write(util.json_encode({ services = body, readiness = ready or rtext }), "\n")
     else
       io.write("generation ", tostring(body.generation), "\n")
+      local iso = body.isolation or {}
+      io.write("local target: isolation ", tostring(iso.mode), ", limits ", tostring(iso.limits), "\n")
+      for _, w in ipairs(iso.warnings or {}) do io.write("  WARNING ", w, "\n") end
       for _, svc in ipairs(body.services) do
         io.write(string.format("  %-20s version %s  (%d plan(s))\n", svc.name, svc.version, svc.plans))
       end

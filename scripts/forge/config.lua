@@ -47,6 +47,14 @@ local DEFAULTS = {
       commands = { "redis-server", "etcd", "etcdctl", "postgres", "initdb", "pg_basebackup", "sleep", "true" },
       user = "forge-svc",      -- when the broker runs as root, services run as this system user
       users = {},              -- other users a service or plan may ask for (`user = "..."`)
+      -- namespaces: each process in its own mount, PID, IPC and UTS namespaces (docs/isolation.md);
+      -- falls back to none, with a warning, where the kernel or a non-root broker does not allow it
+      isolation = "namespaces",
+      hide = {},               -- more paths (files, directories) an isolated process must not see
+      -- resource limits of an instance (cgroups, open files) when its plan or service sets none,
+      -- and the most a plan may ask for
+      limits = { memory_mb = 1024, pids = 512, cpu_shares = 1024, files = 4096 },
+      max_limits = { memory_mb = 8192, pids = 4096, cpu_shares = 8192, files = 65536 },
     },
   },
 }
@@ -61,6 +69,7 @@ local QUOTA_SCHEMA = {
 }
 
 local check_value
+local LIMITS_SCHEMA = { memory_mb = "integer", pids = "integer", cpu_shares = "integer", files = "integer" }
 
 local SCHEMA = {
   listen = "string", auth = { username = "string", password = "string" },
@@ -79,7 +88,8 @@ local SCHEMA = {
   -- targets.<name> (type: bosh) are checked by bosh_target against BOSH_SCHEMA
   targets = { ["local"] = { host = "string", ports = { from = "integer", to = "integer" },
     deploy_timeout = "number", stop_timeout = "number", command_timeout = "number", init_timeout = "number",
-    commands = "table", user = "string", users = "table" } },
+    commands = "table", user = "string", users = "table", isolation = "string", hide = "table",
+    limits = LIMITS_SCHEMA, max_limits = LIMITS_SCHEMA } },
 }
 
 -- A BOSH target (targets.<name>, type: bosh). Lists are checked element by element.
@@ -248,6 +258,7 @@ local ENV = {
   { "FORGE_LOCAL_COMMANDS", "targets.local.commands", list, "comma-separated" },
   { "FORGE_LOCAL_USER", "targets.local.user" },
   { "FORGE_QUOTAS", "quotas", quotas, "the section as YAML or JSON, e.g. '{organization: 20}'" },
+  { "FORGE_LOCAL_ISOLATION", "targets.local.isolation" },
 }
 
 -- Set the setting at dotted `path` of c (its parents exist in DEFAULTS).
@@ -308,6 +319,23 @@ local function validate(c)
   end
   if not lt.user:match("^[%w_][%w%-_%.]*$") or lt.user == "root" then
     return nil, "targets.local.user must be a user name other than root"
+  end
+  if lt.isolation ~= "namespaces" and lt.isolation ~= "none" then
+    return nil, "targets.local.isolation must be namespaces or none"
+  end
+  for i, path in ipairs(lt.hide) do
+    if type(path) ~= "string" or path:sub(1, 1) ~= "/" then
+      return nil, "targets.local.hide[" .. i .. "] must be an absolute path"
+    end
+  end
+  for _, k in ipairs({ "memory_mb", "pids", "cpu_shares", "files" }) do
+    if lt.limits[k] < 1 or lt.max_limits[k] < 1 then
+      return nil, "targets.local.limits." .. k .. " and targets.local.max_limits." .. k .. " must be positive"
+    end
+    if lt.limits[k] > lt.max_limits[k] then
+      return nil, string.format("targets.local.limits.%s (%d) is above targets.local.max_limits.%s (%d)", k,
+        lt.limits[k], k, lt.max_limits[k])
+    end
   end
   if c.store ~= "sqlite" and c.store ~= "etcd" then return nil, "store must be sqlite or etcd" end
   if c.store == "etcd" then

@@ -105,10 +105,15 @@ M.shapes = {
     write = map(TEXT, RELPATH), prepare = list(COMMAND), run = list(COMMAND), notes = list(STRING) }),
 }
 
+local COUNT = scalar("a positive integer", function(v) return math.type(v) == "integer" and v > 0 end)
+
+-- Resource limits of an instance on the local target (the operator's defaults fill the rest).
+local LIMITS = record("limits", { memory_mb = COUNT, pids = COUNT, cpu_shares = COUNT, files = COUNT })
+
 -- Fields of the service table (service.lua's returned table) beyond the OSB catalog fields,
 -- and of each plan; anything else in a plan is the author's own data (ctx.plan).
-M.script_fields = { commands = list(STRING), user = NAME, target = STRING }
-M.plan_fields = { user = NAME, target = STRING }
+M.script_fields = { commands = list(STRING), user = NAME, target = STRING, limits = LIMITS }
+M.plan_fields = { user = NAME, target = STRING, limits = LIMITS }
 
 -- Checking ----------------------------------------------------------------------------------
 
@@ -333,8 +338,12 @@ function M.field_names()
     end
   end
   for _, s in pairs(M.shapes) do walk(s) end
-  for k in pairs(M.script_fields) do add(k) end
-  for k in pairs(M.plan_fields) do add(k) end
+  for _, fields in ipairs({ M.script_fields, M.plan_fields }) do
+    for k, s in pairs(fields) do
+      add(k)
+      walk(s)
+    end
+  end
   table.sort(names)
   return names
 end

@@ -395,7 +395,8 @@ function Reconciler:housekeeping(now)
       if target:supervise(r, now) then
         model.update(self.db, kv.key, function(cur)
           if cur.operation.id ~= r.operation.id then return false end
-          cur.processes = r.processes
+          cur.processes, cur.health = r.processes, r.health
+          cur.operation.description = r.operation.description
         end)
       end
     end

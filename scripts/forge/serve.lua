@@ -166,6 +166,7 @@ local function start_work(st)
   for _, w in ipairs(warnings) do log.warn("config", { warning = w }) end
   st.reconciler = Reconciler.new(st.config, st.db, st.registry, targets.new(st.config, st.config.state_dir))
   st.reconciler.replica = st.replica
+  for _, w in ipairs(st.reconciler.targets.by_name["local"]:isolation().warnings) do log.warn(w) end
   return true
 end
 

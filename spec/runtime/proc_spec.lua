@@ -536,6 +536,88 @@ describe("forge.proc", function()
     end)
   end)
 
+  describe("sandboxes", function()
+    local function link(pid, ns) return lfs.symlinkattributes("/proc/" .. pid .. "/ns/" .. ns, "target") end
+
+    it("refuses bad isolation options with a usage error", function()
+      assert.has_error(function() proc.spawn { argv = { "true" }, namespaces = { writable = "rel" } } end)
+      assert.has_error(function() proc.spawn { argv = { "true" }, namespaces = { writable = "/tmp", hide = { "x" } } } end)
+      assert.has_error(function() proc.spawn { argv = { "true" }, namespaces = { writable = "/tmp", colour = 1 } } end)
+      assert.has_error(function() proc.spawn { argv = { "true" }, cgroups = "/sys/fs/cgroup" } end)
+      assert.has_error(function() proc.run { argv = { "true" }, nofile = -1 } end)
+      assert.has_error(function() proc.run { argv = { "true" }, join = { pid = 1 } } end)
+      assert.has_error(function()
+        proc.run { argv = { "true" }, join = { pid = 2, start_time = 0 }, namespaces = { writable = "/tmp" } }
+      end)
+    end)
+
+    as_root("can isolate here", function() assert.is_true(proc.can_isolate()) end)
+
+    as_root("starts a process alone in new namespaces, seeing a read-only tree but its own box", function()
+      local box, hidden = tmpdir(), tmpdir()
+      assert(io.open(hidden .. "/secret", "w")):close()
+      assert(proc.chown(box, "nobody"))
+      local p = assert(proc.spawn { argv = { "sleep", "30" }, user = "nobody", cwd = box,
+        namespaces = { writable = box, hide = { hidden }, hostname = "box" } })
+      finally(function()
+        proc.kill(p.pid, p.start_time, "KILL")
+        proc.wait(p.pid, 5)
+        os.execute("rm -rf " .. box .. " " .. hidden)
+      end)
+      for _, ns in ipairs({ "mnt", "pid", "ipc", "uts" }) do assert.are_not.equal(link("self", ns), link(p.pid, ns)) end
+      assert.equal(link("self", "net"), link(p.pid, "net"))
+      assert.equal(box, lfs.symlinkattributes("/proc/" .. p.pid .. "/cwd", "target"))
+      -- a command inside it: a member of its PID namespace, no capability, its view
+      local r = assert(proc.run { argv = { "sh", "-c", "ls /proc | grep -c '^[0-9]'; hostname; id -u; "
+        .. "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; ls " .. hidden .. "; touch /etc/nope; "
+        .. "touch " .. box .. "/yes /tmp/private && echo wrote" }, user = "nobody", join = p, cwd = box })
+      assert.equal(0, r.code)
+      local count, host, uid = r.stdout:match("^(%d+)\n(%S+)\n(%d+)\n")
+      assert.is_true(tonumber(count) >= 3 and tonumber(count) <= 5, r.stdout)   -- sleep, sh, its pipeline
+      assert.equal("box", host)
+      assert.equal(tostring(proc.user("nobody").uid), uid)
+      assert.matches("CapEff:%s+0000000000000000\nCapBnd:%s+0000000000000000\nNoNewPrivs:%s+1", r.stdout)
+      assert.matches("wrote", r.stdout)
+      assert.is_nil(r.stdout:find("secret", 1, true))
+      assert.matches("/etc/nope': Read-only file system", r.stderr, 1, true)
+      assert.is_true(exists(box .. "/yes"))
+      assert.is_false(exists("/tmp/private"))
+      -- the first process of a PID namespace ignores TERM without a handler: stop() ends with KILL
+      assert.is_true(proc.stop(p.pid, p.start_time, 0.2))
+      assert.is_false(proc.alive(p.pid, p.start_time))
+      local none, err = proc.run { argv = { "true" }, join = p }
+      assert.is_nil(none)
+      assert.equal("proc.gone", err.code)
+    end)
+
+    as_root("runs a command in a sandbox of its own, with its exit status and output", function()
+      local box = tmpdir()
+      finally(function() os.execute("rm -rf " .. box) end)
+      local r = assert(proc.run { argv = { "sh", "-c", "echo $$; ls /proc | grep -c '^[0-9]'; exit 3" },
+        namespaces = { writable = box }, user = "nobody" })
+      assert.equal(3, r.code)
+      assert.equal("1\n3\n", r.stdout)       -- the shell is pid 1; /proc shows it, ls and grep
+      local bad, err = proc.run { argv = { "true" }, namespaces = { writable = box .. "/missing" } }
+      assert.is_nil(bad)
+      assert.equal("proc.isolate", err.code)
+      assert.matches("sandbox: opening the writable directory", err.message, 1, true)
+    end)
+
+    as_root("joins cgroups and sets the open-file limit before exec", function()
+      local cg = "/sys/fs/cgroup/pids/forge-proc-spec-" .. proc.getpid()
+      assert(lfs.mkdir(cg))
+      finally(function() lfs.rmdir(cg) end)
+      local r = assert(proc.run { argv = { "sh", "-c", "cat /proc/self/cgroup; ulimit -n" }, cgroups = { cg },
+        nofile = 123, user = "nobody" })
+      assert.matches("pids:/forge%-proc%-spec%-" .. proc.getpid() .. "\n", r.stdout)
+      assert.matches("\n123\n$", r.stdout)
+      local none, err = proc.run { argv = { "true" }, cgroups = { cg .. "-missing" } }
+      assert.is_nil(none)
+      assert.equal("proc.limits", err.code)
+      assert.matches("joining " .. cg .. "-missing/cgroup.procs", err.message, 1, true)
+    end)
+  end)
+
   describe("time", function()
     it("sleeps, and reads the clocks", function()
       local t0 = proc.monotonic()

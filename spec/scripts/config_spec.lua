@@ -19,6 +19,26 @@ describe("forge.config", function()
     local c = assert(config.load("forge.yml", env {}))
     assert.equal("127.0.0.1:5000", c.listen)
     assert.equal(30999, c.targets["local"].ports.to)
+    assert.equal("namespaces", c.targets["local"].isolation)
+    assert.same({ memory_mb = 1024, pids = 512, cpu_shares = 1024, files = 4096 }, c.targets["local"].limits)
+  end)
+
+  it("takes the local target's isolation from FORGE_LOCAL_ISOLATION, and limits from the file", function()
+    local p = write("targets: {local: {limits: {memory_mb: 64}, max_limits: {memory_mb: 128}}}\n")
+    finally(function() os.remove(p) end)
+    local c = assert(config.load(p, env { FORGE_LOCAL_ISOLATION = "none" }))
+    local lt = c.targets["local"]
+    assert.equal("none", lt.isolation)
+    assert.same({ memory_mb = 64, pids = 512, cpu_shares = 1024, files = 4096 }, lt.limits)
+    assert.equal(128, lt.max_limits.memory_mb)
+    -- a plan's limits override the defaults field by field; one above the cap is refused
+    local target = require("forge.targets.local").new(lt, "/nonexistent")
+    assert.same({ memory_mb = 96, pids = 16, cpu_shares = 1024, files = 4096 },
+      target:limits({ limits = { pids = 16 } }, { limits = { memory_mb = 96 } }))
+    local none, err = target:limits({}, { limits = { memory_mb = 256 } })
+    assert.is_nil(none)
+    assert.equal("limits.memory_mb = 256 is above what the local target allows (targets.local.max_limits.memory_mb "
+      .. "= 128)", err)
   end)
 
   it("lets FORGE_* variables override the file", function()
@@ -41,6 +61,12 @@ describe("forge.config", function()
       { "log_level: loud\n", "log_level" },
       { "- a\n- b\n", "must be a map" },
       { "listen: [\n", "" },
+      { "targets: {local: {isolation: docker}}\n", "targets.local.isolation must be namespaces or none" },
+      { "targets: {local: {hide: [etc]}}\n", "targets.local.hide[1] must be an absolute path" },
+      { "targets: {local: {limits: {memory_mb: 0}}}\n", "targets.local.limits.memory_mb and" },
+      { "targets: {local: {limits: {pids: 9000}}}\n", "targets.local.limits.pids (9000) is above "
+        .. "targets.local.max_limits.pids (4096)" },
+      { "targets: {local: {limits: {files: lots}}}\n", "targets.local.limits.files must be an integer" },
     }
     for _, case in ipairs(cases) do
       local p = write(case[1])
@@ -143,7 +169,8 @@ describe("forge.config", function()
     local samples = { FORGE_LISTEN = "127.0.0.1:1", FORGE_PORTS = "40000-40010", FORGE_THREADS = "3",
       FORGE_SYNC_TIMEOUT = "3", FORGE_SANDBOX_CPU = "3", FORGE_SANDBOX_MEMORY = "3000000", FORGE_LOCK_TTL = "3",
       FORGE_STORE = "etcd", FORGE_ETCD_ENDPOINTS = "http://127.0.0.1:1", FORGE_LOG_LEVEL = "debug",
-      FORGE_QUOTAS = "{space: 1}", FORGE_LOCAL_COMMANDS = "sleep", FORGE_LOCAL_USER = "someone" }
+      FORGE_QUOTAS = "{space: 1}", FORGE_LOCAL_COMMANDS = "sleep", FORGE_LOCAL_USER = "someone",
+      FORGE_LOCAL_ISOLATION = "none" }
     local default = assert(config.load(nil, env {}))
     local function at(c, path)
       for part in path:gmatch("[^.]+") do c = c and c[part] end

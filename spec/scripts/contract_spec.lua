@@ -77,6 +77,16 @@ describe("the contract", function()
     assert.matches("unknown field", contract.problems("unbind", { credentials = {} })[1].message)
   end)
 
+  it("checks the limits of a service and of its plans", function()
+    local msgs = contract.script_problems({ name = "x", script = { limits = { memory_mb = 0.5, disk_mb = 1 },
+      plans = { { limits = { pids = "many" } }, { limits = { memory_mb = 64, pids = 32, cpu_shares = 2, files = 64 } } } } })
+    table.sort(msgs)
+    assert.equal(3, #msgs)
+    assert.matches("limits%.disk_mb: unknown field %(a limits has: cpu_shares, files, memory_mb, pids%)", msgs[1])
+    assert.matches("limits%.memory_mb: must be a positive integer", msgs[2])
+    assert.matches("plans%[1%]%.limits%.pids: must be a positive integer", msgs[3])
+  end)
+
   it("is documented field by field in docs/authoring.md", function()
     local doc = files.read("docs/authoring.md")
     for _, name in ipairs(contract.field_names()) do
@@ -287,8 +297,11 @@ describe("process primitives of the local target", function()
   setup(function()
     mark_dir = Broker.tmpdir()
     proc.chmod(mark_dir, tonumber("777", 8))
+    -- the probe reports the signal that stopped it in mark_dir, outside its instance directory,
+    -- where an isolated process cannot write (spec/targets/isolation_spec.lua covers isolation)
     b = Broker.start { services_dir = os.getenv("PWD") .. "/spec/fixtures/contract",
-      env = { FORGE_LOCAL_COMMANDS = "sh,sleep,redis-server" }, config = "targets:\n  local:\n    deploy_timeout: 3\n" }
+      env = { FORGE_LOCAL_COMMANDS = "sh,sleep,redis-server" },
+      config = "targets:\n  local:\n    deploy_timeout: 3\n    isolation: none\n" }
   end)
   teardown(function()
     b:cleanup()

@@ -158,12 +158,30 @@ function M:stop(sig)
   return w
 end
 
---- Stop the broker and every process it started (found by their FORGE_PROCESS marker), remove state.
+--- Stop the broker and every process it started (found by their FORGE_PROCESS marker), remove the
+-- cgroups of instances still there (named as the local target names them) and the state.
 function M:cleanup()
   self:stop("TERM")
   for _, pid in ipairs(M.marked_pids(self.state_dir)) do
     local start = proc.identity(pid)           -- nil when it exited meanwhile
     if start then proc.kill(pid, start, "KILL") end
+  end
+  local lfs = require "lfs"
+  local crypto = require "forge.crypto"
+  local instances = self.state_dir .. "/instances"
+  local ids = {}
+  if lfs.attributes(instances, "mode") then
+    for id in lfs.dir(instances) do ids[#ids + 1] = id end
+  end
+  for _, id in ipairs(ids) do
+    if id ~= "." and id ~= ".." and lfs.attributes(instances .. "/" .. id, "mode") == "directory" then
+      local name = id:sub(1, 200) .. "-" .. crypto.sha256_hex(self.state_dir .. "\0" .. id):sub(1, 12)
+      for _, c in ipairs({ "memory", "pids", "cpu", "." }) do
+        local dir = "/sys/fs/cgroup/" .. c .. "/forge/" .. name
+        local deadline = proc.monotonic() + 5   -- killed processes leave it once they have exited
+        while lfs.attributes(dir, "mode") and not lfs.rmdir(dir) and proc.monotonic() < deadline do proc.sleep(0.02) end
+      end
+    end
   end
   os.execute("rm -rf '" .. self.state_dir .. "'")
 end

@@ -102,6 +102,9 @@ function M.render(b, svc, plan, rec, pinned, spread)
   local run_as, uerr = target:run_as(svc.script, plan)
   if run_as == false then fail(500, "ServiceScriptError", "service " .. svc.name .. ": " .. uerr) end
   rec.run_as = run_as
+  local limits, lerr = target:limits(svc.script, plan)
+  if not limits then fail(500, "ServiceScriptError", "service " .. svc.name .. ": plan " .. plan.name .. ": " .. lerr) end
+  rec.limits = limits
   rec.deployment = deployment
   rec.files_written, rec.script_hash = false, pinned or svc.hash
   return added

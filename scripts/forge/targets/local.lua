@@ -6,7 +6,12 @@
 -- waits for health, supervises (restart with backoff) and stops (TERM, wait, KILL).
 -- Process identity is pid + start time, so a restarted broker adopts live processes and
 -- never signals a recycled pid; a process spawned just before a crash is found by its marker.
+-- Isolation (docs/isolation.md): each process starts in its own namespaces with a read-only view
+-- in which its instance's directory is the only writable place; commands run inside a running
+-- process's namespaces; every process and command of an instance shares its cgroups (limits).
 local lfs = require "lfs"
+local cgroups = require "forge.targets.cgroups"
+local crypto = require "forge.crypto"
 local proc = require "forge.proc"
 local wire = require "forge.targets.wire"
 local log = require "forge.log"
@@ -19,7 +24,93 @@ Local.__index = Local
 
 --- New driver for the target config `cfg` (targets.local) and the broker's state dir.
 function Local.new(cfg, state_dir)
-  return setmetatable({ cfg = cfg, dir = state_dir .. "/instances" }, Local)
+  return setmetatable({ cfg = cfg, state_dir = state_dir, dir = state_dir .. "/instances" }, Local)
+end
+
+--- How this target confines instances, found out once: {mode = "namespaces" | "none",
+-- limits = "cgroup v1" | "cgroup v2" | "off", warnings = {...}} (the fallbacks, and why).
+function Local:isolation()
+  if self.iso then return self.iso end
+  local iso = { mode = self.cfg.isolation, warnings = {} }
+  if iso.mode == "namespaces" then
+    local ok, why = proc.can_isolate()
+    if not ok then
+      iso.mode = "none"
+      iso.warnings[#iso.warnings + 1] = "isolation falls back to none: " .. why
+    end
+  end
+  local cg, why = cgroups.detect()
+  iso.limits = cg and ("cgroup v" .. cg.version) or "off"
+  if not cg then iso.warnings[#iso.warnings + 1] = "resource limits are not enforced: " .. why end
+  self.iso, self.cgroups = iso, cg
+  return iso
+end
+
+local LIMITS = { "memory_mb", "pids", "cpu_shares", "files" }
+
+--- The limits of an instance of `plan`, each the plan's, else the service's, else the operator's
+-- default (targets.local.limits); one above the operator's cap is refused. Returns limits | nil, message.
+function Local:limits(script, plan)
+  local out = {}
+  for _, k in ipairs(LIMITS) do
+    local v = (plan and plan.limits or {})[k] or (script and script.limits or {})[k] or self.cfg.limits[k]
+    if v > self.cfg.max_limits[k] then
+      return nil, string.format("limits.%s = %d is above what the local target allows "
+        .. "(targets.local.max_limits.%s = %d)", k, v, k, self.cfg.max_limits[k])
+    end
+    out[k] = v
+  end
+  return out
+end
+
+-- The name of an instance's cgroup: unique on this machine, as several brokers may share it.
+function Local:cgroup_name(inst)
+  return inst.id:sub(1, 200) .. "-" .. crypto.sha256_hex(self.state_dir .. "\0" .. inst.id):sub(1, 12)
+end
+
+-- Confine the spawn/run options `opts` of a process or command of `inst`: its cgroups and open-file
+-- limit, and new namespaces or, with `join` (a live isolated process's identity), those of it.
+-- Only a broker that is root confines (its services run as another user). Returns true | nil, message.
+function Local:confine(inst, opts, join)
+  if not inst.run_as then return true end
+  local iso = self:isolation()
+  local limits = inst.limits or self.cfg.limits
+  if self.cgroups then
+    local dirs, err = self.cgroups:create(self:cgroup_name(inst), limits)
+    if not dirs then return nil, err end
+    opts.cgroups = dirs
+  end
+  opts.nofile = limits.files
+  if iso.mode == "namespaces" then
+    if join then
+      opts.join = { pid = join.pid, start_time = join.start_time }
+    else
+      local hide = { self.state_dir }
+      for _, path in ipairs(self.cfg.hide) do hide[#hide + 1] = path end
+      opts.namespaces = { writable = self:instance_dir(inst.id), hide = hide, hostname = inst.id:sub(1, 64) }
+    end
+  end
+  return true
+end
+
+-- Stop whatever is left in the instance's cgroups and remove them.
+function Local:release(inst)
+  self:isolation()
+  if not self.cgroups then return true end
+  return self.cgroups:remove(self:cgroup_name(inst))
+end
+
+-- Why the instance's process died, when its memory limit killed it: a reason | nil. The cgroup
+-- counts the kills since it was created; inst.health.oom_kills holds the count last reported.
+function Local:memory_kill(inst)
+  self:isolation()
+  if not self.cgroups then return nil end
+  local kills = self.cgroups:oom_kills(self:cgroup_name(inst))
+  local seen = (inst.health or {}).oom_kills or 0
+  if kills > seen or (kills > 0 and kills < seen) then     -- fewer: a new cgroup since
+    inst.health = { oom_kills = kills }
+    return string.format("killed by its memory limit (memory_mb = %d)", (inst.limits or self.cfg.limits).memory_mb)
+  end
 end
 
 function Local:instance_dir(id) return self.dir .. "/" .. id end
@@ -271,9 +362,24 @@ function Local:spawn(inst, p)
   end
   local env = { PATH = os.getenv("PATH") or "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", FORGE_PROCESS = dir }
   for k, v in pairs(p.env or {}) do env[k] = v end
-  local argv = { path, table.unpack(p.argv, 2) }
-  return proc.spawn { argv = argv, cwd = dir, env = env, user = inst.run_as,
+  local opts = { argv = { path, table.unpack(p.argv, 2) }, cwd = dir, env = env, user = inst.run_as,
     stdout = self:instance_dir(inst.id) .. "/" .. p.name .. ".log" }
+  local ok, err = self:confine(inst, opts)
+  if not ok then return nil, err end
+  local rec, serr = proc.spawn(opts)
+  if rec and opts.namespaces then rec.isolated = true end
+  return rec, serr
+end
+
+-- The process of `inst` whose namespaces a command joins: `p`'s when it runs isolated, else the
+-- first isolated one that is alive, else nil (the command gets a sandbox of its own).
+local function sandbox_of(inst, p)
+  local recs = inst.processes or {}
+  local function live(rec) return rec and rec.isolated and proc.alive(rec.pid, rec.start_time) and rec end
+  if p and live(recs[p.name]) then return recs[p.name] end
+  for _, q in ipairs((inst.deployment or {}).processes or {}) do
+    if live(recs[q.name]) then return recs[q.name] end
+  end
 end
 
 -- The first directory above `dir` that `user` cannot pass through (no search permission for
@@ -346,15 +452,21 @@ end
 -- helper process, cmd = {argv, env, stdin, expect = {lua patterns, one per output line},
 -- tolerate = {patterns}}, or commands the broker speaks itself: cmd = {redis = {...}} or
 -- cmd = {pg = {...}} (forge.targets.wire).
--- Helper processes run as `inst.run_as`, in `cwd` when given, for at most `timeout` seconds.
-function Local:run(cmd, inst, cwd, timeout)
+-- Helper processes run as `inst.run_as`, in `cwd` when given, for at most `timeout` seconds, in
+-- the instance's cgroups and inside the namespaces of its process `p` (or another of its processes).
+function Local:run(cmd, inst, cwd, timeout, p)
   if cmd.redis or cmd.pg then return wire.run(cmd, self.cfg.host, self.cfg.command_timeout) end
   local path, why = self:approved(type(cmd.argv) == "table" and cmd.argv[1])
   if not path then return nil, why end
   local env = { PATH = os.getenv("PATH") or "/usr/bin:/bin" }
   for k, v in pairs(cmd.env or {}) do env[k] = v end
-  local res, err = proc.run { argv = { path, table.unpack(cmd.argv, 2) }, env = env, stdin = cmd.stdin, cwd = cwd,
+  local opts = { argv = { path, table.unpack(cmd.argv, 2) }, env = env, stdin = cmd.stdin, cwd = cwd,
     user = inst and inst.run_as, timeout = timeout or self.cfg.command_timeout }
+  if inst then
+    local ok, cerr = self:confine(inst, opts, sandbox_of(inst, p))
+    if not ok then return nil, cmd.argv[1] .. ": " .. cerr end
+  end
+  local res, err = proc.run(opts)
   if not res then return nil, cmd.argv[1] .. ": " .. tostring(err and err.message or err) end
   if res.code ~= 0 then
     -- a failure whose output matches a `tolerate` pattern is the state already reached
@@ -396,7 +508,7 @@ function Local:healthy(inst, p)
     if proc.tcp_check(self.cfg.host, h.tcp, 1) then return true end
     return nil, string.format("port %d on %s is not open", h.tcp, self.cfg.host)
   end
-  return self:run(h, inst)
+  return self:run(h, inst, nil, nil, p)
 end
 
 -- The first process named in p.after that is not healthy yet (p starts, and runs its init, only
@@ -473,7 +585,7 @@ function Local:step_provision(inst, record)
     local rec = inst.processes[p.name]
     local logfile = self:instance_dir(inst.id) .. "/" .. p.name .. ".log"
     if rec and not proc.alive(rec.pid, rec.start_time) then
-      local why = tail(logfile)
+      local why = self:memory_kill(inst) or tail(logfile)
       -- servers say it a few lines before their last words: the reconciler moves such a provision
       if not why:find("Address already in use", 1, true)
           and last_bytes(logfile, 4096):find("Address already in use", 1, true) then
@@ -529,7 +641,7 @@ function Local:stop_all(inst)
       if not ok then return nil, name .. ": " .. tostring(err and err.message or err) end
     end
   end
-  return true
+  return self:release(inst)
 end
 
 --- Remove the directory of instance `id` (its processes are stopped).
@@ -543,16 +655,28 @@ function Local:destroy(inst)
   return true
 end
 
---- Restart dead processes of a running instance, with exponential backoff.
--- @return true if inst.processes changed
+-- Why process p of inst died, for its operation's description: its memory limit, or its last words.
+function Local:death(inst, p)
+  local reason = self:memory_kill(inst)
+  if reason then return reason end
+  local words = tail(self:instance_dir(inst.id) .. "/" .. p.name .. ".log")
+  return "exited" .. (words ~= "" and (": " .. words) or "")
+end
+
+--- Restart dead processes of a running instance, with exponential backoff; the instance's
+-- operation description says which one died and why.
+-- @return true if inst.processes (or inst.health, inst.operation.description) changed
 function Local:supervise(inst, now)
   local changed = false
   for _, p in ipairs(inst.deployment.processes) do
     local rec = inst.processes[p.name]
     if rec and not proc.alive(rec.pid, rec.start_time) and (rec.retry_at or 0) <= now then
       local restarts = (rec.restarts or 0) + 1
+      local why = self:death(inst, p)
       local spawned, err = self:spawn(inst, p)
-      log.warn("process died, restarting", { instance = inst.id, process = p.name, restarts = restarts,
+      inst.operation.description = string.format("process %s %s; %s (%d restart%s)", p.name, why,
+        spawned and "restarted" or "restarting", restarts, restarts == 1 and "" or "s")
+      log.warn("process died, restarting", { instance = inst.id, process = p.name, restarts = restarts, reason = why,
         error = spawned == nil and tostring(err and err.message or err) or nil })
       telemetry.restarted(inst.service)
       local nrec = spawned or { pid = 0, start_time = 0 }
