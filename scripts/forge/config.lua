@@ -44,7 +44,8 @@ local DEFAULTS = {
       init_timeout = 120,      -- seconds for each init command (initdb, pg_basebackup, ...)
       -- executables service scripts may start or run on this machine: names (resolved on PATH,
       -- then /usr/lib/<pkg>[/<version>]/bin) or absolute paths; a service declares what it needs
-      commands = { "redis-server", "etcd", "etcdctl", "postgres", "initdb", "pg_basebackup", "sleep", "true" },
+      commands = { "redis-server", "etcd", "etcdctl", "postgres", "initdb", "pg_basebackup", "pg_dump", "pg_restore",
+        "sleep", "true" },
       user = "forge-svc",      -- when the broker runs as root, services run as this system user
       users = {},              -- other users a service or plan may ask for (`user = "..."`)
       -- namespaces: each process in its own mount, PID, IPC and UTS namespaces (docs/isolation.md);
