@@ -6,41 +6,15 @@ local lfs = require "lfs"
 local proc = require "forge.proc"
 
 local D = Broker.dummy
-local STUCK = { service = "5c0c0c0c-0000-4000-8000-000000000001", plan = "5c0c0c0c-0000-4000-8000-000000000010" }
-
-local function provision(b, id, service, plan, org, space)
-  local status = b:call("PUT", "/v2/service_instances/" .. id .. "?accepts_incomplete=true", { service_id = service,
-    plan_id = plan, organization_guid = org or "o", space_guid = space or "s" })
-  assert.equal(202, status)
-end
-
--- Poll the admin view of an instance until its operation is no longer in progress.
-local function settle(b, id, timeout)
-  local deadline = proc.monotonic() + (timeout or 30)
-  repeat
-    local _, _, _, body = b:call("GET", "/admin/instances/" .. id)
-    if body.operation.state ~= "in progress" then return body end
-    proc.sleep(0.1)
-  until proc.monotonic() > deadline
-  error("instance " .. id .. " still in progress:\n" .. b:read_log())
-end
-
-local function wait_for(fn, timeout)
-  local deadline = proc.monotonic() + (timeout or 10)
-  repeat
-    local v = fn()
-    if v then return v end
-    proc.sleep(0.1)
-  until proc.monotonic() > deadline
-end
+local STUCK = Broker.stuck
 
 describe("the admin API", function()
   local b
   setup(function()
     b = Broker.start { fixtures = true, pool = 20, config = "targets:\n  local:\n    deploy_timeout: 4\n" }
-    provision(b, "a1", D.service, D.small, "o1", "s1")
-    provision(b, "a2", D.service, D.small, "o1", "s2")
-    provision(b, "a3", D.service, D.small, "o2", "s3")
+    b:provision_async("a1", D.service, D.small, "o1", "s1")
+    b:provision_async("a2", D.service, D.small, "o1", "s2")
+    b:provision_async("a3", D.service, D.small, "o2", "s3")
     for _, id in ipairs({ "a1", "a2", "a3" }) do b:wait_operation("/v2/service_instances/" .. id, 30) end
   end)
   teardown(function() b:cleanup() end)
@@ -127,7 +101,7 @@ describe("the admin API", function()
     local again_status, _, _, again = b:call("POST", "/admin/instances/a2/restart")
     assert.is_true(again_status == 202 or again_status == 409)
     if again_status == 202 then assert.equal(op.operation, again.operation) end
-    local after = settle(b, "a2")
+    local after = b:settle("a2")
     assert.equal("succeeded", after.operation.state)
     assert.equal("instance restarted", after.operation.description)
     assert.equal("running", after.state)
@@ -142,7 +116,7 @@ describe("the admin API", function()
   end)
 
   it("lists operations in flight, cancels one, retries it and purges what it left", function()
-    provision(b, "st1", STUCK.service, STUCK.plan)
+    b:provision_async("st1", STUCK.service, STUCK.plan)
     local _, _, _, ops = b:call("GET", "/admin/operations")
     local found
     for _, o in ipairs(ops.operations) do if o.instance == "st1" then found = o end end
@@ -154,11 +128,11 @@ describe("the admin API", function()
     assert.equal(409, (b:call("POST", "/admin/instances/st1/restart")))
     assert.equal(409, (b:call("DELETE", "/admin/instances/st1?purge=true")))
 
-    assert.is_true(wait_for(function() return #Broker.marked_pids(b.state_dir, "st1") > 0 end))
+    assert.is_true(Broker.wait_for(function() return #Broker.marked_pids(b.state_dir, "st1") > 0 end))
     local status, _, _, c = b:call("POST", "/admin/instances/st1/cancel")
     assert.equal(202, status)
     assert.equal(202, (b:call("POST", "/admin/instances/st1/cancel")))   -- idempotent
-    local after = settle(b, "st1")
+    local after = b:settle("st1")
     assert.equal(c.operation, after.operation.id)
     assert.equal("failed", after.operation.state)
     assert.equal("provision cancelled by the operator", after.operation.description)
@@ -173,7 +147,7 @@ describe("the admin API", function()
     assert.equal(202, status)
     local _, _, _, again = b:call("POST", "/admin/instances/st1/retry")
     assert.equal(c.operation, again.operation)                            -- idempotent
-    local retried = settle(b, "st1", 30)                                 -- deploy_timeout: 4 s
+    local retried = b:settle("st1", 30)                                 -- deploy_timeout: 4 s
     assert.equal("failed", retried.operation.state)
     assert.truthy(retried.operation.description:find("not healthy after 4s", 1, true))
     assert.same({}, Broker.marked_pids(b.state_dir, "st1"))

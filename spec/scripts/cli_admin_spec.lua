@@ -8,13 +8,7 @@ local lfs = require "lfs"
 local proc = require "forge.proc"
 
 local D = Broker.dummy
-local STUCK = { service = "5c0c0c0c-0000-4000-8000-000000000001", plan = "5c0c0c0c-0000-4000-8000-000000000010" }
-
-local function provision(b, id, service, plan, org, space)
-  local status, raw = b:call("PUT", "/v2/service_instances/" .. id .. "?accepts_incomplete=true", { service_id = service,
-    plan_id = plan, organization_guid = org or "o", space_guid = space or "s" })
-  assert.equal(202, status, raw)
-end
+local STUCK = Broker.stuck
 
 -- The environment words giving the CLI broker b's admin credentials (or `password`).
 local function creds(b, password)
@@ -28,22 +22,13 @@ end
 
 local function json_of(out) return cjson.decode(out) end
 
-local function wait_for(fn, timeout)
-  local deadline = proc.monotonic() + (timeout or 10)
-  repeat
-    local v = fn()
-    if v then return v end
-    proc.sleep(0.1)
-  until proc.monotonic() > deadline
-end
-
 describe("the forge admin commands", function()
   local b
   setup(function()
     b = Broker.start { fixtures = true, pool = 20, config = "targets:\n  local:\n    deploy_timeout: 4\n" }
-    provision(b, "a1", D.service, D.small, "o1", "s1")
-    provision(b, "a2", D.service, D.small, "o1", "s2")
-    provision(b, "a3", D.service, D.small, "o2", "s3")
+    b:provision_async("a1", D.service, D.small, "o1", "s1")
+    b:provision_async("a2", D.service, D.small, "o1", "s2")
+    b:provision_async("a3", D.service, D.small, "o2", "s3")
     for _, id in ipairs({ "a1", "a2", "a3" }) do b:wait_operation("/v2/service_instances/" .. id, 30) end
   end)
   teardown(function() b:cleanup() end)
@@ -128,7 +113,7 @@ describe("the forge admin commands", function()
 
   it("forge ops, cancel and retry on an operation in flight, with a progress line and no password on any argv",
     function()
-      provision(b, "st1", STUCK.service, STUCK.plan)
+      b:provision_async("st1", STUCK.service, STUCK.plan)
       local code, out = cli(b, "ops")
       assert.equal(0, code, out)
       assert.matches("\nst1 +%- +provision%-%S+ +provision +in progress +local +%d+s", out)
@@ -137,7 +122,7 @@ describe("the forge admin commands", function()
       assert.equal("st1", json_of(out).operations[1].instance)
       assert.equal(1, (cli(b, "ops --type dance")))
       assert.equal(1, (cli(b, "restart st1")))                       -- 409: not running
-      assert.is_true(wait_for(function() return #Broker.marked_pids(b.state_dir, "st1") > 0 end))
+      assert.is_true(Broker.wait_for(function() return #Broker.marked_pids(b.state_dir, "st1") > 0 end))
       code, out = cli(b, "cancel st1")
       assert.equal(0, code, out)
       assert.matches("cancel: provision provision%-%S+ failed: provision cancelled by the operator\n", out)

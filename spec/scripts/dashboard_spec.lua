@@ -10,7 +10,7 @@ local proc = require "forge.proc"
 
 local D = Broker.dummy
 local R = Broker.redis
-local STUCK = { service = "5c0c0c0c-0000-4000-8000-000000000001", plan = "5c0c0c0c-0000-4000-8000-000000000010" }
+local STUCK = Broker.stuck
 local CHROMIUM = "/usr/bin/chromium"
 
 -- Pids of live processes whose command line names `dir` (a Chromium profile).
@@ -47,21 +47,6 @@ local function chromium(url, flags)
   assert.same({}, left)
   assert.equal(0, r.code, r.stderr)
   return r.stdout
-end
-
-local function provision(b, id, service, plan, org, context)
-  local status = b:call("PUT", "/v2/service_instances/" .. id .. "?accepts_incomplete=true", { service_id = service,
-    plan_id = plan, organization_guid = org, space_guid = "s1", context = context })
-  assert.equal(202, status)
-end
-
-local function wait_for(fn, timeout)
-  local deadline = proc.monotonic() + (timeout or 15)
-  repeat
-    local v = fn()
-    if v then return v end
-    proc.sleep(0.1)
-  until proc.monotonic() > deadline
 end
 
 -- Every string under `v` (an instance's secrets, a binding's credentials).
@@ -113,10 +98,11 @@ describe("the dashboard", function()
   setup(function()
     b = Broker.start { fixtures = true, pool = 20,
       config = "targets:\n  local:\n    deploy_timeout: 120\nquotas:\n  organization: 10\n" }
-    provision(b, "d1", D.service, D.small, "o1")
-    provision(b, "d2", D.service, D.small, "o2", { platform = "cloudfoundry", note = "<script>alert('pwned')</script>" })
-    provision(b, "r1", R.service, R.one, "o2")
-    provision(b, "st1", STUCK.service, STUCK.plan, "o1")
+    b:provision_async("d1", D.service, D.small, "o1", "s1")
+    b:provision_async("d2", D.service, D.small, "o2", "s1",
+      { platform = "cloudfoundry", note = "<script>alert('pwned')</script>" })
+    b:provision_async("r1", R.service, R.one, "o2", "s1")
+    b:provision_async("st1", STUCK.service, STUCK.plan, "o1", "s1")
     for _, id in ipairs({ "d1", "d2", "r1" }) do
       assert.equal("succeeded", b:wait_operation("/v2/service_instances/" .. id, 60).state)
     end
@@ -226,7 +212,7 @@ describe("the dashboard", function()
   end)
 
   it("cancels and retries from the instance page, only with its token and from the same site", function()
-    assert.is_true(wait_for(function() return #Broker.marked_pids(b.state_dir, "st1") > 0 end))
+    assert.is_true(Broker.wait_for(function() return #Broker.marked_pids(b.state_dir, "st1") > 0 end, 15))
     local html = dom("/dashboard/instances/st1")
     assert.truthy(html:find('<button name="action" type="submit" value="cancel">Cancel provision</button>', 1, true))
     local cancel = token(html, "/dashboard/instances/st1/cancel")
@@ -258,7 +244,7 @@ describe("the dashboard", function()
     -- a link with words of its own is refused
     assert.equal(400, (admin_request("GET", (location:gsub("flash=cancel", "flash=hello")))))
 
-    assert.is_true(wait_for(function() return b:instance("st1").operation.state == "failed" end))
+    assert.is_true(Broker.wait_for(function() return b:instance("st1").operation.state == "failed" end, 15))
     html = dom("/dashboard/instances/st1")
     assert.truthy(html:find('<span class="state state-failed">failed</span>', 1, true))
     assert.truthy(html:find("provision cancelled by the operator", 1, true))
@@ -295,10 +281,10 @@ describe("the dashboard", function()
     local f = assert(io.open(dir .. "/service.lua", "w"))
     f:write("return { name = <b>\n")
     f:close()
-    assert.is_true(wait_for(function()
+    assert.is_true(Broker.wait_for(function()
       local _, _, _, body = b:call("GET", "/admin/services")
       return #body.errors > 0
-    end))
+    end, 15))
     html = dom("/dashboard/services")
     assert.truthy(html:find("Reload errors (1)", 1, true))
     assert.truthy(html:find("<td>broken</td><td><code>services/broken/service.lua:1: ", 1, true))

@@ -7,7 +7,7 @@ local cjson = require "cjson"
 local proc = require "forge.proc"
 
 local D = Broker.dummy
-local STUCK = { service = "5c0c0c0c-0000-4000-8000-000000000001", plan = "5c0c0c0c-0000-4000-8000-000000000010" }
+local STUCK = Broker.stuck
 
 -- The samples of an exposition text as the reference parser reads them: {name, labels, value}.
 local PARSE = [[
@@ -49,17 +49,12 @@ local function value(samples, name, labels)
   end
 end
 
-local function provision(b, id, service, plan)
-  assert.equal(202, (b:call("PUT", "/v2/service_instances/" .. id .. "?accepts_incomplete=true", { service_id = service,
-    plan_id = plan, organization_guid = "o", space_guid = "s" })))
-end
-
 describe("GET /metrics", function()
   local b
   setup(function()
     b = Broker.start { fixtures = true, pool = 20 }
-    provision(b, "m-one", D.service, D.small)
-    provision(b, "m-two", D.service, D.small)
+    b:provision_async("m-one", D.service, D.small)
+    b:provision_async("m-two", D.service, D.small)
     for _, id in ipairs({ "m-one", "m-two" }) do b:wait_operation("/v2/service_instances/" .. id, 30) end
     assert.equal(201, (b:call("PUT", "/v2/service_instances/m-one/service_bindings/mb1",
       { service_id = D.service, plan_id = D.small })))
@@ -98,7 +93,7 @@ describe("GET /metrics", function()
     assert.is_true(value(samples, "forge_operations_finished_total", { type = "provision", result = "succeeded" }) >= 2)
     assert.is_true(value(samples, "forge_operations_finished_total", { type = "bind", result = "succeeded" }) >= 1)
 
-    provision(b, "m-stuck", STUCK.service, STUCK.plan)
+    b:provision_async("m-stuck", STUCK.service, STUCK.plan)
     samples = parse(select(2, scrape(b)))
     assert.equal(1, value(samples, "forge_operations_in_flight", { type = "provision", target = "local" }))
     assert.is_true(value(samples, "forge_operation_oldest_age_seconds", { type = "provision", target = "local" }) >= 0)

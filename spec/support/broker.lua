@@ -39,6 +39,19 @@ end
 M.dummy = { service = "d0d0d0d0-0000-4000-8000-000000000001", small = "d0d0d0d0-0000-4000-8000-000000000010",
   large = "d0d0d0d0-0000-4000-8000-000000000020", unbindable = "d0d0d0d0-0000-4000-8000-000000000030" }
 
+-- The fixture service whose instance never becomes healthy (spec/fixtures/services/stuck).
+M.stuck = { service = "5c0c0c0c-0000-4000-8000-000000000001", plan = "5c0c0c0c-0000-4000-8000-000000000010" }
+
+--- Call fn every 0.1 s until it returns a true value (returned) or `timeout` seconds (default 10) pass (nil).
+function M.wait_for(fn, timeout)
+  local deadline = proc.monotonic() + (timeout or 10)
+  repeat
+    local v = fn()
+    if v then return v end
+    proc.sleep(0.1)
+  until proc.monotonic() > deadline
+end
+
 --- Start a broker. opts: services_dir, fixtures (add spec fixtures), pool (port count), env, state_dir,
 -- config (YAML text of a forge.yml, written to <state_dir>/forge-spec.yml and passed as --config;
 -- the FORGE_* environment still overrides it).
@@ -129,6 +142,22 @@ function M:call(method, path, body, headers)
   local admin = path:match("^/admin/") ~= nil
   return client.request(method, self:url(path), { body = body, headers = h, user = admin and self.admin_user or self.user,
     password = admin and self.admin_password or self.password })
+end
+
+--- An async provision of instance `id` (org "o" and space "s" unless given); asserts the 202.
+function M:provision_async(id, service, plan, org, space, context)
+  local status, raw = self:call("PUT", "/v2/service_instances/" .. id .. "?accepts_incomplete=true",
+    { service_id = service, plan_id = plan, organization_guid = org or "o", space_guid = space or "s", context = context })
+  if status ~= 202 then error(string.format("provision of %s: expected 202, got %s: %s", id, tostring(status), raw), 2) end
+end
+
+--- Poll the admin view of instance `id` until its operation is no longer in progress; returns it.
+function M:settle(id, timeout)
+  local found = M.wait_for(function()
+    local _, _, _, body = self:call("GET", "/admin/instances/" .. id)
+    return body.operation.state ~= "in progress" and body
+  end, timeout or 30)
+  return found or error("instance " .. id .. " still in progress:\n" .. self:read_log())
 end
 
 --- Poll last_operation until it is no longer in progress; returns the final body.
