@@ -14,6 +14,7 @@ commands:
   new NAME                              scaffold services/NAME that passes `forge check` at once
   install PKG.tgz                       validate a service package and install it atomically
   bosh-sim [--help]                     run a simulated BOSH director (for authors and specs)
+  store-backup FILE [--config FILE]     copy the broker's own store into FILE (docs/backups.md)
   version                               print the version
   help                                  this text; `forge COMMAND --help` for one command
 
@@ -25,6 +26,8 @@ FORGE_ADMIN_USER/FORGE_ADMIN_PASSWORD, --json for the raw answer):
   instance ID                           one instance: operations, bindings, processes or VMs
   ops [--state S] [--type T]            operations in progress (or failed, succeeded)
   retry ID | cancel ID | restart ID     act on an instance, then wait for the operation (--no-wait)
+  backup ID | backups [ID]              back an instance up (then wait); list backups
+  restore BACKUP --to ID                put a backup into an instance of the same service (then wait)
   orphans [--clean]                     what no record owns, records whose deployment is gone
   metrics                               the Prometheus metrics
 
@@ -180,12 +183,14 @@ local function encode(text) return (tostring(text):gsub("[^%w%-%._~]", function(
 
 --- One call to the broker: method, path (with query). The credentials and the URL reach curl
 -- through a private config file (mode 0600, removed at once), never its command line.
+-- `data`: a JSON request body.
 -- @return status, body text | nil, message (the broker did not answer)
-local function call(api, method, path)
+local function call(api, method, path, data)
   local cfg, errs = os.tmpname(), os.tmpname()
   local f = assert(io.open(cfg, "w"))
   f:write("user = ", curl_quoted(api.user .. ":" .. api.password), "\n", "url = ", curl_quoted(api.url .. path), "\n",
     "request = ", curl_quoted(method), "\n", 'write-out = "\\n%{http_code}"\n')
+  if data then f:write('header = "Content-Type: application/json"\n', "data-binary = ", curl_quoted(data), "\n") end
   f:close()
   local p = io.popen("curl -s -S --max-time 30 -K " .. cfg .. " 2>" .. errs)
   local out = p:read("a")
@@ -201,8 +206,8 @@ local function call(api, method, path)
 end
 
 -- A JSON call. @return status, decoded body (nil when not JSON), text | nil, message
-local function call_json(api, method, path)
-  local status, text = call(api, method, path)
+local function call_json(api, method, path, data)
+  local status, text = call(api, method, path, data)
   if not status then return nil, text end
   return status, util.json_decode(text), text
 end
@@ -283,7 +288,7 @@ end
 local ADMIN_OPTIONS = { url = "value", config = "value", json = "flag", help = "flag" }
 
 --- Define `forge NAME` over the admin API: its options (beyond --url, --config, --json, --help),
--- its number of positional arguments, and run(api, positional, opts) -> exit status.
+-- its number of positional arguments (n, or {min, max}), and run(api, positional, opts) -> exit status.
 local function admin_command(name, help, options, nargs, run)
   HELP[name] = help
   commands[name] = function(args)
@@ -298,7 +303,8 @@ local function admin_command(name, help, options, nargs, run)
       io.write(help)
       return 0
     end
-    if #pos ~= nargs then
+    local min, max = table.unpack(type(nargs) == "table" and nargs or { nargs, nargs })
+    if #pos < min or #pos > max then
       io.stderr:write(help)
       return 2
     end
@@ -490,6 +496,36 @@ local function wait_operation(name, api, id, op_id)
   end
 end
 
+--- The answer to an action that starts an operation on instance `id` (202 {operation}): print
+-- it (--json), return at once (--no-wait), or wait for the operation with a progress line and
+-- print how it ended. Exit 0 when it ended in `want`.
+local function follow(name, api, id, status, body, text, opts, want)
+  if not status then
+    io.stderr:write("forge ", name, ": ", body, "\n")
+    return 1
+  end
+  if status ~= 202 or type(body) ~= "table" or not body.operation then
+    io.stderr:write("forge ", name, ": the broker refused: ", refusal(status, body, text), "\n")
+    return 1
+  end
+  if opts.json then io.write(text, "\n") end
+  if opts["no-wait"] then
+    if not opts.json then io.write(name, ": operation ", body.operation, " started on instance ", id, "\n") end
+    return 0
+  end
+  local op, err = wait_operation(name, api, id, body.operation)
+  if not op then
+    io.stderr:write("forge ", name, ": ", err, "\n")
+    return 1
+  end
+  if opts.json then
+    io.write(util.json_encode(op), "\n")
+  else
+    io.write(string.format("%s: %s %s %s: %s\n", name, op.type, op.id, op.state, one_line(op.description or "")))
+  end
+  return op.state == want and 0 or 1
+end
+
 --- forge retry|cancel|restart ID: POST the action, then wait for its operation to end in
 -- `want` ("succeeded"; a cancelled operation ends "failed").
 local function action(name, want, what)
@@ -497,32 +533,8 @@ local function action(name, want, what)
     .. "  " .. what .. "\n"
     .. "  Then wait for its operation to end, with a progress line (--no-wait: return at once).\n"
     .. COMMON_HELP, { ["no-wait"] = "flag" }, 1, function(api, pos, opts)
-      local id = pos[1]
-      local status, body, text = call_json(api, "POST", "/admin/instances/" .. encode(id) .. "/" .. name)
-      if not status then
-        io.stderr:write("forge ", name, ": ", body, "\n")
-        return 1
-      end
-      if status ~= 202 or type(body) ~= "table" or not body.operation then
-        io.stderr:write("forge ", name, ": the broker refused: ", refusal(status, body, text), "\n")
-        return 1
-      end
-      if opts.json then io.write(text, "\n") end
-      if opts["no-wait"] then
-        if not opts.json then io.write(name, ": operation ", body.operation, " started on instance ", id, "\n") end
-        return 0
-      end
-      local op, err = wait_operation(name, api, id, body.operation)
-      if not op then
-        io.stderr:write("forge ", name, ": ", err, "\n")
-        return 1
-      end
-      if opts.json then
-        io.write(util.json_encode(op), "\n")
-      else
-        io.write(string.format("%s: %s %s %s: %s\n", name, op.type, op.id, op.state, one_line(op.description or "")))
-      end
-      return op.state == want and 0 or 1
+      local status, body, text = call_json(api, "POST", "/admin/instances/" .. encode(pos[1]) .. "/" .. name)
+      return follow(name, api, pos[1], status, body, text, opts, want)
     end)
 end
 
@@ -530,6 +542,14 @@ action("retry", "succeeded", "Run the instance's failed operation (provision, up
 action("cancel", "failed", "Stop the operation in flight (its processes stop, a BOSH task is cancelled); it ends\n"
   .. "  failed, \"cancelled by the operator\". Exit 1 when it succeeded before it could be stopped.")
 action("restart", "succeeded", "Restart a running local instance's processes.")
+
+require("forge.cli_backups").define({ admin_command = admin_command, call_json = call_json, show_json = show_json,
+  follow = follow, print_table = print_table, field = field, ago = ago, encode = encode,
+  parse_options = parse_options, common_help = COMMON_HELP,
+  command = function(name, help, fn) HELP[name], commands[name] = help, fn end,
+  load_config = function(opts)
+    return require("forge.config").load(opts.config or (file_exists("forge.yml") and "forge.yml" or nil))
+  end })
 
 -- Orphans cleaned in this order: a directory holding a live process can go once it is stopped.
 local CLEAN_ORDER = { process = 1, deployment = 2, record = 3, directory = 4 }

@@ -14,35 +14,6 @@ local function size_text(n)
   return n .. " B"
 end
 
--- After an accepted action (202 {operation}): print it (--json), or wait for the operation on
--- instance `id` and print how it ended. Exit 0 when it succeeded.
-local function follow(cli, name, api, id, status, body, text, opts)
-  if not status then
-    io.stderr:write("forge ", name, ": ", body, "\n")
-    return 1
-  end
-  if status ~= 202 or type(body) ~= "table" or not body.operation then
-    io.stderr:write("forge ", name, ": the broker refused: ", cli.refusal(status, body, text), "\n")
-    return 1
-  end
-  if opts.json then io.write(text, "\n") end
-  if opts["no-wait"] then
-    if not opts.json then io.write(name, ": operation ", body.operation, " started on instance ", id, "\n") end
-    return 0
-  end
-  local op, err = cli.wait_operation(name, api, id, body.operation)
-  if not op then
-    io.stderr:write("forge ", name, ": ", err, "\n")
-    return 1
-  end
-  if opts.json then
-    io.write(util.json_encode(op), "\n")
-  else
-    io.write(string.format("%s: %s %s %s: %s\n", name, op.type, op.id, op.state, cli.one_line(op.description or "")))
-  end
-  return op.state == "succeeded" and 0 or 1
-end
-
 local function backup_command(cli)
   cli.admin_command("backup", "usage: forge backup INSTANCE [--no-wait] [--url URL] [--config FILE] [--json]\n"
     .. "  Back a local instance up through its service's backup hook (POST /admin/instances/ID/backup):\n"
@@ -51,7 +22,7 @@ local function backup_command(cli)
     .. cli.common_help, { ["no-wait"] = "flag" }, 1, function(api, pos, opts)
       local id = pos[1]
       local status, body, text = cli.call_json(api, "POST", "/admin/instances/" .. cli.encode(id) .. "/backup")
-      return follow(cli, "backup", api, id, status, body, text, opts)
+      return cli.follow("backup", api, id, status, body, text, opts, "succeeded")
     end)
 end
 
@@ -89,7 +60,7 @@ local function restore_command(cli)
     end
     local status, body, text = cli.call_json(api, "POST", "/admin/backups/" .. cli.encode(pos[1]) .. "/restore",
       util.json_encode({ to = opts.to }))
-    return follow(cli, "restore", api, opts.to, status, body, text, opts)
+    return cli.follow("restore", api, opts.to, status, body, text, opts, "succeeded")
   end)
 end
 
@@ -134,8 +105,8 @@ end
 
 --- Define the commands. `cli` holds forge.cli's helpers: admin_command(name, help, options,
 -- nargs or {min, max}, run), command(name, help, fn(args)), call_json(api, method, path [, body]),
--- show_json, refusal, wait_operation, print_table, field, ago, encode, one_line, parse_options,
--- load_config(opts) and common_help.
+-- show_json, follow(name, api, id, status, body, text, opts, want) (an action's answer, then its
+-- operation), print_table, field, ago, encode, parse_options, load_config(opts) and common_help.
 function M.define(cli)
   backup_command(cli)
   backups_command(cli)
