@@ -128,40 +128,6 @@ end
 
 local function exists(path) return lfs.symlinkattributes(path, "mode") ~= nil end
 
--- mkdir -p, each new directory with mode 0700
-local function make_dirs(path)
-  local cur = ""
-  for part in path:gmatch("[^/]+") do
-    cur = cur .. "/" .. part
-    if not exists(cur) then
-      local ok, err = lfs.mkdir(cur)
-      if not ok and not exists(cur) then return nil, "cannot create " .. cur .. ": " .. tostring(err) end
-      proc.chmod(cur, tonumber("700", 8))
-    end
-  end
-  return true
-end
-
--- rm -r, never following a symlink
-local function remove_tree(path)
-  local mode = lfs.symlinkattributes(path, "mode")
-  if not mode then return true end
-  if mode == "directory" then
-    for entry in lfs.dir(path) do
-      if entry ~= "." and entry ~= ".." then
-        local ok, err = remove_tree(path .. "/" .. entry)
-        if not ok then return nil, err end
-      end
-    end
-    local ok, err = lfs.rmdir(path)
-    if not ok then return nil, "cannot remove " .. path .. ": " .. tostring(err) end
-    return true
-  end
-  local ok, err = os.remove(path)
-  if not ok then return nil, "cannot remove " .. path .. ": " .. tostring(err) end
-  return true
-end
-
 -- Copy file `from` to `to` (created with mode 0600). Returns its size | nil, message.
 local function copy_file(from, to)
   local src, err = io.open(from, "rb")
@@ -276,7 +242,7 @@ function Instance.put(target, inst, rel, from, text)
   if not path then return nil, err end
   local ok, perr = Instance.parents(target, inst, rel)
   if not ok then return nil, perr end
-  remove_tree(path)
+  util.remove_tree(path)
   if from then
     ok, perr = copy_file(from, path)
   else
@@ -294,7 +260,7 @@ end
 function Instance.remove(target, inst, rel)
   local path, err = Instance.path(target, inst, rel)
   if not path then return nil, err end
-  return remove_tree(path)
+  return util.remove_tree(path)
 end
 
 -- The scratch directory, emptied and owned by the instance's user.
@@ -414,7 +380,7 @@ local function prune(cfg, iid)
   if not cfg.keep then return end
   for i, m in ipairs(all_backups(cfg, iid)) do
     if i > cfg.keep then
-      remove_tree(instance_backups_dir(cfg, iid) .. "/" .. m.id)
+      util.remove_tree(instance_backups_dir(cfg, iid) .. "/" .. m.id)
       log.info("old backup removed", { instance = iid, backup = m.id, keep = cfg.keep })
     end
   end
@@ -595,7 +561,7 @@ function M.delete(b, id)
   if not dir then fail(404, "NotFound", "backup " .. id .. " does not exist") end
   local reader = restoring_from(b, id)
   if reader then fail(409, "Conflict", "instance " .. reader .. " is being restored from backup " .. id) end
-  local ok, err = remove_tree(dir)
+  local ok, err = util.remove_tree(dir)
   if not ok then fail(500, "InternalError", err) end
   log.info("backup deleted", { backup = id })
   return 200, { deleted = id }
@@ -663,14 +629,14 @@ end
 local function write_backup(cfg, target, rec, op, result, ctx)
   local idir = instance_backups_dir(cfg, rec.id)
   local partial = idir .. "/." .. op.backup .. ".partial"
-  local ok, err = make_dirs(partial .. "/files")
+  local ok, err = util.mkdirs(partial .. "/files", tonumber("700", 8))
   if not ok then return nil, err end
   local names = {}
   for name in pairs(result.files) do names[#names + 1] = name end
   table.sort(names)
   local files, total = {}, 0
   local function failed(e)
-    remove_tree(partial)
+    util.remove_tree(partial)
     return nil, e
   end
   for i, name in ipairs(names) do
@@ -942,7 +908,7 @@ end
 function M.store_backup(config, file)
   if exists(file) then return nil, file .. " exists: a store backup never overwrites a file" end
   local tmp = file .. ".partial"
-  remove_tree(tmp)
+  util.remove_tree(tmp)
   local info, err
   if config.store == "etcd" then
     info, err = etcd_snapshot(config, tmp)
@@ -956,7 +922,7 @@ function M.store_backup(config, file)
     info, err = rev and { kind = "sqlite", revision = rev }, berr and berr.message
   end
   if not info then
-    remove_tree(tmp)
+    util.remove_tree(tmp)
     return nil, err
   end
   proc.chmod(tmp, tonumber("600", 8))

@@ -17,17 +17,6 @@ local util = require "forge.util"
 
 local M = {}
 
-local function mkdirs(path)
-  local cur = ""
-  for part in path:gmatch("[^/]+") do
-    cur = cur .. "/" .. part
-    if not lfs.attributes(cur, "mode") and not lfs.mkdir(cur) and not lfs.attributes(cur, "mode") then
-      return nil, "cannot create " .. cur
-    end
-  end
-  return true
-end
-
 -- What a scan changes in the published set. With SQLite (one broker) the directory is the truth
 -- at start; with etcd, replicas adopt the versions already in the store and publish only
 -- services the store does not have. After that, every local edit (watch, SIGHUP) is published.
@@ -301,7 +290,7 @@ function M.run(path)
   -- no password configured: make one up and show it once on stdout (never in the log)
   local generated = not config.auth.password
   config.auth.password = config.auth.password or crypto.password(24)
-  local ok, merr = mkdirs(config.state_dir)
+  local ok, merr = util.mkdirs(config.state_dir)
   if not ok then
     io.stderr:write("forge serve: ", merr, "\n")
     return 1

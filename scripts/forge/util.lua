@@ -148,4 +148,44 @@ function M.iso_time(t)
   return os.date("!%Y-%m-%dT%H:%M:%S", secs) .. string.format(".%03dZ", math.floor((t - secs) * 1000))
 end
 
+-- Files. lfs and forge.proc are loaded on first use: the JSON and request helpers above are
+-- also used where only lua-cjson is at hand (the fuzz harnesses).
+
+--- mkdir -p; each directory it creates gets `mode` (e.g. tonumber("700", 8)) when given.
+-- @return true | nil, "cannot create DIR: why"
+function M.mkdirs(path, mode)
+  local lfs = require "lfs"
+  local cur = ""
+  for part in path:gmatch("[^/]+") do
+    cur = cur .. "/" .. part
+    if not lfs.symlinkattributes(cur, "mode") then
+      local ok, err = lfs.mkdir(cur)
+      if not ok and not lfs.symlinkattributes(cur, "mode") then return nil, "cannot create " .. cur .. ": " .. tostring(err) end
+      if ok and mode then require("forge.proc").chmod(cur, mode) end
+    end
+  end
+  return true
+end
+
+--- rm -r, never following a symlink: removes what it can.
+-- @return true | nil, the first "cannot remove PATH: why"
+function M.remove_tree(path)
+  local lfs = require "lfs"
+  local mode = lfs.symlinkattributes(path, "mode")
+  if not mode then return true end
+  local first
+  if mode == "directory" then
+    for entry in lfs.dir(path) do
+      if entry ~= "." and entry ~= ".." then
+        local ok, err = M.remove_tree(path .. "/" .. entry)
+        if not ok then first = first or err end
+      end
+    end
+  end
+  local ok, err = (mode == "directory" and lfs.rmdir or os.remove)(path)
+  if not ok then first = first or ("cannot remove " .. path .. ": " .. tostring(err)) end
+  if first then return nil, first end
+  return true
+end
+
 return M

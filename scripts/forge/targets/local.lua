@@ -13,6 +13,7 @@ local lfs = require "lfs"
 local cgroups = require "forge.targets.cgroups"
 local crypto = require "forge.crypto"
 local proc = require "forge.proc"
+local util = require "forge.util"
 local wire = require "forge.targets.wire"
 local log = require "forge.log"
 local model = require "forge.model"
@@ -115,35 +116,9 @@ end
 
 function Local:instance_dir(id) return self.dir .. "/" .. id end
 
--- mkdir -p
-local function mkdirs(path)
-  local cur = ""
-  for part in path:gmatch("[^/]+") do
-    cur = cur .. "/" .. part
-    if not lfs.attributes(cur, "mode") then
-      local ok, err = lfs.mkdir(cur)
-      if not ok and not lfs.attributes(cur, "mode") then return nil, err end
-    end
-  end
-  return true
-end
-
--- rm -r (does not follow symlinks)
-local function remove_tree(path)
-  local mode = lfs.symlinkattributes(path, "mode")
-  if not mode then return true end
-  if mode == "directory" then
-    for entry in lfs.dir(path) do
-      if entry ~= "." and entry ~= ".." then remove_tree(path .. "/" .. entry) end
-    end
-    return lfs.rmdir(path)
-  end
-  return os.remove(path)
-end
-
 local function write_file(path, content)
   local dir = path:match("^(.*)/[^/]*$")
-  local ok, err = mkdirs(dir)
+  local ok, err = util.mkdirs(dir)
   if not ok then return nil, err end
   local tmp = path .. ".tmp"
   local f, ferr = io.open(tmp, "wb")
@@ -356,8 +331,9 @@ function Local:spawn(inst, p)
   if not path then return nil, why end
   local dir = self:process_dir(inst, p)
   if not lfs.attributes(dir, "mode") then
-    local ok, err = mkdirs(dir)
-    if ok and inst.run_as then ok, err = proc.chown(dir, inst.run_as) end
+    local ok, err = util.mkdirs(dir)
+    if not ok then return nil, err end
+    if inst.run_as then ok, err = proc.chown(dir, inst.run_as) end
     if not ok then return nil, "cannot create " .. dir .. ": " .. tostring(err and err.message or err) end
   end
   local env = { PATH = os.getenv("PATH") or "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", FORGE_PROCESS = dir }
@@ -415,9 +391,9 @@ end
 -- provision starts from an empty directory (a failed earlier attempt leaves nothing behind).
 function Local:write_files(inst)
   local dir = self:instance_dir(inst.id)
-  if inst.operation.type == "provision" then remove_tree(dir) end
-  local ok, err = mkdirs(dir)
-  if not ok then return nil, "cannot create " .. dir .. ": " .. tostring(err) end
+  if inst.operation.type == "provision" then util.remove_tree(dir) end
+  local ok, err = util.mkdirs(dir)
+  if not ok then return nil, err end
   for _, p in ipairs(inst.deployment.processes) do
     for kind, always in pairs({ files = true, seed_files = false }) do
       for rel, content in pairs(p[kind] or {}) do
@@ -441,7 +417,7 @@ function Local:remove_stale(inst)
   for _, p in ipairs(inst.deployment.processes) do keep[p.name] = true end
   for name in pairs((inst.previous or {}).processes or {}) do
     if not keep[name] then
-      remove_tree(self:process_dir(inst, { name = name }))
+      util.remove_tree(self:process_dir(inst, { name = name }))
       os.remove(self:instance_dir(inst.id) .. "/" .. name .. ".log")
       if inst.initialized then inst.initialized[name] = nil end   -- re-added later: init again
     end
@@ -645,7 +621,7 @@ function Local:stop_all(inst)
 end
 
 --- Remove the directory of instance `id` (its processes are stopped).
-function Local:remove_dir(id) remove_tree(self:instance_dir(id)) end
+function Local:remove_dir(id) util.remove_tree(self:instance_dir(id)) end
 
 --- Stop everything and remove the instance's directory.
 function Local:destroy(inst)
