@@ -229,10 +229,7 @@ local function accepted(op) return 202, { operation = op.id, type = op.type } en
 
 -- Put the new operation `op` in `rec` (the old one goes to its history) and journal it.
 local function start_operation(b, rec, rev, op, claimed)
-  rec.history = rec.history or {}
-  table.insert(rec.history, 1, rec.operation)
-  while #rec.history > 20 do table.remove(rec.history) end
-  rec.operation, rec.updated_at = op, os.time()
+  common.begin(rec, op)
   if not instances.journal(b, rec, rev, claimed or {}) then
     fail(409, "Conflict", "instance " .. rec.id .. " changed meanwhile; try again")
   end

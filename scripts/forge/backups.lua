@@ -496,10 +496,7 @@ end
 -- Put operation `op` in `rec` (the current one goes to its history) and journal it, with
 -- `extra` txn ops. Returns true when the record was still at revision `rev`.
 local function journal(b, rec, rev, op, extra)
-  rec.history = rec.history or {}
-  table.insert(rec.history, 1, rec.operation)
-  while #rec.history > 20 do table.remove(rec.history) end
-  rec.operation, rec.updated_at = op, os.time()
+  common.begin(rec, op)
   return instances.journal(b, rec, rev, {}, extra)
 end
 

@@ -102,6 +102,15 @@ function M.new_operation(kind, request_fingerprint)
     request = request_fingerprint }
 end
 
+--- Make `op` the operation of record `rec`; the current one goes first in its history (the
+-- last 20 are kept).
+function M.begin(rec, op)
+  rec.history = rec.history or {}
+  table.insert(rec.history, 1, rec.operation)
+  while #rec.history > 20 do table.remove(rec.history) end
+  rec.operation, rec.updated_at = op, os.time()
+end
+
 function M.in_progress(op) return op ~= nil and op.state == "in progress" end
 
 --- last_operation body of an operation.

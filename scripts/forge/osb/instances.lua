@@ -299,10 +299,7 @@ function M.update(b, id, req, q)
   if context then updated.context = context end
   if upgrade or plan_change then updated.maintenance_info = plan.maintenance_info end
   updated.state, updated.updated_at = "deploying", os.time()
-  updated.history = updated.history or {}
-  table.insert(updated.history, 1, rec.operation)
-  while #updated.history > 20 do table.remove(updated.history) end
-  updated.operation = common.new_operation("update", fingerprint)
+  common.begin(updated, common.new_operation("update", fingerprint))
   local usage = quotas.change(b, rec, updated)
   local added = M.render(b, svc, plan, updated, not upgrade and rec.script_hash or nil)
   if not M.journal(b, updated, rev, added, usage.ops, usage.compare) then
@@ -342,11 +339,9 @@ function M.try_deprovision(b, id, req, q, service_id, plan_id)
   local busy = binding_busy(b, id)
   if busy then fail(422, "ConcurrencyError", "binding " .. busy .. " of instance " .. id .. " has an operation in progress") end
   local op = common.new_operation("deprovision")
-  rec.history = rec.history or {}
-  table.insert(rec.history, 1, rec.operation)
-  while #rec.history > 20 do table.remove(rec.history) end
   -- a delete during provisioning halts the provision: the reconciler now stops the processes
-  rec.operation, rec.state, rec.updated_at = op, "destroying", os.time()
+  common.begin(rec, op)
+  rec.state = "destroying"
   if not model.txn(b.db, { compare = { { key = ikey, mod_revision = rev } },
       success = { model.put(ikey, rec), model.put(key.pending(id), "") } }) then
     return nil
