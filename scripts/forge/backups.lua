@@ -166,14 +166,6 @@ local function sha256_file(path, timeout)
   return res.stdout:match("^(%x+)")
 end
 
-local function read_text(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local text = f:read("a")
-  f:close()
-  return text
-end
-
 -- Write `text` to `path` through a temporary file renamed into place (mode 0600).
 local function write_atomically(path, text)
   local tmp = path .. ".tmp"
@@ -288,7 +280,7 @@ end
 
 -- The manifest of the backup in `dir` | nil, message.
 local function read_manifest(dir)
-  local text = read_text(dir .. "/manifest.json")
+  local text = util.read_file(dir .. "/manifest.json")
   if not text then return nil, "its manifest.json is missing" end
   local m = util.json_decode(text)
   if type(m) ~= "table" or m.format ~= FORMAT or type(m.files) ~= "table" or type(m.id) ~= "string" then

@@ -321,13 +321,6 @@ local function tally(b)
   return counts, versions
 end
 
-local function sorted_keys(t)
-  local keys = {}
-  for k in pairs(t) do keys[#keys + 1] = k end
-  table.sort(keys)
-  return keys
-end
-
 local function count_link(n, filter)
   if not n or n == 0 then return H.span({ class = "muted" }, "0") end
   return H.a({ href = link("/dashboard/instances", filter) }, tostring(n))
@@ -335,8 +328,8 @@ end
 
 local function counts_table(counts)
   local rows, totals = {}, {}
-  for _, svc in ipairs(sorted_keys(counts)) do
-    for _, plan in ipairs(sorted_keys(counts[svc])) do
+  for _, svc in ipairs(util.sorted_keys(counts)) do
+    for _, plan in ipairs(util.sorted_keys(counts[svc])) do
       local states, row, sum = counts[svc][plan], { H.td(svc), H.td(plan) }, 0
       for _, st in ipairs(STATE_ORDER) do
         row[#row + 1] = H.td({ class = "num" }, count_link(states[st], { service = svc, plan = plan, state = st }))

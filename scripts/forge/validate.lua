@@ -8,6 +8,7 @@
 -- declared (service.commands). It warns when, given the local target's config, a declared
 -- command is not approved or not installed or a user is not allowed, and when a parameter
 -- without a constraining schema reaches a file unescaped.
+local util = require "forge.util"
 local backups = require "forge.backups"
 local contract = require "forge.contract"
 local Local = require "forge.targets.local"
@@ -76,13 +77,6 @@ function M.bind_unbind(svc, ctx)
   return bound, unbound
 end
 
-local function sorted_keys(t)
-  local keys = {}
-  for k in pairs(t) do keys[#keys + 1] = k end
-  table.sort(keys)
-  return keys
-end
-
 --- The backup and restore results for a rendered deployment's ctx: a backup of the sample
 -- instance with one binding, restored into the same instance. Both hooks or neither.
 -- @return backup, restore | nil, {messages} | nil, nil (no hooks)
@@ -104,7 +98,7 @@ function M.backup_restore(svc, plan, ctx)
   if not saved then return nil, errs end
   local rctx = sample()
   rctx.backup = { id = "dry-run-backup", instance_id = ctx.instance_id, service = svc.name, plan = plan.name,
-    version = svc.hash, created_at = 0, files = sorted_keys(saved.files), bindings = bindings, secrets = ctx.secrets }
+    version = svc.hash, created_at = 0, files = util.sorted_keys(saved.files), bindings = bindings, secrets = ctx.secrets }
   local restored, err, version = services.call(svc, "restore", rctx)
   if type(restored) == "string" then
     return nil, { where(svc, "restore") .. ": restore: refuses a backup of its own instance: " .. restored }

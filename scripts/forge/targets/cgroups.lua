@@ -5,20 +5,13 @@
 -- `cgroups` option), so nothing they start can escape it.
 local lfs = require "lfs"
 local proc = require "forge.proc"
+local util = require "forge.util"
 
 local M = {}
 M.__index = M
 
 local ROOT = "/sys/fs/cgroup"
 local CONTROLLERS = { "memory", "pids", "cpu" }
-
-local function read(path)
-  local f = io.open(path, "r")
-  if not f then return nil end
-  local text = f:read("a")
-  f:close()
-  return text
-end
 
 local function write(path, value)
   local f, err = io.open(path, "w")
@@ -35,7 +28,7 @@ local function exists(path) return lfs.attributes(path, "mode") ~= nil end
 -- why limits cannot be enforced.
 function M.detect()
   if proc.geteuid() ~= 0 then return nil, "the broker does not run as root" end
-  local v2 = read(ROOT .. "/cgroup.controllers")
+  local v2 = util.read_file(ROOT .. "/cgroup.controllers")
   if v2 then
     for _, c in ipairs(CONTROLLERS) do
       if not (" " .. v2 .. " "):find("%s" .. c .. "%s") then
@@ -128,7 +121,7 @@ end
 function M:oom_kills(name)
   local mount = self.dirs.memory or self.dirs.unified
   local file = self.version == 2 and "memory.events" or "memory.oom_control"
-  local text = read(mount .. "/forge/" .. name .. "/" .. file) or ""
+  local text = util.read_file(mount .. "/forge/" .. name .. "/" .. file) or ""
   return tonumber(text:match("oom_kill (%d+)")) or 0
 end
 
@@ -136,7 +129,7 @@ end
 function M:pids(name)
   local seen, list = {}, {}
   for _, dir in ipairs(self:paths(name)) do
-    for pid in (read(dir .. "/cgroup.procs") or ""):gmatch("%d+") do
+    for pid in (util.read_file(dir .. "/cgroup.procs") or ""):gmatch("%d+") do
       if not seen[pid] then seen[pid], list[#list + 1] = true, tonumber(pid) end
     end
   end
