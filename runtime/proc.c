@@ -1314,8 +1314,9 @@ static int l_proc_signal_number(lua_State *L)
 
 /***
  * Stop a process: the signal (default SIGTERM) to its group, poll every 25 ms (reaping
- * it when it is our child), SIGKILL after `timeout` seconds, then wait (at most 5 s
- * more) until it is gone.
+ * it when it is our child), SIGKILL after `timeout` seconds — at once when the process is the
+ * first of a PID namespace and leaves the signal at its default action, as the kernel then
+ * drops it — then wait (at most 5 s more) until it is gone.
  * @function stop
  * @tparam integer pid
  * @tparam integer start_time
@@ -1323,6 +1324,38 @@ static int l_proc_signal_number(lua_State *L)
  * @param[opt="TERM"] sig name (as for kill) or number, not 0
  * @return true (also when it was already gone), or nil, err ("proc.stop", retryable)
  */
+/*
+ * Would `sig` stop `pid` if the kernel delivered it? The first process of a PID namespace
+ * (its NSpid ends in 1) gets no signal it does not catch, so a stop signal it leaves at its
+ * default action (terminate) is dropped; only SIGKILL ends it. 1 for such a process and signal,
+ * else 0 (it catches or ignores the signal, is no namespace's first process, or is gone).
+ */
+static int dropped_default_stop(pid_t pid, int sig)
+{
+    static const int terminating[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM, SIGPIPE};
+    int terminates = 0;
+    for (size_t i = 0; i < sizeof terminating / sizeof terminating[0]; i++)
+        terminates |= terminating[i] == sig;
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = terminates ? fopen(path, "re") : NULL;
+    if (!f)
+        return 0;
+    int ns_first = 0;
+    unsigned long long caught = 0, ignored = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, "NSpid:", 6) == 0) {
+            char *last = strrchr(line, '\t');
+            ns_first = last && last != strchr(line, '\t') && strtol(last + 1, NULL, 10) == 1;
+        }
+        sscanf(line, "SigCgt: %llx", &caught);
+        sscanf(line, "SigIgn: %llx", &ignored);
+    }
+    fclose(f);
+    unsigned long long bit = 1ULL << (sig - 1);
+    return ns_first && !(caught & bit) && !(ignored & bit);
+}
+
 static int l_proc_stop(lua_State *L)
 {
     pid_t pid = check_pid(L, 1);
@@ -1340,7 +1373,8 @@ static int l_proc_stop(lua_State *L)
     }
     if (rc < 0)
         return forge_pusherror(L, "proc.stop", 0, "kill %d: %s", (int)pid, forge_strerror(-rc, eb, sizeof eb));
-    double deadline = now_mono() + timeout;
+    /* a signal the kernel drops is not waited for: SIGKILL now does what it would have done */
+    double deadline = now_mono() + (dropped_default_stop(pid, sig) ? 0 : timeout);
     for (;;) {
         if (!check_alive(pid, st)) {
             lua_pushboolean(L, 1);
