@@ -98,17 +98,18 @@ end
 -- Every secret of an instance and its bindings: the strings to mask wherever they appear.
 local SECRET_FIELD = { password = true, secret = true, token = true, uri = true, url = true, key = true }
 
+-- Does a credentials field hold a secret? Its name ends in one of SECRET_FIELD's words (admin_password, uri).
+local function secret_field(k)
+  return type(k) == "string" and SECRET_FIELD[k:lower():match("(%a+)$") or ""] == true
+end
+
 local function collect_secrets(rec, bindings)
   local found = {}
-  local function walk(v, all)
+  local function walk(v, secret)
     if type(v) == "string" then
-      if #v >= 4 then found[#found + 1] = v end
+      if secret and #v >= 4 then found[#found + 1] = v end
     elseif type(v) == "table" then
-      for k, x in pairs(v) do
-        if all or (type(k) == "string" and SECRET_FIELD[k:lower():match("([%a]+)$") or ""]) or type(x) == "table" then
-          walk(x, all or (type(k) == "string" and SECRET_FIELD[k:lower():match("([%a]+)$") or ""]))
-        end
-      end
+      for k, x in pairs(v) do walk(x, secret or secret_field(k)) end
     end
   end
   walk(rec.secrets, true)
