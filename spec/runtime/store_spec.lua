@@ -106,16 +106,17 @@ describe("forge.store", function()
       local path = new_path()
       local db = assert(store.open(path, { busy_timeout_ms = 100 }))
       local r0 = assert(db:put("k", "before"))
-      -- a sqlite3 shell holds a write transaction for about a second
+      -- a sqlite3 shell holds a write transaction for 1.5 s; it touches `held` once it has it
+      local held = path .. ".held"
       local holder = assert(io.popen(string.format(
-        "sqlite3 '%s' 'BEGIN IMMEDIATE;' 'SELECT 1;' '.shell sleep 1.5' 'COMMIT;' 2>&1", path)))
-      local rev, err
-      for _ = 1, 50 do          -- wait until the lock is taken
-        rev, err = db:put("k", "during")
-        if not rev then break end
-        r0 = rev
+        "sqlite3 '%s' 'BEGIN IMMEDIATE;' 'SELECT 1;' '.shell touch %s' '.shell sleep 1.5' 'COMMIT;' 2>&1", path, held)))
+      for _ = 1, 1500 do        -- however long the shell takes to start (a loaded machine)
+        local f = io.open(held)
+        if f then f:close() break end
         os.execute("sleep 0.02")
       end
+      os.remove(held)
+      local rev, err = db:put("k", "during")
       assert.is_nil(rev)
       assert.equal("store.busy", err.code)
       assert.is_true(err.retryable)
