@@ -360,6 +360,7 @@ local function all_backups(cfg, iid)
       if m then list[#list + 1] = m end
     end
   end
+  -- created_at is fractional: two backups made in one second still list newest first
   table.sort(list, function(a, b)
     if a.created_at ~= b.created_at then return (a.created_at or 0) > (b.created_at or 0) end
     return a.id > b.id
@@ -637,7 +638,7 @@ local function write_backup(cfg, target, rec, op, result, ctx)
     files[i], total = { name = name, size = size, sha256 = sum }, total + size
   end
   local m = { format = FORMAT, id = op.backup, instance_id = rec.id, service = rec.service, service_id = rec.service_id,
-    plan = ctx.plan and ctx.plan.name, plan_id = rec.plan_id, version = rec.script_hash, created_at = os.time(),
+    plan = ctx.plan and ctx.plan.name, plan_id = rec.plan_id, version = rec.script_hash, created_at = proc.time(),
     by = op.by, size = total, sha256 = digest(files), files = files, bindings = ctx.bindings, secrets = rec.secrets or {} }
   ok, err = write_atomically(partial .. "/manifest.json", util.json_encode(m))
   if not ok then return failed(err) end
