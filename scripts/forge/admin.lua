@@ -3,6 +3,7 @@
 -- record like the platform's operations, so the reconciler carries them out and a restarted
 -- broker resumes them. The dashboard (forge.dashboard) renders the same data as pages.
 local common = require "forge.osb.common"
+local diff = require "forge.diff"
 local instances = require "forge.osb.instances"
 local log = require "forge.log"
 local model = require "forge.model"
@@ -95,41 +96,6 @@ local function read_instance(b, id)
   return rec, rev
 end
 
--- Every secret of an instance and its bindings: the strings to mask wherever they appear.
-local SECRET_FIELD = { password = true, secret = true, token = true, uri = true, url = true, key = true }
-
--- Does a credentials field hold a secret? Its name ends in one of SECRET_FIELD's words (admin_password, uri).
-local function secret_field(k)
-  return type(k) == "string" and SECRET_FIELD[k:lower():match("(%a+)$") or ""] == true
-end
-
-local function collect_secrets(rec, bindings)
-  local found = {}
-  local function walk(v, secret)
-    if type(v) == "string" then
-      if secret and #v >= 4 then found[#found + 1] = v end
-    elseif type(v) == "table" then
-      for k, x in pairs(v) do walk(x, secret or secret_field(k)) end
-    end
-  end
-  walk(rec.secrets, true)
-  for _, kv in ipairs(bindings) do walk(kv.value.credentials, false) end
-  -- longest first, so a secret that contains another is masked whole
-  table.sort(found, function(x, y) return #x > #y end)
-  return found
-end
-
---- `value` with every occurrence of the secrets replaced by ********.
-function M.mask(value, secrets)
-  if value == nil then return nil end
-  local text = util.json_encode(value)
-  for _, s in ipairs(secrets) do
-    local json = util.json_encode(s):sub(2, -2)       -- as the secret appears inside a JSON string
-    text = text:gsub(json:gsub("%p", "%%%0"), "********")
-  end
-  return util.json_decode(text)
-end
-
 local function local_processes(rec)
   local list = {}
   for _, p in ipairs((rec.deployment or {}).processes or {}) do
@@ -156,15 +122,18 @@ end
 function M.instance_detail(b, id)
   local rec = read_instance(b, id)
   local bindings = model.range(b.db, key.bindings(id))
-  local secrets = collect_secrets(rec, bindings)
+  local secrets = diff.secrets(rec, bindings)
   local out = M.summary(rec)
-  out.parameters, out.context = M.mask(rec.parameters, secrets), M.mask(rec.context, secrets)
+  out.parameters, out.context = diff.mask(rec.parameters, secrets), diff.mask(rec.context, secrets)
   out.maintenance_info, out.resources = rec.maintenance_info, rec.resources
   local svc = b.registry.by_id[rec.service_id]
   out.version = { pinned = rec.script_hash, current = svc and svc.hash,
     upgrade_available = svc ~= nil and rec.script_hash ~= nil and rec.script_hash ~= svc.hash }
-  out.operations = { operation_summary(rec.operation) }
-  for _, op in ipairs(rec.history or {}) do out.operations[#out.operations + 1] = operation_summary(op) end
+  out.operations = {}
+  for i, op in ipairs({ rec.operation, table.unpack(rec.history or {}) }) do
+    out.operations[i] = operation_summary(op)
+    out.operations[i].diff = op.diff         -- an update's or upgrade's diff (forge.diff), secrets masked
+  end
   out.bindings = {}
   for _, kv in ipairs(bindings) do
     local bnd = kv.value
@@ -173,10 +142,10 @@ function M.instance_detail(b, id)
   end
   if (rec.target or "local") == "local" then
     out.processes = local_processes(rec)
-    out.deployment = M.mask(rec.deployment, secrets)
+    out.deployment = diff.mask(rec.deployment, secrets)
   else
     if rec.state ~= "deleted" then out.vms, out.vms_error = bosh_vms(b, rec) end
-    out.deployment = M.mask(rec.manifest, secrets)
+    out.deployment = diff.mask(rec.manifest, secrets)
   end
   return out
 end

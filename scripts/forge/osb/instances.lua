@@ -6,6 +6,7 @@
 -- plan that allows it and a platform that did not send accepts_incomplete=true, waits (bounded)
 -- for the reconciler and answers 201/200.
 local common = require "forge.osb.common"
+local diff = require "forge.diff"
 local log = require "forge.log"
 local model = require "forge.model"
 local quotas = require "forge.quotas"
@@ -33,7 +34,7 @@ local function provision_fingerprint(body, params)
 end
 
 -- Any binding of the instance with an operation in progress blocks instance operations.
-local function binding_busy(b, id)
+function M.binding_busy(b, id)
   for _, kv in ipairs(model.range(b.db, key.bindings(id))) do
     if common.in_progress(kv.value.operation) then return kv.value.id end
   end
@@ -239,7 +240,7 @@ function M.update(b, id, req, q)
     end
     fail(422, "ConcurrencyError", "instance " .. id .. " has a " .. rec.operation.type .. " in progress")
   end
-  local busy = binding_busy(b, id)
+  local busy = M.binding_busy(b, id)
   if busy then fail(422, "ConcurrencyError", "binding " .. busy .. " of instance " .. id .. " has an operation in progress") end
 
   local cur_plan = svc.plans[rec.plan_id]
@@ -290,24 +291,72 @@ function M.update(b, id, req, q)
     return reply(200, {})
   end
 
+  -- a maintenance_info upgrade alone skips the redeploy when nothing the instance runs changes
+  local only_upgrade = upgrade and not plan_change and not params_change and rec.state ~= "failed"
+  local outcome, updated = M.start_update(b, svc, plan, rec, rev, { parameters = params, context = context,
+    to = upgrade and svc.hash or nil, skip_unchanged = only_upgrade }, common.new_operation("update", fingerprint))
+  if not outcome then
+    fail(422, "ConcurrencyError", "instance " .. id .. " changed while the update was being prepared")
+  end
+  log.info(outcome == "skipped" and "upgrade without a redeploy" or "update accepted", { instance = id,
+    plan = plan.name, operation = updated.operation.id, request_id = req.id, origin = req.origin })
+  if outcome == "skipped" then return reply(200, {}) end
+  return accepted(b, updated, async, nil, 200)
+end
+
+local function short(hash) return hash and hash:sub(1, 12) or "?" end
+
+--- The record `rec` would become after an update to `plan`: a rendered copy, the store keys it
+-- would claim, whether what it runs changes, and the masked unified diff (forge.diff). Nothing
+-- is stored. change: parameters, context (nil: kept), to (the version to move to: an upgrade;
+-- nil keeps the instance's pinned version).
+function M.prepare_update(b, svc, plan, rec, change)
   local updated = util.copy(rec)
   -- after a failed update, what runs is still what ran before it
   updated.previous = rec.state == "failed" and rec.previous or { plan_id = rec.plan_id, parameters = rec.parameters,
     resources = rec.resources, maintenance_info = rec.maintenance_info, processes = rec.processes }
   updated.plan_id, updated.plan = plan.id, plan.name
-  if params then updated.parameters = params end
-  if context then updated.context = context end
-  if upgrade or plan_change then updated.maintenance_info = plan.maintenance_info end
+  if change.parameters then updated.parameters = change.parameters end
+  if change.context then updated.context = change.context end
+  if change.to or plan.id ~= rec.plan_id then updated.maintenance_info = plan.maintenance_info end
   updated.state, updated.updated_at = "deploying", os.time()
-  common.begin(updated, common.new_operation("update", fingerprint))
-  local usage = quotas.change(b, rec, updated)
-  local added = M.render(b, svc, plan, updated, not upgrade and rec.script_hash or nil)
-  if not M.journal(b, updated, rev, added, usage.ops, usage.compare) then
-    fail(422, "ConcurrencyError", "instance " .. id .. " changed while the update was being prepared")
+  local added = M.render(b, svc, plan, updated, change.to or rec.script_hash)
+  local secrets = diff.secrets(rec, model.range(b.db, key.bindings(rec.id)))
+  local changed, text = diff.between(rec, updated, secrets, { "running (version " .. short(rec.script_hash) .. ")",
+    "after (version " .. short(updated.script_hash) .. ")" })
+  if changed == nil then fail(500, "InternalError", text) end
+  return updated, added, changed, text
+end
+
+-- An upgrade that changes nothing the instance runs: its pin (and maintenance_info) moves in
+-- the store only, recorded as a succeeded operation; no process is stopped or started.
+local function move_pin(b, rec, rev, updated, op)
+  local moved = util.copy(rec)
+  moved.script_hash, moved.maintenance_info = updated.script_hash, updated.maintenance_info
+  moved.context = updated.context
+  op.state, op.finished_at, op.diff, op.skipped = "succeeded", os.time(), "", true
+  op.description = "upgraded to version " .. short(updated.script_hash) .. " without a redeploy: nothing it runs changes"
+  common.begin(moved, op)
+  local ikey = key.instance(rec.id)
+  return model.txn(b.db, { compare = { { key = ikey, mod_revision = rev } }, success = { model.put(ikey, moved) } })
+    and moved
+end
+
+--- Start update operation `op` on `rec` (read at revision `rev`), or with change.skip_unchanged
+-- skip it when nothing the instance runs changes (move_pin). The one path of a platform's update
+-- or maintenance_info upgrade and of the fleet upgrade (forge.upgrades); op.diff holds the diff.
+-- @return "started" | "skipped", the stored record | nil when the record changed meanwhile
+function M.start_update(b, svc, plan, rec, rev, change, op)
+  local updated, added, changed, text = M.prepare_update(b, svc, plan, rec, change)
+  if change.skip_unchanged and not changed then
+    local moved = move_pin(b, rec, rev, updated, op)
+    return moved and "skipped", moved
   end
-  log.info("update accepted", { instance = id, plan = plan.name, operation = updated.operation.id,
-    request_id = req.id, origin = req.origin })
-  return accepted(b, updated, async, nil, 200)
+  op.diff = diff.capped(text)
+  common.begin(updated, op)
+  local usage = quotas.change(b, rec, updated)
+  if not M.journal(b, updated, rev, added, usage.ops, usage.compare) then return nil end
+  return "started", updated
 end
 
 function M.deprovision(b, id, req, q)
@@ -336,7 +385,7 @@ function M.try_deprovision(b, id, req, q, service_id, plan_id)
   if common.in_progress(rec.operation) and rec.operation.type == "update" then
     fail(422, "ConcurrencyError", "instance " .. id .. " has an update in progress")
   end
-  local busy = binding_busy(b, id)
+  local busy = M.binding_busy(b, id)
   if busy then fail(422, "ConcurrencyError", "binding " .. busy .. " of instance " .. id .. " has an operation in progress") end
   local op = common.new_operation("deprovision")
   -- a delete during provisioning halts the provision: the reconciler now stops the processes
@@ -350,6 +399,15 @@ function M.try_deprovision(b, id, req, q, service_id, plan_id)
   return accepted(b, rec, async, nil, 200)
 end
 
+--- The maintenance_info of the plan in the version the instance is pinned to: a platform
+-- compares it with the catalog's and sees a pending upgrade.
+function M.pinned_maintenance_info(b, rec)
+  local svc = b.registry.by_id[rec.service_id]
+  local version = svc and services.version(svc, rec.script_hash, svc.registry)
+  local plan = version and version.plans and version.plans[rec.plan_id]
+  return plan and plan.maintenance_info or rec.maintenance_info
+end
+
 function M.fetch(b, id)
   local rec = model.read(b.db, key.instance(id))
   if not live(rec) then fail(404, "NotFound", "instance " .. id .. " does not exist") end
@@ -358,7 +416,7 @@ function M.fetch(b, id)
     fail(422, "ConcurrencyError", "instance " .. id .. " has a " .. rec.operation.type .. " in progress")
   end
   return reply(200, { service_id = rec.service_id, plan_id = rec.plan_id, dashboard_url = dashboard_url(b, id),
-    parameters = rec.parameters or {}, maintenance_info = rec.maintenance_info,
+    parameters = rec.parameters or {}, maintenance_info = M.pinned_maintenance_info(b, rec),
     metadata = { labels = { deployment_name = rec.deployment_name } } })
 end
 
