@@ -16,6 +16,7 @@ local quotas = require "forge.quotas"
 local request = require "forge.request"
 local services = require "forge.services"
 local telemetry = require "forge.telemetry"
+local upgrades = require "forge.upgrades"
 local util = require "forge.util"
 
 local fail, reply = common.fail, common.reply
@@ -145,6 +146,14 @@ local ROUTES = {
   { { "admin", "instances", ":", "cancel" }, { POST = acting(admin.cancel) }, admin = true },
   { { "admin", "instances", ":", "restart" }, { POST = acting(admin.restart) }, admin = true },
   { { "admin", "instances", ":", "backup" }, { POST = acting(backups.backup) }, admin = true },
+  { { "admin", "instances", ":", "diff" }, { GET = function(self, id, _, q) return reply(200, upgrades.diff(self, id, q)) end },
+    admin = true },
+  { { "admin", "upgrades" }, { GET = function(self) return reply(upgrades.list(self)) end,
+    POST = function(self, req) return reply(upgrades.start(self, req, self.admin_user)) end }, admin = true },
+  { { "admin", "upgrades", ":" }, { GET = function(self, id) return reply(upgrades.get(self, id)) end }, admin = true,
+    ids = { "upgrade id" } },
+  { { "admin", "upgrades", ":", "resume" }, { POST = acting(upgrades.resume) }, admin = true, ids = { "upgrade id" } },
+  { { "admin", "upgrades", ":", "abort" }, { POST = acting(upgrades.abort) }, admin = true, ids = { "upgrade id" } },
   { { "admin", "backups" }, { GET = function(self, _, q) return reply(backups.list(self, q)) end }, admin = true },
   { { "admin", "backups", ":" }, { DELETE = function(self, id) return reply(backups.delete(self, id)) end },
     admin = true, ids = { "backup id" } },

@@ -28,6 +28,11 @@ FORGE_ADMIN_USER/FORGE_ADMIN_PASSWORD, --json for the raw answer):
   retry ID | cancel ID | restart ID     act on an instance, then wait for the operation (--no-wait)
   backup ID | backups [ID]              back an instance up (then wait); list backups
   restore BACKUP --to ID                put a backup into an instance of the same service (then wait)
+  diff ID [--to V] [--plan P] [--params JSON]
+                                        what an update or upgrade would change (exit 1: changes)
+  upgrade --all | --service S | IDs... [--canaries N] [--max-in-flight M] [--dry-run]
+                                        move instances to their service's current version; a job
+                                        the broker runs (--resume, --abort; docs/upgrades.md)
   orphans [--clean]                     what no record owns, records whose deployment is gone
   metrics                               the Prometheus metrics
 
@@ -543,13 +548,15 @@ action("cancel", "failed", "Stop the operation in flight (its processes stop, a 
   .. "  failed, \"cancelled by the operator\". Exit 1 when it succeeded before it could be stopped.")
 action("restart", "succeeded", "Restart a running local instance's processes.")
 
-require("forge.cli_backups").define({ admin_command = admin_command, call_json = call_json, show_json = show_json,
+local helpers = { admin_command = admin_command, call_json = call_json, show_json = show_json,
   follow = follow, print_table = print_table, field = field, ago = ago, encode = encode,
-  parse_options = parse_options, common_help = COMMON_HELP,
+  parse_options = parse_options, common_help = COMMON_HELP, refusal = refusal,
   command = function(name, help, fn) HELP[name], commands[name] = help, fn end,
   load_config = function(opts)
     return require("forge.config").load(opts.config or (file_exists("forge.yml") and "forge.yml" or nil))
-  end })
+  end }
+require("forge.cli_backups").define(helpers)
+require("forge.cli_upgrades").define(helpers)
 
 -- Orphans cleaned in this order: a directory holding a live process can go once it is stopped.
 local CLEAN_ORDER = { process = 1, deployment = 2, record = 3, directory = 4 }

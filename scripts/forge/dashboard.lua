@@ -15,6 +15,7 @@ local log = require "forge.log"
 local model = require "forge.model"
 local quotas = require "forge.quotas"
 local request = require "forge.request"
+local upgrades = require "forge.upgrades"
 local util = require "forge.util"
 local yaml = require "forge.yaml"
 
@@ -484,7 +485,9 @@ local function timeline(ops)
     local took = op.finished_at and op.started_at and (op.finished_at - op.started_at)
     items[#items + 1] = H.li(H.div({ class = "when" }, when(op.started_at)),
       H.div(H.strong(op.type), " ", badge(op.state), took and { " after ", duration(took) } or nil),
-      op.description and H.div({ class = "description" }, op.description), H.div({ class = "muted" }, op.id))
+      op.description and H.div({ class = "description" }, op.description), H.div({ class = "muted" }, op.id),
+      op.diff and op.diff ~= "" and H.details(H.summary("What it changed (diff, secrets masked)"),
+        H.pre(H.code(op.diff))) or nil)
   end
   return H.ol({ class = "timeline" }, items)
 end
@@ -603,14 +606,29 @@ local function services_table(b, list, versions)
     rows, "No services loaded.")
 end
 
+-- The newest fleet upgrades (forge.upgrades), at most 10.
+local function upgrades_table(list)
+  local rows = {}
+  for i = 1, math.min(#list, 10) do
+    local u, n = list[i], list[i].counts
+    rows[i] = cells(H.code(u.id), badge(u.state), when(u.created_at),
+      string.format("%d/%d: %d upgraded, %d skipped, %d failed, %d in flight", n.upgraded + n.skipped + n.failed,
+        u.total, n.upgraded, n.skipped, n.failed, n["in flight"]), u.description or "")
+  end
+  return table_of({ "Upgrade", "State", "Started", "Instances", "Description" }, rows,
+    "No fleet upgrade yet: forge upgrade starts one.")
+end
+
 --- GET /dashboard/services
 function M.services(b, _, q)
   only(q, {})
   local status = b:services_status()
   local _, versions = tally(b)
+  local _, runs = upgrades.list(b)
   return respond(200, page("Services", {
     H.p("Loaded generation ", H.strong(tostring(status.generation)), "."),
     H.section(H.h2("Loaded versions"), services_table(b, status.services, versions)),
+    H.section(H.h2("Fleet upgrades"), upgrades_table(runs.upgrades)),
     H.section(H.h2("Reload errors (" .. #status.errors .. ")"),
       H.p({ class = "muted" }, "An edit that failed to load is refused; the version before it keeps running."),
       refused_table(status.errors)),

@@ -11,6 +11,7 @@ local model = require "forge.model"
 local proc = require "forge.proc"
 local quotas = require "forge.quotas"
 local telemetry = require "forge.telemetry"
+local upgrades = require "forge.upgrades"
 local util = require "forge.util"
 
 local key = model.key
@@ -498,6 +499,8 @@ function Reconciler:pass(now)
   end
   local bok, berr = pcall(backups.due, self, now)
   if not bok then self:report("scheduled backups failed", berr, now) end
+  local uok, uerr = pcall(upgrades.advance_all, self, now)
+  if not uok then self:report("fleet upgrades failed", uerr, now) end
   if now >= self.next_supervise then
     self.next_supervise = now + self.config.supervise_interval
     local hok, err = pcall(function()
