@@ -267,7 +267,7 @@ function M.resume(b, id, who)
   return act(b, id, "only a paused or failed upgrade resumes", function(job)
     if job.state ~= "paused" and job.state ~= "failed" then return false end
     for _, e in ipairs(job.instances) do
-      if e.state == "failed" then e.state, e.reason, e.operation = "pending", nil, nil end
+      if e.state == "failed" then e.state, e.reason, e.operation, e.failed_operation = "pending", nil, nil, e.operation end
       local svc = e.state == "pending" and b.registry.by_name[e.service]
       if svc then e.to = svc.hash end
     end
@@ -320,11 +320,13 @@ local function launch(r, job, e, now)
     e.state, e.reason = "skipped", "deleted meanwhile"
     return
   end
-  if rec.operation.upgrade == job.id then      -- journaled by a pass that did not get to record it
+  -- resumed after its upgrade failed: the same update runs again (a failed instance is redeployed)
+  local retry = e.failed_operation ~= nil and rec.operation.id == e.failed_operation and rec.state == "failed"
+  if rec.operation.upgrade == job.id and not retry then   -- journaled by a pass that did not record it
     e.state, e.operation = "in flight", rec.operation.id
     return check(r, e)
   end
-  if rec.script_hash == e.to then
+  if rec.script_hash == e.to and not retry then
     e.state, e.reason = "skipped", "already on version " .. short(e.to)
     return
   end
@@ -338,7 +340,7 @@ local function launch(r, job, e, now)
     end
     return
   end
-  if rec.state ~= "running" then
+  if rec.state ~= "running" and not retry then
     e.state, e.reason = "skipped", "instance is " .. rec.state .. ": retry or update it first"
     return
   end
@@ -352,11 +354,11 @@ local function launch(r, job, e, now)
     maintenance_info = plan.maintenance_info })
   op.by, op.upgrade = job.by, job.id
   local ok, outcome, stored = pcall(instances.start_update, r, svc, plan, rec, rev,
-    { to = e.to, skip_unchanged = true }, op)
+    { to = e.to, skip_unchanged = not retry }, op)
   if not ok then
     e.state, e.reason = "failed", failure_text(outcome)
   elseif outcome then
-    e.operation, e.waiting_since = op.id, nil
+    e.operation, e.waiting_since, e.failed_operation = op.id, nil, nil
     e.state = outcome == "skipped" and "skipped" or "in flight"
     e.reason = outcome == "skipped" and stored.operation.description or nil
     log.info(outcome == "skipped" and "upgrade skipped: nothing changes" or "upgrade started",

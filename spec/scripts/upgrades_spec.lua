@@ -175,6 +175,12 @@ describe("diff and fleet upgrades", function()
     code, out = forge("upgrade --resume")
     assert.equal(1, code, out)
     assert.matches("paused: canary u01 failed", out)
+    local job_id = out:match("resume: forge upgrade %-%-resume (upg%-%x+)")
+    local rec, tries = b:instance("u01"), 0
+    for _, op in ipairs({ rec.operation, table.unpack(rec.history) }) do
+      if op.upgrade == job_id then tries = tries + 1 end
+    end
+    assert.equal(2, tries, "the resumed run did not redeploy the failed canary")
     code, out = forge("upgrade --abort")
     assert.equal(1, code, out)
     assert.matches("aborted: 1/10 done %(0 upgraded, 0 skipped, 1 failed%), 0 in flight: aborted by ops", out)
