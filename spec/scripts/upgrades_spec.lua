@@ -47,7 +47,7 @@ describe("diff and fleet upgrades", function()
     return Broker.wait_for(function()
       local v = redis_version()
       return v ~= old and v
-    end) or error("the new redis version was not loaded:\n" .. b:read_log())
+    end, 30) or error("the new redis version was not loaded:\n" .. b:read_log())
   end
 
   local function forge(args)
