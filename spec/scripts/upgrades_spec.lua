@@ -107,6 +107,16 @@ describe("diff and fleet upgrades", function()
     end
     code, out = forge("diff")
     assert.equal(2, code, out)
+    -- a secret the new version generates (never stored: the diff renders a copy) is masked too
+    release("local deploy_v1 = service.deploy\nfunction service.deploy(ctx)\n  local d = deploy_v1(ctx)\n"
+      .. "  local token = ctx.secret('extra_token')\n"
+      .. "  local files = d.processes[1].files\n"
+      .. "  for name, text in pairs(files) do files[name] = text .. '# token ' .. token .. '\\n' end\n"
+      .. "  return d\nend")
+    code, out = forge("diff u01")
+    assert.equal(1, code, out)
+    assert.matches("\n%+%s+# token %*%*%*%*%*%*%*%*\n", out)
+    assert.is_nil(b:instance("u01").secrets.extra_token)
   end)
 
   it("a dry run says what would happen and changes nothing", function()

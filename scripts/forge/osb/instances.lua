@@ -321,7 +321,8 @@ function M.prepare_update(b, svc, plan, rec, change)
   if change.to or plan.id ~= rec.plan_id then updated.maintenance_info = plan.maintenance_info end
   updated.state, updated.updated_at = "deploying", os.time()
   local added = M.render(b, svc, plan, updated, change.to or rec.script_hash)
-  local secrets = diff.secrets(rec, model.range(b.db, key.bindings(rec.id)))
+  -- the secrets of both: a new version may generate one, a rotation replaces one
+  local secrets = diff.secrets({ secrets = { rec.secrets, updated.secrets } }, model.range(b.db, key.bindings(rec.id)))
   local changed, text = diff.between(rec, updated, secrets, { "running (version " .. short(rec.script_hash) .. ")",
     "after (version " .. short(updated.script_hash) .. ")" })
   if changed == nil then fail(500, "InternalError", text) end
