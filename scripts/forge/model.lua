@@ -6,6 +6,8 @@
 --   port/<nnnnn>             local-target port allocation -> instance id
 --   pending/<id>             instance has an operation for the reconciler
 --   gone/<id>                purged tombstone: last_operation still answers 410
+--   upgrades/<id>            a fleet upgrade run and the state of each of its instances (forge.upgrades)
+--   upgrading/<id>           that run has not ended: the reconciler advances it
 -- Store failures raise a broker error {status=503, retryable=true}; callers answer it.
 local proc = require "forge.proc"
 local telemetry = require "forge.telemetry"
