@@ -46,13 +46,13 @@ local function diff_command(cli)
 end
 
 local UPGRADE_HELP = "usage: forge upgrade (--all | --service S | --plan P | --org O | --space S | ID...)\n"
-  .. "                     [--canaries N] [--max-in-flight M] [--dry-run] [--no-wait]\n"
+  .. "                     [--canaries N] [--max-in-flight M] [--wait SECONDS] [--dry-run] [--no-wait]\n"
   .. "       forge upgrade --resume [UPGRADE] | --abort [UPGRADE]\n"
   .. "  Move the instances pinned to older versions of their service to the current one, as a job the\n"
   .. "  broker runs (POST /admin/upgrades; it survives a broker restart): N canaries first (default\n"
   .. "  1), one at a time, then at most M at once (default 1). An instance whose rendering does not\n"
   .. "  change is skipped: its pin moves, nothing is redeployed or restarted. One that has another\n"
-  .. "  operation in flight is waited for (up to 5 minutes), then skipped. The first failure pauses\n"
+  .. "  operation in flight is waited for (--wait, default 300 s), then skipped. The first failure pauses\n"
   .. "  the run; --resume goes on (trying the failed ones again), --abort ends it (the newest paused\n"
   .. "  or running upgrade unless UPGRADE is named). Shows a progress line, then a table of every\n"
   .. "  instance: upgraded, skipped or failed, with the reasons (--no-wait: return at once).\n"
@@ -176,7 +176,7 @@ end
 local function upgrade_command(cli)
   cli.admin_command("upgrade", UPGRADE_HELP, { all = "flag", service = "value", plan = "value", org = "value",
     space = "value", canaries = "value", ["max-in-flight"] = "value", ["dry-run"] = "flag", ["no-wait"] = "flag",
-    resume = "flag", abort = "flag" }, { 0, 1000 }, function(api, pos, opts)
+    resume = "flag", abort = "flag", wait = "value" }, { 0, 1000 }, function(api, pos, opts)
       if opts.resume and opts.abort or ((opts.resume or opts.abort) and #pos > 1) then
         io.stderr:write(UPGRADE_HELP)
         return 2
@@ -190,7 +190,7 @@ local function upgrade_command(cli)
           UPGRADE_HELP)
         return 2
       end
-      for option, field in pairs({ canaries = "canaries", ["max-in-flight"] = "max_in_flight" }) do
+      for option, field in pairs({ canaries = "canaries", ["max-in-flight"] = "max_in_flight", wait = "wait_seconds" }) do
         local n, err = count_option(opts, option)
         if err then
           io.stderr:write("forge upgrade: ", err, "\n")
