@@ -152,6 +152,7 @@ local ROUTES = {
     POST = function(self, req) return reply(upgrades.start(self, req, self.admin_user)) end }, admin = true },
   { { "admin", "upgrades", ":" }, { GET = function(self, id) return reply(upgrades.get(self, id)) end }, admin = true,
     ids = { "upgrade id" } },
+  { { "admin", "upgrades", ":", "pause" }, { POST = acting(upgrades.pause) }, admin = true, ids = { "upgrade id" } },
   { { "admin", "upgrades", ":", "resume" }, { POST = acting(upgrades.resume) }, admin = true, ids = { "upgrade id" } },
   { { "admin", "upgrades", ":", "abort" }, { POST = acting(upgrades.abort) }, admin = true, ids = { "upgrade id" } },
   { { "admin", "backups" }, { GET = function(self, _, q) return reply(backups.list(self, q)) end }, admin = true },

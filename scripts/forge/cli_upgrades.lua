@@ -47,14 +47,14 @@ end
 
 local UPGRADE_HELP = "usage: forge upgrade (--all | --service S | --plan P | --org O | --space S | ID...)\n"
   .. "                     [--canaries N] [--max-in-flight M] [--wait SECONDS] [--dry-run] [--no-wait]\n"
-  .. "       forge upgrade --resume [UPGRADE] | --abort [UPGRADE]\n"
+  .. "       forge upgrade --pause [UPGRADE] | --resume [UPGRADE] | --abort [UPGRADE]\n"
   .. "  Move the instances pinned to older versions of their service to the current one, as a job the\n"
   .. "  broker runs (POST /admin/upgrades; it survives a broker restart): N canaries first (default\n"
   .. "  1), one at a time, then at most M at once (default 1). An instance whose rendering does not\n"
   .. "  change is skipped: its pin moves, nothing is redeployed or restarted. One that has another\n"
   .. "  operation in flight is waited for (--wait, default 300 s), then skipped. The first failure pauses\n"
-  .. "  the run; --resume goes on (trying the failed ones again), --abort ends it (the newest paused\n"
-  .. "  or running upgrade unless UPGRADE is named). Shows a progress line, then a table of every\n"
+  .. "  the run, as --pause does; --resume goes on (trying the failed ones again), --abort ends it\n"
+  .. "  (the newest such upgrade unless UPGRADE is named). Shows a progress line, then a table of every\n"
   .. "  instance: upgraded, skipped or failed, with the reasons (--no-wait: return at once).\n"
   .. "  --dry-run  only say what would happen to each instance; nothing changes\n"
   .. "  --url URL, --config FILE, --json as for the other admin commands (`forge instances --help`)\n"
@@ -176,11 +176,13 @@ end
 local function upgrade_command(cli)
   cli.admin_command("upgrade", UPGRADE_HELP, { all = "flag", service = "value", plan = "value", org = "value",
     space = "value", canaries = "value", ["max-in-flight"] = "value", ["dry-run"] = "flag", ["no-wait"] = "flag",
-    resume = "flag", abort = "flag", wait = "value" }, { 0, 1000 }, function(api, pos, opts)
-      if opts.resume and opts.abort or ((opts.resume or opts.abort) and #pos > 1) then
+    pause = "flag", resume = "flag", abort = "flag", wait = "value" }, { 0, 1000 }, function(api, pos, opts)
+      local actions = (opts.pause and 1 or 0) + (opts.resume and 1 or 0) + (opts.abort and 1 or 0)
+      if actions > 1 or (actions == 1 and #pos > 1) then
         io.stderr:write(UPGRADE_HELP)
         return 2
       end
+      if opts.pause then return act(cli, api, pos, opts, "pause", { running = true }) end
       if opts.resume then return act(cli, api, pos, opts, "resume", { paused = true, failed = true }) end
       if opts.abort then return act(cli, api, pos, opts, "abort", { paused = true, running = true }) end
       local request = { all = opts.all or nil, service = opts.service, plan = opts.plan, org = opts.org,

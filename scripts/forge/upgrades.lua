@@ -278,6 +278,15 @@ function M.resume(b, id, who)
   end)
 end
 
+--- POST /admin/upgrades/:id/pause: no further instance is started until a resume; those in flight finish.
+function M.pause(b, id, who)
+  return act(b, id, "only a running upgrade pauses", function(job)
+    if job.state ~= "running" then return false end
+    job.state, job.description = "paused", "paused by " .. tostring(who)
+    log.info("upgrade paused", { upgrade = id, by = who })
+  end)
+end
+
 --- POST /admin/upgrades/:id/abort: no further instance is started; those in flight finish.
 function M.abort(b, id, who)
   return act(b, id, "only a running or paused upgrade can be aborted", function(job)
@@ -408,14 +417,9 @@ end
 -- The end of a job once nothing is in flight and nothing more will start.
 local function settle(job, now)
   local n = counts(job)
-  if n["in flight"] > 0 or (job.state == "running" and n.pending > 0) then return false end
-  if job.state == "running" then
-    job.state = "succeeded"
-    job.description = string.format("%d upgraded, %d skipped", n.upgraded, n.skipped)
-  elseif job.state == "paused" and n.pending == 0 then
-    job.state = "failed"
-  end
-  if job.state == "paused" then return false end
+  if n["in flight"] > 0 or (job.state ~= "aborted" and n.pending > 0) then return false end
+  if job.state ~= "aborted" then job.state = n.failed > 0 and "failed" or "succeeded" end
+  if job.state == "succeeded" then job.description = string.format("%d upgraded, %d skipped", n.upgraded, n.skipped) end
   job.finished_at = now
   log.info("upgrade ended", { upgrade = job.id, state = job.state, upgraded = n.upgraded, skipped = n.skipped,
     failed = n.failed })
