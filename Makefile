@@ -30,7 +30,7 @@ LIBFLAG ?= -shared
 # One C file per primitive; each is also a loadable Lua module forge.<name>.
 MODULES  = $(patsubst runtime/%.c,%,$(filter-out runtime/main.c $(COMMON_SRC),$(wildcard runtime/*.c)))
 # Helpers shared by every module (no Lua API of their own).
-COMMON_SRC = runtime/lerror.c runtime/laux.c runtime/ltxn.c runtime/lnet.c runtime/lmetrics.c
+COMMON_SRC = runtime/lerror.c runtime/laux.c runtime/ltxn.c runtime/lnet.c runtime/lmetrics.c runtime/ljson.c
 COMMON_OBJ = $(COMMON_SRC:runtime/%.c=$(B)/obj/%.o)
 MOD_OBJ    = $(MODULES:%=$(B)/obj/%.o)
 MOD_SO     = $(MODULES:%=$(B)/lib/forge/%.so) $(B)/lib/forge/error.so
@@ -129,7 +129,7 @@ FUZZ_CFLAGS         = -O1 -g -fno-omit-frame-pointer -std=c11 -D_GNU_SOURCE -fPI
                       -DFORGE_DATADIR='"$(DATADIR)"' -DFUZZ_ROOT='"$(CURDIR)"' \
                       -fsanitize=address,undefined
 FUZZ_LDLIBS         = $(shell pkg-config --libs $(FUZZ_PKGS) 2>/dev/null) -lpthread -lm -ldl
-FUZZ_COMMON         = lerror laux ltxn lnet lmetrics
+FUZZ_COMMON         = lerror laux ltxn lnet lmetrics ljson
 # runtime modules linked into each harness; FUZZ_SRC_x: the runtime file harness x #includes
 FUZZ_MODS_yaml          = yaml
 FUZZ_MODS_sandbox       = crypto log yaml pattern conf
