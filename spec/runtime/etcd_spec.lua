@@ -499,6 +499,20 @@ describe("forge.etcd", function()
       assert.matches("watch event", first_error("watch_garbage", function(d) return d:watch("", 0, 2000) end).message)
     end)
 
+    it("read answers nested up to 64 levels deep, and no deeper", function()
+      local db = assert(etcd.open { endpoints = { fake_url("nested64") }, timeout_ms = 2000 })
+      local list, rev = db:range("")
+      assert.same({}, list)
+      assert.equal(5, rev)
+      db:close()
+      db = assert(etcd.open { endpoints = { fake_url("nested65") }, timeout_ms = 2000 })
+      local nothing, err = db:range("")
+      db:close()
+      assert.is_nil(nothing)
+      assert.equal("etcd.error", err.code)
+      assert.matches("too many nested data structures (65)", err.message, 1, true)
+    end)
+
     -- the state db:endpoints() reports for the endpoint with this URL
     local function ep_state(db, url)
       for _, ep in ipairs(db:endpoints()) do
