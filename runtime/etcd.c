@@ -2114,9 +2114,9 @@ static int push_events(lua_State *L, struct etcd *e, int result, struct res *r)
     lua_createtable(L, (int)(n < INT_MAX ? n : 0), 0);
     int list = lua_gettop(L);
     for (lua_Integer i = 1; i <= n; i++) {
-        int ev = jindex(L, events, i), kv = jfield(L, ev, "kv");        /* [..., list, ev, kv] */
+        int ev = jindex(L, events, i), kv = jfield(L, ev, "kv");
         size_t tlen;
-        const char *type = jstr(L, jfield(L, ev, "type"), &tlen);
+        const char *type = jstr(L, jfield(L, ev, "type"), &tlen);     /* [..., list, ev, kv, type] */
         long long mrev;
         if (!type || (tlen && strcmp(type, "PUT") != 0 && strcmp(type, "DELETE") != 0)
             || field_int(L, kv, "mod_revision", 0, &mrev) < 0 || kv_key(L, e, kv) < 0)
@@ -2144,7 +2144,8 @@ static int push_events(lua_State *L, struct etcd *e, int result, struct res *r)
  * Read the watch message decoded at doc that ended the stream: push its events, or fill r
  * (etcd.compacted, a cancellation, an error: r->resume when the member broke the stream,
  * *auth_retry when etcd canceled it for an invalid token).
- * Stack: [...] -> [..., events] and returns 0; or unchanged and -1.
+ * Stack: [...] -> [..., result, events] and returns 0; or -1 with what it read left above
+ * [...] (the caller drops it).
  */
 static int read_watch(lua_State *L, struct etcd *e, int doc, long long *rev, struct res *r, int *auth_retry)
 {
