@@ -241,10 +241,12 @@ static long b64_decode_inplace(char *s, size_t len)
 
 
 /* ---------------------------------------------------------------------------
- * JSON writer helpers. Request bodies are written here rather than by lua-cjson because
- * they have a few fixed shapes (field names, base64 text, int64 as decimal strings) built
- * from C data without a Lua table per request; the only free text in them, the
- * credentials, goes through the shared string writer (ljson.c).
+ * JSON writer helpers. Request bodies are written here rather than by lua-cjson because of
+ * the value limit: a put carries up to 8 MiB, base64-encoded straight into the one request
+ * buffer, where lua-cjson would need a Lua table per request and hold the value three more
+ * times (the base64 string, cjson's buffer, the result), writing each '/' of it as "\/".
+ * The bodies have a few fixed shapes (field names, base64 text, int64 as decimal strings);
+ * their only free text, the credentials, goes through the shared string writer (ljson.c).
  * ------------------------------------------------------------------------- */
 
 static int buf_put(void *ud, const char *p, size_t n, int whole)
