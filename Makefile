@@ -18,7 +18,8 @@ B       ?= build
 SANFLAGS ?=
 PKGS     = lua5.4 libmicrohttpd libcurl yaml-0.1 sqlite3 libcrypto libpq
 CFLAGS  ?= -O2 -g
-CFLAGS  += -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE -fPIC -Iinclude \
+# override: `make CFLAGS=...` (as luarocks runs it) replaces only the optimisation flags
+override CFLAGS += -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE -fPIC -Iinclude \
            $(shell pkg-config --cflags $(PKGS) 2>/dev/null) \
            -DFORGE_DATADIR='"$(DATADIR)"' $(SANFLAGS)
 LDFLAGS += $(SANFLAGS)
@@ -42,7 +43,7 @@ HEADERS    = $(wildcard include/forge/*.h runtime/*.h runtime/yaml/*.h)
 DEBIAN_PKGS = build-essential pkg-config lua5.4 liblua5.4-dev libmicrohttpd-dev libcurl4-openssl-dev \
               lua-cjson lua-filesystem libyaml-dev libsqlite3-dev libssl-dev sqlite3 lua-busted lua-check redis-server redis-tools \
               etcd-server etcd-client wrk curl openssl python3-minimal tar libpq-dev postgresql postgresql-client clang libclang-rt-14-dev \
-              chromium python3-prometheus-client bubblewrap libgnutls28-dev libhiredis-dev
+              chromium python3-prometheus-client bubblewrap libgnutls28-dev libhiredis-dev luarocks
 
 .PHONY: all deps run test bench install clean lint asan FORCE
 all: $(B)/bin/forge $(MOD_SO)
