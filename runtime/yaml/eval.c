@@ -3356,12 +3356,12 @@ static void sort_all(yctx *c)
         }
         if (bad) {
             fy_err_add(c, "yaml.sort", l, path, NULL,
-                     "$.%s is a list with different types (not a list with homogeneous entry types)", path);
+                       "$.%s is a list with different types (not a list with homogeneous entry types)", path);
             continue;
         }
         if (kind == T_SEQ) {
             fy_err_add(c, "yaml.sort", l, path, NULL,
-                     "$.%s is a list with list entries (not a list with maps, strings or numbers)", path);
+                       "$.%s is a list with list entries (not a list with maps, strings or numbers)", path);
             continue;
         }
         if (kind == T_MAP) {
@@ -3371,8 +3371,8 @@ static void sort_all(yctx *c)
             }
             if (bad) {
                 fy_err_add(c, "yaml.sort", l, path, NULL,
-                         "$.%s is a list with map entries, where some do not contain %s (not a list with map "
-                         "entries each containing %s)", path, key, key);
+                           "$.%s is a list with map entries, where some do not contain %s (not a list with map "
+                           "entries each containing %s)", path, key, key);
                 continue;
             }
         }
@@ -3402,7 +3402,7 @@ static ynode *cherry_pick(yctx *c, const char *const *picks, int npicks)
             chain[i + 1] = step(c, chain[i], seg[i].s, seg[i].n, &ix);
             if (!chain[i + 1]) {
                 fy_err_add(c, "yaml.cherry_pick", NULL, NULL, NULL,
-                         "`$.%s` could not be found in the datastructure", have);
+                           "`$.%s` could not be found in the datastructure", have);
                 ok = 0;
                 break;
             }
@@ -3539,7 +3539,7 @@ int fy_merge_main(yctx *c, int docs, int opts)
             continue;
         if (d->t != T_MAP) {
             fy_err_add(c, "yaml.merge", d, NULL, NULL, "root of document %d must be a map, not a %s", i,
-                     d->t == T_SEQ ? "list" : "scalar");
+                       d->t == T_SEQ ? "list" : "scalar");
             continue;
         }
         fy_path_pop(c, 0);

@@ -211,13 +211,13 @@ static ynode *load_node(yctx *c, int depth)
         }
         if (ev->data.scalar.anchor)
             anchor_add(c, fy_astrdup(c, (const char *)ev->data.scalar.anchor,
-                                  strlen((const char *)ev->data.scalar.anchor)), n);
+                                     strlen((const char *)ev->data.scalar.anchor)), n);
         return n;
     }
     case YAML_SEQUENCE_START_EVENT: {
         char *anchor = ev->data.sequence_start.anchor
             ? fy_astrdup(c, (const char *)ev->data.sequence_start.anchor,
-                      strlen((const char *)ev->data.sequence_start.anchor)) : NULL;
+                         strlen((const char *)ev->data.sequence_start.anchor)) : NULL;
         ynode *n = fy_nnew(c, T_SEQ, NULL);
         n->file = c->curfile;
         n->line = line;
@@ -235,7 +235,7 @@ static ynode *load_node(yctx *c, int depth)
     case YAML_MAPPING_START_EVENT: {
         char *anchor = ev->data.mapping_start.anchor
             ? fy_astrdup(c, (const char *)ev->data.mapping_start.anchor,
-                      strlen((const char *)ev->data.mapping_start.anchor)) : NULL;
+                         strlen((const char *)ev->data.mapping_start.anchor)) : NULL;
         ynode *n = fy_nnew(c, T_MAP, NULL);
         n->file = c->curfile;
         n->line = line;

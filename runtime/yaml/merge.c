@@ -578,7 +578,7 @@ ynode *fy_merge_obj(yctx *c, ynode *orig, ynode *nw)
         }
         if (is_merge_misuse(nw)) {
             fy_err_add(c, "yaml.merge", nw, fy_path_str(c), NULL,
-                     "inappropriate use of (( merge )) operator outside of a list (this is spruce, after all)");
+                       "inappropriate use of (( merge )) operator outside of a list (this is spruce, after all)");
             return orig ? orig : nw;
         }
         return nw;

@@ -6,7 +6,7 @@
  *   yaml/io.c     libyaml loader, node <-> Lua value, emitter
  *   yaml/merge.c  spruce-style document merge (maps, array modes and operators, marks)
  *   yaml/eval.c   (( operator )) parsing, dependency order and evaluation, prune,
- *                 cherry-pick; merge_main runs the whole pipeline
+ *                 cherry-pick; fy_merge_main runs the whole pipeline
  * Every function declared here is named fy_*: the parts link into one module, and
  * into the forge binary next to every other module. See docs/yaml.md.
  */
