@@ -87,6 +87,18 @@ local function update_world(fn)
   error("boshsim: world update kept losing races")
 end
 
+--- Consume one of a counted fault; true when it applies to this request.
+local function take_fault(name)
+  local w = jget("world")
+  if not w or (tonumber(w.faults[name]) or 0) <= 0 then return false end
+  return update_world(function(world)
+    local n = tonumber(world.faults[name]) or 0
+    if n <= 0 then return false end
+    world.faults[name] = n > 1 and n - 1 or nil
+    return true
+  end)
+end
+
 ------------------------------------------------------------------------------------------------
 -- IP addresses
 ------------------------------------------------------------------------------------------------
@@ -829,6 +841,9 @@ end
 
 local function upload(ctx, what)
   local req, cfg = ctx.req, ctx.cfg
+  if take_fault("upload_refuse") then
+    return director_error(400, 40000, "Upload refused (boshsim fault upload_refuse)")
+  end
   local mt = media_type(req)
   local location, sha1 = nil, ctx.query.sha1
   if mt == "application/json" then
@@ -929,7 +944,7 @@ local function admin(ctx, segs)
     local result = update_world(function(w)
       local ops, lost = {}, nil
       for _, k in ipairs { "task_error", "task_error_code", "task_error_message", "task_timeout", "http_500",
-        "slow_ms", "slow_count" } do
+        "slow_ms", "slow_count", "upload_refuse" } do
         if f[k] ~= nil then w.faults[k] = f[k] == false and nil or (f[k] == true and 1 or f[k]) end
       end
       if f.restart then lost, ops = restart(w) end
@@ -986,18 +1001,6 @@ local ROUTES = {
   { "GET", "^/stemcells$", R.get_stemcells },
   { "POST", "^/stemcells$", R.post_stemcells },
 }
-
---- Consume one of a counted fault; true when it applies to this request.
-local function take_fault(name)
-  local w = jget("world")
-  if not w or (tonumber(w.faults[name]) or 0) <= 0 then return false end
-  return update_world(function(world)
-    local n = tonumber(world.faults[name]) or 0
-    if n <= 0 then return false end
-    world.faults[name] = n > 1 and n - 1 or nil
-    return true
-  end)
-end
 
 local function dispatch(req, path, qs)
   local cfg = config()

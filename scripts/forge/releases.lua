@@ -177,7 +177,7 @@ local function reason(err)
   if code == "bosh.unreachable" then return "unreachable: " .. msg end
   if code == "bosh.auth" then return "refused the credentials: " .. msg end
   if code == "bosh.bad_request" or code == "bosh.not_found" then
-    return "refused the upload (HTTP " .. tostring(err.status) .. "): " .. msg
+    return "refused the upload: " .. msg
   end
   return tostring(err)
 end

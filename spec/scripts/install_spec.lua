@@ -507,6 +507,18 @@ describe("forge install", function()
       only({ "cache" })
     end)
 
+    it("an upload the director refuses installs nothing; the next upload is still tried", function()
+      config({ a = { "cache" } })
+      package("cache")
+      sims.a:faults { upload_refuse = 1 }
+      local code, out = install_with_config("cache")
+      assert.equal(1, code, out)
+      assert.matches("director a (" .. sims.a.url .. "): stemcell bosh-sim-jammy/1.500: refused the upload: "
+        .. "POST /stemcells: HTTP 400: Upload refused", out, 1, true)
+      assert.same({ "release cache-rel/9.1" }, on(sims.a))
+      only({})
+    end)
+
     it("sends URL references as {location, sha1}; the director downloads them and checks the sha1", function()
       config({ a = { "cache" } })
       local rsha, ssha = package("local")
