@@ -1167,8 +1167,9 @@ function M.main(args)
   os.remove(db_path .. "-wal")
   os.remove(db_path .. "-shm")
   db = assert(store.open(db_path))
+  local max_upload = 256 * 1024 * 1024         -- one raw tarball body, held in memory whole
   local srv, serr = http.serve { listen = o.listen or "127.0.0.1:25555", handler = "forge.boshsim", init = db_path,
-    threads = math.tointeger(nums.threads) or 8, body_limit = 256 * 1024 * 1024 }
+    threads = math.tointeger(nums.threads) or 8, body_limit = max_upload, max_buffered_bytes = max_upload }
   if not srv then
     io.stderr:write("boshsim: ", tostring(serr), "\n")
     return 1

@@ -35,13 +35,14 @@ function M.sha1(path)
   return hex:lower()
 end
 
---- The release.MF or stemcell.MF (kind "release" | "stemcell") of a tarball, decoded.
+--- The release.MF or stemcell.MF (kind "release" | "stemcell") of a tarball (any compression tar
+-- reads), decoded; tar stops at the first copy instead of reading a large tarball to its end.
 -- Returns a table with name and version | nil, message.
 function M.tarball_manifest(path, kind)
   local mf = kind .. ".MF"
   local text
   for _, member in ipairs { "./" .. mf, mf } do
-    local r = proc.run { argv = { "tar", "-xzOf", path, member }, timeout = HASH_TIMEOUT }
+    local r = proc.run { argv = { "tar", "-xOf", path, "--occurrence=1", member }, timeout = HASH_TIMEOUT }
     if r and r.code == 0 and r.stdout ~= "" then
       text = r.stdout
       break
