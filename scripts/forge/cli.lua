@@ -96,6 +96,10 @@ local HELP = {
     .. "  loads it). Refuses path traversal, links out of the folder, special files, oversized\n"
     .. "  archives, and ids or service names used by another installed folder. File modes are\n"
     .. "  kept, minus group/other write and setuid/setgid/sticky bits.\n"
+    .. "  BOSH releases and stemcells the package lists in releases.yml (tarballs under releases/\n"
+    .. "  and stemcells/, or http(s) URLs with their sha1) are uploaded first to every BOSH target\n"
+    .. "  of the config the service's plans map to, skipping what a director has; the service is\n"
+    .. "  installed only when every upload succeeded (a re-run skips what was uploaded).\n"
     .. "  --replace   replace an installed folder of the same name (atomically; the old version\n"
     .. "              is restored on failure)\n"
     .. "exit status: 0 installed, 1 refused (nothing was installed), 2 usage error or unreadable package\n",
@@ -167,7 +171,8 @@ authoring("install", 1, 1, function(pos, opts, dir, limits, config)
     end
   end
   return require("forge.install").install(pos[1], dir, limits,
-    { replace = opts.replace, check = { local_cfg = config.targets and config.targets["local"] } })
+    { replace = opts.replace, check = { local_cfg = config.targets and config.targets["local"] },
+      targets = config.targets })
 end)
 
 -- ---- the admin API (forge status, instances, instance, ops, retry, cancel, restart, orphans,
