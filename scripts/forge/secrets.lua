@@ -90,17 +90,22 @@ function M.keyring(config, getenv)
   return ring
 end
 
--- Write a new random key to path, mode 0600 before it holds anything, renamed into place.
+-- Write a new random key to path, mode 0600 before it holds anything, hard-linked into place:
+-- of two brokers starting at once on one state dir, the second keeps the first one's key.
+-- @return true (written), false (there was one already) | nil, message
 local function generate_key(path)
-  local tmp = path .. ".tmp"
+  local tmp = path .. ".tmp." .. proc.getpid()
   local f, err = io.open(tmp, "w")
   if not f then return nil, err end
   local ok, cerr = proc.chmod(tmp, tonumber("600", 8))
   if ok then ok, cerr = f:write(crypto.base64_encode(assert(crypto.random_bytes(32))), "\n") end
   f:close()
-  if ok then ok, cerr = os.rename(tmp, path) end
-  if not ok then os.remove(tmp) end
-  return ok, cerr
+  local linked
+  if ok then linked, cerr = lfs.link(tmp, path) end
+  os.remove(tmp)
+  if linked then return true end
+  if ok and lfs.attributes(path) then return false end
+  return nil, cerr
 end
 
 --- At `forge serve`'s start: make <state_dir>/forge.key when no key is configured and there is
@@ -109,10 +114,12 @@ function M.prepare(config)
   local list = key_list(config, os.getenv)
   local path = list[1].file
   if not config.encryption and path and not lfs.attributes(path) then
-    local ok, err = generate_key(path)
-    if not ok then return nil, failure("secrets.key", "cannot write " .. path .. ": " .. tostring(err)) end
-    log.info("generated an encryption key for the store (keep it: without it the store cannot be read)",
-      { file = path })
+    local made, err = generate_key(path)
+    if made == nil then return nil, failure("secrets.key", "cannot write " .. path .. ": " .. tostring(err)) end
+    if made then
+      log.info("generated an encryption key for the store (keep it: without it the store cannot be read)",
+        { file = path })
+    end
   end
   local ring, err = M.keyring(config)
   if ring then log.info("store values are sealed (AES-256-GCM)", { primary_key = ring.primary, keys = ring.ids }) end
@@ -148,6 +155,22 @@ function M.open(ring, key, value)
       .. err.message)
   end
   return plain
+end
+
+--- A table sealed for a file outside the store (a backup's manifest), `aad` naming what it
+-- belongs to. @return {sealed = 1, kid =, data = base64}
+function M.seal_table(ring, aad, t)
+  local blob = assert(crypto.seal(ring.keys[ring.primary], util.json_encode(t), aad))
+  return { sealed = 1, kid = ring.primary, data = crypto.base64_encode(blob) }
+end
+
+--- The table M.seal_table sealed (a table that is not sealed, from before, as it is).
+-- @return table | nil, err
+function M.open_table(ring, aad, v)
+  if type(v) ~= "table" or v.sealed ~= 1 then return v end
+  local text, err = M.open(ring, aad, string.format('{"sealed":1,"kid":"%s","data":"%s"}', v.kid, v.data))
+  if not text then return nil, err end
+  return util.json_decode(text)
 end
 
 -- ------------------------------------------------------------------------------------------
