@@ -102,6 +102,97 @@ local function forge_cli(b, args)
 end
 
 describe("secrets at rest", function()
+  describe("the encryption section", function()
+    local function load(text)
+      local path = files.temp(text)
+      local c, err = require("forge.config").load(path, function() return nil end)
+      os.remove(path)
+      return c, err
+    end
+
+    it("takes keys with an id and a file or env, and a primary among them (optional with one key)", function()
+      local c = assert(load("encryption:\n  keys:\n    - {id: k1, file: /k1}\n"))
+      assert.same({ keys = { { id = "k1", file = "/k1" } }, primary = "k1" }, c.encryption)
+      c = assert(load("encryption:\n  primary: b\n  keys: [{id: a, env: A}, {id: b, file: /b}]\n"))
+      assert.equal("b", c.encryption.primary)
+    end)
+
+    it("refuses what would leave the keyring ambiguous", function()
+      for text, message in pairs({
+        ["encryption: {keys: []}"] = "encryption.keys must list at least one key",
+        ["encryption: {keys: [{id: a, file: /a}, {id: a, file: /b}], primary: a}"] = "duplicate key id 'a'",
+        ["encryption: {keys: [{id: a, file: /a, env: A}]}"] = "needs one of file (a path) or env",
+        ["encryption: {keys: [{id: a}]}"] = "needs one of file (a path) or env",
+        ["encryption: {keys: [{id: 'a b', file: /a}]}"] = "encryption.keys[1].id must use letters",
+        ["encryption: {keys: [{id: a, file: /a}, {id: b, file: /b}]}"] = "encryption.primary must be the id of one",
+        ["encryption: {keys: [{id: a, file: /a}], primary: z}"] = "encryption.primary must be the id of one",
+        ["encryption: {keys: [{id: a, path: /a}]}"] = "unknown setting 'encryption.keys[1].path'",
+      }) do
+        local c, err = load(text)
+        assert.is_nil(c, text)
+        assert.matches(message, err, 1, true)
+      end
+    end)
+  end)
+
+  describe("the sealing store", function()
+    local dir, raw, db
+    local ring = { keys = { k1 = crypto.random_bytes(32), k2 = crypto.random_bytes(32) }, ids = { "k1", "k2" },
+      primary = "k1" }
+    before_each(function()
+      dir = Broker.tmpdir()
+      raw = assert(require("forge.store").open(dir .. "/s.db"))
+      db = secrets.wrap(raw, ring)
+    end)
+    after_each(function()
+      raw:close()
+      os.execute("rm -rf " .. dir)
+    end)
+
+    it("seals on put and txn, opens on get and range; the stored value is an envelope", function()
+      assert(db:put("a", "secret-a"))
+      assert(db:txn { success = { { op = "put", key = "b", value = "secret-b" } } })
+      assert.equal("secret-a", db:get("a").value)
+      local kvs = assert(db:range(""))
+      assert.same({ "secret-a", "secret-b" }, { kvs[1].value, kvs[2].value })
+      for _, k in ipairs({ "a", "b" }) do
+        local stored = raw:get(k).value
+        assert.equal("k1", secrets.kid(stored))
+        assert.is_nil(stored:find("secret", 1, true))
+      end
+      assert.is_true(db:revision() > 0)       -- other methods reach the store as they are
+    end)
+
+    it("refuses a value copied to another key, changed, or sealed under a key it lacks", function()
+      assert(db:put("instance/a", "x"))
+      assert(raw:put("instance/b", raw:get("instance/a").value))
+      local v, err = db:get("instance/b")
+      assert.is_nil(v)
+      assert.equal("secrets.open", err.code)
+      assert.matches("cannot open instance/b with encryption key 'k1'", err.message, 1, true)
+      local other = secrets.wrap(raw, { keys = { k2 = ring.keys.k2 }, ids = { "k2" }, primary = "k2" })
+      v, err = other:range("instance/")
+      assert.is_nil(v)
+      assert.equal("secrets.unknown_key", err.code)
+      assert.has_error(function()
+        db:txn { compare = { { key = "instance/a", value = "x" } }, success = {} }
+      end, "db:txn: a sealed store cannot compare values (compare mod_revision)")
+    end)
+
+    it("reads values from before sealing as they are, and rotation seals them", function()
+      assert(raw:put("old", '{"password":"plain"}'))
+      assert.equal('{"password":"plain"}', db:get("old").value)
+      local problems, plain = secrets.check_store(db)
+      assert.same({}, problems)
+      assert.equal(1, plain)
+      local rotated = secrets.wrap(raw, { keys = ring.keys, ids = ring.ids, primary = "k2" })
+      local job = assert(secrets.rotate(rotated))
+      assert.equal(1, job.resealed)
+      assert.equal("k2", secrets.kid(raw:get("old").value))
+      assert.equal('{"password":"plain"}', rotated:get("old").value)
+    end)
+  end)
+
   it("no password handed out is in the SQLite file, its WAL, the log or the admin API; service files are 0600",
     function()
     local b = Broker.start()
