@@ -19,8 +19,8 @@ local util = require "forge.util"
 
 local M = {}
 
-M.KEY_FILE = "forge.key"
-M.JOB_KEY = "keyrotation/job"     -- the `forge rotate-key` job: primary, cursor, counts
+local KEY_FILE = "forge.key"
+local JOB_KEY = "keyrotation/job"     -- the `forge rotate-key` job: primary, cursor, counts
 local ENV_KEY = "FORGE_ENCRYPTION_KEY"
 local ID_PATTERN = "^[%w][%w%-_%.]*$"
 local ENVELOPE = '^{"sealed":1,"kid":"([%w%-_%.]+)","data":"([%w+/=]*)"}$'
@@ -55,7 +55,7 @@ end
 local function key_list(config, getenv)
   if config.encryption then return config.encryption.keys, config.encryption.primary end
   if (getenv(ENV_KEY) or "") ~= "" then return { { id = "env", env = ENV_KEY } }, "env" end
-  return { { id = "generated", file = config.state_dir .. "/" .. M.KEY_FILE } }, "generated"
+  return { { id = "generated", file = config.state_dir .. "/" .. KEY_FILE } }, "generated"
 end
 
 local function decode_key(text, what)
@@ -301,13 +301,13 @@ function M.check_store(db)
 end
 
 local function read_job(db)
-  local kv, err = db:get(M.JOB_KEY)
+  local kv, err = db:get(JOB_KEY)
   if err then return nil, err end
   return kv and util.json_decode(kv.value) or nil
 end
 
 local function save_job(db, job)
-  local ok, err = db:put(M.JOB_KEY, util.json_encode(job))
+  local ok, err = db:put(JOB_KEY, util.json_encode(job))
   if not ok then return nil, err end
   return true
 end
@@ -331,7 +331,7 @@ local function reseal(db, kv)
 end
 
 --- Re-seal every stored value under the ring's primary key, as a journaled job: the job record
--- (M.JOB_KEY) keeps the last key done, so a run that was stopped resumes after it. Keys are
+-- (JOB_KEY) keeps the last key done, so a run that was stopped resumes after it. Keys are
 -- done in order; the broker may go on writing meanwhile (its writes use the primary key).
 -- @param db a sealed store
 -- @param opts {progress = function(job, key) (after each record), rate = records per second
@@ -350,11 +350,11 @@ function M.rotate(db, opts)
   local kvs, rerr = db.raw:range("")
   if not kvs then return nil, rerr end
   job.total = 0
-  for _, kv in ipairs(kvs) do if kv.key ~= M.JOB_KEY then job.total = job.total + 1 end end
+  for _, kv in ipairs(kvs) do if kv.key ~= JOB_KEY then job.total = job.total + 1 end end
   local every, pause = opts.every or 100, opts.rate and 1 / opts.rate
   local since = 0
   for _, kv in ipairs(kvs) do
-    if kv.key > job.cursor and kv.key ~= M.JOB_KEY then
+    if kv.key > job.cursor and kv.key ~= JOB_KEY then
       local done, serr = reseal(db, kv)
       if done == nil then return nil, serr end
       if done then job.resealed = job.resealed + 1 else job.skipped = job.skipped + 1 end
