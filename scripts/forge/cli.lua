@@ -15,6 +15,7 @@ commands:
   install PKG.tgz                       validate a service package and install it atomically
   bosh-sim [--help]                     run a simulated BOSH director (for authors and specs)
   store-backup FILE [--config FILE]     copy the broker's own store into FILE (docs/backups.md)
+  rotate-key [--config FILE]            re-seal the store under the primary key (docs/security.md)
   version                               print the version
   help                                  this text; `forge COMMAND --help` for one command
 
@@ -548,13 +549,15 @@ action("cancel", "failed", "Stop the operation in flight (its processes stop, a 
   .. "  failed, \"cancelled by the operator\". Exit 1 when it succeeded before it could be stopped.")
 action("restart", "succeeded", "Restart a running local instance's processes.")
 
-require("forge.cli_backups").define({ admin_command = admin_command, call_json = call_json, show_json = show_json,
+local helpers = { admin_command = admin_command, call_json = call_json, show_json = show_json,
   follow = follow, print_table = print_table, field = field, ago = ago, encode = encode,
   parse_options = parse_options, common_help = COMMON_HELP,
   command = function(name, help, fn) HELP[name], commands[name] = help, fn end,
   load_config = function(opts)
     return require("forge.config").load(opts.config or (file_exists("forge.yml") and "forge.yml" or nil))
-  end })
+  end }
+require("forge.cli_backups").define(helpers)
+require("forge.cli_secrets").define(helpers)
 
 -- Orphans cleaned in this order: a directory holding a live process can go once it is stopped.
 local CLEAN_ORDER = { process = 1, deployment = 2, record = 3, directory = 4 }

@@ -70,6 +70,8 @@ local QUOTA_SCHEMA = {
 }
 
 local check_value
+-- encryption.keys: the keyring (forge.secrets); no section: one key generated in the state dir
+local ENCRYPTION_SCHEMA = { keys = { list = { id = "string", file = "string", env = "string" } }, primary = "string" }
 local LIMITS_SCHEMA = { memory_mb = "integer", pids = "integer", cpu_shares = "integer", files = "integer" }
 
 local SCHEMA = {
@@ -77,6 +79,11 @@ local SCHEMA = {
   admin = { username = "string", password = "string" }, metrics = { token = "string" },
   quotas = function(v, p, kind) return check_value(v, QUOTA_SCHEMA, p, kind) end,
   backups = function(v, p, kind) return require("forge.backups").check_config(v, p, kind) end,
+  encryption = function(v, p, kind)
+    local e, err = check_value(v, ENCRYPTION_SCHEMA, p, kind)
+    if e == nil then return nil, err end
+    return require("forge.secrets").check_config(e, p)
+  end,
   state_dir = "string", services_dir = "string", threads = "integer", body_limit = "integer",
   http = { header_timeout = "number", request_timeout = "number", max_connections = "integer",
     max_connections_per_ip = "integer", max_buffered_bytes = "integer" },

@@ -10,6 +10,7 @@ local lfs = require "lfs"
 local log = require "forge.log"
 local proc = require "forge.proc"
 local reload = require "forge.reload"
+local secrets = require "forge.secrets"
 local services = require "forge.services"
 local storage = require "forge.storage"
 local targets = require "forge.targets"
@@ -149,6 +150,12 @@ end
 -- them, and make the reconciler. @return true | nil, problems (config errors: the broker stops)
 local function start_work(st)
   close_state_dir(st.config)
+  local sealing, plain, first = secrets.check_store(st.db)
+  if #sealing > 0 then return nil, sealing end
+  if plain > 0 then
+    log.warn("records in plain text (from before encryption); `forge rotate-key` seals them", { count = plain,
+      first = first })
+  end
   st.registry, st.generation, st.local_hashes = sync_services(st.config, st.db, nil, nil)
   local errors, warnings = config_mod.check_references(st.config, st.registry)
   if #errors > 0 then return nil, errors end
@@ -293,6 +300,11 @@ function M.run(path)
   local ok, merr = util.mkdirs(config.state_dir)
   if not ok then
     io.stderr:write("forge serve: ", merr, "\n")
+    return 1
+  end
+  local ring, kerr = secrets.prepare(config)
+  if not ring then
+    io.stderr:write("forge serve: ", tostring(kerr), "\n")
     return 1
   end
   local started, code, problems = begin(st, proc.monotonic(), true)

@@ -64,7 +64,7 @@ end
 
 -- How many of `ids` have a provision in progress in the store.
 local function in_progress(ids)
-  local db = assert(require("forge.store").open(b.state_dir .. "/forge.db"))
+  local db = b:store()
   local n = 0
   for _, id in ipairs(ids) do
     local kv = db:get("instance/" .. id)

@@ -109,10 +109,17 @@ end
 
 function M:read_log() return files.read(self.log) end
 
+--- The broker's store as the broker opens it: values opened with its keyring (its config and
+-- environment: the generated <state_dir>/forge.key unless they name keys). Close it after use.
+function M:store()
+  local config = assert(require("forge.config").load(self.config_path, function(name) return self.env[name] end))
+  return assert(require("forge.storage").open(config))
+end
+
 --- The stored records as key -> "mod_revision:value", without the reconciler's lock
 -- bookkeeping (lock/ keys): what a refused request must leave unchanged.
 function M:records()
-  local db = assert(require("forge.store").open(self.state_dir .. "/forge.db"))
+  local db = self:store()
   local kvs = db:range("")
   db:close()
   local t = {}
@@ -126,7 +133,7 @@ function M:url(path) return "http://127.0.0.1:" .. self.port .. path end
 
 --- The stored record of instance `id` (decoded), or nil.
 function M:instance(id)
-  local db = assert(require("forge.store").open(self.state_dir .. "/forge.db"))
+  local db = self:store()
   local kv = db:get("instance/" .. id)
   db:close()
   return kv and cjson.decode(kv.value)
