@@ -12,6 +12,7 @@ external_dependencies = {
   CURL = { header = "curl/curl.h" },
   YAML = { header = "yaml.h" },
   SQLITE3 = { header = "sqlite3.h" },
+  GNUTLS = { header = "gnutls/gnutls.h" },
 }
 build = {
   type = "make",

@@ -27,6 +27,10 @@
  * that hold however slowly the bytes trickle (see "Deadlines"); the bytes of request bodies
  * held across all connections (max_buffered_bytes).
  *
+ * HTTPS (http.serve{tls}): GnuTLS through libmicrohttpd, the certificate handed out per
+ * handshake from a reference-counted set that srv:reload_tls swaps; client certificates are
+ * checked with the other checks before the body (see "TLS").
+ *
  * Stopping: srv:stop(grace) quiesces the listen socket, has the waiter answer every parked
  * request, waits for in-flight requests to finish (bounded by grace), stops the waiter (which
  * resumes whatever is still parked: libmicrohttpd must not stop with suspended connections),
@@ -35,6 +39,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -566,12 +571,19 @@ static enum MHD_Result wait_lua_response(struct server *s, struct worker *w, str
     return MHD_NO;
 }
 
-/* Whether the client of parked request r closed its side or the connection failed. */
+/*
+ * Whether the client of parked request r closed its side or the connection failed. A TLS
+ * client sends close_notify before its FIN: there are bytes to peek at, and the FIN behind
+ * them shows as POLLRDHUP.
+ */
 static int client_gone(const struct request *r)
 {
     char c;
     ssize_t n = recv(r->conn->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
-    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+        return 1;
+    struct pollfd pf = {.fd = r->conn->fd, .events = POLLRDHUP};
+    return n > 0 && r->conn->tls && poll(&pf, 1, 0) == 1 && (pf.revents & (POLLRDHUP | POLLHUP | POLLERR));
 }
 
 /*

@@ -127,6 +127,36 @@ describe("forge serve with client certificates", function()
   end)
 end)
 
+describe("forge serve with tls and sync waits", function()
+  it("forgets a client that gives up mid-wait (it sends close_notify before its FIN)", function()
+    local svc, plan = "5a0e5a0e-0000-4000-8000-000000000001", "5a0e5a0e-0000-4000-8000-000000000010"
+    local b = Broker.start { services_dir = os.getenv("PWD") .. "/spec/fixtures/waits", tls = true,
+      env = { FORGE_SYNC_TIMEOUT = "30", FORGE_LOCAL_COMMANDS = "sh,sleep" } }
+    local function sockets()
+      local n = 0
+      for fd in require("lfs").dir("/proc/" .. b.pid .. "/fd") do
+        if (require("lfs").symlinkattributes("/proc/" .. b.pid .. "/fd/" .. fd, "target") or ""):match("^socket:") then
+          n = n + 1
+        end
+      end
+      return n
+    end
+    local ok, err = pcall(function()
+      local before = sockets()
+      local r = proc.run { argv = { "curl", "-s", "--cacert", b.certs.ca, "--max-time", "1", "-u",
+        b.user .. ":" .. b.password, "-X", "PUT", "-H", "X-Broker-API-Version: 2.17", "-H",
+        "Content-Type: application/json", "--data-binary", require("cjson").encode { service_id = svc, plan_id = plan,
+          organization_guid = "o", space_guid = "s", parameters = { delay = 600 } },
+        b:url("/v2/service_instances/quitter") }, timeout = 10 }
+      assert.equal(28, r.code) -- curl: operation timed out
+      -- closed well before sync_timeout (30 s) would end the wait
+      assert.truthy(Broker.wait_for(function() return sockets() <= before end, 5), "the broker kept the connection")
+    end)
+    b:cleanup()
+    assert(ok, err)
+  end)
+end)
+
 describe("forge serve's tls checks at start", function()
   local dir, certs
   setup(function()
