@@ -92,10 +92,10 @@ static int load_ca(struct forge_tls_creds *c, const struct forge_tls_pem *pem, c
     gnutls_datum_t ca = {(unsigned char *)pem->client_ca, (unsigned)pem->ca_len};
     int ret = gnutls_x509_trust_list_init(&c->trust, 0);
     if (ret < 0)
-        return fail(err, errlen, "tls.client_ca", ret);
+        return fail(err, errlen, "tls.client_ca: not usable PEM certificates", ret);
     ret = gnutls_x509_trust_list_add_trust_mem(c->trust, &ca, NULL, GNUTLS_X509_FMT_PEM, 0, 0);
     if (ret < 0)
-        return fail(err, errlen, "tls.client_ca", ret);
+        return fail(err, errlen, "tls.client_ca: not usable PEM certificates", ret);
     if (ret == 0) {
         snprintf(err, errlen, "tls.client_ca: no PEM certificate in it");
         return -1;
@@ -118,12 +118,12 @@ int forge_tls_creds_load(const struct forge_tls_pem *pem, struct forge_tls_creds
     int ret = gnutls_pcert_list_import_x509_raw(c->chain, &c->chain_len, &cert, GNUTLS_X509_FMT_PEM, 0);
     if (ret < 0) {
         c->chain_len = 0;
-        fail(err, errlen, "tls.cert", ret);
+        fail(err, errlen, "tls.cert: not a usable PEM certificate", ret);
         goto bad;
     }
     if ((ret = gnutls_privkey_init(&c->key)) < 0 ||
         (ret = gnutls_privkey_import_x509_raw(c->key, &key, GNUTLS_X509_FMT_PEM, NULL, 0)) < 0) {
-        fail(err, errlen, "tls.key", ret);
+        fail(err, errlen, "tls.key: not a usable PEM private key (unencrypted)", ret);
         goto bad;
     }
     if (!key_matches(c)) {
