@@ -252,13 +252,9 @@ end
 -- ones keep theirs). A set that does not load is logged; the running one stays.
 local function reload_tls(config, srv)
   if not config.tls.cert then return end
-  local pem, info = config_mod.tls_credentials(config)
-  local err
-  if pem then
-    info, err = srv:reload_tls { cert = pem.cert, key = pem.key, client_ca = pem.client_ca }
-  else
-    info, err = nil, info
-  end
+  local pem, err = config_mod.tls_credentials(config)
+  local info
+  if pem then info, err = srv:reload_tls { cert = pem.cert, key = pem.key, client_ca = pem.client_ca } end
   if not info then
     return log.error("tls reload failed; the running certificate stays", { error = tostring(err) })
   end
