@@ -16,7 +16,7 @@ CC      ?= cc
 B       ?= build
 # `make asan` builds $(B)=build/asan with SANFLAGS (the fuzz spec runs that binary)
 SANFLAGS ?=
-PKGS     = lua5.4 libmicrohttpd libcurl yaml-0.1 sqlite3 libcrypto libpq
+PKGS     = lua5.4 libmicrohttpd libcurl yaml-0.1 sqlite3 libcrypto libpq gnutls
 CFLAGS  ?= -O2 -g
 # override: `make CFLAGS=...` (as luarocks runs it) replaces only the optimisation flags
 override CFLAGS += -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE -fPIC -Iinclude \
@@ -31,7 +31,7 @@ LIBFLAG ?= -shared
 # One C file per primitive; each is also a loadable Lua module forge.<name>.
 MODULES  = $(patsubst runtime/%.c,%,$(filter-out runtime/main.c $(COMMON_SRC),$(wildcard runtime/*.c)))
 # Helpers shared by every module (no Lua API of their own).
-COMMON_SRC = runtime/lerror.c runtime/laux.c runtime/ltxn.c runtime/lnet.c runtime/lmetrics.c
+COMMON_SRC = runtime/lerror.c runtime/laux.c runtime/ltxn.c runtime/lnet.c runtime/lmetrics.c runtime/ltls.c
 COMMON_OBJ = $(COMMON_SRC:runtime/%.c=$(B)/obj/%.o)
 MOD_OBJ    = $(MODULES:%=$(B)/obj/%.o)
 MOD_SO     = $(MODULES:%=$(B)/lib/forge/%.so) $(B)/lib/forge/error.so

@@ -17,6 +17,7 @@ external_dependencies = {
   SQLITE3 = { header = "sqlite3.h" },
   OPENSSL = { header = "openssl/evp.h" },
   PQ = { library = "pq" },
+  GNUTLS = { header = "gnutls/gnutls.h" },
 }
 -- The Makefile builds bin/forge and lib/forge/*.so, every module with the C files it is
 -- made of (forge.yaml: runtime/yaml.c and runtime/yaml/*.c). PREFIX at build time is where
