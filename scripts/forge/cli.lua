@@ -34,7 +34,7 @@ FORGE_ADMIN_USER/FORGE_ADMIN_PASSWORD, --json for the raw answer; over HTTPS --c
                                         what an update or upgrade would change (exit 1: changes)
   upgrade --all | --service S | IDs... [--canaries N] [--max-in-flight M] [--dry-run]
                                         move instances to their service's current version; a job
-                                        the broker runs (--resume, --abort; docs/upgrades.md)
+                                        the broker runs (--pause, --resume, --abort)
   orphans [--clean]                     what no record owns, records whose deployment is gone
   metrics                               the Prometheus metrics
 
