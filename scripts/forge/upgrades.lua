@@ -246,6 +246,18 @@ function M.get(b, id)
   return 200, job
 end
 
+-- The end of a job once nothing is in flight and nothing more will start.
+local function settle(job, now)
+  local n = counts(job)
+  if n["in flight"] > 0 or (job.state ~= "aborted" and n.pending > 0) then return false end
+  if job.state ~= "aborted" then job.state = n.failed > 0 and "failed" or "succeeded" end
+  if job.state == "succeeded" then job.description = string.format("%d upgraded, %d skipped", n.upgraded, n.skipped) end
+  job.finished_at = now
+  log.info("upgrade ended", { upgrade = job.id, state = job.state, upgraded = n.upgraded, skipped = n.skipped,
+    failed = n.failed })
+  return true
+end
+
 -- Change job `id` with fn(job) -> extra ops | false; 409 with `why` when fn refuses.
 local function act(b, id, why, fn)
   read_job(b, id)
@@ -296,6 +308,8 @@ function M.abort(b, id, who)
     end
     job.state, job.description = "aborted", "aborted by " .. tostring(who)
     log.warn("upgrade aborted", { upgrade = id, by = who })
+    -- with nothing in flight it ends now, so the next run may start at once
+    if settle(job, os.time()) then return { model.delete(mark_key(id)) } end
   end)
 end
 
@@ -412,18 +426,6 @@ local function pause_on_failure(job)
       return log.warn("upgrade paused", { upgrade = job.id, instance = e.id, reason = e.reason })
     end
   end
-end
-
--- The end of a job once nothing is in flight and nothing more will start.
-local function settle(job, now)
-  local n = counts(job)
-  if n["in flight"] > 0 or (job.state ~= "aborted" and n.pending > 0) then return false end
-  if job.state ~= "aborted" then job.state = n.failed > 0 and "failed" or "succeeded" end
-  if job.state == "succeeded" then job.description = string.format("%d upgraded, %d skipped", n.upgraded, n.skipped) end
-  job.finished_at = now
-  log.info("upgrade ended", { upgrade = job.id, state = job.state, upgraded = n.upgraded, skipped = n.skipped,
-    failed = n.failed })
-  return true
 end
 
 --- One step of job `id`: look at its instances in flight, pause on a failure, start more, end it.
