@@ -1,17 +1,26 @@
 /*
  * forge.resp — speak the Redis protocol (RESP2) from the broker, without a redis-cli process.
  *
- * One call is one short TCP connection: connect (non-blocking, bounded by the call's
- * deadline), AUTH when credentials are given (and only then the commands, so a failed
- * AUTH never runs anything as the default user), the commands pipelined as RESP2 arrays
- * of bulk strings (binary safe), exactly one reply read per command, close.
+ * One call is one TCP connection: connect (non-blocking, bounded by the call's deadline),
+ * AUTH when credentials are given (and only then the commands, so a failed AUTH never runs
+ * anything as the default user), the commands pipelined as RESP2 arrays of bulk strings
+ * (binary safe), exactly one reply read per command, close.
+ *
+ * With pool=true the connection is kept instead of closed, in a process-wide pool keyed by
+ * host, port, user and password, and a later call with the same key reuses it without
+ * connecting or AUTH. Only a connection whose call succeeded, left no unread byte, and sent
+ * no command that changes a connection's state (SELECT, MULTI, CLIENT, HELLO...) goes back.
+ * A pooled connection idle for RESP_POOL_IDLE_S, or found readable before use (the server
+ * closed it, e.g. on a restart), is dropped for a new one; a failed call closes its own.
+ * The pool holds at most RESP_POOL_MAX idle connections.
  *
  * Memory: the request is built in a Lua userdata (collected, never leaked); the received
  * bytes live in a malloc'd buffer owned by a userdata with __gc. The network phase makes
  * no Lua calls; the fd is closed before the replies are turned into Lua values, the only
  * step after it that can raise.
  *
- * Threads: no mutable statics; every call has its own socket and buffers.
+ * Threads: every call has its own socket and buffers; the pool is the only shared state,
+ * guarded by pool_mu, and a connection taken from it belongs to one call at a time.
  */
 #include <errno.h>
 #include <limits.h>
@@ -19,6 +28,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +45,8 @@
 #define RESP_MAX_DEPTH    32                    /* nested arrays in one reply */
 #define RESP_READ_CHUNK   65536
 #define RESP_WHY          256
+#define RESP_POOL_MAX     64                    /* idle connections kept, all keys together */
+#define RESP_POOL_IDLE_S  60.0                  /* a connection idle longer is not reused */
 
 /* How a call failed (before any Lua value is built). */
 enum resp_fail {
@@ -142,6 +154,71 @@ static char *put_header(char *p, char c, size_t v)
     *p++ = '\r';
     *p++ = '\n';
     return p;
+}
+
+
+/* ------------------------------------------------------------------------ */
+/* the connection pool (no Lua)                                             */
+/* ------------------------------------------------------------------------ */
+
+struct pooled {
+    int fd;
+    char *key;                              /* host NUL port NUL user NUL password */
+    size_t klen;
+    double idle_since;
+};
+
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct pooled pool[RESP_POOL_MAX];
+static int pool_len;
+
+
+/* Whether fd is still an open, quiet connection: nothing to read, no EOF, no error. */
+static int fd_quiet(int fd)
+{
+    struct pollfd pf = {.fd = fd, .events = POLLIN};
+    return poll(&pf, 1, 0) == 0;
+}
+
+
+/* An idle connection for key (removed from the pool), or -1. Stale ones met are closed. */
+static int pool_take(const char *key, size_t klen)
+{
+    int fd = -1;
+    double now = now_mono();
+    pthread_mutex_lock(&pool_mu);
+    for (int i = pool_len - 1; i >= 0 && fd < 0; i--) {
+        struct pooled *e = &pool[i];
+        int expired = now - e->idle_since > RESP_POOL_IDLE_S;
+        if (!expired && (e->klen != klen || memcmp(e->key, key, klen) != 0))
+            continue;
+        if (!expired && fd_quiet(e->fd))
+            fd = e->fd;
+        else
+            close(e->fd);
+        free(e->key);
+        *e = pool[--pool_len];
+    }
+    pthread_mutex_unlock(&pool_mu);
+    return fd;
+}
+
+
+/* Keep fd for key; closes it when the pool is full or out of memory. */
+static void pool_put(const char *key, size_t klen, int fd)
+{
+    char *k = malloc(klen);
+    pthread_mutex_lock(&pool_mu);
+    if (k && pool_len < RESP_POOL_MAX) {
+        memcpy(k, key, klen);
+        pool[pool_len++] = (struct pooled){.fd = fd, .key = k, .klen = klen, .idle_since = now_mono()};
+        k = NULL;
+        fd = -1;
+    }
+    pthread_mutex_unlock(&pool_mu);
+    free(k);
+    if (fd >= 0)
+        close(fd);
 }
 
 
@@ -544,6 +621,31 @@ static char *strings_write(char *p, const char *const *v, const size_t *lens, in
 }
 
 
+/*
+ * Whether the commands leave the connection as a new one would be after AUTH, so that
+ * another call may reuse it: none of them changes its database, transaction, protocol,
+ * identity, reply mode or subscriptions.
+ *
+ * Stack: [...] -> [...]
+ */
+static int commands_keep_state(lua_State *L, int cmds, lua_Integer ncmd)
+{
+    static const char *const changing[] = {"AUTH", "HELLO", "SELECT", "MULTI", "EXEC", "DISCARD", "WATCH",
+        "UNWATCH", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR", "CLIENT", "READONLY", "READWRITE",
+        "RESET", "QUIT", "SYNC", "PSYNC", "REPLCONF", NULL};
+    int keep = 1;
+    for (lua_Integer i = 1; i <= ncmd && keep; i++) {
+        lua_geti(L, cmds, i);
+        lua_geti(L, -1, 1);
+        const char *name = lua_tostring(L, -1);         /* checked by command_size */
+        for (int k = 0; changing[k] && keep; k++)
+            keep = strcasecmp(name, changing[k]) != 0;
+        lua_pop(L, 2);
+    }
+    return keep;
+}
+
+
 static int push_failure(lua_State *L, int kind, const char *why)
 {
     switch (kind) {
@@ -562,7 +664,9 @@ static int push_failure(lua_State *L, int kind, const char *why)
  * @function call
  * @tparam table opts {host=, port=, timeout=seconds for the whole call (default 5),
  *   user=?, password=? (AUTH first when given), commands={{"SET","k","v"}, ...},
- *   max_reply=bytes of all replies together (default 16 MiB)}
+ *   max_reply=bytes of all replies together (default 16 MiB),
+ *   pool=true to keep the connection for later calls with the same host, port and credentials
+ *   and to reuse one kept before (default false)}
  * @return array of replies, one per command: strings (bulk and simple), integers,
  *   false (nil bulk or nil array), tables (arrays), {err="ERR ..."} (error replies);
  *   or nil, err: "resp.connect" (refused, unreachable, connect timeout: retryable),
@@ -574,7 +678,7 @@ static int push_failure(lua_State *L, int kind, const char *why)
 static int l_resp_call(lua_State *L)
 {
     static const char *const keys[] = {"host", "port", "timeout", "user", "password", "commands",
-                                       "max_reply", NULL};
+                                       "max_reply", "pool", NULL};
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
     forge_checkkeys(L, 1, "resp.call", keys);
@@ -594,6 +698,7 @@ static int l_resp_call(lua_State *L)
     const char *password = forge_optstrfield(L, 1, "password", NULL);
     if (user && !password)
         luaL_error(L, "resp.call: option 'user' needs 'password'");
+    int use_pool = forge_optboolfield(L, 1, "pool", 0);
 
     if (lua_getfield(L, 1, "commands") != LUA_TTABLE)
         luaL_error(L, "resp.call: option 'commands' must be an array of commands");
@@ -624,6 +729,20 @@ static int l_resp_call(lua_State *L)
     size_t cmd_size = 0;
     for (lua_Integer i = 1; i <= ncmd; i++)
         cmd_size += command_size(L, cmds, i);
+    int keep = use_pool && commands_keep_state(L, cmds, ncmd);
+
+    /* the pool key: host NUL port NUL user NUL password (anchored on the stack) */
+    size_t klen = 0;
+    const char *pool_key = NULL;
+    if (use_pool) {
+        lua_pushfstring(L, "%s%c%d%c%s%c", host, 0, (int)port, 0, user ? user : "", 0);
+        if (password)
+            lua_pushstring(L, password);
+        else
+            lua_pushliteral(L, "");
+        lua_concat(L, 2);
+        pool_key = lua_tolstring(L, -1, &klen);
+    }
 
     char *req = lua_newuserdatauv(L, auth_size + cmd_size + 1, 0);     /* [opts, cmds, req] */
     char *p = req;
@@ -643,8 +762,14 @@ static int l_resp_call(lua_State *L)
     char peer[320];
     snprintf(peer, sizeof peer, "%s:%d", host, (int)port);
     double deadline = now_mono() + timeout;
+    int fail = RESP_OK;
+    if (use_pool)
+        c->fd = pool_take(pool_key, klen);
+    if (c->fd < 0)
+        fail = resp_connect(c, host, (int)port, deadline);
+    else
+        nauth = 0;                              /* authenticated when it was made */
     size_t want_auth = nauth ? 1 : 0, auth_end = 0;
-    int fail = resp_connect(c, host, (int)port, deadline);
     if (!fail && nauth) {
         fail = resp_exchange(c, req, auth_size, 1, deadline, peer);
         auth_end = c->scan.pos;                 /* the scan stops right after the AUTH reply */
@@ -667,6 +792,10 @@ static int l_resp_call(lua_State *L)
     }
     if (!fail && ncmd > 0)
         fail = resp_exchange(c, req + auth_size, cmd_size, want_auth + (size_t)ncmd, deadline, peer);
+    if (!fail && keep && c->scan.pos == c->len) {
+        pool_put(pool_key, klen, c->fd);
+        c->fd = -1;
+    }
     ctx_close_fd(c);
     if (fail) {
         char why[RESP_WHY];
