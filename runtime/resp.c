@@ -14,6 +14,11 @@
  * closed it, e.g. on a restart), is dropped for a new one; a failed call closes its own.
  * The pool holds at most RESP_POOL_MAX idle connections.
  *
+ * flush={...} names a command that makes the commands' effect durable on the server (ACL SAVE,
+ * CONFIG REWRITE: each rewrites a whole file). Concurrent calls to one server share it, as
+ * writers share a group commit: a call returns once a flush that began after its commands
+ * were answered has succeeded; one call leads it (on its own connection), the others wait.
+ *
  * Memory: the request is built in a Lua userdata (collected, never leaked); the received
  * bytes live in a malloc'd buffer owned by a userdata with __gc. The network phase makes
  * no Lua calls; the fd is closed before the replies are turned into Lua values, the only
@@ -57,6 +62,7 @@ enum resp_fail {
     RESP_FAIL_IO,               /* reset, closed early, send/recv error: retryable */
     RESP_FAIL_PROTOCOL,         /* malformed reply, or replies over the cap */
     RESP_FAIL_AUTH,             /* AUTH answered with an error */
+    RESP_FAIL_FLUSH,            /* the flush command answered with an error: retryable */
 };
 
 /* Incremental scanner state: how far the received bytes hold complete elements. */
@@ -475,6 +481,151 @@ static int resp_exchange(struct resp_ctx *c, const char *req, size_t reqlen, siz
 
 
 /* ------------------------------------------------------------------------ */
+/* shared flushes (no Lua)                                                  */
+/* ------------------------------------------------------------------------ */
+
+/* The flushes of one key (pool key NUL flush command); lives while a call uses it. */
+struct flusher {
+    struct flusher *next;
+    char *key;
+    size_t klen;
+    int refs;
+    int leading;                            /* a flush is running */
+    unsigned long long started, done, ok;   /* generations: begun, finished, last that succeeded */
+    int fail;                               /* the last failed flush: kind and message */
+    char why[RESP_WHY];
+    pthread_cond_t cv;                      /* signalled whenever a flush finishes */
+};
+
+static pthread_mutex_t flush_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct flusher *flushers;
+
+
+/* The flusher of key with one more reference (created if needed), or NULL (ENOMEM). Locked. */
+static struct flusher *flusher_join(const char *key, size_t klen)
+{
+    struct flusher *f = flushers;
+    while (f && (f->klen != klen || memcmp(f->key, key, klen) != 0))
+        f = f->next;
+    if (!f && (f = calloc(1, sizeof *f)) != NULL) {
+        pthread_condattr_t ca;
+        if (!(f->key = malloc(klen))) {
+            free(f);
+            return NULL;
+        }
+        memcpy(f->key, key, klen);
+        f->klen = klen;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&f->cv, &ca);
+        pthread_condattr_destroy(&ca);
+        f->next = flushers;
+        flushers = f;
+    }
+    if (f)
+        f->refs++;
+    return f;
+}
+
+
+/* Drop a reference; the last one frees it. Locked. */
+static void flusher_leave(struct flusher *f)
+{
+    if (--f->refs > 0)
+        return;
+    struct flusher **p = &flushers;
+    while (*p != f)
+        p = &(*p)->next;
+    *p = f->next;
+    pthread_cond_destroy(&f->cv);
+    free(f->key);
+    free(f);
+}
+
+
+/* Send the flush command on fd and check its one reply. Returns RESP_OK or a kind (why). */
+static int flush_run(int fd, const char *req, size_t len, double deadline, const char *peer, char *why)
+{
+    struct resp_ctx f = {.fd = fd, .max = 65536};
+    int fail = resp_exchange(&f, req, len, 1, deadline, peer);
+    if (!fail && f.buf[0] == '-') {
+        const char *cr = find_crlf(f.buf, f.len);
+        snprintf(why, RESP_WHY, "%.120s: the flush command failed: %.*s", peer,
+                 (int)(cr - f.buf - 1 < 120 ? cr - f.buf - 1 : 120), f.buf + 1);
+        fail = RESP_FAIL_FLUSH;
+    } else if (fail) {
+        memcpy(why, f.why, RESP_WHY);
+    }
+    if (!fail && f.scan.pos != f.len) {
+        snprintf(why, RESP_WHY, "%.200s: unexpected bytes after the flush reply", peer);
+        fail = RESP_FAIL_PROTOCOL;
+    }
+    free(f.buf);
+    return fail;
+}
+
+
+/*
+ * Make sure a flush begun after now succeeds before returning: lead one on c->fd, or wait
+ * for the one running to end and then the next. Returns RESP_OK or a failure kind (c->why).
+ */
+static int flush_shared(struct resp_ctx *c, const char *key, size_t klen, const char *req, size_t len,
+                        double deadline, const char *peer)
+{
+    pthread_mutex_lock(&flush_mu);
+    struct flusher *f = flusher_join(key, klen);
+    if (!f) {
+        pthread_mutex_unlock(&flush_mu);
+        snprintf(c->why, sizeof c->why, "%.200s: out of memory for the flush", peer);
+        return RESP_FAIL_IO;
+    }
+    unsigned long long target = f->started + 1;
+    int fail = RESP_OK;
+    while (f->done < target && !fail) {
+        if (!f->leading) {
+            unsigned long long gen = ++f->started;
+            f->leading = 1;
+            pthread_mutex_unlock(&flush_mu);
+            char why[RESP_WHY];
+            int kind = flush_run(c->fd, req, len, deadline, peer, why);
+            pthread_mutex_lock(&flush_mu);
+            f->done = gen;
+            if (kind == RESP_OK) {
+                f->ok = gen;
+            } else {
+                f->fail = kind;
+                memcpy(f->why, why, sizeof why);
+            }
+            f->leading = 0;
+            pthread_cond_broadcast(&f->cv);
+            continue;
+        }
+        double left = deadline - now_mono();
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        if (left > 0) {
+            long long ns = ts.tv_nsec + (long long)(left * 1e9);
+            ts.tv_sec += (time_t)(ns / 1000000000);
+            ts.tv_nsec = (long)(ns % 1000000000);
+        }
+        if (left <= 0 || pthread_cond_timedwait(&f->cv, &flush_mu, &ts) == ETIMEDOUT) {
+            if (f->done < target) {
+                snprintf(c->why, sizeof c->why, "%.200s: timed out waiting for the shared flush", peer);
+                fail = RESP_FAIL_TIMEOUT;
+            }
+        }
+    }
+    if (!fail && f->ok < target) {
+        fail = f->fail;
+        memcpy(c->why, f->why, sizeof c->why);
+    }
+    flusher_leave(f);
+    pthread_mutex_unlock(&flush_mu);
+    return fail;
+}
+
+
+/* ------------------------------------------------------------------------ */
 /* Lua side                                                                 */
 /* ------------------------------------------------------------------------ */
 
@@ -654,6 +805,7 @@ static int push_failure(lua_State *L, int kind, const char *why)
     case RESP_FAIL_TIMEOUT:  return forge_pusherror(L, "resp.timeout", 1, "%s", why);
     case RESP_FAIL_IO:       return forge_pusherror(L, "resp.io", 1, "%s", why);
     case RESP_FAIL_AUTH:     return forge_pusherror(L, "resp.auth", 0, "%s", why);
+    case RESP_FAIL_FLUSH:    return forge_pusherror(L, "resp.flush", 1, "%s", why);
     default:                 return forge_pusherror(L, "resp.protocol", 0, "%s", why);
     }
 }
@@ -666,19 +818,23 @@ static int push_failure(lua_State *L, int kind, const char *why)
  *   user=?, password=? (AUTH first when given), commands={{"SET","k","v"}, ...},
  *   max_reply=bytes of all replies together (default 16 MiB),
  *   pool=true to keep the connection for later calls with the same host, port and credentials
- *   and to reuse one kept before (default false)}
+ *   and to reuse one kept before (default false),
+ *   flush={"ACL","SAVE"}: a command run after the commands, shared by concurrent calls to the
+ *   same server and credentials; the call succeeds only once such a flush, begun after its
+ *   commands were answered, succeeded (its reply is not returned)}
  * @return array of replies, one per command: strings (bulk and simple), integers,
  *   false (nil bulk or nil array), tables (arrays), {err="ERR ..."} (error replies);
  *   or nil, err: "resp.connect" (refused, unreachable, connect timeout: retryable),
  *   "resp.timeout" (retryable), "resp.io" (retryable), "resp.auth" (the server's message),
- *   "resp.protocol" (malformed replies, or over max_reply)
+ *   "resp.protocol" (malformed replies, or over max_reply), "resp.flush" (the flush command
+ *   answered with an error: the server's message; retryable)
  *
  * Stack: [opts] -> [opts, commands, req_ud, ctx_ud, result] (or ..., nil, err)
  */
 static int l_resp_call(lua_State *L)
 {
     static const char *const keys[] = {"host", "port", "timeout", "user", "password", "commands",
-                                       "max_reply", "pool", NULL};
+                                       "max_reply", "pool", "flush", NULL};
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
     forge_checkkeys(L, 1, "resp.call", keys);
@@ -731,17 +887,38 @@ static int l_resp_call(lua_State *L)
         cmd_size += command_size(L, cmds, i);
     int keep = use_pool && commands_keep_state(L, cmds, ncmd);
 
-    /* the pool key: host NUL port NUL user NUL password (anchored on the stack) */
-    size_t klen = 0;
-    const char *pool_key = NULL;
-    if (use_pool) {
+    /* the flush command, encoded (anchored on the stack) */
+    size_t flush_len = 0;
+    const char *flush = NULL;
+    if (lua_getfield(L, 1, "flush") != LUA_TNIL) {
+        if (!lua_istable(L, -1) || lua_rawlen(L, -1) < 1)
+            luaL_error(L, "resp.call: option 'flush' must be one command: a non-empty array of strings");
+        lua_createtable(L, 1, 0);                                       /* [..., flush, {flush}] */
+        lua_insert(L, -2);
+        lua_rawseti(L, -2, 1);
+        flush_len = command_size(L, lua_gettop(L), 1);
+        char *fb = lua_newuserdatauv(L, flush_len, 0);                  /* [..., {flush}, fb] */
+        command_write(L, lua_gettop(L) - 1, 1, fb);
+        flush = fb;
+    } else {
+        lua_pop(L, 1);
+    }
+
+    /* the pool key: host NUL port NUL user NUL password; a flush's: that NUL the flush */
+    size_t klen = 0, fklen = 0;
+    const char *pool_key = NULL, *flush_key = NULL;
+    if (use_pool || flush) {
         lua_pushfstring(L, "%s%c%d%c%s%c", host, 0, (int)port, 0, user ? user : "", 0);
-        if (password)
-            lua_pushstring(L, password);
-        else
-            lua_pushliteral(L, "");
+        lua_pushstring(L, password ? password : "");
         lua_concat(L, 2);
         pool_key = lua_tolstring(L, -1, &klen);
+    }
+    if (flush) {
+        lua_pushvalue(L, -1);
+        lua_pushliteral(L, "\0");
+        lua_pushlstring(L, flush, flush_len);
+        lua_concat(L, 3);
+        flush_key = lua_tolstring(L, -1, &fklen);
     }
 
     char *req = lua_newuserdatauv(L, auth_size + cmd_size + 1, 0);     /* [opts, cmds, req] */
@@ -792,6 +969,8 @@ static int l_resp_call(lua_State *L)
     }
     if (!fail && ncmd > 0)
         fail = resp_exchange(c, req + auth_size, cmd_size, want_auth + (size_t)ncmd, deadline, peer);
+    if (!fail && flush)
+        fail = flush_shared(c, flush_key, fklen, flush, flush_len, deadline, peer);
     if (!fail && keep && c->scan.pos == c->len) {
         pool_put(pool_key, klen, c->fd);
         c->fd = -1;

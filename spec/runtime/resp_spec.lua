@@ -238,6 +238,42 @@ describe("forge.resp", function()
     end)
   end)
 
+  describe("flush", function()
+    it("runs after the commands; its reply is not returned", function()
+      assert.same({ "OK", "v" }, assert(call({ { "SET", "fk", "v" }, { "GET", "fk" } }, { flush = { "PING" } })))
+      assert.same({ "OK" }, assert(call({ { "SET", "fk", "w" } }, { flush = { "PING" }, pool = true })))
+    end)
+
+    it("fails the call with resp.flush and the server's words when the flush fails", function()
+      -- this server has no ACL file: ACL SAVE is refused
+      local r, err = call({ { "ACL", "SETUSER", "flushed", "on" } }, { flush = { "ACL", "SAVE" }, pool = true })
+      assert.is_nil(r)
+      assert.equal("resp.flush", err.code)
+      assert.is_true(err.retryable)
+      assert.matches("ACL file", err.message)
+      assert.same({ "PONG" }, assert(call({ { "PING" } }, { pool = true })), "the pool goes on")
+    end)
+
+    it("persists ACL users to the server's ACL file before answering", function()
+      local p2 = free_port()
+      files.write(dir .. "/users.acl", "user default on nopass ~* &* +@all\n")
+      local s = assert(proc.spawn { argv = { "redis-server", "--port", tostring(p2), "--bind", "127.0.0.1",
+        "--dir", dir, "--save", "", "--appendonly", "no", "--aclfile", dir .. "/users.acl" },
+        cwd = dir, stdout = dir .. "/redis3.log" })
+      finally(function() proc.stop(s.pid, s.start_time, 5) end)
+      wait_port(p2, "redis-server", dir .. "/redis3.log")
+      assert.same({ "OK" }, assert(call({ { "ACL", "SETUSER", "kept", "on", ">pw", "+@all" } },
+        { port = p2, flush = { "ACL", "SAVE" }, pool = true })))
+      assert.matches("user kept on", files.read(dir .. "/users.acl"))
+    end)
+
+    it("raises on a bad flush command", function()
+      assert.has_error(function() call({}, { flush = {} }) end)
+      assert.has_error(function() call({}, { flush = { {} } }) end)
+      assert.has_error(function() call({}, { flush = "ACL SAVE" }) end)
+    end)
+  end)
+
   it("fails fast and retryable when the connection is refused", function()
     local closed = free_port()
     local t0 = proc.monotonic()
