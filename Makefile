@@ -16,9 +16,10 @@ CC      ?= cc
 B       ?= build
 # `make asan` builds $(B)=build/asan with SANFLAGS (the fuzz spec runs that binary)
 SANFLAGS ?=
-PKGS     = lua5.4 libmicrohttpd libcurl yaml-0.1 sqlite3 libcrypto libpq
+PKGS     = lua5.4 libmicrohttpd libcurl yaml-0.1 sqlite3 libcrypto libpq gnutls
 CFLAGS  ?= -O2 -g
-CFLAGS  += -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE -fPIC -Iinclude \
+# override: `make CFLAGS=...` (as luarocks runs it) replaces only the optimisation flags
+override CFLAGS += -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE -fPIC -Iinclude \
            $(shell pkg-config --cflags $(PKGS) 2>/dev/null) \
            -DFORGE_DATADIR='"$(DATADIR)"' $(SANFLAGS)
 LDFLAGS += $(SANFLAGS)
@@ -30,16 +31,20 @@ LIBFLAG ?= -shared
 # One C file per primitive; each is also a loadable Lua module forge.<name>.
 MODULES  = $(patsubst runtime/%.c,%,$(filter-out runtime/main.c $(COMMON_SRC),$(wildcard runtime/*.c)))
 # Helpers shared by every module (no Lua API of their own).
-COMMON_SRC = runtime/lerror.c runtime/laux.c runtime/ltxn.c runtime/lnet.c runtime/lmetrics.c
+COMMON_SRC = runtime/lerror.c runtime/laux.c runtime/ltxn.c runtime/lnet.c runtime/lmetrics.c runtime/ltls.c \
+             runtime/ljson.c
 COMMON_OBJ = $(COMMON_SRC:runtime/%.c=$(B)/obj/%.o)
 MOD_OBJ    = $(MODULES:%=$(B)/obj/%.o)
 MOD_SO     = $(MODULES:%=$(B)/lib/forge/%.so) $(B)/lib/forge/error.so
-HEADERS    = $(wildcard include/forge/*.h runtime/*.h)
+# forge.yaml's parts (runtime/yaml/*.c), linked into its module and the binary.
+YAML_PARTS = $(patsubst runtime/%.c,%,$(wildcard runtime/yaml/*.c))
+YAML_OBJ   = $(YAML_PARTS:%=$(B)/obj/%.o)
+HEADERS    = $(wildcard include/forge/*.h runtime/*.h runtime/yaml/*.h)
 
 DEBIAN_PKGS = build-essential pkg-config lua5.4 liblua5.4-dev libmicrohttpd-dev libcurl4-openssl-dev \
               lua-cjson lua-filesystem libyaml-dev libsqlite3-dev libssl-dev sqlite3 lua-busted lua-check redis-server redis-tools \
               etcd-server etcd-client wrk curl openssl python3-minimal tar libpq-dev postgresql postgresql-client clang libclang-rt-14-dev \
-              chromium python3-prometheus-client bubblewrap libgnutls28-dev libhiredis-dev
+              chromium python3-prometheus-client bubblewrap libgnutls28-dev libhiredis-dev luarocks
 
 .PHONY: all deps run test bench install clean lint asan FORCE
 all: $(B)/bin/forge $(MOD_SO)
@@ -74,16 +79,20 @@ $(B)/obj/preload.c: FORCE | $(B)/obj
 $(B)/obj/preload.o: $(B)/obj/preload.c $(HEADERS)
 	$(CC) $(CFLAGS) -c -o $@ $<
 
-$(B)/bin/forge: $(B)/obj/main.o $(B)/obj/preload.o $(MOD_OBJ) $(COMMON_OBJ) | $(B)/bin
+$(B)/bin/forge: $(B)/obj/main.o $(B)/obj/preload.o $(MOD_OBJ) $(YAML_OBJ) $(COMMON_OBJ) | $(B)/bin
 	$(CC) $(LDFLAGS) -rdynamic -o $@ $^ $(LDLIBS)
 
 $(B)/lib/forge/%.so: $(B)/obj/%.o $(COMMON_OBJ) | $(B)/lib/forge
 	$(CC) $(LIBFLAG) $(LDFLAGS) -o $@ $^ $(MOD_LDLIBS)
 
+$(B)/lib/forge/yaml.so: $(YAML_OBJ)
+
 $(B)/lib/forge/error.so: $(COMMON_OBJ) | $(B)/lib/forge
 	$(CC) $(LIBFLAG) $(LDFLAGS) -o $@ $^ $(MOD_LDLIBS)
 
-$(B)/obj $(B)/bin $(B)/lib/forge:
+$(YAML_OBJ): | $(B)/obj/yaml
+
+$(B)/obj $(B)/obj/yaml $(B)/bin $(B)/lib/forge:
 	mkdir -p $@
 
 run: deps all
@@ -129,10 +138,10 @@ FUZZ_CFLAGS         = -O1 -g -fno-omit-frame-pointer -std=c11 -D_GNU_SOURCE -fPI
                       -DFORGE_DATADIR='"$(DATADIR)"' -DFUZZ_ROOT='"$(CURDIR)"' \
                       -fsanitize=address,undefined
 FUZZ_LDLIBS         = $(shell pkg-config --libs $(FUZZ_PKGS) 2>/dev/null) -lpthread -lm -ldl
-FUZZ_COMMON         = lerror laux ltxn lnet lmetrics
+FUZZ_COMMON         = lerror laux ltxn lnet lmetrics ljson
 # runtime modules linked into each harness; FUZZ_SRC_x: the runtime file harness x #includes
-FUZZ_MODS_yaml          = yaml
-FUZZ_MODS_sandbox       = crypto log yaml pattern conf
+FUZZ_MODS_yaml          = yaml $(YAML_PARTS)
+FUZZ_MODS_sandbox       = crypto log $(FUZZ_MODS_yaml) pattern conf
 FUZZ_MODS_sandbox_json  = $(FUZZ_MODS_sandbox)
 FUZZ_SRC_sandbox        = runtime/sandbox.c
 FUZZ_SRC_sandbox_json   = runtime/sandbox.c
@@ -155,7 +164,9 @@ $(FUZZ_B)/bin/fuzz_$(1): fuzz/fuzz_$(1).c $(wildcard fuzz/*.h) $(FUZZ_SRC_$(1)) 
 endef
 $(foreach h,$(FUZZ_TARGETS),$(eval $(call FUZZ_HARNESS,$(h))))
 
-$(FUZZ_B)/obj $(FUZZ_B)/bin:
+$(YAML_PARTS:%=$(FUZZ_B)/obj/%.o): | $(FUZZ_B)/obj/yaml
+
+$(FUZZ_B)/obj $(FUZZ_B)/obj/yaml $(FUZZ_B)/bin:
 	mkdir -p $@
 
 fuzz: $(FUZZ_BINS)

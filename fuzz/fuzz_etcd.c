@@ -1,7 +1,7 @@
 /*
- * forge.etcd's answer readers: the hand-written JSON tokenizer and everything that reads
- * its tokens (kv records, txn results, leases, auth tokens, error answers, the watch
- * stream), through the module's whole Lua API. runtime/etcd.c is compiled into this file
+ * forge.etcd's answer readers: everything that reads the answers lua-cjson decodes (kv
+ * records, txn results, leases, auth tokens, error answers, the watch stream, whose
+ * messages are checked inside curl's write callback), through the module's whole Lua API. runtime/etcd.c is compiled into this file
  * with libcurl's transfer calls replaced by fake_curl.h, which serves the answers parsed
  * from the input: no network, no static function exposed by etcd.c.
  *

@@ -24,8 +24,8 @@
  *   bosh.task_failed  vms/wait_task: the task ended error/cancelled/timeout
  *   bosh.timeout      vms/wait_task: the task did not finish within the deadline (retryable)
  *   bosh.local        a local file to upload cannot be read
- * JSON is decoded with lua-cjson in protected mode; integral numbers come back as integers and
- * JSON null object members are dropped (so `t.timestamp == nil` until a task ends).
+ * JSON is decoded with lua-cjson in protected mode (ljson.c); integral numbers come back as
+ * integers and JSON null object members are dropped (so `t.timestamp == nil` until a task ends).
  */
 #include <errno.h>
 #include <pthread.h>
@@ -41,6 +41,7 @@
 
 #include "forge/forge.h"
 #include "forge/metrics.h"
+#include "ljson.h"
 
 #define DIRECTOR_MT         "forge.bosh.director"
 #define DEFAULT_TIMEOUT_MS  30000
@@ -48,6 +49,7 @@
 #define DEFAULT_UPLOAD_MS   600000
 #define MAX_BODY            (64 * 1024 * 1024)
 #define MAX_CONTEXT_ID      64
+#define BOSH_JSON_DEPTH     1000                /* lua-cjson's default nesting limit */
 
 enum { AUTH_UNKNOWN, AUTH_BASIC, AUTH_UAA };
 
@@ -91,7 +93,7 @@ struct req {
 };
 
 static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
-static int json_decode_key;     /* registry key: cjson.decode */
+static char json_decode_key;    /* registry key: our lua-cjson decoder */
 
 #define todirector(L) (check_open(L))
 
@@ -178,25 +180,17 @@ static void add_escaped(luaL_Buffer *b, const char *s)
     }
 }
 
+static int lbuffer_put(void *ud, const char *p, size_t n, int whole)
+{
+    (void)whole;
+    luaL_addlstring(ud, p, n);
+    return 0;
+}
+
 /* A JSON string literal of s into b. */
 static void add_json_string(luaL_Buffer *b, const char *s)
 {
-    static const char hex[] = "0123456789abcdef";
-    luaL_addchar(b, '"');
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        unsigned char c = *p;
-        if (c == '"' || c == '\\') {
-            luaL_addchar(b, '\\');
-            luaL_addchar(b, (char)c);
-        } else if (c < 0x20) {
-            luaL_addstring(b, "\\u00");
-            luaL_addchar(b, hex[c >> 4]);
-            luaL_addchar(b, hex[c & 15]);
-        } else {
-            luaL_addchar(b, (char)c);
-        }
-    }
-    luaL_addchar(b, '"');
+    forge_json_string(lbuffer_put, b, s, strlen(s), 0);
 }
 
 
@@ -239,9 +233,7 @@ static void normalize(lua_State *L, int depth)
  */
 static int json_decode(lua_State *L, const char *s, size_t n, const char *what)
 {
-    lua_rawgetp(L, LUA_REGISTRYINDEX, &json_decode_key);
-    lua_pushlstring(L, s, n);
-    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+    if (forge_json_decode(L, &json_decode_key, s, n) < 0) {
         const char *msg = lua_tostring(L, -1);
         forge_newerror(L, "bosh.protocol", 0, "%s: the director sent malformed JSON (%s)", what,
                        msg ? msg : "?");
@@ -1482,13 +1474,7 @@ int luaopen_forge_bosh(lua_State *L)
         {"__tostring", l_tostring},
         {NULL, NULL},
     };
-    /* lua-cjson decodes; keep its decode function in the registry. May raise at load. */
-    lua_getglobal(L, "require");
-    lua_pushliteral(L, "cjson");
-    lua_call(L, 1, 1);
-    lua_getfield(L, -1, "decode");
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &json_decode_key);
-    lua_pop(L, 1);
+    forge_json_decoder(L, &json_decode_key, BOSH_JSON_DEPTH);      /* may raise */
     forge_newclass(L, DIRECTOR_MT, methods, metamethods);
     luaL_newlib(L, lib);
     forge_setmodinfo(L, "forge.bosh");

@@ -1,8 +1,8 @@
 /*
- * forge.crypto — random secrets and ids, hashes, MACs, key derivation, constant-time
- * compare, encodings.
+ * forge.crypto — random secrets and ids, hashes, MACs, key derivation, authenticated
+ * encryption (AES-256-GCM), constant-time compare, encodings.
  *
- * Every primitive is OpenSSL's libcrypto: EVP_Digest, HMAC(), PKCS5_PBKDF2_HMAC,
+ * Every primitive is OpenSSL's libcrypto: EVP_Digest, HMAC(), PKCS5_PBKDF2_HMAC, EVP_Encrypt*,
  * RAND_bytes (seeded from the kernel, reseeded after fork), EVP_EncodeBlock/DecodeBlock,
  * CRYPTO_memcmp. No static mutable state: safe from any thread (OpenSSL's error queue is
  * per thread). Outputs go to Lua-owned buffers (luaL_Buffer) or the C stack, so a raise
@@ -30,6 +30,10 @@
 #define DEFAULT_ALPHA   "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 #define B64_ALPHABET    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 #define B64_GROUPS      (1 << 20)       /* 3-byte groups per EVP_Encode/DecodeBlock call (an int length) */
+#define AEAD_KEY        32              /* AES-256 */
+#define AEAD_NONCE      12              /* 96-bit GCM nonce, random per seal (NIST SP 800-38D 8.2.2) */
+#define AEAD_TAG        16              /* 128-bit tag */
+#define AEAD_MAX        (INT_MAX - AEAD_NONCE - AEAD_TAG)
 
 static const char hexdigits[] = "0123456789abcdef";
 
@@ -524,6 +528,115 @@ static int l_crypto_scram_sha256(lua_State *L)
 }
 
 
+/* ------------------------------------------------------------------------ */
+/* authenticated encryption: AES-256-GCM                                    */
+/* ------------------------------------------------------------------------ */
+
+/* The 32-byte key at argument arg (raises on any other length). */
+static const unsigned char *check_key(lua_State *L, int arg)
+{
+    size_t n;
+    const char *k = luaL_checklstring(L, arg, &n);
+    luaL_argcheck(L, n == AEAD_KEY, arg, "expected a 32-byte key");
+    return (const unsigned char *)k;
+}
+
+
+/*
+ * AES-256-GCM over in[0..n) into out (n bytes) with the associated data aad; enc != 0 seals
+ * (writes the tag), else opens (checks it). No Lua calls: the context is freed on every path.
+ * Returns 0; -1 on an OpenSSL failure (reason queued); -2 when the tag does not verify.
+ */
+static int gcm(int enc, const unsigned char *key, const unsigned char *nonce, const unsigned char *aad, size_t an,
+               const unsigned char *in, size_t n, unsigned char *out, unsigned char *tag)
+{
+    EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
+    int len, rc = -1;
+    if (!c)
+        return -1;
+    if (EVP_CipherInit_ex(c, EVP_aes_256_gcm(), NULL, key, nonce, enc) != 1 ||
+        (an > 0 && EVP_CipherUpdate(c, NULL, &len, aad, (int)an) != 1) ||
+        EVP_CipherUpdate(c, out, &len, in, (int)n) != 1)
+        goto out;
+    if (enc) {
+        if (EVP_CipherFinal_ex(c, out + len, &len) == 1 &&
+            EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, AEAD_TAG, tag) == 1)
+            rc = 0;
+    } else if (EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, AEAD_TAG, tag) == 1) {
+        rc = EVP_CipherFinal_ex(c, out + len, &len) == 1 ? 0 : -2;
+        ERR_clear_error();                      /* a failed tag check queues nothing useful */
+    }
+out:
+    EVP_CIPHER_CTX_free(c);
+    return rc;
+}
+
+
+/***
+ * Encrypt and authenticate with AES-256-GCM under a fresh random 96-bit nonce.
+ * @function seal
+ * @tparam string key 32 bytes
+ * @tparam string plaintext
+ * @tparam[opt=""] string aad associated data: authenticated, not stored (open needs the same)
+ * @return string nonce (12) | ciphertext (#plaintext) | tag (16), or nil, err ("crypto.random",
+ *   "crypto.openssl")
+ */
+static int l_crypto_seal(lua_State *L)
+{
+    const unsigned char *key = check_key(L, 1);
+    size_t n, an;
+    const char *pt = luaL_checklstring(L, 2, &n);
+    const char *aad = luaL_optlstring(L, 3, "", &an);
+    luaL_argcheck(L, n <= AEAD_MAX, 2, "string too long");
+    luaL_argcheck(L, an <= INT_MAX, 3, "string too long");
+    luaL_Buffer b;
+    unsigned char *out = (unsigned char *)luaL_buffinitsize(L, &b, AEAD_NONCE + n + AEAD_TAG);
+    if (fill_random(out, AEAD_NONCE) < 0)
+        return push_random_error(L);
+    if (gcm(1, key, out, (const unsigned char *)aad, an, (const unsigned char *)pt, n, out + AEAD_NONCE,
+            out + AEAD_NONCE + n) < 0)
+        return push_ssl_error(L, "crypto.openssl", 0, "AES-256-GCM");
+    luaL_pushresultsize(&b, AEAD_NONCE + n + AEAD_TAG);
+    return 1;
+}
+
+
+/***
+ * Check and decrypt a blob made by seal.
+ * @function open
+ * @tparam string key 32 bytes
+ * @tparam string blob
+ * @tparam[opt=""] string aad the associated data it was sealed with
+ * @return string plaintext, or nil, err ("crypto.open": too short, or the wrong key or aad or a
+ *   changed blob, which GCM cannot tell apart; "crypto.openssl")
+ */
+static int l_crypto_open(lua_State *L)
+{
+    const unsigned char *key = check_key(L, 1);
+    size_t bn, an;
+    const unsigned char *blob = (const unsigned char *)luaL_checklstring(L, 2, &bn);
+    const char *aad = luaL_optlstring(L, 3, "", &an);
+    luaL_argcheck(L, bn <= INT_MAX, 2, "string too long");
+    luaL_argcheck(L, an <= INT_MAX, 3, "string too long");
+    if (bn < AEAD_NONCE + AEAD_TAG)
+        return forge_pusherror(L, "crypto.open", 0, "sealed blob too short (%d bytes)", (int)bn);
+    size_t n = bn - AEAD_NONCE - AEAD_TAG;
+    unsigned char tag[AEAD_TAG];
+    memcpy(tag, blob + AEAD_NONCE + n, AEAD_TAG);
+    luaL_Buffer b;
+    unsigned char *out = (unsigned char *)luaL_buffinitsize(L, &b, n);
+    int rc = gcm(0, key, blob, (const unsigned char *)aad, an, blob + AEAD_NONCE, n, out, tag);
+    if (rc == -2) {
+        OPENSSL_cleanse(out, n);
+        return forge_pusherror(L, "crypto.open", 0, "authentication failed: wrong key or associated data, or a changed blob");
+    }
+    if (rc < 0)
+        return push_ssl_error(L, "crypto.openssl", 0, "AES-256-GCM");
+    luaL_pushresultsize(&b, n);
+    return 1;
+}
+
+
 int luaopen_forge_crypto(lua_State *L)
 {
     static const luaL_Reg lib[] = {
@@ -541,6 +654,8 @@ int luaopen_forge_crypto(lua_State *L)
         {"equal", l_crypto_equal},
         {"base64_encode", l_crypto_base64_encode},
         {"base64_decode", l_crypto_base64_decode},
+        {"seal", l_crypto_seal},
+        {"open", l_crypto_open},
         {NULL, NULL},
     };
     luaL_newlib(L, lib);

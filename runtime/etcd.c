@@ -12,9 +12,13 @@
  * Wire format: every request is a POST of a JSON body; keys and values travel
  * base64-encoded, int64 fields as decimal strings, and the gateway omits every
  * zero-valued field ("kvs", "count", "succeeded" = false, an empty "value").
- * Responses are read by a small JSON tokenizer (flat token array, each token
- * knowing where its subtree ends) that never touches Lua, so a malformed or
- * hostile response is an error value, never a crash or a raise.
+ * Responses are decoded by lua-cjson in protected mode (ljson.c: at most ETCD_JSON_DEPTH
+ * levels of nesting, RFC 8259 numbers only) into Lua tables that the readers below walk,
+ * so a malformed or hostile response is an error value, never a crash or a raise. int64
+ * fields are read from their strings exactly; a JSON number counts only up to 2^53 (cjson
+ * reads numbers as doubles). Decoding runs on the calling thread: a call is one
+ * synchronous transfer inside the Lua function that made it, and the watch stream's
+ * messages, checked as they arrive inside curl's write callback, go through lua_pcall.
  *
  * Namespacing: the optional `prefix` is prepended to every key on the way in
  * and stripped on the way out, so several brokers or test cases can share one
@@ -42,10 +46,11 @@
  * the token in the Authorization header; when etcd calls the token invalid
  * (expired, or etcd restarted) it authenticates again, once, and resends.
  *
- * Ownership: the db userdata owns the curl handle, header list, every buffer
- * and the token array; __gc frees them. Lua arguments are validated (and may
- * raise) before any request is built; request and response handling run no Lua;
- * results are pushed afterwards (a memory raise then leaks nothing).
+ * Ownership: the db userdata owns the curl handle, header list and every buffer; __gc
+ * frees them. Lua arguments are validated (and may raise) before any request is built;
+ * building a request and the transfer run no Lua (but the protected check of a watch
+ * message); answers are read and results pushed afterwards (a memory raise then leaks
+ * nothing).
  */
 #include <limits.h>
 #include <stdarg.h>
@@ -58,6 +63,7 @@
 #include <curl/curl.h>
 
 #include "forge/forge.h"
+#include "ljson.h"
 #include "ltxn.h"
 
 #define ETCD_MT             "forge.etcd.db"
@@ -65,7 +71,6 @@
 #define ETCD_PREFIX_MAX     1024
 #define ETCD_VALUE_MAX      (8 * 1024 * 1024)
 #define ETCD_RESP_MAX       ((size_t)256 * 1024 * 1024)
-#define ETCD_TOKENS_MAX     ((size_t)8 * 1024 * 1024)
 #define ETCD_JSON_DEPTH     64
 #define ETCD_ENDPOINTS_MAX  16
 #define ETCD_URL_MAX        512
@@ -236,28 +241,26 @@ static long b64_decode_inplace(char *s, size_t len)
 
 
 /* ---------------------------------------------------------------------------
- * JSON writer helpers
+ * JSON writer helpers. Request bodies are written here rather than by lua-cjson because of
+ * the value limit: a put carries up to 8 MiB, base64-encoded straight into the one request
+ * buffer, where lua-cjson would need a Lua table per request and hold the value three more
+ * times (the base64 string, cjson's buffer, the result), writing each '/' of it as "\/".
+ * The bodies have a few fixed shapes (field names, base64 text, int64 as decimal strings);
+ * their only free text, the credentials, goes through the shared string writer (ljson.c).
  * ------------------------------------------------------------------------- */
 
-/* A JSON string literal (UTF-8 passed through, control characters escaped). */
-static void buf_addjstr(struct buf *b, const char *s, size_t len)
+static int buf_put(void *ud, const char *p, size_t n, int whole)
 {
-    buf_add(b, "\"", 1);
-    for (size_t i = 0; i < len; i++) {
-        unsigned char ch = (unsigned char)s[i];
-        char esc[8];
-        if (ch == '"' || ch == '\\') {
-            esc[0] = '\\';
-            esc[1] = (char)ch;
-            buf_add(b, esc, 2);
-        } else if (ch < 0x20 || ch == 0x7F) {
-            snprintf(esc, sizeof esc, "\\u%04x", ch);
-            buf_add(b, esc, 6);
-        } else {
-            buf_add(b, s + i, 1);
-        }
-    }
-    buf_add(b, "\"", 1);
+    (void)whole;
+    buf_add(ud, p, n);
+    return 0;
+}
+
+
+/* A JSON string literal (UTF-8 passed through, control characters escaped). */
+static void buf_addjstr(struct buf *b, const char *s)
+{
+    forge_json_string(buf_put, b, s, strlen(s), 0);
 }
 
 
@@ -268,29 +271,6 @@ static void buf_addint(struct buf *b, long long v)
     int n = snprintf(num, sizeof num, "\"%lld\"", v);
     buf_add(b, num, (size_t)n);
 }
-
-
-/* ---------------------------------------------------------------------------
- * JSON reader: a flat token array over the response text (no Lua, no raise)
- * ------------------------------------------------------------------------- */
-
-enum { J_OBJ = 1, J_ARR, J_STR, J_NUM, J_TRUE, J_FALSE, J_NULL };
-enum { JERR_SYNTAX = -1, JERR_NOMEM = -2, JERR_LIMIT = -3 };
-
-struct jtok {
-    uint32_t start, end;            /* text span; inside the quotes for strings */
-    uint32_t next;                  /* index of the first token after this subtree */
-    uint8_t type;
-};
-
-struct etcd;
-
-struct jparse {
-    struct etcd *e;
-    const char *s;
-    size_t len, pos;
-    int err;
-};
 
 
 /* ---------------------------------------------------------------------------
@@ -323,10 +303,8 @@ struct etcd {
     long timeout_ms;
     char *username, *password, *token;
     struct buf req, aux, resp, scratch;
-    struct jtok *toks;
-    size_t ntok, captok;
-    const char *jbase;              /* text the tokens index into */
     /* state of the transfer in progress */
+    lua_State *L;                   /* the calling state: the watch stream's messages are decoded in it */
     int too_big;
     int stream;                     /* newline-delimited messages (watch) */
     int stream_stop;                /* a message that ends the watch arrived */
@@ -373,229 +351,97 @@ static int malformed(struct res *r, const char *what)
 }
 
 
-static long jp_fail(struct jparse *p)
-{
-    if (!p->err)
-        p->err = JERR_SYNTAX;
-    return -1;
-}
+/* ---------------------------------------------------------------------------
+ * JSON reader: an answer is decoded by lua-cjson (ljson.c) into a table on the Lua stack,
+ * and read from there. Every reader takes stack indexes; jfield and jindex push what
+ * they find, the others push nothing. JSON null reads as absent.
+ * ------------------------------------------------------------------------- */
 
-
-static long jp_newtok(struct jparse *p, int type, size_t start)
-{
-    struct etcd *e = p->e;
-    if (e->ntok == e->captok) {
-        if (e->captok >= ETCD_TOKENS_MAX) {
-            p->err = JERR_LIMIT;
-            return -1;
-        }
-        size_t cap = e->captok ? e->captok * 2 : 256;
-        if (cap > ETCD_TOKENS_MAX)
-            cap = ETCD_TOKENS_MAX;
-        struct jtok *t = realloc(e->toks, cap * sizeof *t);
-        if (!t) {
-            p->err = JERR_NOMEM;
-            return -1;
-        }
-        e->toks = t;
-        e->captok = cap;
-    }
-    struct jtok *t = &e->toks[e->ntok];
-    t->type = (uint8_t)type;
-    t->start = t->end = (uint32_t)start;
-    t->next = 0;
-    return (long)e->ntok++;
-}
-
-
-static void jp_ws(struct jparse *p)
-{
-    while (p->pos < p->len) {
-        char ch = p->s[p->pos];
-        if (ch != ' ' && ch != '\t' && ch != '\n' && ch != '\r')
-            break;
-        p->pos++;
-    }
-}
-
-
-/* At a '"': one string token (escapes are checked when decoded). */
-static long jp_string(struct jparse *p)
-{
-    long t = jp_newtok(p, J_STR, p->pos + 1);
-    if (t < 0)
-        return -1;
-    p->pos++;
-    while (p->pos < p->len) {
-        unsigned char ch = (unsigned char)p->s[p->pos];
-        if (ch == '"')
-            break;
-        if (ch < 0x20)
-            return jp_fail(p);
-        p->pos += ch == '\\' ? 2 : 1;
-    }
-    if (p->pos >= p->len)
-        return jp_fail(p);
-    p->e->toks[t].end = (uint32_t)p->pos;
-    p->e->toks[t].next = (uint32_t)p->e->ntok;
-    p->pos++;
-    return t;
-}
-
-
-static long jp_value(struct jparse *p, int depth)
-{
-    jp_ws(p);
-    if (p->pos >= p->len)
-        return jp_fail(p);
-    if (depth > ETCD_JSON_DEPTH) {
-        p->err = JERR_LIMIT;
-        return -1;
-    }
-    char ch = p->s[p->pos];
-    long t;
-    if (ch == '{' || ch == '[') {
-        int obj = ch == '{';
-        char close = obj ? '}' : ']';
-        if ((t = jp_newtok(p, obj ? J_OBJ : J_ARR, p->pos)) < 0)
-            return -1;
-        p->pos++;
-        jp_ws(p);
-        if (p->pos < p->len && p->s[p->pos] == close) {
-            p->pos++;
-        } else {
-            for (;;) {
-                if (obj) {
-                    jp_ws(p);
-                    if (p->pos >= p->len || p->s[p->pos] != '"' || jp_string(p) < 0)
-                        return jp_fail(p);
-                    jp_ws(p);
-                    if (p->pos >= p->len || p->s[p->pos] != ':')
-                        return jp_fail(p);
-                    p->pos++;
-                }
-                if (jp_value(p, depth + 1) < 0)
-                    return -1;
-                jp_ws(p);
-                if (p->pos >= p->len)
-                    return jp_fail(p);
-                if (p->s[p->pos] == ',') {
-                    p->pos++;
-                    continue;
-                }
-                if (p->s[p->pos] != close)
-                    return jp_fail(p);
-                p->pos++;
-                break;
-            }
-        }
-    } else if (ch == '"') {
-        return jp_string(p);
-    } else if (ch == '-' || (ch >= '0' && ch <= '9')) {
-        if ((t = jp_newtok(p, J_NUM, p->pos)) < 0)
-            return -1;
-        int digits = 0;
-        while (p->pos < p->len && strchr("+-.eE0123456789", p->s[p->pos]) && p->s[p->pos]) {
-            digits += p->s[p->pos] >= '0' && p->s[p->pos] <= '9';
-            p->pos++;
-        }
-        if (!digits)
-            return jp_fail(p);
-    } else {
-        static const struct { const char *word; int type; } lit[] = {
-            {"true", J_TRUE}, {"false", J_FALSE}, {"null", J_NULL},
-        };
-        int type = 0;
-        size_t wlen = 0;
-        for (size_t i = 0; i < sizeof lit / sizeof lit[0]; i++) {
-            wlen = strlen(lit[i].word);
-            if (p->len - p->pos >= wlen && memcmp(p->s + p->pos, lit[i].word, wlen) == 0) {
-                type = lit[i].type;
-                break;
-            }
-        }
-        if (!type)
-            return jp_fail(p);
-        if ((t = jp_newtok(p, type, p->pos)) < 0)
-            return -1;
-        p->pos += wlen;
-    }
-    p->e->toks[t].end = (uint32_t)p->pos;
-    p->e->toks[t].next = (uint32_t)p->e->ntok;
-    return t;
-}
-
-
-/* Tokenize one complete JSON document; token 0 is its root. Returns 0 or JERR_*. */
-static int json_doc(struct etcd *e, const char *s, size_t len)
-{
-    struct jparse p = {.e = e, .s = s, .len = len};
-    e->ntok = 0;
-    e->jbase = s;
-    if (len >= UINT32_MAX)
-        return JERR_LIMIT;
-    if (jp_value(&p, 0) < 0)
-        return p.err ? p.err : JERR_SYNTAX;
-    jp_ws(&p);
-    return p.pos == len ? 0 : JERR_SYNTAX;
-}
-
-
-static const char *jerr_text(int err)
-{
-    return err == JERR_NOMEM ? "out of memory" : err == JERR_LIMIT ? "too deep or too large" : "not JSON";
-}
-
-
-/* The value of member `name` of object token obj; -1 if absent (or obj is not an object). */
-static long jfield(const struct etcd *e, long obj, const char *name)
-{
-    if (obj < 0 || e->toks[obj].type != J_OBJ)
-        return -1;
-    size_t nlen = strlen(name);
-    size_t i = (size_t)obj + 1, end = e->toks[obj].next;
-    while (i + 1 < end) {
-        const struct jtok *k = &e->toks[i];
-        if (k->end - k->start == nlen && memcmp(e->jbase + k->start, name, nlen) == 0)
-            return (long)i + 1;
-        i = e->toks[i + 1].next;
-    }
-    return -1;
-}
-
-
-static long jpath2(const struct etcd *e, long obj, const char *a, const char *b)
-{
-    return jfield(e, jfield(e, obj, a), b);
-}
-
-
-/* Number of elements of an array token; absent or null counts 0; -1 if not an array. */
-static long jlen(const struct etcd *e, long arr)
-{
-    if (arr < 0 || e->toks[arr].type == J_NULL)
-        return 0;
-    if (e->toks[arr].type != J_ARR)
-        return -1;
-    long n = 0;
-    for (size_t i = (size_t)arr + 1; i < e->toks[arr].next; i = e->toks[i].next)
-        n++;
-    return n;
-}
+static char json_key;               /* registry key: this module's cjson decoder */
 
 
 /*
- * An int64 written as a string (jsonpb) or a plain integer number. An absent or
- * null field is def (the gateway omits zeros). Returns 0, or -1 when malformed.
+ * Decode one JSON document (at most ETCD_JSON_DEPTH levels deep). Stack: [...] -> [..., doc]
+ * and returns 0; or unchanged and -1 with r filled. May raise (memory) pushing the text.
  */
-static int jint(const struct etcd *e, long t, long long def, long long *out)
+static int json_doc(lua_State *L, const char *s, size_t len, struct res *r)
 {
-    *out = def;
-    if (t < 0 || e->toks[t].type == J_NULL)
+    if (forge_json_decode(L, &json_key, s, len) == 0)
         return 0;
-    if (e->toks[t].type != J_STR && e->toks[t].type != J_NUM)
+    const char *msg = lua_tostring(L, -1);
+    malformed(r, msg ? msg : "not JSON");
+    lua_pop(L, 1);
+    return -1;
+}
+
+
+/* Keep only the value at the top above base. Stack: [base..., x..., v] -> [base..., v] */
+static void keep_top(lua_State *L, int base)
+{
+    if (lua_gettop(L) > base + 1)
+        lua_replace(L, base + 1);
+    lua_settop(L, base + 1);
+}
+
+
+/* Push the value at the top instead as nil when it is JSON null. Returns its index. */
+static int push_notnull(lua_State *L)
+{
+    if (lua_type(L, -1) == LUA_TLIGHTUSERDATA && lua_touserdata(L, -1) == NULL) {
+        lua_pop(L, 1);
+        lua_pushnil(L);
+    }
+    return lua_gettop(L);
+}
+
+
+/* Push member name of the object at obj (nil if absent, or obj is no object). Returns its index. */
+static int jfield(lua_State *L, int obj, const char *name)
+{
+    luaL_checkstack(L, 2, "etcd answer");
+    if (lua_type(L, obj) == LUA_TTABLE)
+        lua_getfield(L, obj, name);                 /* decoded tables have no metatable */
+    else
+        lua_pushnil(L);
+    return push_notnull(L);
+}
+
+
+/* Push element i (1-based) of the array at arr (nil if absent). Returns its index. */
+static int jindex(lua_State *L, int arr, lua_Integer i)
+{
+    luaL_checkstack(L, 2, "etcd answer");
+    if (lua_type(L, arr) == LUA_TTABLE)
+        lua_rawgeti(L, arr, i);
+    else
+        lua_pushnil(L);
+    return push_notnull(L);
+}
+
+
+/* Number of elements of the array at idx; absent counts 0; -1 if not an array. */
+static long jlen(lua_State *L, int idx)
+{
+    if (lua_isnil(L, idx))
+        return 0;
+    if (lua_type(L, idx) != LUA_TTABLE)
         return -1;
-    const char *s = e->jbase + e->toks[t].start, *end = e->jbase + e->toks[t].end;
+    size_t n = lua_rawlen(L, idx);                  /* cjson: an array has keys 1..n, an object none */
+    if (n == 0) {
+        lua_pushnil(L);
+        if (lua_next(L, idx)) {                     /* a non-empty object */
+            lua_pop(L, 2);
+            return -1;
+        }
+    }
+    return n <= LONG_MAX ? (long)n : -1;
+}
+
+
+/* A decimal int64 in s[0..len) (jsonpb writes them as strings). Returns 0, or -1. */
+static int parse_int64(const char *s, size_t len, long long *out)
+{
+    const char *end = s + len;
     int neg = 0;
     if (s < end && *s == '-') {
         neg = 1;
@@ -619,133 +465,95 @@ static int jint(const struct etcd *e, long t, long long def, long long *out)
 }
 
 
-/* A boolean; absent or null is false. Returns 0/1, or -1 when malformed. */
-static int jbool(const struct etcd *e, long t)
-{
-    if (t < 0 || e->toks[t].type == J_NULL || e->toks[t].type == J_FALSE)
-        return 0;
-    return e->toks[t].type == J_TRUE ? 1 : -1;
-}
-
-
-static int hexval(char ch)
-{
-    if (ch >= '0' && ch <= '9') return ch - '0';
-    if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
-    if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
-    return -1;
-}
-
-
-static int read_hex4(const char *s, const char *end, unsigned *out)
-{
-    if (end - s < 4)
-        return -1;
-    unsigned v = 0;
-    for (int i = 0; i < 4; i++) {
-        int h = hexval(s[i]);
-        if (h < 0)
-            return -1;
-        v = (v << 4) | (unsigned)h;
-    }
-    *out = v;
-    return 0;
-}
-
-
-static void buf_addutf8(struct buf *b, unsigned cp)
-{
-    char u[4];
-    size_t n;
-    if (cp < 0x80) {
-        u[0] = (char)cp;
-        n = 1;
-    } else if (cp < 0x800) {
-        u[0] = (char)(0xC0 | (cp >> 6));
-        u[1] = (char)(0x80 | (cp & 0x3F));
-        n = 2;
-    } else if (cp < 0x10000) {
-        u[0] = (char)(0xE0 | (cp >> 12));
-        u[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
-        u[2] = (char)(0x80 | (cp & 0x3F));
-        n = 3;
-    } else {
-        u[0] = (char)(0xF0 | (cp >> 18));
-        u[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
-        u[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
-        u[3] = (char)(0x80 | (cp & 0x3F));
-        n = 4;
-    }
-    buf_add(b, u, n);
-}
-
-
 /*
- * Decode string token t (escapes resolved) into out, replacing its content.
- * Absent or null gives "". Returns 0, or -1 when malformed (or out of memory).
+ * An int64 at idx: a string (jsonpb), or a JSON number when it is an integer that a
+ * double holds exactly (|n| <= 2^53; lua-cjson reads every number as a double).
+ * Absent is def (the gateway omits zeros). Returns 0, or -1 when malformed.
  */
-static int jstr(const struct etcd *e, long t, struct buf *out)
+static int jint(lua_State *L, int idx, long long def, long long *out)
 {
-    buf_reset(out);
-    buf_add(out, "", 0);
-    if (t < 0 || e->toks[t].type == J_NULL)
-        return out->failed ? -1 : 0;
-    if (e->toks[t].type != J_STR)
-        return -1;
-    const char *s = e->jbase + e->toks[t].start, *end = e->jbase + e->toks[t].end;
-    if (buf_grow(out, (size_t)(end - s)) < 0)
-        return -1;
-    while (s < end) {
-        const char *bs = memchr(s, '\\', (size_t)(end - s));
-        if (!bs) {
-            buf_add(out, s, (size_t)(end - s));
-            break;
-        }
-        buf_add(out, s, (size_t)(bs - s));
-        s = bs + 1;
-        if (s >= end)
-            return -1;
-        char ch = *s++;
-        switch (ch) {
-        case '"': case '\\': case '/': buf_add(out, &ch, 1); break;
-        case 'b': buf_add(out, "\b", 1); break;
-        case 'f': buf_add(out, "\f", 1); break;
-        case 'n': buf_add(out, "\n", 1); break;
-        case 'r': buf_add(out, "\r", 1); break;
-        case 't': buf_add(out, "\t", 1); break;
-        case 'u': {
-            unsigned cp, lo;
-            if (read_hex4(s, end, &cp) < 0)
-                return -1;
-            s += 4;
-            if (cp >= 0xD800 && cp < 0xDC00 && end - s >= 6 && s[0] == '\\' && s[1] == 'u'
-                && read_hex4(s + 2, end, &lo) == 0 && lo >= 0xDC00 && lo < 0xE000) {
-                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-                s += 6;
-            } else if (cp >= 0xD800 && cp < 0xE000) {
-                cp = 0xFFFD;            /* a lone surrogate */
-            }
-            buf_addutf8(out, cp);
-            break;
-        }
-        default:
-            return -1;
-        }
+    *out = def;
+    switch (lua_type(L, idx)) {
+    case LUA_TNIL:
+        return 0;
+    case LUA_TSTRING: {
+        size_t len;
+        const char *s = lua_tolstring(L, idx, &len);
+        return parse_int64(s, len, out);
     }
-    return out->failed ? -1 : 0;
+    case LUA_TNUMBER: {
+        int exact;
+        lua_Integer v = lua_tointegerx(L, idx, &exact);
+        if (!exact || v > (1LL << 53) || v < -(1LL << 53))
+            return -1;
+        *out = (long long)v;
+        return 0;
+    }
+    default:
+        return -1;
+    }
 }
 
 
-/* A base64 bytes field (jsonpb []byte) decoded into out. Absent gives "". */
-static int jbytes(const struct etcd *e, long t, struct buf *out)
+/* A boolean at idx; absent is false. Returns 0/1, or -1 when malformed. */
+static int jbool(lua_State *L, int idx)
 {
-    if (jstr(e, t, out) < 0)
-        return -1;
-    long n = b64_decode_inplace(out->p, out->len);
+    if (lua_isnil(L, idx))
+        return 0;
+    return lua_type(L, idx) == LUA_TBOOLEAN ? lua_toboolean(L, idx) : -1;
+}
+
+
+/* The string at idx (valid while it stays on the stack); absent is "". NULL if not a string. */
+static const char *jstr(lua_State *L, int idx, size_t *len)
+{
+    *len = 0;
+    if (lua_isnil(L, idx))
+        return "";
+    return lua_type(L, idx) == LUA_TSTRING ? lua_tolstring(L, idx, len) : NULL;
+}
+
+
+/* Member name of obj as an int64 (see jint). Stack: unchanged. */
+static int field_int(lua_State *L, int obj, const char *name, long long def, long long *out)
+{
+    int rc = jint(L, jfield(L, obj, name), def, out);
+    lua_pop(L, 1);
+    return rc;
+}
+
+
+/* Member name of obj as a boolean (see jbool). Stack: unchanged. */
+static int field_bool(lua_State *L, int obj, const char *name)
+{
+    int rc = jbool(L, jfield(L, obj, name));
+    lua_pop(L, 1);
+    return rc;
+}
+
+
+/* Member name of obj, a base64 bytes field (jsonpb []byte), decoded into out; absent is "". */
+static int field_bytes(lua_State *L, int obj, const char *name, struct buf *out)
+{
+    size_t len;
+    const char *s = jstr(L, jfield(L, obj, name), &len);
+    buf_reset(out);
+    buf_add(out, s ? s : "", len);
+    lua_pop(L, 1);
+    long n = s && !out->failed ? b64_decode_inplace(out->p, out->len) : -1;
     if (n < 0)
         return -1;
     out->len = (size_t)n;
     return 0;
+}
+
+
+/* obj.header.revision (see jint). Stack: unchanged. */
+static int header_rev(lua_State *L, int obj, long long def, long long *out)
+{
+    int rc = field_int(L, jfield(L, obj, "header"), "revision", def, out);
+    lua_pop(L, 1);
+    return rc;
 }
 
 
@@ -790,9 +598,6 @@ static void etcd_release(struct etcd *e)
     buf_free(&e->aux);
     buf_free(&e->resp);
     buf_free(&e->scratch);
-    free(e->toks);
-    e->toks = NULL;
-    e->ntok = e->captok = 0;
 }
 
 
@@ -803,11 +608,6 @@ static void etcd_trim(struct etcd *e)
     buf_reset(&e->aux);
     buf_reset(&e->resp);
     buf_reset(&e->scratch);
-    if (e->captok > 65536) {
-        free(e->toks);
-        e->toks = NULL;
-        e->ntok = e->captok = 0;
-    }
 }
 
 
@@ -867,9 +667,58 @@ static double now_ms(void)
 
 
 /*
+ * Whether the watch message e->resp[start, end) ends the watch (it has events, a
+ * cancellation, a compaction or an error, or it is not JSON); records the revision of its
+ * header. Run by stream_ends under lua_pcall.
+ * Stack: [e, start, end] -> [..., stop]
+ */
+static int l_stream_message(lua_State *L)
+{
+    struct etcd *e = lua_touserdata(L, 1);
+    size_t start = (size_t)lua_tointeger(L, 2), end = (size_t)lua_tointeger(L, 3);
+    struct res r;
+    int stop = 1;
+    if (json_doc(L, e->resp.p + start, end - start, &r) == 0) {
+        int doc = lua_gettop(L), result = jfield(L, doc, "result");
+        int error = !lua_isnil(L, jfield(L, doc, "error"));
+        long long rev, compact;
+        if (!error && lua_istable(L, result)) {
+            if (header_rev(L, result, 0, &rev) == 0 && rev > 0)
+                e->stream_rev = rev;
+            stop = field_bool(L, result, "canceled") != 0
+                   || field_int(L, result, "compact_revision", 0, &compact) != 0 || compact != 0
+                   || jlen(L, jfield(L, result, "events")) != 0;
+        }
+    }
+    lua_pushboolean(L, stop);
+    return 1;
+}
+
+
+/*
+ * Whether the watch message e->resp[start, end) ends the watch (l_stream_message). It runs
+ * inside curl's write callback, hence protected: a raise (memory) ends the watch, and the
+ * message is read again, with its error reported, once the transfer is over.
+ */
+static int stream_ends(struct etcd *e, size_t start, size_t end)
+{
+    lua_State *L = e->L;
+    if (!lua_checkstack(L, 4))
+        return 1;
+    lua_pushcfunction(L, l_stream_message);        /* none of these allocate */
+    lua_pushlightuserdata(L, e);
+    lua_pushinteger(L, (lua_Integer)start);
+    lua_pushinteger(L, (lua_Integer)end);
+    int stop = lua_pcall(L, 3, 1, 0) != LUA_OK || lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return stop;
+}
+
+
+/*
  * Inspect the complete lines of a watch stream received so far. A line with
  * events, a cancellation or an error ends the watch: its span is recorded and
- * 1 returned. Runs inside the curl write callback: no Lua.
+ * 1 returned. Runs inside the curl write callback.
  */
 static int stream_scan(struct etcd *e)
 {
@@ -884,20 +733,7 @@ static int stream_scan(struct etcd *e)
             start++;
         if (start == end)
             continue;
-        int stop = 1;
-        if (json_doc(e, base + start, end - start) == 0) {
-            long result = jfield(e, 0, "result");
-            long long rev;
-            if (jfield(e, 0, "error") < 0 && result >= 0) {
-                if (jint(e, jpath2(e, result, "header", "revision"), 0, &rev) == 0 && rev > 0)
-                    e->stream_rev = rev;
-                long long compact;
-                stop = jbool(e, jfield(e, result, "canceled")) != 0
-                       || jint(e, jfield(e, result, "compact_revision"), 0, &compact) != 0 || compact != 0
-                       || jlen(e, jfield(e, result, "events")) != 0;
-            }
-        }
-        if (stop) {
+        if (stream_ends(e, start, end)) {
             e->stream_stop = 1;
             e->stop_start = start;
             e->stop_end = end;
@@ -1133,28 +969,40 @@ static int answer_verdict(long status, long long grpc, const char *text)
 
 
 /*
- * Turn an error answer from endpoint idx (non-200, or an in-band error object at token
- * obj, -1 if the answer is not JSON) into r, with r->grpc the gRPC status code (-1 if
- * unknown). The answer is in e->resp. Returns its verdict (never V_OK).
+ * The message and gRPC code of the error answer decoded at obj into text and *grpc (-1 if
+ * none). Stack: unchanged.
  */
-static int answer_error(struct etcd *e, int idx, long status, long obj, struct res *r)
+static void error_text(lua_State *L, int obj, char *text, size_t textlen, long long *grpc)
+{
+    int top = lua_gettop(L), m = jfield(L, obj, "message");
+    size_t len;
+    if (lua_isnil(L, m))
+        m = jfield(L, obj, "error");
+    if (lua_istable(L, m)) {                            /* stream errors nest {grpc_code, message} */
+        if (field_int(L, m, "grpc_code", -1, grpc) < 0)
+            *grpc = -1;
+        m = jfield(L, m, "message");
+    } else if (field_int(L, obj, "code", -1, grpc) < 0) {
+        *grpc = -1;
+    }
+    const char *msg = jstr(L, m, &len);
+    if (msg)
+        sanitize(text, textlen, msg, len);
+    lua_settop(L, top);
+}
+
+
+/*
+ * Turn an error answer from endpoint idx (non-200, or an in-band error object decoded at
+ * obj, 0 if the answer is not JSON) into r, with r->grpc the gRPC status code (-1 if
+ * unknown). The answer is in e->resp. Returns its verdict (never V_OK). Stack: unchanged.
+ */
+static int answer_error(lua_State *L, struct etcd *e, int idx, long status, int obj, struct res *r)
 {
     char text[512] = "";
     long long grpc = -1;
-    if (obj >= 0) {
-        long m = jfield(e, obj, "message");
-        if (m < 0)
-            m = jfield(e, obj, "error");
-        if (m >= 0 && e->toks[m].type == J_OBJ) {        /* stream errors nest {grpc_code, message} */
-            if (jint(e, jfield(e, m, "grpc_code"), -1, &grpc) < 0)
-                grpc = -1;
-            m = jfield(e, m, "message");
-        } else if (jint(e, jfield(e, obj, "code"), -1, &grpc) < 0) {
-            grpc = -1;
-        }
-        if (jstr(e, m, &e->scratch) == 0)
-            sanitize(text, sizeof text, e->scratch.p, e->scratch.len);
-    }
+    if (obj)
+        error_text(L, obj, text, sizeof text, &grpc);
     if (!text[0])
         sanitize(text, sizeof text, e->resp.p ? e->resp.p : "", e->resp.len);
     if (!text[0])
@@ -1194,26 +1042,34 @@ static int answer_error(struct etcd *e, int idx, long status, long obj, struct r
 
 /*
  * Read the answer of endpoint idx (status; the text in e->resp): V_OK with the answer
- * tokenized (root = token 0; a stream is left to its reader), else r filled and the
- * verdict of answer_error (a malformed 200 answer is V_ERROR).
+ * decoded (a stream is left to its reader), else r filled and the verdict of
+ * answer_error (a malformed 200 answer is V_ERROR).
+ * Stack: [...] -> [..., doc] for V_OK but a stream; else unchanged.
  */
-static int read_answer(struct etcd *e, int idx, long status, int flags, struct res *r)
+static int read_answer(lua_State *L, struct etcd *e, int idx, long status, int flags, struct res *r)
 {
     if (status == 200 && (flags & CALL_STREAM))
         return V_OK;
-    int jerr = json_doc(e, e->resp.p ? e->resp.p : "", e->resp.len);
-    long errobj = jerr == 0 ? jfield(e, 0, "error") : -1;
-    if (status == 200 && errobj < 0) {
-        if (jerr < 0)
-            return malformed(r, jerr_text(jerr)), V_ERROR;
-        return V_OK;
+    int json = json_doc(L, e->resp.p ? e->resp.p : "", e->resp.len, r) == 0, doc = lua_gettop(L);
+    if (status == 200 && !json)
+        return V_ERROR;
+    if (json) {
+        int errobj = !lua_isnil(L, jfield(L, doc, "error"));
+        lua_pop(L, 1);
+        if (status == 200 && !errobj)
+            return V_OK;
     }
-    return answer_error(e, idx, status, jerr == 0 ? 0 : -1, r);
+    int verdict = answer_error(L, e, idx, status, json ? doc : 0, r);
+    lua_settop(L, json ? doc - 1 : doc);
+    return verdict;
 }
 
 
-/* One attempt at endpoint idx, its outcome as a verdict (r filled unless V_OK); *fatal for X_FATAL. */
-static int attempt(struct etcd *e, int idx, const char *path, const struct buf *body, int flags,
+/*
+ * One attempt at endpoint idx, its outcome as a verdict (r filled unless V_OK); *fatal for
+ * X_FATAL. Stack: as read_answer.
+ */
+static int attempt(lua_State *L, struct etcd *e, int idx, const char *path, const struct buf *body, int flags,
                    long limit_ms, long connect_ms, struct res *r, int *fatal)
 {
     long status = 0;
@@ -1221,7 +1077,7 @@ static int attempt(struct etcd *e, int idx, const char *path, const struct buf *
     int x = http_attempt(e, idx, path, body, flags, limit_ms, connect_ms, &status, r);
     *fatal = x == X_FATAL;
     if (x == X_ANSWER)
-        return read_answer(e, idx, status, flags, r);
+        return read_answer(L, e, idx, status, flags, r);
     if (x == X_FATAL)
         return V_ERROR;
     return x == X_NOT_SENT ? V_DOWN_SAFE : V_DOWN_MAYBE;
@@ -1248,14 +1104,15 @@ static int exhausted(struct res *r, double budget_ms)
  * with an error, is marked up and becomes the first choice of the next call. Each attempt
  * gets the time left, and an equal share of it to connect; a probe gets ETCD_PROBE_MS.
  * A stream that broke after it was created is not resent here (r->resume: the caller
- * resends it from where it was). Returns 0 (the answer read as read_answer says) or -1
- * with r filled.
+ * resends it from where it was). Returns 0 (the answer read as read_answer says, so
+ * decoded and pushed unless a stream) or -1 with r filled and the stack unchanged.
  */
-static int send_any(struct etcd *e, const char *path, const struct buf *body, int flags,
+static int send_any(lua_State *L, struct etcd *e, const char *path, const struct buf *body, int flags,
                     double deadline, struct res *r)
 {
     int order[ETCD_ENDPOINTS_MAX], probe, fatal;
     double start = now_ms();
+    e->L = L;
     int n = plan(e, flags, start, order, &probe);
     res_fail(r, "etcd.unavailable", 1, 0, "no attempt made");
     for (int k = 0; k < n; k++) {
@@ -1266,7 +1123,7 @@ static int send_any(struct etcd *e, const char *path, const struct buf *body, in
         long limit = (long)left, connect = (long)(left / (n - k));
         if (k == 0 && probe)
             limit = connect = left < ETCD_PROBE_MS ? (long)left : ETCD_PROBE_MS;
-        int v = attempt(e, idx, path, body, flags, limit, connect, r, &fatal);
+        int v = attempt(L, e, idx, path, body, flags, limit, connect, r, &fatal);
         if (fatal)
             return -1;
         if (v == V_OK || v == V_ERROR) {
@@ -1289,38 +1146,17 @@ static int send_any(struct etcd *e, const char *path, const struct buf *body, in
 }
 
 
-/*
- * Authenticate as e->username: POST /v3/auth/authenticate, keep the token.
- * Clobbers e->resp. Returns 0 or -1 with r filled.
- */
-static int authenticate(struct etcd *e, double deadline, struct res *r)
+/* Keep the auth token of the authenticate answer decoded at doc. Returns 0 or -1 with r filled. */
+static int keep_token(lua_State *L, struct etcd *e, int doc, struct res *r)
 {
-    buf_reset(&e->aux);
-    buf_adds(&e->aux, "{\"name\":");
-    buf_addjstr(&e->aux, e->username, strlen(e->username));
-    buf_adds(&e->aux, ",\"password\":");
-    buf_addjstr(&e->aux, e->password, strlen(e->password));
-    buf_adds(&e->aux, "}");
-    if (e->aux.failed)
-        return res_fail(r, "etcd.error", 1, 0, "out of memory");
-    int rc = send_any(e, "/v3/auth/authenticate", &e->aux, CALL_READ, deadline, r);
-    memset(e->aux.p, 0, e->aux.len);            /* the password */
-    buf_reset(&e->aux);
-    if (rc < 0) {
-        if (r->status && r->status != 200) {
-            char inner[800];
-            snprintf(inner, sizeof inner, "%.799s", r->msg);
-            snprintf(r->msg, sizeof r->msg, "authentication as '%.200s' failed: %s", e->username, inner);
-        }
-        return -1;
-    }
-    long t = jfield(e, 0, "token");
-    if (t < 0 || jstr(e, t, &e->scratch) < 0 || e->scratch.len == 0)
+    size_t len;
+    const char *t = jstr(L, jfield(L, doc, "token"), &len);
+    if (!t || len == 0)
         return malformed(r, "no token in the authenticate answer");
-    for (size_t i = 0; i < e->scratch.len; i++)
-        if ((unsigned char)e->scratch.p[i] < 0x20 || (unsigned char)e->scratch.p[i] == 0x7F)
+    for (size_t i = 0; i < len; i++)
+        if ((unsigned char)t[i] < 0x20 || (unsigned char)t[i] == 0x7F)
             return malformed(r, "control character in the auth token");
-    char *token = strdup(e->scratch.p);
+    char *token = strdup(t);
     if (!token)
         return res_fail(r, "etcd.error", 1, 0, "out of memory");
     free(e->token);
@@ -1335,21 +1171,54 @@ static int authenticate(struct etcd *e, double deadline, struct res *r)
 
 
 /*
+ * Authenticate as e->username: POST /v3/auth/authenticate, keep the token.
+ * Clobbers e->resp. Returns 0 or -1 with r filled. Stack: unchanged.
+ */
+static int authenticate(lua_State *L, struct etcd *e, double deadline, struct res *r)
+{
+    buf_reset(&e->aux);
+    buf_adds(&e->aux, "{\"name\":");
+    buf_addjstr(&e->aux, e->username);
+    buf_adds(&e->aux, ",\"password\":");
+    buf_addjstr(&e->aux, e->password);
+    buf_adds(&e->aux, "}");
+    if (e->aux.failed)
+        return res_fail(r, "etcd.error", 1, 0, "out of memory");
+    int rc = send_any(L, e, "/v3/auth/authenticate", &e->aux, CALL_READ, deadline, r);
+    memset(e->aux.p, 0, e->aux.len);            /* the password */
+    buf_reset(&e->aux);
+    if (rc < 0) {
+        if (r->status && r->status != 200) {
+            char inner[800];
+            snprintf(inner, sizeof inner, "%.799s", r->msg);
+            snprintf(r->msg, sizeof r->msg, "authentication as '%.200s' failed: %s", e->username, inner);
+        }
+        return -1;
+    }
+    int doc = lua_gettop(L);
+    rc = keep_token(L, e, doc, r);
+    lua_settop(L, doc - 1);
+    return rc;
+}
+
+
+/*
  * Send e->req to path and read the answer. On success returns 0 with the answer in
- * e->resp, tokenized (root = token 0) unless CALL_STREAM. Handles authentication, one
+ * e->resp, decoded and pushed unless CALL_STREAM. Handles authentication, one
  * re-authentication on an invalid token, and failover (send_any).
  * Returns -1 with r filled on failure.
+ * Stack: [...] -> [..., doc] on success (but for a stream); else unchanged.
  */
-static int etcd_call(struct etcd *e, const char *path, int flags, long budget_ms, struct res *r)
+static int etcd_call(lua_State *L, struct etcd *e, const char *path, int flags, long budget_ms, struct res *r)
 {
     double deadline = now_ms() + (double)budget_ms;
     int reauthed = 0;
     if (e->req.failed)
         return res_fail(r, "etcd.error", 1, 0, "out of memory building the request");
     for (;;) {
-        if (e->username && !e->token && authenticate(e, deadline, r) < 0)
+        if (e->username && !e->token && authenticate(L, e, deadline, r) < 0)
             return -1;
-        if (send_any(e, path, &e->req, flags, deadline, r) == 0)
+        if (send_any(L, e, path, &e->req, flags, deadline, r) == 0)
             return 0;
         if (r->grpc == 16 && e->username && !reauthed) {
             reauthed = 1;
@@ -1505,36 +1374,44 @@ static void build_txn(struct etcd *e, const struct txn_cmp *cmps, size_t ncmp,
  * Answer readers
  * ------------------------------------------------------------------------- */
 
-static int header_revision(struct etcd *e, long root, long long *rev, struct res *r)
+/* The revision in the header of the answer decoded at doc. Stack: unchanged. */
+static int header_revision(lua_State *L, int doc, long long *rev, struct res *r)
 {
-    if (jint(e, jpath2(e, root, "header", "revision"), 0, rev) < 0 || *rev <= 0)
+    if (header_rev(L, doc, 0, rev) < 0 || *rev <= 0)
         return malformed(r, "no header revision");
     return 0;
 }
 
 
+/* The key of the kv record at kv, into e->scratch; 0, or -1 (not base64, outside the prefix). */
+static int kv_key(lua_State *L, struct etcd *e, int kv)
+{
+    if (field_bytes(L, kv, "key", &e->scratch) < 0)
+        return -1;
+    return e->scratch.len >= e->plen && memcmp(e->scratch.p, e->prefix, e->plen) == 0 ? 0 : -1;
+}
+
+
 /*
- * Push the kv record of token kv, its key stripped of the namespace.
+ * Push the kv record decoded at kv, its key stripped of the namespace.
  * Stack: [...] -> [..., kv] and returns 0; or unchanged and -1 with r filled.
  * May raise (memory) once the strings are being pushed.
  */
-static int push_kv(lua_State *L, struct etcd *e, long kv, struct res *r)
+static int push_kv(lua_State *L, struct etcd *e, int kv, struct res *r)
 {
     long long crev, mrev, ver, lease;
-    if (kv < 0 || e->toks[kv].type != J_OBJ
-        || jint(e, jfield(e, kv, "create_revision"), 0, &crev) < 0
-        || jint(e, jfield(e, kv, "mod_revision"), 0, &mrev) < 0
-        || jint(e, jfield(e, kv, "version"), 0, &ver) < 0
-        || jint(e, jfield(e, kv, "lease"), 0, &lease) < 0)
+    if (!lua_istable(L, kv)
+        || field_int(L, kv, "create_revision", 0, &crev) < 0
+        || field_int(L, kv, "mod_revision", 0, &mrev) < 0
+        || field_int(L, kv, "version", 0, &ver) < 0
+        || field_int(L, kv, "lease", 0, &lease) < 0)
         return malformed(r, "bad kv record");
-    if (jbytes(e, jfield(e, kv, "key"), &e->scratch) < 0)
-        return malformed(r, "bad key encoding");
-    if (e->scratch.len < e->plen || memcmp(e->scratch.p, e->prefix, e->plen) != 0)
-        return malformed(r, "key outside the prefix");
+    if (kv_key(L, e, kv) < 0)
+        return malformed(r, "bad key (not base64, or outside the prefix)");
     lua_createtable(L, 0, 6);
     lua_pushlstring(L, e->scratch.p + e->plen, e->scratch.len - e->plen);
     lua_setfield(L, -2, "key");
-    if (jbytes(e, jfield(e, kv, "value"), &e->scratch) < 0) {
+    if (field_bytes(L, kv, "value", &e->scratch) < 0) {
         lua_pop(L, 1);
         return malformed(r, "bad value encoding");
     }
@@ -1797,11 +1674,13 @@ static int l_open(lua_State *L)
     struct res r;
     int rc;
     if (e->username) {
-        rc = authenticate(e, now_ms() + (double)e->timeout_ms, &r);
+        rc = authenticate(L, e, now_ms() + (double)e->timeout_ms, &r);
     } else {
         req_begin(e);
         buf_adds(&e->req, "{\"key\":\"AA==\",\"count_only\":true}");
-        rc = etcd_call(e, "/v3/kv/range", CALL_READ, e->timeout_ms, &r);
+        rc = etcd_call(L, e, "/v3/kv/range", CALL_READ, e->timeout_ms, &r);
+        if (rc == 0)
+            lua_pop(L, 1);                              /* [opts, endpoints, db] */
     }
     if (rc < 0) {
         push_res(L, e, &r, "etcd.open");
@@ -1906,10 +1785,10 @@ static int l_get(lua_State *L)
     buf_adds(&e->req, "{\"key\":");
     add_key(e, &e->req, k, klen);
     buf_adds(&e->req, "}");
-    if (etcd_call(e, "/v3/kv/range", CALL_READ, e->timeout_ms, &r) < 0)
+    if (etcd_call(L, e, "/v3/kv/range", CALL_READ, e->timeout_ms, &r) < 0)
         return push_res(L, e, &r, "get");
-    long kvs = jfield(e, 0, "kvs");
-    long n = jlen(e, kvs);
+    int kvs = jfield(L, lua_gettop(L), "kvs");                    /* [db, key, doc, kvs] */
+    long n = jlen(L, kvs);
     if (n < 0)
         return malformed(&r, "kvs is not an array"), push_res(L, e, &r, "get");
     if (n == 0) {
@@ -1917,7 +1796,7 @@ static int l_get(lua_State *L)
         lua_pushnil(L);
         return 1;
     }
-    if (push_kv(L, e, kvs + 1, &r) < 0)
+    if (push_kv(L, e, jindex(L, kvs, 1), &r) < 0)
         return push_res(L, e, &r, "get");
     etcd_trim(e);
     return 1;
@@ -1953,21 +1832,20 @@ static int l_range(lua_State *L)
         buf_addint(&e->req, (long long)limit);
     }
     buf_adds(&e->req, "}");
-    if (etcd_call(e, "/v3/kv/range", CALL_READ, e->timeout_ms, &r) < 0)
+    if (etcd_call(L, e, "/v3/kv/range", CALL_READ, e->timeout_ms, &r) < 0)
         return push_res(L, e, &r, "range");
     long long rev;
-    long kvs = jfield(e, 0, "kvs");
-    long n = jlen(e, kvs);
-    if (header_revision(e, 0, &rev, &r) < 0 || (n < 0 && malformed(&r, "kvs is not an array")))
+    int doc = lua_gettop(L), kvs = jfield(L, doc, "kvs");
+    long n = jlen(L, kvs);
+    if (header_revision(L, doc, &rev, &r) < 0 || (n < 0 && malformed(&r, "kvs is not an array")))
         return push_res(L, e, &r, "range");
-    lua_createtable(L, (int)(n < INT_MAX ? n : 0), 0);
-    lua_Integer i = 0;
-    for (size_t t = (size_t)kvs + 1; n > 0 && t < e->toks[kvs].next; t = e->toks[t].next) {
-        if (push_kv(L, e, (long)t, &r) < 0) {
-            lua_pop(L, 1);
+    lua_createtable(L, (int)(n < INT_MAX ? n : 0), 0);            /* [..., doc, kvs, list] */
+    int list = lua_gettop(L);
+    for (lua_Integer i = 1; i <= n; i++) {
+        if (push_kv(L, e, jindex(L, kvs, i), &r) < 0)             /* [..., list, raw, kv] */
             return push_res(L, e, &r, "range");
-        }
-        lua_rawseti(L, -2, ++i);
+        lua_rawseti(L, list, i);
+        lua_pop(L, 1);
     }
     lua_pushinteger(L, (lua_Integer)rev);
     etcd_trim(e);
@@ -1987,34 +1865,36 @@ static int write_one(lua_State *L, struct etcd *e, const char *what, const struc
     req_begin(e);
     if (!cas) {
         add_op_body(e, &e->req, o);
-        if (etcd_call(e, o->kind == TXN_OP_PUT ? "/v3/kv/put" : "/v3/kv/deleterange", 0, e->timeout_ms, &r) < 0)
+        if (etcd_call(L, e, o->kind == TXN_OP_PUT ? "/v3/kv/put" : "/v3/kv/deleterange", 0, e->timeout_ms, &r) < 0)
             return push_res(L, e, &r, what);
-        if (header_revision(e, 0, &rev, &r) < 0
-            || jint(e, jfield(e, 0, "deleted"), 0, &deleted) < 0)
+        int doc = lua_gettop(L);
+        if (header_revision(L, doc, &rev, &r) < 0
+            || field_int(L, doc, "deleted", 0, &deleted) < 0)
             return malformed(&r, "bad deleted count"), push_res(L, e, &r, what);
     } else {
         struct txn_cmp c = {.kind = TXN_CMP_MODREV, .key = o->key, .klen = o->klen, .n = prev};
         const struct txn_op *ops[2] = {o, NULL};
         const size_t nops[2] = {1, 0};
         build_txn(e, &c, 1, ops, nops, &c);
-        if (etcd_call(e, "/v3/kv/txn", 0, e->timeout_ms, &r) < 0)
+        if (etcd_call(L, e, "/v3/kv/txn", 0, e->timeout_ms, &r) < 0)
             return push_res(L, e, &r, what);
-        int ok = jbool(e, jfield(e, 0, "succeeded"));
-        if (ok < 0 || header_revision(e, 0, &rev, &r) < 0)
+        int doc = lua_gettop(L), ok = field_bool(L, doc, "succeeded");
+        if (ok < 0 || header_revision(L, doc, &rev, &r) < 0)
             return malformed(&r, "bad txn answer"), push_res(L, e, &r, what);
-        long resp = jfield(e, 0, "responses");
-        if (jlen(e, resp) != 1)
+        int resp = jfield(L, doc, "responses");
+        if (jlen(L, resp) != 1)
             return malformed(&r, "txn answer without its response"), push_res(L, e, &r, what);
+        int first = jindex(L, resp, 1);
         if (!ok) {
-            long kvs = jfield(e, jfield(e, resp + 1, "response_range"), "kvs");
+            int kvs = jfield(L, jfield(L, first, "response_range"), "kvs");
             long long found = 0;
-            long n = jlen(e, kvs);
-            if (n < 0 || (n > 0 && jint(e, jfield(e, kvs + 1, "mod_revision"), 0, &found) < 0))
+            long n = jlen(L, kvs);
+            if (n < 0 || (n > 0 && field_int(L, jindex(L, kvs, 1), "mod_revision", 0, &found) < 0))
                 return malformed(&r, "bad range in txn answer"), push_res(L, e, &r, what);
             return push_conflict(L, e, what, o->key, prev, found);
         }
         if (o->kind != TXN_OP_PUT
-            && jint(e, jfield(e, jfield(e, resp + 1, "response_delete_range"), "deleted"), 0, &deleted) < 0)
+            && field_int(L, jfield(L, first, "response_delete_range"), "deleted", 0, &deleted) < 0)
             return malformed(&r, "bad deleted count"), push_res(L, e, &r, what);
     }
     etcd_trim(e);
@@ -2090,10 +1970,10 @@ static int l_txn(lua_State *L)
     long long rev;
     req_begin(e);
     build_txn(e, t.cmps, t.ncmp, t.ops, t.nops, NULL);
-    if (etcd_call(e, "/v3/kv/txn", 0, e->timeout_ms, &r) < 0)
+    if (etcd_call(L, e, "/v3/kv/txn", 0, e->timeout_ms, &r) < 0)
         return push_res(L, e, &r, "txn");
-    int ok = jbool(e, jfield(e, 0, "succeeded"));
-    if (ok < 0 || header_revision(e, 0, &rev, &r) < 0)
+    int doc = lua_gettop(L), ok = field_bool(L, doc, "succeeded");
+    if (ok < 0 || header_revision(L, doc, &rev, &r) < 0)
         return malformed(&r, "bad txn answer"), push_res(L, e, &r, "txn");
     etcd_trim(e);
     lua_pushboolean(L, ok);
@@ -2116,8 +1996,8 @@ static int l_revision(lua_State *L)
     buf_adds(&e->req, "{\"key\":");
     add_key(e, &e->req, "\0", e->plen ? 0 : 1);
     buf_adds(&e->req, ",\"count_only\":true}");
-    if (etcd_call(e, "/v3/kv/range", CALL_READ, e->timeout_ms, &r) < 0
-        || header_revision(e, 0, &rev, &r) < 0)
+    if (etcd_call(L, e, "/v3/kv/range", CALL_READ, e->timeout_ms, &r) < 0
+        || header_revision(L, lua_gettop(L), &rev, &r) < 0)
         return push_res(L, e, &r, "revision");
     etcd_trim(e);
     lua_pushinteger(L, (lua_Integer)rev);
@@ -2143,17 +2023,11 @@ static int l_lease_grant(lua_State *L)
     buf_adds(&e->req, "{\"TTL\":");
     buf_addint(&e->req, (long long)ttl);
     buf_adds(&e->req, "}");
-    if (etcd_call(e, "/v3/lease/grant", 0, e->timeout_ms, &r) < 0)
+    if (etcd_call(L, e, "/v3/lease/grant", 0, e->timeout_ms, &r) < 0)
         return push_res(L, e, &r, "lease_grant");
-    long err = jfield(e, 0, "error");
-    if (err >= 0 && jstr(e, err, &e->scratch) == 0 && e->scratch.len) {
-        char text[512];
-        sanitize(text, sizeof text, e->scratch.p, e->scratch.len);
-        res_fail(&r, "etcd.error", 0, 200, "%s", text);
-        return push_res(L, e, &r, "lease_grant");
-    }
-    if (jint(e, jfield(e, 0, "ID"), 0, &id) < 0 || id <= 0
-        || jint(e, jfield(e, 0, "TTL"), 0, &granted) < 0)
+    int doc = lua_gettop(L);                /* an "error" member was an error answer (read_answer) */
+    if (field_int(L, doc, "ID", 0, &id) < 0 || id <= 0
+        || field_int(L, doc, "TTL", 0, &granted) < 0)
         return malformed(&r, "bad lease grant answer"), push_res(L, e, &r, "lease_grant");
     etcd_trim(e);
     lua_pushinteger(L, (lua_Integer)id);
@@ -2164,7 +2038,8 @@ static int l_lease_grant(lua_State *L)
 
 /*
  * Send {"ID":id} to the lease endpoint path, id being the lease at arg 2 (checked
- * with what; may raise). Returns what etcd_call returns (< 0: r filled). Stack unchanged.
+ * with what; may raise). Returns what etcd_call returns (< 0: r filled), and pushes the
+ * answer as it does.
  */
 static int lease_call(lua_State *L, struct etcd *e, const char *what, const char *path, int flags,
                       lua_Integer *id, struct res *r)
@@ -2174,7 +2049,7 @@ static int lease_call(lua_State *L, struct etcd *e, const char *what, const char
     buf_adds(&e->req, "{\"ID\":");
     buf_addint(&e->req, (long long)*id);
     buf_adds(&e->req, "}");
-    return etcd_call(e, path, flags, e->timeout_ms, r);
+    return etcd_call(L, e, path, flags, e->timeout_ms, r);
 }
 
 
@@ -2192,8 +2067,8 @@ static int l_lease_keepalive(lua_State *L)
     long long ttl;
     if (lease_call(L, e, "lease_keepalive", "/v3/lease/keepalive", CALL_READ, &id, &r) < 0)
         return push_res(L, e, &r, "lease_keepalive");
-    long result = jfield(e, 0, "result");
-    if (result < 0 || jint(e, jfield(e, result, "TTL"), 0, &ttl) < 0)
+    int result = jfield(L, lua_gettop(L), "result");
+    if (!lua_istable(L, result) || field_int(L, result, "TTL", 0, &ttl) < 0)
         return malformed(&r, "bad keepalive answer"), push_res(L, e, &r, "lease_keepalive");
     if (ttl <= 0) {
         char ids[32];
@@ -2220,7 +2095,7 @@ static int l_lease_revoke(lua_State *L)
     struct res r;
     long long rev;
     if (lease_call(L, e, "lease_revoke", "/v3/lease/revoke", 0, &id, &r) < 0
-        || header_revision(e, 0, &rev, &r) < 0)
+        || header_revision(L, lua_gettop(L), &rev, &r) < 0)
         return push_res(L, e, &r, "lease_revoke");
     etcd_trim(e);
     lua_pushinteger(L, (lua_Integer)rev);
@@ -2229,9 +2104,93 @@ static int l_lease_revoke(lua_State *L)
 
 
 /*
- * Read the watch message that ended the stream (if any) and push its events.
+ * Push the events of the watch answer decoded at result as forge events.
+ * Stack: [...] -> [..., events] and returns 0; or unchanged and -1 with r filled.
+ */
+static int push_events(lua_State *L, struct etcd *e, int result, struct res *r)
+{
+    int top = lua_gettop(L), events = jfield(L, result, "events");
+    long n = jlen(L, events);
+    if (n < 0)
+        return lua_settop(L, top), malformed(r, "bad watch events");
+    lua_createtable(L, (int)(n < INT_MAX ? n : 0), 0);
+    int list = lua_gettop(L);
+    for (lua_Integer i = 1; i <= n; i++) {
+        int ev = jindex(L, events, i), kv = jfield(L, ev, "kv");
+        size_t tlen;
+        const char *type = jstr(L, jfield(L, ev, "type"), &tlen);     /* [..., list, ev, kv, type] */
+        long long mrev;
+        if (!type || (tlen && strcmp(type, "PUT") != 0 && strcmp(type, "DELETE") != 0)
+            || field_int(L, kv, "mod_revision", 0, &mrev) < 0 || kv_key(L, e, kv) < 0)
+            return lua_settop(L, top), malformed(r, "bad watch event");
+        lua_createtable(L, 0, 4);
+        lua_pushstring(L, tlen && type[0] == 'D' ? "delete" : "put");
+        lua_setfield(L, -2, "type");
+        lua_pushlstring(L, e->scratch.p + e->plen, e->scratch.len - e->plen);
+        lua_setfield(L, -2, "key");
+        if (field_bytes(L, kv, "value", &e->scratch) < 0)
+            return lua_settop(L, top), malformed(r, "bad watch event");
+        lua_pushlstring(L, e->scratch.p, e->scratch.len);
+        lua_setfield(L, -2, "value");
+        lua_pushinteger(L, (lua_Integer)mrev);
+        lua_setfield(L, -2, "mod_revision");
+        lua_rawseti(L, list, i);
+        lua_settop(L, list);
+    }
+    keep_top(L, top);
+    return 0;
+}
+
+
+/*
+ * Read the watch message decoded at doc that ended the stream: push its events, or fill r
+ * (etcd.compacted, a cancellation, an error: r->resume when the member broke the stream,
+ * *auth_retry when etcd canceled it for an invalid token).
+ * Stack: [...] -> [..., result, events] and returns 0; or -1 with what it read left above
+ * [...] (the caller drops it).
+ */
+static int read_watch(lua_State *L, struct etcd *e, int doc, long long *rev, struct res *r, int *auth_retry)
+{
+    if (!lua_isnil(L, jfield(L, doc, "error"))) {
+        lua_pop(L, 1);
+        if (answer_error(L, e, e->cur, 200, doc, r) != V_ERROR) {
+            ep_down(&e->ep[e->cur], now_ms(), r->msg);     /* the member broke the stream */
+            r->resume = 1;
+        }
+        return -1;
+    }
+    int result = jfield(L, doc, "result");
+    long long compact;
+    if (field_int(L, result, "compact_revision", 0, &compact) < 0)
+        return malformed(r, "bad compact_revision");
+    if (compact > 0) {
+        res_fail(r, "etcd.compacted", 0, 200,
+                 "start revision is compacted; the oldest revision still available is %lld", compact);
+        r->compact_revision = compact;
+        return -1;
+    }
+    if (field_bool(L, result, "canceled") != 0) {
+        char text[512] = "";
+        size_t len;
+        const char *reason = jstr(L, jfield(L, result, "cancel_reason"), &len);
+        if (reason)
+            sanitize(text, sizeof text, reason, len);
+        if (strstr(text, "invalid auth token"))
+            *auth_retry = 1;
+        return res_fail(r, "etcd.error", 0, 200, "watch canceled by etcd: %s", text[0] ? text : "no reason given");
+    }
+    if (!lua_istable(L, result))
+        return malformed(r, "watch message without a result");
+    if (header_rev(L, result, *rev, rev) < 0)
+        return malformed(r, "bad watch events");
+    return push_events(L, e, result, r);
+}
+
+
+/*
+ * Read the watch message (if any) that ended the stream and push its events.
  * Stack: [...] -> [..., events, revision] and returns 2; or -1 with r filled (r->resume
- * when the member broke the stream: another may take it).
+ * when the member broke the stream: another may take it) and the stack unchanged.
  */
 static int watch_result(lua_State *L, struct etcd *e, struct res *r, int *auth_retry)
 {
@@ -2250,76 +2209,16 @@ static int watch_result(lua_State *L, struct etcd *e, struct res *r, int *auth_r
         lua_pushinteger(L, (lua_Integer)rev);
         return 2;
     }
-    int jerr = json_doc(e, e->resp.p + e->stop_start, e->stop_end - e->stop_start);
-    if (jerr < 0)
-        return malformed(r, jerr_text(jerr));
-    if (jfield(e, 0, "error") >= 0) {
-        if (answer_error(e, e->cur, 200, 0, r) != V_ERROR) {
-            ep_down(&e->ep[e->cur], now_ms(), r->msg);     /* the member broke the stream */
-            r->resume = 1;
-        }
+    int top = lua_gettop(L);
+    if (json_doc(L, e->resp.p + e->stop_start, e->stop_end - e->stop_start, r) < 0)
+        return -1;
+    if (read_watch(L, e, top + 1, &rev, r, auth_retry) < 0) {
+        lua_settop(L, top);
         return -1;
     }
-    long result = jfield(e, 0, "result");
-    long long compact;
-    if (jint(e, jfield(e, result, "compact_revision"), 0, &compact) < 0)
-        return malformed(r, "bad compact_revision");
-    if (compact > 0) {
-        res_fail(r, "etcd.compacted", 0, 200,
-                 "start revision is compacted; the oldest revision still available is %lld", compact);
-        r->compact_revision = compact;
-        return -1;
-    }
-    if (jbool(e, jfield(e, result, "canceled")) != 0) {
-        char text[512] = "";
-        if (jstr(e, jfield(e, result, "cancel_reason"), &e->scratch) == 0)
-            sanitize(text, sizeof text, e->scratch.p, e->scratch.len);
-        if (strstr(text, "invalid auth token"))
-            *auth_retry = 1;
-        return res_fail(r, "etcd.error", 0, 200, "watch canceled by etcd: %s", text[0] ? text : "no reason given");
-    }
-    long events = jfield(e, result, "events");
-    if (result < 0)
-        return malformed(r, "watch message without a result");
-    if (jint(e, jpath2(e, result, "header", "revision"), rev, &rev) < 0 || jlen(e, events) < 0)
-        return malformed(r, "bad watch events");
-    lua_newtable(L);
-    lua_Integer i = 0;
-    for (size_t t = (size_t)events + 1; events >= 0 && t < e->toks[events].next; t = e->toks[t].next) {
-        long ev = (long)t, kv = jfield(e, ev, "kv");
-        long long mrev;
-        int del;
-        if (jstr(e, jfield(e, ev, "type"), &e->scratch) < 0)
-            goto bad;
-        if (e->scratch.len == 0 || strcmp(e->scratch.p, "PUT") == 0)
-            del = 0;
-        else if (strcmp(e->scratch.p, "DELETE") == 0)
-            del = 1;
-        else
-            goto bad;
-        if (jint(e, jfield(e, kv, "mod_revision"), 0, &mrev) < 0 || jbytes(e, jfield(e, kv, "key"), &e->scratch) < 0
-            || e->scratch.len < e->plen || memcmp(e->scratch.p, e->prefix, e->plen) != 0)
-            goto bad;
-        lua_createtable(L, 0, 4);
-        lua_pushstring(L, del ? "delete" : "put");
-        lua_setfield(L, -2, "type");
-        lua_pushlstring(L, e->scratch.p + e->plen, e->scratch.len - e->plen);
-        lua_setfield(L, -2, "key");
-        if (jbytes(e, jfield(e, kv, "value"), &e->scratch) < 0) {
-            lua_pop(L, 1);
-            goto bad;
-        }
-        lua_pushlstring(L, e->scratch.p, e->scratch.len);
-        lua_setfield(L, -2, "value");
-        lua_pushinteger(L, (lua_Integer)mrev);
-        lua_setfield(L, -2, "mod_revision");
-        lua_rawseti(L, -2, ++i);
-    }
+    keep_top(L, top);                                       /* [..., events] */
     lua_pushinteger(L, (lua_Integer)rev);
     return 2;
-bad:
-    lua_pop(L, 1);
-    return malformed(r, "bad watch event");
 }
 
 
@@ -2358,7 +2257,7 @@ static int l_watch(lua_State *L)
         }
         buf_adds(&e->req, "}}");
         int n = -1, auth_retry = 0;
-        if (etcd_call(e, "/v3/watch", CALL_READ | CALL_STREAM, left >= 1 ? (long)left : 1L, &r) == 0)
+        if (etcd_call(L, e, "/v3/watch", CALL_READ | CALL_STREAM, left >= 1 ? (long)left : 1L, &r) == 0)
             n = watch_result(L, e, &r, &auth_retry);                   /* [db, p, ..., events, rev] */
         if (n >= 0) {
             etcd_trim(e);
@@ -2412,6 +2311,7 @@ int luaopen_forge_etcd(lua_State *L)
     /* Thread-safe since curl 7.84 and reference-counted: every module (and state) may call it. */
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
         return luaL_error(L, "forge.etcd: curl_global_init failed");
+    forge_json_decoder(L, &json_key, ETCD_JSON_DEPTH);
     forge_newclass(L, ETCD_MT, meth, metameth);
     luaL_newlib(L, lib);
     forge_setmodinfo(L, "forge.etcd");

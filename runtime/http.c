@@ -27,6 +27,10 @@
  * that hold however slowly the bytes trickle (see "Deadlines"); the bytes of request bodies
  * held across all connections (max_buffered_bytes).
  *
+ * HTTPS (http.serve{tls}): GnuTLS through libmicrohttpd, the certificate handed out per
+ * handshake from a reference-counted set that srv:reload_tls swaps; client certificates are
+ * checked with the other checks before the body (see "TLS").
+ *
  * Stopping: srv:stop(grace) quiesces the listen socket, has the waiter answer every parked
  * request, waits for in-flight requests to finish (bounded by grace), stops the waiter (which
  * resumes whatever is still parked: libmicrohttpd must not stop with suspended connections),
@@ -35,6 +39,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -55,6 +60,7 @@
 
 #include "forge/forge.h"
 #include "forge/metrics.h"
+#include "ltls.h"
 
 #define SERVER_MT "forge.http.server"
 #define DEFAULT_BODY_LIMIT (1024 * 1024)
@@ -84,7 +90,15 @@ struct conn {
     MHD_socket fd;
     double deadline;            /* monotonic s by which what it awaits must be in; 0: none */
     struct conn *prev, *next;   /* in server.conns; all three under server.conns_lock */
+    /* TLS, all owned by the connection's pool thread: */
+    struct forge_tls_slot *tls; /* the server's credentials; NULL: plain HTTP */
+    struct forge_tls_creds *creds; /* the set its handshake used, held until it closes */
+    int peer;                   /* enum forge_tls_peer once checked (first request); -1 before */
+    char *peer_dn;              /* a verified client certificate's subject */
 };
+
+/* What a client certificate (TLS with client_ca) does: see l_http_serve's tls. */
+enum client_auth { CLIENT_AUTH_REQUIRE, CLIENT_AUTH_OPTIONAL, CLIENT_AUTH_CERT };
 
 struct strlist {
     char **v;
@@ -99,6 +113,8 @@ struct precheck {
     char *version_header;       /* NULL: no version check */
     char version_major[24];
     struct strlist version_under;
+    int client_certs;           /* TLS with a client_ca: certificates are asked for and checked */
+    enum client_auth client_auth;
 };
 
 struct server {
@@ -110,6 +126,9 @@ struct server {
     size_t init_len;
     char *path, *cpath;         /* package.path / package.cpath for worker states */
     struct precheck pre;
+    int tls;                    /* HTTPS: tls_slot holds the credentials */
+    struct forge_tls_slot tls_slot;
+    char *client_ca;            /* PEM given at start (libmicrohttpd names its CAs to clients) */
     unsigned short port;
     char id_prefix[9];
     atomic_long active;         /* requests between uri_log and completed */
@@ -402,7 +421,7 @@ static void push_remote(lua_State *L, struct MHD_Connection *con)
  */
 static void push_request(lua_State *L, struct MHD_Connection *con, const char *method, struct request *r)
 {
-    lua_createtable(L, 0, 7);
+    lua_createtable(L, 0, 8);
     lua_pushstring(L, method);
     lua_setfield(L, -2, "method");
     lua_pushstring(L, r->uri);
@@ -413,6 +432,10 @@ static void push_request(lua_State *L, struct MHD_Connection *con, const char *m
     lua_setfield(L, -2, "id");
     push_remote(L, con);
     lua_setfield(L, -2, "remote");
+    if (r->conn->peer_dn) {
+        lua_pushstring(L, r->conn->peer_dn);
+        lua_setfield(L, -2, "client_cert");
+    }
     lua_newtable(L);
     MHD_get_connection_values(con, MHD_HEADER_KIND, add_header, L);
     lua_setfield(L, -2, "headers");
@@ -548,12 +571,19 @@ static enum MHD_Result wait_lua_response(struct server *s, struct worker *w, str
     return MHD_NO;
 }
 
-/* Whether the client of parked request r closed its side or the connection failed. */
+/*
+ * Whether the client of parked request r closed its side or the connection failed. A TLS
+ * client sends close_notify before its FIN: there are bytes to peek at, and the FIN behind
+ * them shows as POLLRDHUP.
+ */
 static int client_gone(const struct request *r)
 {
     char c;
     ssize_t n = recv(r->conn->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
-    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+        return 1;
+    struct pollfd pf = {.fd = r->conn->fd, .events = POLLRDHUP};
+    return n > 0 && r->conn->tls && poll(&pf, 1, 0) == 1 && (pf.revents & (POLLRDHUP | POLLHUP | POLLERR));
 }
 
 /*
@@ -769,6 +799,8 @@ static void on_connection(void *cls, struct MHD_Connection *con, void **socket_c
         if (!c)
             return;
         c->fd = MHD_get_connection_info(con, MHD_CONNECTION_INFO_CONNECTION_FD)->connect_fd;
+        c->tls = s->tls ? &s->tls_slot : NULL;
+        c->peer = -1;
         pthread_mutex_lock(&s->conns_lock);
         c->deadline = monotonic_now() + s->header_timeout;
         c->next = s->conns;
@@ -788,8 +820,82 @@ static void on_connection(void *cls, struct MHD_Connection *con, void **socket_c
     if (c->next)
         c->next->prev = c->prev;
     pthread_mutex_unlock(&s->conns_lock);
+    forge_tls_creds_unref(c->creds);
+    free(c->peer_dn);
     free(c);
     *socket_context = NULL;
+}
+
+
+/* ---- TLS ---------------------------------------------------------------------------- */
+
+/*
+ * HTTPS through libmicrohttpd's GnuTLS. The certificate is not handed to libmicrohttpd: its
+ * certificate callback (below) gives each handshake the server's current set, which a reload
+ * swaps (srv:reload_tls); the connection keeps a reference to the set it used. A client_ca
+ * makes libmicrohttpd ask clients for a certificate; the broker checks it against the set's
+ * CA at the connection's first request (forge_tls_verify_peer), so a reloaded CA applies to
+ * new connections. libmicrohttpd names the CAs of the client_ca given at start to clients.
+ */
+
+/* gnutls_certificate_retrieve_function2; libmicrohttpd's session pointer is the connection. */
+static int tls_pick_cert(gnutls_session_t session, const gnutls_datum_t *req_ca_rdn, int nreqs,
+                         const gnutls_pk_algorithm_t *pk_algos, int pk_algos_length, gnutls_pcert_st **pcert,
+                         unsigned int *pcert_length, gnutls_privkey_t *pkey)
+{
+    (void)req_ca_rdn;
+    (void)nreqs;
+    (void)pk_algos;
+    (void)pk_algos_length;
+    struct MHD_Connection *con = gnutls_session_get_ptr(session);
+    const union MHD_ConnectionInfo *ci = con ? MHD_get_connection_info(con, MHD_CONNECTION_INFO_SOCKET_CONTEXT) : NULL;
+    struct conn *c = ci ? ci->socket_context : NULL;
+    if (!c || !c->tls)
+        return -1;                                        /* the handshake fails */
+    if (!c->creds)
+        c->creds = forge_tls_slot_acquire(c->tls);
+    forge_tls_creds_select(c->creds, pcert, pcert_length, pkey);
+    return 0;
+}
+
+/* The client certificate of connection c, checked once (at its first request). */
+static enum forge_tls_peer tls_peer(struct MHD_Connection *con, struct conn *c)
+{
+    if (c->peer >= 0)
+        return (enum forge_tls_peer)c->peer;
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(con, MHD_CONNECTION_INFO_GNUTLS_SESSION);
+    char dn[512];
+    enum forge_tls_peer peer = FORGE_TLS_PEER_NONE;
+    if (ci && ci->tls_session && c->creds)
+        peer = forge_tls_verify_peer(ci->tls_session, c->creds, dn, sizeof dn);
+    if (peer == FORGE_TLS_PEER_VERIFIED) {
+        c->peer_dn = xstrdup_len(dn, strlen(dn));
+        if (!c->peer_dn)
+            peer = FORGE_TLS_PEER_REFUSED;                /* out of memory: not let in unnamed */
+    }
+    c->peer = (int)peer;
+    return peer;
+}
+
+/*
+ * The client certificate rule for a request to a non-public path: refused (403, the reason
+ * returned) for a certificate the CA did not sign, and for none when client_auth requires
+ * one; NULL: go on. Sets *stands_in when a verified certificate replaces Basic credentials.
+ */
+static const char *client_cert_refusal(const struct precheck *p, struct MHD_Connection *con, struct conn *c,
+                                       int *stands_in)
+{
+    *stands_in = 0;
+    if (!p->client_certs)
+        return NULL;
+    enum forge_tls_peer peer = tls_peer(con, c);
+    if (peer == FORGE_TLS_PEER_REFUSED)
+        return "the client certificate is not one the broker's client CA signed for client authentication, "
+               "or it has expired";
+    if (peer == FORGE_TLS_PEER_NONE && p->client_auth != CLIENT_AUTH_OPTIONAL)
+        return "a client certificate signed by the broker's client CA is required";
+    *stands_in = peer == FORGE_TLS_PEER_VERIFIED && p->client_auth != CLIENT_AUTH_REQUIRE;
+    return NULL;
 }
 
 
@@ -945,10 +1051,14 @@ static enum MHD_Result on_headers(struct server *s, struct MHD_Connection *con, 
     conn_set_deadline(s, r->conn, monotonic_now() + s->request_timeout);
     if (bad_target(r, url, version))
         return queue_error(con, 400, "BadRequest", "the request target contains a control character", r->id);
-    if (p->tokens.n && !path_in(r->uri, &p->open_paths, 0) && !authorized(p, con))
+    int open = path_in(r->uri, &p->open_paths, 0), stands_in = 0;
+    const char *cert_refusal = open ? NULL : client_cert_refusal(p, con, r->conn, &stands_in);
+    if (cert_refusal)
+        return queue_error(con, 403, "Forbidden", cert_refusal, r->id);
+    if (p->tokens.n && !open && !stands_in && !authorized(p, con))
         return queue_error_with(con, 401, "Unauthorized", "missing or wrong credentials", r->id,
                                 MHD_HTTP_HEADER_WWW_AUTHENTICATE, p->challenge);
-    if (p->version_header && !path_in(r->uri, &p->open_paths, 0) && path_in(r->uri, &p->version_under, 1) &&
+    if (p->version_header && !open && path_in(r->uri, &p->version_under, 1) &&
         !version_ok(p, con))
         return queue_version_error(con, p, r);
     const char *cl = MHD_lookup_connection_value(con, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
@@ -1108,6 +1218,12 @@ static void server_free_config(struct server *s)
     free(s->pre.challenge);
     free(s->pre.version_header);
     s->pre.challenge = s->pre.version_header = NULL;
+    free(s->client_ca);
+    s->client_ca = NULL;
+    if (s->tls) {
+        forge_tls_slot_destroy(&s->tls_slot);
+        s->tls = 0;
+    }
 }
 
 static void sweeper_stop(struct server *s)
@@ -1350,6 +1466,94 @@ static void read_version(lua_State *L, struct precheck *p)
     lua_settop(L, t - 1);
 }
 
+/*
+ * The PEM strings at fields cert, key and client_ca (optional) of the table at t.
+ * Stack: unchanged.
+ */
+static void read_pem(lua_State *L, int t, const char *what, struct forge_tls_pem *pem)
+{
+    lua_getfield(L, t, "cert");
+    lua_getfield(L, t, "key");
+    lua_getfield(L, t, "client_ca");                      /* [cert, key, ca] */
+    if (lua_type(L, -3) != LUA_TSTRING || lua_type(L, -2) != LUA_TSTRING ||
+        (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING))
+        luaL_error(L, "%s: tls needs cert and key (PEM text) and optionally client_ca (PEM text)", what);
+    pem->cert = lua_tolstring(L, -3, &pem->cert_len);
+    pem->key = lua_tolstring(L, -2, &pem->key_len);
+    pem->client_ca = lua_isnil(L, -1) ? NULL : lua_tolstring(L, -1, &pem->ca_len);
+    lua_pop(L, 3);                                        /* the strings stay in the table */
+}
+
+/*
+ * A certificate's facts as a table {serial = hex, subject = DN, not_after = Unix time}.
+ * Stack: [...] -> [..., info]
+ */
+static void push_tls_info(lua_State *L, const struct forge_tls_info *info)
+{
+    lua_createtable(L, 0, 3);
+    lua_pushstring(L, info->serial);
+    lua_setfield(L, -2, "serial");
+    lua_pushstring(L, info->subject);
+    lua_setfield(L, -2, "subject");
+    lua_pushinteger(L, (lua_Integer)info->not_after);
+    lua_setfield(L, -2, "not_after");
+}
+
+/*
+ * tls = {cert = PEM, key = PEM, client_ca = PEM, client_auth = "require"|"optional"|"cert"}:
+ * load the credentials into s. 1, or 0 with nil, err pushed (a PEM that does not load).
+ * Stack: [...] -> [...] | [..., nil, err]
+ */
+static int read_tls(lua_State *L, struct server *s)
+{
+    static const char *const keys[] = {"cert", "key", "client_ca", "client_auth", NULL};
+    static const char *const modes[] = {"require", "optional", "cert", NULL};
+    if (lua_getfield(L, 1, "tls") == LUA_TNIL) {          /* [tls] */
+        lua_pop(L, 1);
+        return 1;
+    }
+    int t = lua_gettop(L);
+    forge_checkkeys(L, t, "http.serve: tls", keys);
+    struct forge_tls_pem pem;
+    read_pem(L, t, "http.serve", &pem);
+    const char *mode = forge_optstrfield(L, t, "client_auth", NULL);
+    int m = 0;
+    while (mode && modes[m] && strcmp(modes[m], mode) != 0)
+        m++;
+    if (mode && (!modes[m] || !pem.client_ca))
+        luaL_error(L, "http.serve: tls.client_auth must be require, optional or cert, and needs client_ca");
+    char err[256];
+    struct forge_tls_creds *creds;
+    if (forge_tls_creds_load(&pem, &creds, NULL, err, sizeof err) != 0) {
+        lua_settop(L, t - 1);
+        forge_pusherror(L, "http.tls", 0, "%s", err);
+        return 0;
+    }
+    forge_tls_slot_init(&s->tls_slot, creds);
+    s->tls = 1;
+    if (pem.client_ca) {
+        s->client_ca = xstrdup_len(pem.client_ca, pem.ca_len);
+        if (!s->client_ca)
+            luaL_error(L, "http.serve: out of memory");
+        s->pre.client_certs = 1;
+        s->pre.client_auth = (enum client_auth)m;
+    }
+    lua_settop(L, t - 1);
+    return 1;
+}
+
+/* libmicrohttpd's options for HTTPS (at most 3, then MHD_OPTION_END) and its flag. */
+static void tls_options_for(struct server *s, struct MHD_OptionItem *o, unsigned *flags)
+{
+    int n = 0;
+    *flags |= MHD_USE_TLS;
+    o[n++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_CERT_CALLBACK, 0, (void *)tls_pick_cert};
+    o[n++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_PRIORITIES, 0, (void *)FORGE_TLS_PRIORITIES};
+    if (s->client_ca)                                     /* libmicrohttpd then asks for client certificates */
+        o[n++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_TRUST, 0, s->client_ca};
+    o[n] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
+}
+
 /* Raise the soft open-file limit to the hard one; the descriptors left for connections. */
 static size_t connection_fds(void)
 {
@@ -1382,7 +1586,7 @@ static void server_init_sync(struct server *s)
  * http.serve{listen="127.0.0.1:5000", handler="module", init="arg", threads=n, body_limit=bytes,
  *            connection_timeout=seconds, header_timeout=seconds, request_timeout=seconds,
  *            max_connections=n, max_connections_per_ip=n, max_buffered_bytes=bytes,
- *            auth={...}, version={...}}
+ *            auth={...}, version={...}, tls={...}}
  * Start serving. `handler` is required in every worker state and must return a table with
  * handle(req) -> status, headers, body (and optionally init(arg), called once per state).
  * req = {method, uri (raw, undecoded), headers (lowercase names), body, id, remote}.
@@ -1411,6 +1615,17 @@ static void server_init_sync(struct server *s)
  *   version = {header = "X-Broker-API-Version", major = 2, under = {"/v2"}}
  *                       a request under those paths (default: all but the public ones)
  *                       without the header "<major>.<n>" gets 412
+ *   tls = {cert = PEM, key = PEM, client_ca = PEM, client_auth = "require"}
+ *                       serve HTTPS: TLS 1.2 and 1.3, AEAD ciphers, ECDHE (FORGE_TLS_PRIORITIES);
+ *                       cert may hold the chain after the server's certificate. A client that
+ *                       does not speak TLS is disconnected at its first bytes. With client_ca,
+ *                       clients are asked for a certificate; on every path but the public ones
+ *                       one that client_ca did not sign for client authentication gets 403, and
+ *                       client_auth says what a good one does: "require" (default) one is
+ *                       needed, and Basic credentials too; "optional" one stands in for Basic
+ *                       credentials, which a client without one gives; "cert" one is needed and
+ *                       stands in for Basic credentials. req.client_cert is its subject DN.
+ *                       A cert or key that does not load returns nil, err (code "http.tls").
  * A request target with a control byte gets 400. 400, 401, 412, an oversized declared body
  * (413) and a declared body over the budget (503) are answered once the headers are in,
  * before any body is read, and close the connection. Paths match as the broker decodes
@@ -1422,7 +1637,7 @@ static int l_http_serve(lua_State *L)
     static const char *const keys[] = {"listen", "handler", "init", "threads", "body_limit",
                                        "connection_timeout", "header_timeout", "request_timeout",
                                        "max_connections", "max_connections_per_ip", "max_buffered_bytes",
-                                       "auth", "version", NULL};
+                                       "auth", "version", "tls", NULL};
     forge_checkkeys(L, 1, "http.serve", keys);
     const char *listen = forge_optstrfield(L, 1, "listen", "127.0.0.1:5000");
     const char *handler = forge_optstrfield(L, 1, "handler", NULL);
@@ -1479,6 +1694,10 @@ static int l_http_serve(lua_State *L)
     }
     read_auth(L, &s->pre);
     read_version(L, &s->pre);
+    if (!read_tls(L, s)) {
+        server_free_config(s);
+        return 2;
+    }
     unsigned long long r = (unsigned long long)time(NULL) ^ ((unsigned long long)getpid() << 16) ^
                            (unsigned long long)(uintptr_t)s;
     snprintf(s->id_prefix, sizeof s->id_prefix, "%08llx", (r * 0x9E3779B97F4A7C15ULL) >> 32);
@@ -1499,6 +1718,9 @@ static int l_http_serve(lua_State *L)
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_POLL;
     if (addr.ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
+    struct MHD_OptionItem tls_options[4] = {{MHD_OPTION_END, 0, NULL}};
+    if (s->tls)
+        tls_options_for(s, tls_options, &flags);
     s->daemon = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s,
         MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
         MHD_OPTION_THREAD_POOL_SIZE, (unsigned)threads,
@@ -1509,6 +1731,7 @@ static int l_http_serve(lua_State *L)
         MHD_OPTION_CONNECTION_LIMIT, (unsigned)conns,
         MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)per_ip,
         MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024u,
+        MHD_OPTION_ARRAY, tls_options,
         MHD_OPTION_END);
     if (!s->daemon) {
         e = errno;
@@ -1520,6 +1743,57 @@ static int l_http_serve(lua_State *L)
     }
     s->stopped = 0;
     s->port = bound_port(s->daemon);
+    return 1;
+}
+
+/***
+ * server:reload_tls{cert = PEM, key = PEM, client_ca = PEM} -> info | nil, err
+ * Swap the HTTPS credentials: new connections get them, open ones keep theirs until they
+ * close. A set that does not load leaves the running one. client_ca must stay given, or stay
+ * absent, as at start. info: as http.tls_check's.
+ */
+static int l_server_reload_tls(lua_State *L)
+{
+    struct server *s = toserver(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    static const char *const keys[] = {"cert", "key", "client_ca", NULL};
+    forge_checkkeys(L, 2, "server:reload_tls", keys);
+    if (s->stopped || !s->tls)
+        return luaL_error(L, "server:reload_tls: the server is stopped or does not serve HTTPS");
+    struct forge_tls_pem pem;
+    read_pem(L, 2, "server:reload_tls", &pem);
+    if ((pem.client_ca != NULL) != s->pre.client_certs)
+        return forge_pusherror(L, "http.tls", 0, "tls.client_ca can be replaced by a reload, not added or removed "
+                               "(restart the broker for that)");
+    char err[256];
+    struct forge_tls_creds *creds;
+    struct forge_tls_info info;
+    if (forge_tls_creds_load(&pem, &creds, &info, err, sizeof err) != 0)
+        return forge_pusherror(L, "http.tls", 0, "%s", err);
+    forge_tls_slot_swap(&s->tls_slot, creds);
+    push_tls_info(L, &info);
+    return 1;
+}
+
+/***
+ * http.tls_check{cert = PEM, key = PEM, client_ca = PEM} -> info | nil, err
+ * Whether these credentials load (the key is the certificate's, the CA holds a certificate);
+ * info = {serial = hex, subject = DN, not_after = Unix time} of the server certificate.
+ */
+static int l_http_tls_check(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    static const char *const keys[] = {"cert", "key", "client_ca", NULL};
+    forge_checkkeys(L, 1, "http.tls_check", keys);
+    struct forge_tls_pem pem;
+    read_pem(L, 1, "http.tls_check", &pem);
+    char err[256];
+    struct forge_tls_creds *creds;
+    struct forge_tls_info info;
+    if (forge_tls_creds_load(&pem, &creds, &info, err, sizeof err) != 0)
+        return forge_pusherror(L, "http.tls", 0, "%s", err);
+    forge_tls_creds_unref(creds);
+    push_tls_info(L, &info);
     return 1;
 }
 
@@ -1621,6 +1895,7 @@ int luaopen_forge_http(lua_State *L)
     static const luaL_Reg lib[] = {
         {"serve", l_http_serve},
         {"trap_signals", l_http_trap_signals},
+        {"tls_check", l_http_tls_check},
         {"wait", l_http_wait},
         {NULL, NULL},
     };
@@ -1628,6 +1903,7 @@ int luaopen_forge_http(lua_State *L)
         {"port", l_server_port},
         {"active", l_server_active},
         {"stop", l_server_stop},
+        {"reload_tls", l_server_reload_tls},
         {NULL, NULL},
     };
     static const luaL_Reg metamethods[] = {

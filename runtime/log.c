@@ -13,6 +13,11 @@
  * every line of every thread, right after msg; a line's own field of the same name is renamed
  * with a leading "_", as ts, level and msg are. The line is built in a buffer owned by Lua (a userdata once
  * it outgrows the C stack), so a raise (memory error) never leaks.
+ *
+ * The JSON is written here, not by lua-cjson, because of the limits: a line stops at 64 KiB
+ * while it is written, and stays valid JSON when cut (a string cut at a character
+ * boundary, containers closed); secret fields, cycles and depth are handled on the way.
+ * Strings and numbers are written by ljson.c, as every C writer does.
  */
 #include <errno.h>
 #include <math.h>
@@ -26,6 +31,7 @@
 #include <unistd.h>
 
 #include "forge/forge.h"
+#include "ljson.h"
 
 #define LOG_MAX       65536          /* whole line, newline included */
 #define LOG_RESERVE   64             /* room kept for closers and truncation markers */
@@ -139,6 +145,26 @@ static void lbuf_force(struct lbuf *b, const char *s, size_t n)
 
 
 
+/* A forge_json_put into a line buffer, cutting a plain run that does not fit when partial. */
+struct lsink {
+    struct lbuf *b;
+    int partial;
+};
+
+static int lbuf_put(void *ud, const char *p, size_t n, int whole)
+{
+    struct lsink *sink = ud;
+    struct lbuf *b = sink->b;
+    size_t room = b->overflow || b->len > LOG_MAX - LOG_RESERVE ? 0 : LOG_MAX - LOG_RESERVE - b->len;
+    if (n <= room)
+        return lbuf_add(b, p, n);
+    if (sink->partial && !whole && !b->overflow)
+        lbuf_add(b, p, room);
+    b->overflow = 1;
+    return -1;
+}
+
+
 /*
  * Append s as a JSON string (RFC 8259 escaping; invalid UTF-8 becomes U+FFFD).
  * With `partial`, a string that does not fit is cut at a character boundary and closed
@@ -147,72 +173,16 @@ static void lbuf_force(struct lbuf *b, const char *s, size_t n)
  */
 static int add_string(struct lbuf *b, const char *str, size_t n, int partial)
 {
-    static const char hex[] = "0123456789abcdef";
-    const unsigned char *s = (const unsigned char *)str;
+    struct lsink sink = {b, partial};
     size_t mark = b->len;
-    if (lbuf_lit(b, "\"") < 0)
-        return -1;                              /* nothing written: the caller rolls back */
-    size_t i = 0;
-    while (i < n) {
-        /* Copy a run of plain characters in one go. */
-        size_t j = i;
-        while (j < n && s[j] >= 0x20 && s[j] < 0x80 && s[j] != '"' && s[j] != '\\')
-            j++;
-        if (j > i) {
-            size_t room = LOG_MAX - LOG_RESERVE - b->len;
-            if (j - i > room) {
-                if (partial && !b->overflow) {
-                    lbuf_add(b, str + i, room);
-                    b->overflow = 1;
-                }
-                goto full;
-            }
-            lbuf_add(b, str + i, j - i);
-            i = j;
-            continue;
-        }
-        unsigned char c = s[i];
-        char esc[8];
-        size_t elen;
-        size_t adv = 1;
-        const char *piece = esc;
-        if (c == '"') { piece = "\\\""; elen = 2; }
-        else if (c == '\\') { piece = "\\\\"; elen = 2; }
-        else if (c == '\n') { piece = "\\n"; elen = 2; }
-        else if (c == '\r') { piece = "\\r"; elen = 2; }
-        else if (c == '\t') { piece = "\\t"; elen = 2; }
-        else if (c == '\b') { piece = "\\b"; elen = 2; }
-        else if (c == '\f') { piece = "\\f"; elen = 2; }
-        else if (c < 0x20) {
-            memcpy(esc, "\\u00", 4);
-            esc[4] = hex[c >> 4];
-            esc[5] = hex[c & 15];
-            elen = 6;
-        } else {
-            adv = forge_utf8_len(s + i, n - i);
-            if (adv == 0) {
-                piece = "\\ufffd";
-                elen = 6;
-                adv = 1;
-            } else {
-                piece = str + i;
-                elen = adv;
-            }
-        }
-        if (lbuf_add(b, piece, elen) < 0)
-            goto full;
-        i += adv;
-    }
-    if (lbuf_lit(b, "\"") < 0)
-        goto full;
-    return 0;
-
-full:
-    if (partial) {
+    if (forge_json_string(lbuf_put, &sink, str, n, FORGE_JSON_UTF8) == 0)
+        return 0;
+    if (b->len == mark)
+        return -1;                              /* not even the quote: the caller rolls back */
+    if (partial)
         lbuf_force(b, TRUNC_MARK "\"", sizeof(TRUNC_MARK "\"") - 1);
-    } else {
+    else
         b->len = mark;
-    }
     b->overflow = 1;
     return -1;
 }
@@ -220,21 +190,14 @@ full:
 
 static int add_number(struct lbuf *b, lua_State *L, int idx)
 {
-    char num[64];
-    int n;
-    if (lua_isinteger(L, idx)) {
-        n = snprintf(num, sizeof num, "%lld", (long long)lua_tointeger(L, idx));
-    } else {
-        double d = lua_tonumber(L, idx);
-        if (isnan(d))
-            return lbuf_lit(b, "\"nan\"");
-        if (isinf(d))
-            return d > 0 ? lbuf_lit(b, "\"inf\"") : lbuf_lit(b, "\"-inf\"");
-        n = snprintf(num, sizeof num, "%.15g", d);
-        if (strtod(num, NULL) != d)
-            n = snprintf(num, sizeof num, "%.17g", d);
-    }
-    return lbuf_add(b, num, (size_t)n);
+    char num[FORGE_JSON_NUMBER_MAX];
+    size_t n = forge_json_number(L, idx, num);
+    if (n)
+        return lbuf_add(b, num, n);
+    double d = lua_tonumber(L, idx);
+    if (isnan(d))
+        return lbuf_lit(b, "\"nan\"");
+    return d > 0 ? lbuf_lit(b, "\"inf\"") : lbuf_lit(b, "\"-inf\"");
 }
 
 

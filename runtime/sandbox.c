@@ -43,6 +43,7 @@
 
 #include "forge/forge.h"
 #include "forge/sandbox.h"
+#include "ljson.h"
 
 #define SB_MSG_MAX      4096            /* error message copied out */
 #define SB_TB_MAX       8192            /* traceback copied out */
@@ -423,6 +424,13 @@ static int push_sb_error(lua_State *L, struct sandbox *sb, int st)
 /* forge.json inside the sandbox (plain data, capped, no malloc)            */
 /* ------------------------------------------------------------------------ */
 
+/*
+ * A JSON encoder of its own, beside lua-cjson, because the sandbox's limits must hold
+ * while it writes: the text grows in the script's own capped memory (userdata buffers,
+ * no malloc), and stops at FORGE_SANDBOX_MAX_COPY bytes and FORGE_SANDBOX_MAX_DEPTH levels
+ * with a script error. Strings and numbers are written by ljson.c, as every C writer does.
+ */
+
 struct jbuf {
     lua_State *L;
     int anchor;                         /* stack slot holding the current userdata buffer */
@@ -467,54 +475,30 @@ static void jb_add(struct jbuf *b, const char *s, size_t n)
 }
 
 
+/* A forge_json_put into the capped buffer. May longjmp (memory, size). */
+static int jb_put(void *ud, const char *p, size_t n, int whole)
+{
+    (void)whole;
+    jb_add(ud, p, n);
+    return 0;
+}
+
+
 static void j_string(struct jbuf *b, const char *s, size_t n)
 {
-    static const char hex[] = "0123456789abcdef";
-    jb_reserve(b, n + 2);
-    b->p[b->n++] = '"';
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        char esc[7] = "\\u00";
-        const char *piece = esc;
-        size_t len = 2;
-        switch (c) {
-        case '"': piece = "\\\""; break;
-        case '\\': piece = "\\\\"; break;
-        case '\n': piece = "\\n"; break;
-        case '\r': piece = "\\r"; break;
-        case '\t': piece = "\\t"; break;
-        case '\b': piece = "\\b"; break;
-        case '\f': piece = "\\f"; break;
-        default:
-            if (c >= 0x20 && c != 0x7f) {
-                jb_add(b, (const char *)&s[i], 1);
-                continue;
-            }
-            esc[4] = hex[c >> 4];
-            esc[5] = hex[c & 15];
-            len = 6;
-        }
-        jb_add(b, piece, len);
-    }
-    jb_add(b, "\"", 1);
+    forge_json_string(jb_put, b, s, n, 0);
 }
 
 
 static void j_number(struct jbuf *b, lua_State *L, int idx)
 {
-    char num[64];
-    int n;
-    if (lua_isinteger(L, idx)) {
-        n = snprintf(num, sizeof num, "%lld", (long long)lua_tointeger(L, idx));
-    } else {
+    char num[FORGE_JSON_NUMBER_MAX];
+    size_t n = forge_json_number(L, idx, num);
+    if (n == 0) {
         double d = lua_tonumber(L, idx);
-        if (!isfinite(d))
-            luaL_error(L, "json.encode: cannot encode %s", isnan(d) ? "NaN" : "an infinite number");
-        n = snprintf(num, sizeof num, "%.14g", d);
-        if (strtod(num, NULL) != d)
-            n = snprintf(num, sizeof num, "%.17g", d);
+        luaL_error(L, "json.encode: cannot encode %s", isnan(d) ? "NaN" : "an infinite number");
     }
-    jb_add(b, num, (size_t)n);
+    jb_add(b, num, n);
 }
 
 

@@ -9,17 +9,18 @@
  *   yaml.null                      -> the YAML null sentinel
  *
  * Errors are forge.error tables {code, message, file, line, path, errors, spruce}.
- * The implementation lives in private headers (the whole is past 3000 lines):
- *   yaml_core.h  nodes, arena, context, errors, YAML 1.1 scalar resolution
- *   yaml_io.h    libyaml loader, node <-> Lua, emitter
- *   yaml_merge.h document merge (maps, array modes and operators, marks)
- *   yaml_eval.h  operator parsing, dependency order and evaluation, prune, cherry-pick
+ * This file is the Lua API; the implementation is in runtime/yaml/, linked into
+ * the same module:
+ *   core.c   nodes, arena, context, errors, YAML 1.1 scalar resolution
+ *   io.c     libyaml loader, node <-> Lua, emitter
+ *   merge.c  document merge (maps, array modes and operators, marks)
+ *   eval.c   operator parsing, dependency order and evaluation, prune, cherry-pick
+ * with one internal header, yaml_int.h.
  * See docs/yaml.md.
  */
-#include "yaml_core.h"
-#include "yaml_io.h"
-#include "yaml_merge.h"
-#include "yaml_eval.h"
+#include <string.h>
+
+#include "yaml/yaml_int.h"
 
 /* ------------------------------------------------------------------------- */
 /* protected runner and the error value                                       */
@@ -157,7 +158,7 @@ static int push_error_value(lua_State *L, int errtab, int total)
 static int yrun(lua_State *L, lua_CFunction inner, int nargs)
 {
     lua_settop(L, nargs);
-    yctx *c = ctx_new(L);
+    yctx *c = fy_ctx_new(L);
     lua_newtable(L);
     int errtab = lua_gettop(L);
     lua_pushcfunction(L, inner);
@@ -167,10 +168,10 @@ static int yrun(lua_State *L, lua_CFunction inner, int nargs)
         lua_pushvalue(L, i);
     int st = lua_pcall(L, 2 + nargs, 1, 0);
     int total = c->nerrors;
-    ctx_release(c);
+    fy_ctx_release(c);
     if (st == LUA_OK)
         return 1;
-    if (lua_touserdata(L, -1) == &ysentinel) {
+    if (lua_touserdata(L, -1) == &fy_sentinel) {
         lua_pop(L, 1);
         return push_error_value(L, errtab, total);
     }
@@ -196,13 +197,13 @@ static int inner_decode(lua_State *L)
     size_t len;
     const char *text = lua_tolstring(L, 3, &len);
     const char *name = lua_tostring(L, 4);
-    unsigned short file = ctx_addfile(c, name ? name : "<string>");
-    ynode *root = load_document(c, text, len, file);
-    yidx x = push_refs(L);
+    unsigned short file = fy_ctx_addfile(c, name ? name : "<string>");
+    ynode *root = fy_load_document(c, text, len, file);
+    yidx x = fy_push_refs(L);
     if (!root)
         lua_pushvalue(L, x.null);
     else
-        push_node(c, root, x);
+        fy_push_node(c, root, x);
     return 1;
 }
 
@@ -224,9 +225,9 @@ static int l_decode(lua_State *L)
 static int inner_encode(lua_State *L)
 {
     yctx *c = inner_ctx(L);
-    yidx x = push_refs(L);
-    ynode *n = from_lua(c, 3, 0, x, 0);
-    emit_document(c, n);
+    yidx x = fy_push_refs(L);
+    ynode *n = fy_from_lua(c, 3, 0, x, 0);
+    fy_emit_document(c, n);
     lua_pushlstring(L, c->out.p, c->out.n);
     return 1;
 }
@@ -259,7 +260,7 @@ static int l_kind(lua_State *L)
         return 1;
     }
     lua_getfield(L, LUA_REGISTRYINDEX, META_KEY);
-    int seq = table_kind(L, 1, lua_gettop(L));
+    int seq = fy_table_kind(L, 1, lua_gettop(L));
     lua_pushstring(L, seq ? "seq" : "map");
     return 1;
 }
@@ -320,7 +321,7 @@ static int l_null_tostring(lua_State *L)
 static int inner_merge(lua_State *L)
 {
     yctx *c = inner_ctx(L);
-    return merge_main(c, 3, 4);
+    return fy_merge_main(c, 3, 4);
 }
 
 /***
@@ -369,7 +370,7 @@ int luaopen_forge_yaml(lua_State *L)
         {NULL, NULL},
     };
     static const luaL_Reg ctx_meta[] = {
-        {"__gc", l_ctx_gc},
+        {"__gc", fy_ctx_gc},
         {NULL, NULL},
     };
     forge_newclass(L, CTX_MT, NULL, ctx_meta);

@@ -4,8 +4,8 @@
 --
 -- A backup is a directory <backups.dir>/<instance>/<backup id>/ holding files/<name> and
 -- manifest.json (instance, service, plan, service version, time, bindings, each file's size and
--- SHA-256, the instance's secrets). It is written under a hidden name and renamed into place
--- once complete, so a listed backup is always whole. A restore checks every checksum before it
+-- SHA-256, the instance's secrets sealed with the store's keyring). It is written under a hidden
+-- name and renamed into place once complete, so a listed backup is always whole. A restore checks every checksum before it
 -- changes anything.
 local common = require "forge.osb.common"
 local contract = require "forge.contract"
@@ -15,6 +15,7 @@ local lfs = require "lfs"
 local log = require "forge.log"
 local model = require "forge.model"
 local proc = require "forge.proc"
+local secrets = require "forge.secrets"
 local services = require "forge.services"
 local util = require "forge.util"
 
@@ -425,11 +426,14 @@ local function backup_plan(b, target, rec)
 end
 
 -- What a restore of backup `m` into `rec` needs to know of the backup (ctx.backup).
-local function backup_info(m)
+-- The manifest's secrets are sealed with the broker's keyring (`ring`, forge.secrets).
+local function backup_info(m, ring)
   local names = {}
   for i, f in ipairs(m.files) do names[i] = f.name end
+  local sealed, err = secrets.open_table(ring, "backup/" .. m.id, m.secrets or {})
+  if not sealed then error("backup " .. m.id .. ": " .. tostring(err), 0) end
   return { id = m.id, instance_id = m.instance_id, service = m.service, plan = m.plan, version = m.version,
-    created_at = m.created_at, files = names, bindings = m.bindings or {}, secrets = m.secrets or {} }
+    created_at = m.created_at, files = names, bindings = m.bindings or {}, secrets = sealed }
 end
 
 -- What the service's restore hook says to do to put backup `m` into `rec`:
@@ -438,7 +442,7 @@ local function restore_plan(b, target, rec, m)
   local svc, version = service_of(b, rec)
   if not svc then return nil, version, "script" end
   local ctx = hook_ctx(b, target, rec, svc)
-  ctx.backup = backup_info(m)
+  ctx.backup = backup_info(m, b.db.ring)
   local result, err, ran = services.call(svc, "restore", ctx)
   if type(result) == "string" then return nil, result, "refused" end
   if result == nil then return nil, "service " .. svc.name .. " restore failed: " .. tostring(err), "script" end
@@ -616,7 +620,7 @@ end
 
 -- Copy the files the hook named out of the instance into a new backup, then its manifest, then
 -- rename it into place. Returns the manifest | nil, message (nothing is left behind).
-local function write_backup(cfg, target, rec, op, result, ctx)
+local function write_backup(cfg, target, rec, op, result, ctx, ring)
   local idir = instance_backups_dir(cfg, rec.id)
   local partial = idir .. "/." .. op.backup .. ".partial"
   local ok, err = util.mkdirs(partial .. "/files", tonumber("700", 8))
@@ -639,7 +643,8 @@ local function write_backup(cfg, target, rec, op, result, ctx)
   end
   local m = { format = FORMAT, id = op.backup, instance_id = rec.id, service = rec.service, service_id = rec.service_id,
     plan = ctx.plan and ctx.plan.name, plan_id = rec.plan_id, version = rec.script_hash, created_at = proc.time(),
-    by = op.by, size = total, sha256 = digest(files), files = files, bindings = ctx.bindings, secrets = rec.secrets or {} }
+    by = op.by, size = total, sha256 = digest(files), files = files, bindings = ctx.bindings,
+    secrets = secrets.seal_table(ring, "backup/" .. op.backup, rec.secrets or {}) }
   ok, err = write_atomically(partial .. "/manifest.json", util.json_encode(m))
   if not ok then return failed(err) end
   ok, err = os.rename(partial, idir .. "/" .. op.backup)
@@ -687,7 +692,7 @@ local function advance_backup(r, rec)
       return r:describe(rec, "waiting for the service to be ready: " .. tostring(err))
     end
   end
-  local m, err = write_backup(cfg, target, rec, rec.operation, result, ctx)
+  local m, err = write_backup(cfg, target, rec, rec.operation, result, ctx, r.db.ring)
   Instance.remove(target, rec, M.SCRATCH)
   if not m then return failed(err) end
   prune(cfg, rec.id)

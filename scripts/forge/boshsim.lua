@@ -87,6 +87,18 @@ local function update_world(fn)
   error("boshsim: world update kept losing races")
 end
 
+--- Consume one of a counted fault; true when it applies to this request.
+local function take_fault(name)
+  local w = jget("world")
+  if not w or (tonumber(w.faults[name]) or 0) <= 0 then return false end
+  return update_world(function(world)
+    local n = tonumber(world.faults[name]) or 0
+    if n <= 0 then return false end
+    world.faults[name] = n > 1 and n - 1 or nil
+    return true
+  end)
+end
+
 ------------------------------------------------------------------------------------------------
 -- IP addresses
 ------------------------------------------------------------------------------------------------
@@ -808,25 +820,32 @@ end
 
 local function shell_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 
---- Read NAME.MF (YAML) from a tgz and its sha1. Returns manifest, sha1 | nil, message.
-local function inspect_tarball(path, mf)
-  local p = io.popen("tar -xzOf " .. shell_quote(path) .. " ./" .. mf .. " 2>/dev/null || tar -xzOf "
-    .. shell_quote(path) .. " " .. mf .. " 2>/dev/null")
-  local text = p and p:read("a") or ""
-  if p then p:close() end
-  local h = io.popen("sha1sum " .. shell_quote(path))
-  local sha1 = h and (h:read("a") or ""):match("^(%x+)") or nil
-  if h then h:close() end
-  local m = text ~= "" and require("forge.yaml").decode(text, mf) or nil
-  if type(m) ~= "table" or not m.name or not m.version then return nil, "tarball has no valid " .. mf, sha1 end
+--- Read the release.MF or stemcell.MF (kind "release" | "stemcell") of a tgz, with tar through
+-- forge.proc, and the tgz's sha1. Returns manifest, sha1 | nil, message, sha1.
+local function inspect_tarball(path, kind)
+  local releases = require "forge.releases"
+  local sha1 = releases.sha1(path)
+  local m = releases.tarball_manifest(path, kind)
+  if not m then return nil, "tarball has no valid " .. kind .. ".MF", sha1 end
   return m, sha1
+end
+
+--- Fetch an upload's `location` (http, https or file URL) into `file` with curl, as the director
+-- downloads it. Returns true | nil, message.
+local function download(location, file)
+  local r, err = proc.run { argv = { "curl", "-fsSL", "--max-time", "600", "-o", file, "--", location }, timeout = 610 }
+  if r and r.code == 0 then return true end
+  os.remove(file)
+  return nil, "cannot download " .. location .. ": " .. (r and (r.stderr:gsub("%s+$", "")) or tostring(err))
 end
 
 local function upload(ctx, what)
   local req, cfg = ctx.req, ctx.cfg
+  if take_fault("upload_refuse") then
+    return director_error(400, 40000, "Upload refused (boshsim fault upload_refuse)")
+  end
   local mt = media_type(req)
   local location, sha1 = nil, ctx.query.sha1
-  local file
   if mt == "application/json" then
     local b = util.json_decode(req.body)
     if type(b) ~= "table" or type(b.location) ~= "string" then
@@ -834,30 +853,26 @@ local function upload(ctx, what)
     end
     if b.sha1 and sha1 then return director_error(400, 40000, "sha1 given in both the body and the query") end
     location, sha1 = b.location, b.sha1 or sha1
-    file = location:match("^file://(.+)$")
-  elseif mt == "application/x-compressed" or mt == "application/octet-stream" then
-    file = string.format("%s/upload-%s.tgz", cfg.state, req.id)
+  elseif mt ~= "application/x-compressed" and mt ~= "application/octet-stream" then
+    return not_found_route("/" .. what)
+  end
+  local kind = what == "releases" and "release" or "stemcell"
+  local file = string.format("%s/upload-%s.tgz", cfg.state, req.id)
+  local m, actual, err
+  if location then
+    m, err = download(location, file)
+  else
     local f = assert(io.open(file, "wb"))
     f:write(req.body)
     f:close()
-  else
-    return not_found_route("/" .. what)
+    m = true
   end
-  local mf = what == "releases" and "release.MF" or "stemcell.MF"
-  local m, actual, err
-  if file then
-    m, actual = inspect_tarball(file, mf)
+  if m then
+    m, actual = inspect_tarball(file, kind)
     if not m then err = actual end
-    if not location then os.remove(file) end
-  else
-    local n, v = location:match("([%w_%-]-)%-(%d[%w%.%-]*)%.tgz")
-    if n then
-      m = { name = n, version = v }
-    else
-      err = "cannot download " .. location .. " (boshsim only reads file:// and NAME-VERSION.tgz)"
-    end
+    os.remove(file)
   end
-  local spec = { kind = what == "releases" and "release" or "stemcell", user = ctx.user,
+  local spec = { kind = kind, user = ctx.user,
     description = what == "releases" and "create release" or "create stemcell" }
   if not m then
     spec.outcome, spec.error = "error", { code = what == "releases" and 30001 or 50001, message = err or "invalid tarball" }
@@ -929,7 +944,7 @@ local function admin(ctx, segs)
     local result = update_world(function(w)
       local ops, lost = {}, nil
       for _, k in ipairs { "task_error", "task_error_code", "task_error_message", "task_timeout", "http_500",
-        "slow_ms", "slow_count" } do
+        "slow_ms", "slow_count", "upload_refuse" } do
         if f[k] ~= nil then w.faults[k] = f[k] == false and nil or (f[k] == true and 1 or f[k]) end
       end
       if f.restart then lost, ops = restart(w) end
@@ -986,18 +1001,6 @@ local ROUTES = {
   { "GET", "^/stemcells$", R.get_stemcells },
   { "POST", "^/stemcells$", R.post_stemcells },
 }
-
---- Consume one of a counted fault; true when it applies to this request.
-local function take_fault(name)
-  local w = jget("world")
-  if not w or (tonumber(w.faults[name]) or 0) <= 0 then return false end
-  return update_world(function(world)
-    local n = tonumber(world.faults[name]) or 0
-    if n <= 0 then return false end
-    world.faults[name] = n > 1 and n - 1 or nil
-    return true
-  end)
-end
 
 local function dispatch(req, path, qs)
   local cfg = config()
@@ -1164,8 +1167,9 @@ function M.main(args)
   os.remove(db_path .. "-wal")
   os.remove(db_path .. "-shm")
   db = assert(store.open(db_path))
+  local max_upload = 256 * 1024 * 1024         -- one raw tarball body, held in memory whole
   local srv, serr = http.serve { listen = o.listen or "127.0.0.1:25555", handler = "forge.boshsim", init = db_path,
-    threads = math.tointeger(nums.threads) or 8, body_limit = 256 * 1024 * 1024 }
+    threads = math.tointeger(nums.threads) or 8, body_limit = max_upload, max_buffered_bytes = max_upload }
   if not srv then
     io.stderr:write("boshsim: ", tostring(serr), "\n")
     return 1

@@ -28,8 +28,11 @@ function Broker.new(config, db, registry, targets)
   local function token(a) return "Basic " .. crypto.base64_encode(a.username .. ":" .. a.password) end
   -- the admin API has its own credentials, or is off: it never falls back to the broker's
   local adm = config.admin and config.admin.password and config.admin
+  local tls = config.tls or {}
   return setmetatable({ config = config, db = db, registry = registry, targets = targets,
-    public_url = config.public_url or ("http://" .. config.listen),
+    public_url = config.public_url or ((tls.cert and "https://" or "http://") .. config.listen),
+    -- a client certificate forge.http verified stands in for the broker's credentials (docs/tls.md)
+    cert_auth = tls.client_auth == "optional" or tls.client_auth == "cert",
     auth_token = token(config.auth), admin_token = adm and token(adm), admin_user = adm and adm.username,
     metrics_token = config.metrics and config.metrics.token and ("Bearer " .. config.metrics.token) }, Broker)
 end
@@ -224,7 +227,7 @@ function Broker:route(req)
       fail(404, "NotFound", "the admin API is off: give it its own credentials (admin.password, FORGE_ADMIN_PASSWORD)")
     end
     check_auth(req, self.admin_token, "admin")
-  elseif not by_token then
+  elseif not by_token and not (self.cert_auth and req.client_cert) then
     check_auth(req, self.auth_token, "broker")
   end
   if not route then fail(404, "NotFound", "no such endpoint: " .. req.method .. " " .. path) end

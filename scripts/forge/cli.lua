@@ -15,11 +15,13 @@ commands:
   install PKG.tgz                       validate a service package and install it atomically
   bosh-sim [--help]                     run a simulated BOSH director (for authors and specs)
   store-backup FILE [--config FILE]     copy the broker's own store into FILE (docs/backups.md)
+  rotate-key [--config FILE]            re-seal the store under the primary key (docs/security.md)
   version                               print the version
   help                                  this text; `forge COMMAND --help` for one command
 
 commands over a running broker's admin API (--url URL, admin credentials from the config or
-FORGE_ADMIN_USER/FORGE_ADMIN_PASSWORD, --json for the raw answer):
+FORGE_ADMIN_USER/FORGE_ADMIN_PASSWORD, --json for the raw answer; over HTTPS --cacert FILE, and
+--cert FILE --key FILE for a broker that asks for client certificates):
   status                                service versions, refused edits and readiness (/readyz)
   instances [--state S] [--service S] [--plan P] [--org O] [--space S] [--target T] [--limit N]
                                         list instances
@@ -96,6 +98,10 @@ local HELP = {
     .. "  loads it). Refuses path traversal, links out of the folder, special files, oversized\n"
     .. "  archives, and ids or service names used by another installed folder. File modes are\n"
     .. "  kept, minus group/other write and setuid/setgid/sticky bits.\n"
+    .. "  BOSH releases and stemcells the package lists in releases.yml (tarballs under releases/\n"
+    .. "  and stemcells/, or http(s) URLs with their sha1) are uploaded first to every BOSH target\n"
+    .. "  of the config the service's plans map to, skipping what a director has; the service is\n"
+    .. "  installed only when every upload succeeded (a re-run skips what was uploaded).\n"
     .. "  --replace   replace an installed folder of the same name (atomically; the old version\n"
     .. "              is restored on failure)\n"
     .. "exit status: 0 installed, 1 refused (nothing was installed), 2 usage error or unreadable package\n",
@@ -167,7 +173,8 @@ authoring("install", 1, 1, function(pos, opts, dir, limits, config)
     end
   end
   return require("forge.install").install(pos[1], dir, limits,
-    { replace = opts.replace, check = { local_cfg = config.targets and config.targets["local"] } })
+    { replace = opts.replace, check = { local_cfg = config.targets and config.targets["local"] },
+      targets = config.targets })
 end)
 
 -- ---- the admin API (forge status, instances, instance, ops, retry, cancel, restart, orphans,
@@ -191,6 +198,9 @@ local function call(api, method, path, data)
   f:write("user = ", curl_quoted(api.user .. ":" .. api.password), "\n", "url = ", curl_quoted(api.url .. path), "\n",
     "request = ", curl_quoted(method), "\n", 'write-out = "\\n%{http_code}"\n')
   if data then f:write('header = "Content-Type: application/json"\n', "data-binary = ", curl_quoted(data), "\n") end
+  for _, o in ipairs({ "cacert", "cert", "key" }) do
+    if api[o] then f:write(o, " = ", curl_quoted(api[o]), "\n") end
+  end
   f:close()
   local p = io.popen("curl -s -S --max-time 30 -K " .. cfg .. " 2>" .. errs)
   local out = p:read("a")
@@ -220,8 +230,28 @@ local function refusal(status, body, text)
   return string.format("%d: %s", status, one_line(text or ""):sub(1, 300))
 end
 
--- The broker and the admin credentials, from --url and the config (FORGE_ADMIN_USER/PASSWORD).
--- @return api {url, user, password} | nil, message
+-- The TLS files of a call over HTTPS: the CA the broker's certificate chains to (--cacert,
+-- FORGE_CACERT; default: the system's), a client certificate and its key (--cert/--key,
+-- FORGE_CLIENT_CERT/FORGE_CLIENT_KEY) for a broker that asks for one.
+-- @return {cacert, cert, key} | nil, message
+local function tls_files(opts)
+  local t = { cacert = opts.cacert or os.getenv("FORGE_CACERT"), cert = opts.cert or os.getenv("FORGE_CLIENT_CERT"),
+    key = opts.key or os.getenv("FORGE_CLIENT_KEY") }
+  for k, v in pairs(t) do
+    if v == "" then t[k] = nil end
+  end
+  if (t.cert == nil) ~= (t.key == nil) then return nil, "--cert and --key go together" end
+  for _, k in ipairs({ "cacert", "cert", "key" }) do
+    local f = t[k] and io.open(t[k], "rb")
+    if t[k] and not f then return nil, "--" .. k .. ": cannot read " .. t[k] end
+    if f then f:close() end
+  end
+  return t
+end
+
+-- The broker and the admin credentials, from --url and the config (FORGE_ADMIN_USER/PASSWORD);
+-- https:// by default when the config serves HTTPS.
+-- @return api {url, user, password, cacert, cert, key} | nil, message
 local function admin_api(opts)
   local path = opts.config or (file_exists("forge.yml") and "forge.yml" or nil)
   local config, err = require("forge.config").load(path)
@@ -230,9 +260,12 @@ local function admin_api(opts)
     return nil, "no admin credentials configured (admin.password in the config, or FORGE_ADMIN_USER/"
       .. "FORGE_ADMIN_PASSWORD)"
   end
-  local url = (opts.url or ("http://" .. config.listen)):gsub("/+$", "")
+  local url = (opts.url or ((config.tls.cert and "https://" or "http://") .. config.listen)):gsub("/+$", "")
   if not url:match("^https?://[^/%s]+") then return nil, "--url must be an http:// or https:// URL" end
-  return { url = url, user = config.admin.username, password = config.admin.password }
+  local tls, terr = tls_files(opts)
+  if not tls then return nil, terr end
+  return { url = url, user = config.admin.username, password = config.admin.password, cacert = tls.cacert,
+    cert = tls.cert, key = tls.key }
 end
 
 -- Seconds as "45s", "12m", "3h" or "2d".
@@ -285,7 +318,8 @@ local function query(opts, names)
   return #parts > 0 and ("?" .. table.concat(parts, "&")) or ""
 end
 
-local ADMIN_OPTIONS = { url = "value", config = "value", json = "flag", help = "flag" }
+local ADMIN_OPTIONS = { url = "value", config = "value", json = "flag", help = "flag", cacert = "value", cert = "value",
+  key = "value" }
 
 --- Define `forge NAME` over the admin API: its options (beyond --url, --config, --json, --help),
 -- its number of positional arguments (n, or {min, max}), and run(api, positional, opts) -> exit status.
@@ -335,7 +369,11 @@ local function show_json(name, api, path, opts, show)
   return show(body) or 0
 end
 
-local COMMON_HELP = "  --url URL       the broker (default: http://<listen> of the config)\n"
+local COMMON_HELP = "  --url URL       the broker (default: http://<listen> of the config, https:// when it has tls)\n"
+  .. "  --cacert FILE   the CA (PEM) the broker's HTTPS certificate chains to (FORGE_CACERT; default:\n"
+  .. "                  the system's CAs)\n"
+  .. "  --cert FILE --key FILE  a client certificate and key (PEM) for a broker that asks for one\n"
+  .. "                  (FORGE_CLIENT_CERT, FORGE_CLIENT_KEY)\n"
   .. "  --config FILE   the config with the admin credentials (default ./forge.yml; FORGE_ADMIN_USER and\n"
   .. "                  FORGE_ADMIN_PASSWORD override it)\n"
   .. "  --json          print the broker's JSON answer as it is\n"
@@ -543,13 +581,15 @@ action("cancel", "failed", "Stop the operation in flight (its processes stop, a 
   .. "  failed, \"cancelled by the operator\". Exit 1 when it succeeded before it could be stopped.")
 action("restart", "succeeded", "Restart a running local instance's processes.")
 
-require("forge.cli_backups").define({ admin_command = admin_command, call_json = call_json, show_json = show_json,
+local helpers = { admin_command = admin_command, call_json = call_json, show_json = show_json,
   follow = follow, print_table = print_table, field = field, ago = ago, encode = encode,
   parse_options = parse_options, common_help = COMMON_HELP,
   command = function(name, help, fn) HELP[name], commands[name] = help, fn end,
   load_config = function(opts)
     return require("forge.config").load(opts.config or (file_exists("forge.yml") and "forge.yml" or nil))
-  end })
+  end }
+require("forge.cli_backups").define(helpers)
+require("forge.cli_secrets").define(helpers)
 
 -- Orphans cleaned in this order: a directory holding a live process can go once it is stopped.
 local CLEAN_ORDER = { process = 1, deployment = 2, record = 3, directory = 4 }

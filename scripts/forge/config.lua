@@ -23,6 +23,9 @@ local DEFAULTS = {
     max_connections_per_ip = 256, -- open connections of one client address (behind a load balancer: all)
     max_buffered_bytes = 64 * 1048576, -- request bodies held across all connections; beyond: 503
   },
+  -- HTTPS (docs/tls.md): PEM files; client_ca asks clients for certificates it signed, and
+  -- client_auth (require | optional | cert) says whether one is needed and stands in for Basic auth
+  tls = { cert = nil, key = nil, client_ca = nil, client_auth = nil },
   log_level = "info",
   tombstone_ttl = 3600,        -- seconds a deleted instance/binding still answers last_operation
   gone_ttl = 7 * 86400,        -- seconds after that a purged id still answers 410
@@ -70,6 +73,8 @@ local QUOTA_SCHEMA = {
 }
 
 local check_value
+-- encryption.keys: the keyring (forge.secrets); no section: one key generated in the state dir
+local ENCRYPTION_SCHEMA = { keys = { list = { id = "string", file = "string", env = "string" } }, primary = "string" }
 local LIMITS_SCHEMA = { memory_mb = "integer", pids = "integer", cpu_shares = "integer", files = "integer" }
 
 local SCHEMA = {
@@ -77,9 +82,15 @@ local SCHEMA = {
   admin = { username = "string", password = "string" }, metrics = { token = "string" },
   quotas = function(v, p, kind) return check_value(v, QUOTA_SCHEMA, p, kind) end,
   backups = function(v, p, kind) return require("forge.backups").check_config(v, p, kind) end,
+  encryption = function(v, p, kind)
+    local e, err = check_value(v, ENCRYPTION_SCHEMA, p, kind)
+    if e == nil then return nil, err end
+    return require("forge.secrets").check_config(e, p)
+  end,
   state_dir = "string", services_dir = "string", threads = "integer", body_limit = "integer",
   http = { header_timeout = "number", request_timeout = "number", max_connections = "integer",
     max_connections_per_ip = "integer", max_buffered_bytes = "integer" },
+  tls = { cert = "string", key = "string", client_ca = "string", client_auth = "string" },
   log_level = "string", tombstone_ttl = "number", gone_ttl = "number", reconcile_interval = "number",
   supervise_interval = "number", sync_timeout = "number", public_url = "string",
   sandbox = { memory = "integer", cpu = "number", wall = "number" },
@@ -260,6 +271,10 @@ local ENV = {
   { "FORGE_LOCAL_USER", "targets.local.user" },
   { "FORGE_QUOTAS", "quotas", quotas, "the section as YAML or JSON, e.g. '{organization: 20}'" },
   { "FORGE_LOCAL_ISOLATION", "targets.local.isolation" },
+  { "FORGE_TLS_CERT", "tls.cert", nil, "PEM file: serve HTTPS" },
+  { "FORGE_TLS_KEY", "tls.key", nil, "PEM file" },
+  { "FORGE_TLS_CLIENT_CA", "tls.client_ca", nil, "PEM file: ask clients for certificates it signed" },
+  { "FORGE_TLS_CLIENT_AUTH", "tls.client_auth", nil, "require, optional or cert" },
 }
 
 -- Set the setting at dotted `path` of c (its parents exist in DEFAULTS).
@@ -288,7 +303,23 @@ local function validate_etcd(e)
   return true
 end
 
+local CLIENT_AUTH = { require = true, optional = true, cert = true }
+
+-- How the tls settings go together; checked where they are used (forge serve), so a command
+-- that only reads the config does not depend on them.
+local function validate_tls(t)
+  if (t.cert == nil) ~= (t.key == nil) then return nil, "tls.cert and tls.key go together: give both or neither" end
+  if t.client_ca and not t.cert then
+    return nil, "tls.client_ca needs tls.cert and tls.key: client certificates are asked for over HTTPS only"
+  end
+  if t.client_auth and not t.client_ca then return nil, "tls.client_auth needs tls.client_ca" end
+  return true
+end
+
 local function validate(c)
+  if c.tls.client_auth and not CLIENT_AUTH[c.tls.client_auth] then
+    return nil, "tls.client_auth must be require, optional or cert"
+  end
   local ports = c.targets["local"].ports
   if ports.from < 1024 or ports.to > 65535 or ports.from > ports.to then
     return nil, "targets.local.ports must be a range within 1024..65535"
@@ -462,7 +493,32 @@ function M.load(path, getenv)
   if not ok then return nil, err end
   c.state_dir = absolute(c.state_dir)
   c.services_dir = absolute(c.services_dir)
+  for _, k in ipairs({ "cert", "key", "client_ca" }) do
+    if c.tls[k] then c.tls[k] = absolute(c.tls[k]) end
+  end
   return c
+end
+
+--- The HTTPS credentials of a loaded config with tls.cert, read from their files and checked (the
+-- settings go together, the key is the certificate's, the CA holds a certificate): at start and on
+-- every reload. A config with tls.client_ca or tls.key but no tls.cert gets its message too.
+-- @return pem {cert, key, client_ca, client_auth} (PEM text), info {serial, subject, not_after}
+--   | nil, message
+function M.tls_credentials(c)
+  local ok, err = validate_tls(c.tls)
+  if not ok then return nil, err end
+  local pem = { client_auth = c.tls.client_auth }
+  for _, k in ipairs({ "cert", "key", "client_ca" }) do
+    if c.tls[k] then
+      local f, ferr = io.open(c.tls[k], "rb")
+      if not f then return nil, "tls." .. k .. ": cannot read " .. ferr end
+      pem[k] = f:read("a")
+      f:close()
+    end
+  end
+  local info, cerr = require("forge.http").tls_check { cert = pem.cert, key = pem.key, client_ca = pem.client_ca }
+  if not info then return nil, cerr.message .. " (" .. c.tls.cert .. ", " .. c.tls.key .. ")" end
+  return pem, info
 end
 
 return M

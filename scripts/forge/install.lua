@@ -7,11 +7,17 @@
 -- that is already installed is refused unless --replace; ids and service names another folder
 -- uses are refused always. The swap: old folder aside, new one in, old removed (restored on failure).
 --
+-- A package may carry BOSH releases and stemcells (forge.releases: releases.yml, releases/,
+-- stemcells/). After the check they are uploaded to every BOSH director the service's plans are
+-- mapped to, and the service is swapped in only when every upload succeeded; the tarballs are not
+-- kept in the services dir. A re-run after a failure skips what the directors already have.
+--
 -- Exit status: 0 installed, 1 refused (nothing was installed), 2 usage error or unreadable input
 -- (no such file, not a .tgz, no services dir). On any refusal the installed set is untouched.
 local authoring = require "forge.authoring"
 local crypto = require "forge.crypto"
 local lfs = require "lfs"
+local releases = require "forge.releases"
 local services = require "forge.services"
 
 local M = {}
@@ -28,8 +34,9 @@ local function refuse(code, ...)
   return code
 end
 
-local MAX_PACKAGE = 10 * 1048576      -- bytes of the .tgz
-local MAX_UNPACKED = 50 * 1048576     -- bytes once extracted
+local MAX_PACKAGE = 10 * 1048576      -- bytes of the .tgz, besides the release and stemcell tarballs
+local MAX_UNPACKED = 50 * 1048576     -- bytes once extracted, the same
+local MAX_TARBALLS = 64 * 1073741824  -- bytes of the files under releases/ and stemcells/
 local MAX_ENTRIES = 1000
 
 local function shell_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
@@ -60,9 +67,15 @@ local function list_package(pkg)
   return entries
 end
 
--- Refuse anything that could land outside the service folder. Returns folder name | nil, message.
+-- Whether a package path (without ./) is a file in the folder's releases/ or stemcells/.
+local function is_tarball(name, kind)
+  return kind == "-" and (name:match("^[^/]+/releases/.") or name:match("^[^/]+/stemcells/.")) ~= nil
+end
+
+-- Refuse anything that could land outside the service folder.
+-- Returns folder name, bytes of release and stemcell tarballs | nil, message.
 local function vet_package(entries)
-  local top, total = nil, 0
+  local top, total, tarballs = nil, 0, 0
   for _, e in ipairs(entries) do
     local name = e.name:gsub("^%./", "")
     if name:sub(1, 1) == "/" then return nil, "absolute path " .. e.name end
@@ -83,11 +96,16 @@ local function vet_package(entries)
         return nil, first .. " must be a folder, not a " .. (e.type == "l" and "symlink" or "file")
       end
     end
-    total = total + (e.size or 0)
-    if total > MAX_UNPACKED then return nil, "unpacks to more than " .. MAX_UNPACKED .. " bytes" end
+    if is_tarball(name, e.type) then
+      tarballs = tarballs + (e.size or 0)
+      if tarballs > MAX_TARBALLS then return nil, "holds more than " .. MAX_TARBALLS .. " bytes of tarballs" end
+    else
+      total = total + (e.size or 0)
+      if total > MAX_UNPACKED then return nil, "unpacks to more than " .. MAX_UNPACKED .. " bytes" end
+    end
   end
   if not top or not top:match("^[%w][%w%-_%.]*$") then return nil, "no service folder in the package" end
-  return top
+  return top, tarballs
 end
 
 -- The package's own modes, minus group/other write and setuid/setgid/sticky; folders stay usable
@@ -129,7 +147,8 @@ local function clashes(svc, dir, folder, limits)
 end
 
 -- Build and check the extracted folder as `forge check` does, and look for clashes with other
--- installed folders; adds to `problems`. Returns the version's {hash, ...} (nil when it does not build).
+-- installed folders; adds to `problems`. Returns the version's {hash, ...} (nil when it does not build)
+-- and the script's data (plans, targets) when it builds.
 local function check_package(tmp, folder, dir, limits, check_opts, problems)
   if lfs.attributes(tmp .. "/" .. folder .. "/service.lua", "mode") ~= "file" then
     problems[#problems + 1] = "the package has no " .. folder .. "/service.lua"
@@ -150,7 +169,23 @@ local function check_package(tmp, folder, dir, limits, check_opts, problems)
   end)
   svc.sandbox:close()
   if not ok then error(perr, 0) end
-  return src
+  return src, svc.script
+end
+
+-- Upload the package's releases and stemcells (entries) to the directors the service is mapped to.
+-- Returns true | nil, problems.
+local function upload_releases(entries, script, targets_cfg)
+  if #entries == 0 then return true end
+  local names = releases.targets(script, targets_cfg)
+  if #names == 0 then
+    say("no plan of ", script.name, " is mapped to a BOSH director: its ", releases.count(entries), " are not uploaded")
+    return true
+  end
+  say("uploading ", releases.count(entries), " to ", table.concat(names, ", "), " ...")
+  local ok, problems = releases.upload(entries, targets_cfg, names, say)
+  if ok then return true end
+  problems[#problems + 1] = "what was uploaded stays there: run forge install again once this is fixed, it is skipped"
+  return nil, problems
 end
 
 -- The version (content hash) of an installed folder, for messages.
@@ -161,7 +196,8 @@ end
 
 --- forge install <pkg.tgz> [--replace] [--services DIR]: validate and install atomically (hot-reloaded).
 -- @param opts {replace = true: replace an installed folder of the same name, check = options of
---   authoring.check_service (the local target's config)}
+--   authoring.check_service (the local target's config), targets = config.targets (the BOSH
+--   directors the package's releases go to)}
 -- @return exit status (0 installed, 1 refused, 2 usage or unreadable input)
 function M.install(pkg, dir, limits, opts)
   dir, opts = dir or "services", opts or {}
@@ -173,14 +209,15 @@ function M.install(pkg, dir, limits, opts)
   f:close()
   local size = lfs.attributes(pkg, "size")
   if size == 0 then return refuse(UNREADABLE, pkg .. " is empty (0 bytes), not a .tgz") end
-  if size > MAX_PACKAGE then
-    return refuse(REFUSED, pkg .. " is " .. size .. " bytes; packages may be " .. MAX_PACKAGE .. " at most")
-  end
   local entries, lerr, lcode = list_package(pkg)
   if not entries then return refuse(lcode, lcode == REFUSED and ("refused: " .. lerr) or lerr) end
   if #entries == 0 then return refuse(REFUSED, pkg .. " is an empty archive: it holds no service folder") end
-  local folder, verr = vet_package(entries)
-  if not folder then return refuse(REFUSED, "refused: " .. verr) end
+  local folder, tarballs = vet_package(entries)
+  if not folder then return refuse(REFUSED, "refused: " .. tarballs) end
+  if size > MAX_PACKAGE + tarballs then
+    return refuse(REFUSED, pkg .. " is " .. size .. " bytes; packages may be " .. MAX_PACKAGE
+      .. " at most, besides their release and stemcell tarballs")
+  end
   if lfs.attributes(dir, "mode") ~= "directory" then return refuse(UNREADABLE, dir .. ": no such directory") end
 
   local target = dir .. "/" .. folder
@@ -214,11 +251,19 @@ function M.install(pkg, dir, limits, opts)
     return refuse(REFUSED, ferr)
   end
 
-  local checked, src = pcall(check_package, tmp, folder, dir, limits, opts.check, problems)
+  local checked, src, script = pcall(check_package, tmp, folder, dir, limits, opts.check, problems)
   if not checked then problems[#problems + 1] = "the check failed: " .. tostring(src) end
+  local tgz, rproblems = releases.read(new)
+  for _, p in ipairs(rproblems or {}) do problems[#problems + 1] = p end
   if #problems > 0 then
     cleanup()
     return refuse(REFUSED, table.unpack(problems))
+  end
+  local uploaded, uproblems = upload_releases(tgz, script, opts.targets)
+  if uploaded and #tgz > 0 then uploaded, uproblems = releases.drop_tarballs(new) end
+  if not uploaded then
+    cleanup()
+    return refuse(REFUSED, table.unpack(type(uproblems) == "table" and uproblems or { uproblems }))
   end
 
   -- the swap: old version aside (same filesystem: tmp is inside dir), new one in, old removed

@@ -10,6 +10,7 @@ local lfs = require "lfs"
 local log = require "forge.log"
 local proc = require "forge.proc"
 local reload = require "forge.reload"
+local secrets = require "forge.secrets"
 local services = require "forge.services"
 local storage = require "forge.storage"
 local targets = require "forge.targets"
@@ -149,6 +150,12 @@ end
 -- them, and make the reconciler. @return true | nil, problems (config errors: the broker stops)
 local function start_work(st)
   close_state_dir(st.config)
+  local sealing, plain, first = secrets.check_store(st.db)
+  if #sealing > 0 then return nil, sealing end
+  if plain > 0 then
+    log.warn("records in plain text (from before encryption); `forge rotate-key` seals them", { count = plain,
+      first = first })
+  end
   st.registry, st.generation, st.local_hashes = sync_services(st.config, st.db, nil, nil)
   local errors, warnings = config_mod.check_references(st.config, st.registry)
   if #errors > 0 then return nil, errors end
@@ -230,7 +237,7 @@ end
 -- The C layer's checks, made before a body is read: the broker's and the admin credentials on
 -- every path but the public ones, the OSB version header under /v2. /metrics is public to it
 -- when a bearer token may open it (forge.broker checks the token or the admin credentials).
-local function listen(config)
+local function listen(config, tls)
   local h = config.http
   local public = { "/healthz", "/readyz" }
   if config.metrics.token then public[#public + 1] = "/metrics" end
@@ -240,7 +247,25 @@ local function listen(config)
     max_connections_per_ip = h.max_connections_per_ip, max_buffered_bytes = h.max_buffered_bytes,
     auth = { realm = "forge", users = { config.auth, config.admin.password and config.admin or config.auth },
       public = public },
-    version = { header = "X-Broker-API-Version", major = 2, under = { "/v2" } } }
+    version = { header = "X-Broker-API-Version", major = 2, under = { "/v2" } }, tls = tls }
+end
+
+-- The certificate's facts for the log.
+local function cert_fields(info)
+  return { serial = info.serial, subject = info.subject, not_after = os.date("!%Y-%m-%dT%H:%M:%SZ", info.not_after) }
+end
+
+-- SIGHUP with HTTPS: read the certificate files again and swap them in for new connections (open
+-- ones keep theirs). A set that does not load is logged; the running one stays.
+local function reload_tls(config, srv)
+  if not config.tls.cert then return end
+  local pem, err = config_mod.tls_credentials(config)
+  local info
+  if pem then info, err = srv:reload_tls { cert = pem.cert, key = pem.key, client_ca = pem.client_ca } end
+  if not info then
+    return log.error("tls reload failed; the running certificate stays", { error = tostring(err) })
+  end
+  log.info("tls certificate reloaded", cert_fields(info))
 end
 
 -- Until SIGTERM/SIGINT: open the store while it does not answer (then start the work), reload
@@ -251,6 +276,7 @@ local function loop(st, srv, watcher)
   while true do
     local sig = http.wait(0.05)
     if sig == "stop" then return 0 end
+    if sig == "reload" then reload_tls(st.config, srv) end
     local now = proc.monotonic()
     if not st.reconciler then
       if now >= st.next_store_try then
@@ -290,9 +316,22 @@ function M.run(path)
   -- no password configured: make one up and show it once on stdout (never in the log)
   local generated = not config.auth.password
   config.auth.password = config.auth.password or crypto.password(24)
+  local tls, tls_info
+  if next(config.tls) then
+    tls, tls_info = config_mod.tls_credentials(config)
+    if not tls then
+      io.stderr:write("forge serve: ", tls_info, "\n")
+      return 2
+    end
+  end
   local ok, merr = util.mkdirs(config.state_dir)
   if not ok then
     io.stderr:write("forge serve: ", merr, "\n")
+    return 1
+  end
+  local ring, kerr = secrets.prepare(config)
+  if not ring then
+    io.stderr:write("forge serve: ", tostring(kerr), "\n")
     return 1
   end
   local started, code, problems = begin(st, proc.monotonic(), true)
@@ -302,17 +341,18 @@ function M.run(path)
   end
 
   http.trap_signals()
-  local srv, herr = listen(config)
+  local srv, herr = listen(config, tls)
   if not srv then
     io.stderr:write("forge serve: ", tostring(herr), "\n")
     return 1
   end
-  local host = config.listen:match("^(.*):%d+$")
-  io.stdout:write(string.format("Service Forge listening on http://%s:%d (user %s, %s, replica %s)\n", host,
-    srv:port(), config.auth.username, generated and ("generated password " .. config.auth.password)
+  local url = string.format("%s://%s:%d", tls and "https" or "http", config.listen:match("^(.*):%d+$"), srv:port())
+  io.stdout:write(string.format("Service Forge listening on %s (user %s, %s, replica %s)\n", url,
+    config.auth.username, generated and ("generated password " .. config.auth.password)
     or "password as configured", st.replica))
   io.stdout:flush()
-  log.info("listening", { listen = config.listen, port = srv:port(), state_dir = config.state_dir })
+  log.info("listening", { listen = config.listen, port = srv:port(), state_dir = config.state_dir, url = url,
+    tls = tls_info and cert_fields(tls_info) })
   if st.reconciler then
     summary(st, srv:port())
   else

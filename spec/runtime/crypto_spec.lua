@@ -1,5 +1,5 @@
 -- forge.crypto (OpenSSL's libcrypto): randomness, ids, SHA-256/HMAC/PBKDF2 vectors, SCRAM verifiers,
--- base64, constant-time compare.
+-- base64, constant-time compare, AES-256-GCM seal/open.
 local crypto = require "forge.crypto"
 
 local function unhex(h)
@@ -378,6 +378,76 @@ describe("forge.crypto", function()
       assert.is_true(crypto.equal("a\0b", "a\0b"))
       assert.is_false(crypto.equal("a\0b", "a\0c"))
       assert.has_error(function() crypto.equal("a", nil) end)
+    end)
+  end)
+
+  describe("seal and open (AES-256-GCM)", function()
+    local key = crypto.random_bytes(32)
+
+    it("opens the GCM spec's test case 16 (AES-256, 96-bit IV, associated data)", function()
+      local k = unhex("feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308")
+      local iv = unhex("cafebabefacedbaddecaf888")
+      local aad = unhex("feedfacedeadbeeffeedfacedeadbeefabaddad2")
+      local ct = unhex("522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa" ..
+        "8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f662")
+      local tag = unhex("76fc6ece0f4e1768cddf8853bb2d551b")
+      assert.equal("d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a72" ..
+        "1c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39", crypto.hex(crypto.open(k, iv .. ct .. tag, aad)))
+    end)
+
+    it("is nonce | ciphertext | tag, with a fresh nonce each time, and round-trips", function()
+      for _, pt in ipairs({ "", "x", string.rep("secret ", 1000), crypto.random_bytes(4097) }) do
+        local a, b = crypto.seal(key, pt, "instance/1"), crypto.seal(key, pt, "instance/1")
+        assert.equal(12 + #pt + 16, #a)
+        assert.are_not.equal(a:sub(1, 12), b:sub(1, 12))
+        assert.equal(pt, crypto.open(key, a, "instance/1"))
+        assert.equal(pt, crypto.open(key, b, "instance/1"))
+      end
+      assert.equal("no aad", crypto.open(key, crypto.seal(key, "no aad")))
+      assert.equal("no aad", crypto.open(key, crypto.seal(key, "no aad", ""), ""))
+    end)
+
+    it("agrees with Python's cryptography (AESGCM) both ways", function()
+      local pt, aad = crypto.random_bytes(300), "binding/i/b"
+      local blob = crypto.seal(key, pt, aad)
+      local py = "import sys,binascii as b; from cryptography.hazmat.primitives.ciphers.aead import AESGCM; " ..
+        "k,x,a=[b.unhexlify(s) for s in sys.argv[1:4]]; " ..
+        "print(AESGCM(k).decrypt(x[:12],x[12:],a).hex(), (x[:12]+AESGCM(k).encrypt(x[:12],b'theirs',a)).hex())"
+      local out = run(string.format("python3 -c %q %s %s %s", py, crypto.hex(key), crypto.hex(blob), crypto.hex(aad)))
+      local opened, theirs = out:match("^(%x+) (%x+)")
+      assert.equal(crypto.hex(pt), opened)
+      assert.equal("theirs", crypto.open(key, unhex(theirs), aad))
+    end)
+
+    it("gives nil, err for a wrong key, wrong aad, a changed byte anywhere, or a short blob", function()
+      local blob = crypto.seal(key, "password=hunter2", "instance/a")
+      local function refused(k, b, aad)
+        local v, err = crypto.open(k, b, aad)
+        assert.is_nil(v)
+        assert.equal("crypto.open", err.code)
+        assert.is_false(err.retryable)
+        return err
+      end
+      assert.matches("authentication failed", refused(crypto.random_bytes(32), blob, "instance/a").message)
+      refused(key, blob, "instance/b")
+      refused(key, blob)
+      for i = 1, #blob do
+        local changed = blob:sub(1, i - 1) .. string.char(blob:byte(i) ~ 1) .. blob:sub(i + 1)
+        refused(key, changed, "instance/a")
+      end
+      refused(key, blob:sub(1, -2), "instance/a")
+      assert.matches("too short", refused(key, blob:sub(1, 27), "instance/a").message)
+    end)
+
+    it("raises on a key that is not 32 bytes or a missing argument, with usage text", function()
+      for _, k in ipairs({ "", string.rep("k", 16), string.rep("k", 31), string.rep("k", 33) }) do
+        assert.has_error(function() crypto.seal(k, "x") end, "bad argument #1 to 'seal' (expected a 32-byte key)")
+        assert.has_error(function() crypto.open(k, string.rep("\0", 40)) end,
+          "bad argument #1 to 'open' (expected a 32-byte key)")
+      end
+      assert.has_error(function() crypto.seal(key) end)
+      assert.has_error(function() crypto.open(key, nil) end)
+      assert.has_error(function() crypto.seal(key, "x", {}) end)
     end)
   end)
 end)

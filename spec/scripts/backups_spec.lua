@@ -124,6 +124,10 @@ describe("backups of redis", function()
     assert.equal("rw-------", lfs.attributes(backup_dir(b, bk) .. "/files/dump.rdb", "permissions"))
     assert.is_nil(cjson.encode(select(4, b:call("GET", "/admin/backups"))):find(b:instance("r1").secrets
       .admin_password, 1, true))
+    -- the manifest carries the instance's secrets sealed (the restore below opens them)
+    local manifest = files.read(backup_dir(b, bk) .. "/manifest.json")
+    assert.matches('"sealed":1', manifest, 1, true)
+    assert.is_nil(manifest:find(b:instance("r1").secrets.admin_password, 1, true))
 
     -- a second instance, with data of its own and a binding, gets r1's data; its binding works
     provisioned(b, "r2", R.service, R.three)

@@ -170,7 +170,7 @@ describe("forge.config", function()
       FORGE_SYNC_TIMEOUT = "3", FORGE_SANDBOX_CPU = "3", FORGE_SANDBOX_MEMORY = "3000000", FORGE_LOCK_TTL = "3",
       FORGE_STORE = "etcd", FORGE_ETCD_ENDPOINTS = "http://127.0.0.1:1", FORGE_LOG_LEVEL = "debug",
       FORGE_QUOTAS = "{space: 1}", FORGE_LOCAL_COMMANDS = "sleep", FORGE_LOCAL_USER = "someone",
-      FORGE_LOCAL_ISOLATION = "none" }
+      FORGE_LOCAL_ISOLATION = "none", FORGE_TLS_CLIENT_AUTH = "optional" }
     local default = assert(config.load(nil, env {}))
     local function at(c, path)
       for part in path:gmatch("[^.]+") do c = c and c[part] end

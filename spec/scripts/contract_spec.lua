@@ -353,10 +353,14 @@ describe("process primitives of the local target", function()
     assert.equal(202, status)
     local _, _, _, view = b:call("GET", "/service_instances/p5")
     local taken = math.tointeger(view.ports[1])
+    local idir = b.state_dir .. "/instances/p5"
+    assert.truthy(Broker.wait_for(function() return lfs.attributes(idir .. "/waiting") end, 20), "init to run")
     local listener = assert(proc.spawn { argv = { "python3", "-c", "import socket,time\n"
       .. "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
       .. "s.bind(('127.0.0.1', " .. taken .. ")); s.listen(); time.sleep(30)" } })
-    finally(function() proc.stop(listener.pid, listener.start_time, 2) end)
+    finally(function() os.remove(idir .. ".port-taken"); proc.stop(listener.pid, listener.start_time, 2) end)
+    assert.is_true(Broker.wait_for(function() return proc.tcp_check("127.0.0.1", taken) end, 20), "the listener")
+    files.write(idir .. ".port-taken", "")
     local op = b:wait_operation("/v2/service_instances/p5", 20)
     assert.equal("succeeded", op.state, op.description)
     _, _, _, view = b:call("GET", "/service_instances/p5")

@@ -97,7 +97,7 @@ describe("the dashboard", function()
 
   setup(function()
     b = Broker.start { fixtures = true, pool = 20,
-      config = "targets:\n  local:\n    deploy_timeout: 120\nquotas:\n  organization: 10\n" }
+      config = "targets:\n  local:\n    deploy_timeout: 3600\nquotas:\n  organization: 10\n" }
     b:provision_async("d1", D.service, D.small, "o1", "s1")
     b:provision_async("d2", D.service, D.small, "o2", "s1",
       { platform = "cloudfoundry", note = "<script>alert('pwned')</script>" })

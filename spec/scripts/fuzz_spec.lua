@@ -5,7 +5,6 @@ local Broker = require "spec.support.broker"
 local client = require "spec.support.client"
 local cjson = require "cjson"
 local proc = require "forge.proc"
-local store = require "forge.store"
 
 local R, D = Broker.redis, Broker.dummy
 local ROUNDS, BATCH, BUDGET = 30, 20, 90 -- 600 requests, at most 90 s
@@ -117,7 +116,7 @@ describe("fuzzing the broker (ASan build)", function()
     assert.is_true((statuses[400] or 0) > 0 and (statuses[200] or 0) > 0, "the fuzz reached both refusals and answers")
     -- still answering, and every stored record decodes and references what exists
     assert.equal(200, (b:call("GET", "/v2/catalog")))
-    local db = assert(store.open(b.state_dir .. "/forge.db"))
+    local db = b:store()
     local all = db:range("")
     db:close()
     local keys = {}

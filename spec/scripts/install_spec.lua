@@ -1,8 +1,11 @@
 -- forge install: a .tgz of one service folder, checked like `forge check`, installed atomically
 -- (file modes kept minus group/other write and setuid/setgid/sticky), --replace, refusals that
--- leave the installed set untouched, and the exit codes (0 installed, 1 refused, 2 unreadable).
+-- leave the installed set untouched, and the exit codes (0 installed, 1 refused, 2 unreadable);
+-- the BOSH releases and stemcells a package carries, uploaded to simulated directors first.
 -- Every spec runs the real binary (build/bin/forge) on packages built here with tar.
 local Broker = require "spec.support.broker"
+local boshsim = require "spec.support.boshsim"
+local http_files = require "spec.support.http_files"
 local lfs = require "lfs"
 local proc = require "forge.proc"
 
@@ -332,5 +335,227 @@ describe("forge install", function()
     code, out = install("v2", "--replace")
     assert.equal(0, code, out)
     assert.equal("v2", wait_for("v2"))
+  end)
+
+  describe("with BOSH releases and stemcells", function()
+    local sims, cfg_path
+    before_each(function() sims = { a = boshsim.start { task_delay = 0.1 }, b = boshsim.start { task_delay = 0.1 } } end)
+    after_each(function() for _, sim in pairs(sims) do sim:cleanup() end end)
+
+    -- forge.yml with one BOSH target per name of `claims` (name -> list of claims), each to its sim;
+    -- `override` (name -> {url=, password=}) changes what a target's entry says.
+    local function config(claims, override)
+      local lines = { "targets:" }
+      for _, name in ipairs({ "a", "b" }) do
+        if claims[name] then
+          local sim, o = sims[name], (override or {})[name] or {}
+          lines[#lines + 1] = string.format("  %s: {type: bosh, url: '%s', username: %s, password: '%s', timeout_ms: 3000,"
+            .. " services: [%s], networks: [{name: services, static: ['10.244.0.10 - 10.244.0.20']}]}",
+            name, o.url or sim.url, sim.user, o.password or sim.password, table.concat(claims[name], ", "))
+        end
+      end
+      cfg_path = work .. "/forge.yml"
+      write(cfg_path, table.concat(lines, "\n") .. "\n")
+    end
+
+    -- A tarball at src/<rel> holding ./<kind>.MF for name/version; returns its sha1.
+    local function tarball(rel, kind, name, version)
+      local dir = work .. "/mf-" .. name
+      write(dir .. "/" .. kind .. ".MF", string.format("name: %s\nversion: \"%s\"\n", name, version))
+      write(dir .. "/payload", string.rep(name, 100))
+      sh("mkdir -p " .. q(src .. "/" .. rel:match("^(.*)/")) .. " && tar -czf " .. q(src .. "/" .. rel)
+        .. " -C " .. q(dir) .. " ./" .. kind .. ".MF ./payload")
+      local _, out = run("sha1sum " .. q(src .. "/" .. rel))
+      return out:match("^(%x+)")
+    end
+
+    -- The cache service with a release and a stemcell in the package, listed in releases.yml;
+    -- `entries` (kind -> text after "name, version") changes what the manifest says of each.
+    local function package(pkg, manifest)
+      manifest = manifest or {}
+      folder("cache", { plans = { "small", "large" } })
+      local rsha = tarball("cache/releases/cache-9.1.tgz", "release", "cache-rel", "9.1")
+      local ssha = tarball("cache/stemcells/jammy.tgz", "stemcell", "bosh-sim-jammy", "1.500")
+      write(src .. "/cache/releases.yml", string.format(
+        "releases:\n- {name: cache-rel, version: '9.1', %s}\nstemcells:\n- {name: bosh-sim-jammy, version: '1.500', %s}\n",
+        manifest.release or "file: releases/cache-9.1.tgz, sha1: " .. rsha, manifest.stemcell or "file: stemcells/jammy.tgz"))
+      pack(pkg, "cache")
+      return rsha, ssha
+    end
+
+    local function install_with_config(pkg, extra) return install(pkg, "--config " .. q(cfg_path) .. " " .. (extra or "")) end
+
+    -- "release NAME/V" and "stemcell NAME/V" the sim lists.
+    local function on(sim)
+      local d = sim:director()
+      local have = {}
+      for _, r in ipairs(assert(d:releases())) do
+        for _, v in ipairs(r.release_versions) do have[#have + 1] = "release " .. r.name .. "/" .. v.version end
+      end
+      for _, s in ipairs(assert(d:stemcells())) do have[#have + 1] = "stemcell " .. s.name .. "/" .. s.version end
+      d:close()
+      table.sort(have)
+      return have
+    end
+    local BOTH = { "release cache-rel/9.1", "stemcell bosh-sim-jammy/1.500" }
+
+    -- The upload requests a sim got ("POST /releases"), in order.
+    local function uploads(sim)
+      local l = {}
+      for _, r in ipairs(sim:requests()) do
+        if r.method == "POST" and (r.path == "/releases" or r.path == "/stemcells") then l[#l + 1] = "POST " .. r.path end
+      end
+      return l
+    end
+
+    it("uploads them once to the director the plans map to, installs without the tarballs, skips them on a re-run", function()
+      config({ a = { "cache" } })
+      package("cache")
+      local code, out = install_with_config("cache")
+      assert.equal(0, code, out)
+      assert.matches("uploading 1 stemcell and 1 release to a", out, 1, true)
+      assert.matches("uploading stemcell bosh-sim-jammy/1.500 (", out, 1, true)
+      assert.matches("release cache-rel/9.1 uploaded (task ", out, 1, true)
+      assert.matches("installed " .. target .. "/cache", out, 1, true)
+      assert.same(BOTH, on(sims.a))
+      assert.same({}, on(sims.b))
+      assert.same({ "POST /stemcells", "POST /releases" }, uploads(sims.a))
+      assert.same({ "README.md", "releases.yml", "service.lua", "templates" }, entries(target .. "/cache"))
+
+      sims.a:clear_requests()
+      code, out = install_with_config("cache", "--replace")
+      assert.equal(0, code, out)
+      assert.matches("release cache-rel/9.1 is there already, skipped", out, 1, true)
+      assert.matches("stemcell bosh-sim-jammy/1.500 is there already, skipped", out, 1, true)
+      assert.same({}, uploads(sims.a))
+    end)
+
+    it("uploads to both directors when the plans map to two", function()
+      config({ a = { "cache/small" }, b = { "cache/large" } })
+      package("cache")
+      local code, out = install_with_config("cache")
+      assert.equal(0, code, out)
+      assert.matches("uploading 1 stemcell and 1 release to a, b", out, 1, true)
+      assert.same(BOTH, on(sims.a))
+      assert.same(BOTH, on(sims.b))
+    end)
+
+    it("uploads nothing when no plan is mapped to a BOSH director, and says so", function()
+      config({ b = { "other" } })
+      package("cache")
+      local code, out = install_with_config("cache")
+      assert.equal(0, code, out)
+      assert.matches("no plan of cache is mapped to a BOSH director: its 1 stemcell and 1 release are not uploaded",
+        out, 1, true)
+      assert.same({}, uploads(sims.b))
+      assert.same({}, on(sims.b))
+    end)
+
+    it("checks files, sha1s and release.MF before any upload; a fixed package then installs", function()
+      config({ a = { "cache" } })
+      local cases = {
+        { { release = "file: releases/cache-9.1.tgz, sha1: " .. string.rep("a", 40) }, "sha1 mismatch: the manifest says aaaa" },
+        { { stemcell = "file: stemcells/gone.tgz" }, "file stemcells/gone.tgz is missing from the package" },
+        { { release = "file: releases/../service.lua" }, "file must be a path under releases/ in the package" },
+        { { release = "url: 'https://example.com/r.tgz'" }, "needs the sha1 of https://example.com/r.tgz" },
+      }
+      for i, c in ipairs(cases) do
+        package("bad" .. i, c[1])
+        local code, out = install_with_config("bad" .. i)
+        assert.equal(1, code, out)
+        assert.matches(c[2], out, 1, true)
+        assert.matches("nothing was installed", out, 1, true)
+      end
+      -- the manifest's name/version must be the tarball's (the director lists what release.MF says)
+      folder("cache")
+      tarball("cache/releases/r.tgz", "release", "other-rel", "2")
+      write(src .. "/cache/releases.yml", "releases:\n- {name: cache-rel, version: '9.1', file: releases/r.tgz}\n")
+      pack("mf", "cache")
+      local code, out = install_with_config("mf")
+      assert.equal(1, code, out)
+      assert.matches("releases/r.tgz is other-rel/2 by its release.MF", out, 1, true)
+      assert.same({}, uploads(sims.a))
+      only({})
+
+      package("cache")
+      code, out = install_with_config("cache")
+      assert.equal(0, code, out)
+      assert.same(BOTH, on(sims.a))
+    end)
+
+    it("a failing upload task installs nothing; the re-run uploads the rest and installs", function()
+      config({ a = { "cache" }, b = { "cache/large" } })
+      package("cache")
+      sims.a:faults { task_error = 1, task_error_message = "no space left on the blobstore" }
+      local code, out = install_with_config("cache")
+      assert.equal(1, code, out)
+      assert.matches("director a (" .. sims.a.url .. "): stemcell bosh-sim-jammy/1.500: task 1 ended error: "
+        .. "no space left on the blobstore", out, 1, true)
+      assert.matches("run forge install again once this is fixed", out, 1, true)
+      assert.matches("nothing was installed", out, 1, true)
+      only({})
+      assert.same({ "release cache-rel/9.1" }, on(sims.a))   -- the other uploads went on
+      assert.same(BOTH, on(sims.b))
+
+      sims.a:clear_requests()
+      sims.b:clear_requests()
+      code, out = install_with_config("cache")
+      assert.equal(0, code, out)
+      assert.same({ "POST /stemcells" }, uploads(sims.a))
+      assert.same({}, uploads(sims.b))
+      assert.same(BOTH, on(sims.a))
+      only({ "cache" })
+    end)
+
+    it("an upload the director refuses installs nothing; the next upload is still tried", function()
+      config({ a = { "cache" } })
+      package("cache")
+      sims.a:faults { upload_refuse = 1 }
+      local code, out = install_with_config("cache")
+      assert.equal(1, code, out)
+      assert.matches("director a (" .. sims.a.url .. "): stemcell bosh-sim-jammy/1.500: refused the upload: "
+        .. "POST /stemcells: HTTP 400: Upload refused", out, 1, true)
+      assert.same({ "release cache-rel/9.1" }, on(sims.a))
+      only({})
+    end)
+
+    it("sends URL references as {location, sha1}; the director downloads them and checks the sha1", function()
+      config({ a = { "cache" } })
+      local rsha, ssha = package("local")
+      local blobs = work .. "/blobs"
+      sh("mkdir -p " .. q(blobs) .. " && cp " .. q(src .. "/cache/releases/cache-9.1.tgz") .. " "
+        .. q(src .. "/cache/stemcells/jammy.tgz") .. " " .. q(blobs))
+      local server = http_files.start(blobs)
+      finally(server.stop)
+      local function by_url(pkg, stemcell_sha1)
+        package(pkg, { release = "url: '" .. server.url .. "/cache-9.1.tgz', sha1: " .. rsha,
+          stemcell = "url: '" .. server.url .. "/jammy.tgz', sha1: " .. stemcell_sha1 })
+        sh("rm -rf " .. q(src .. "/cache/releases") .. " " .. q(src .. "/cache/stemcells"))
+        pack(pkg, "cache")
+      end
+      by_url("badsha", string.rep("b", 40))
+      local code, out = install_with_config("badsha")
+      assert.equal(1, code, out)
+      assert.matches("stemcell bosh-sim-jammy/1.500: task 1 ended error: SHA1 mismatch", out, 1, true)
+      only({})
+      by_url("url", ssha)
+      code, out = install_with_config("url")
+      assert.equal(0, code, out)
+      assert.matches("uploading stemcell bosh-sim-jammy/1.500 from " .. server.url .. "/jammy.tgz", out, 1, true)
+      assert.same(BOTH, on(sims.a))
+    end)
+
+    it("an unreachable director or refused credentials install nothing, with the reason", function()
+      package("cache")
+      config({ a = { "cache" } }, { a = { url = "http://127.0.0.1:" .. require("spec.support.net").free_port() } })
+      local code, out = install_with_config("cache")
+      assert.equal(1, code, out)
+      assert.matches("director a %(http://127%.0%.0%.1:%d+%) unreachable: ", out)
+      config({ a = { "cache" } }, { a = { password = "wrong" } })
+      code, out = install_with_config("cache")
+      assert.equal(1, code, out)
+      assert.matches("director a (" .. sims.a.url .. ") refused the credentials", out, 1, true)
+      only({})
+    end)
   end)
 end)

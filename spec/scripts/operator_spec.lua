@@ -258,7 +258,7 @@ describe("the log", function()
     assert.is_truthy(logged(b, "provision succeeded"))  -- the reconciler's
     for _, l in ipairs(lines) do assert.equal(replica, l.replica, cjson.encode(l) .. "\n" .. text) end
     -- the id operation locks carry is the same
-    local db = assert(require("forge.store").open(b.state_dir .. "/forge.db"))
+    local db = b:store()
     local lock = db:get("lock/housekeeping")
     db:close()
     assert.equal(replica, cjson.decode(lock.value).owner)

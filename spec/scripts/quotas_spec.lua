@@ -98,7 +98,7 @@ describe("quotas", function()
 
   it("recounts the usage from the records when the broker starts", function()
     b:stop()
-    local db = assert(require("forge.store").open(b.state_dir .. "/forge.db"))
+    local db = b:store()
     assert(db:txn { success = { { op = "put", key = "usage/org/race", value = '{"count":0}' },
       { op = "delete", key = "usage/space/sp" } } })
     db:close()

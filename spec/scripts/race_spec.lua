@@ -2,7 +2,6 @@
 local Broker = require "spec.support.broker"
 local client = require "spec.support.client"
 local cjson = require "cjson"
-local store = require "forge.store"
 
 local R = Broker.redis
 
@@ -35,7 +34,7 @@ describe("concurrent requests", function()
     assert.equal(1, n, "every 202 names the same operation")
     assert.equal("succeeded", b:wait_operation("/v2/service_instances/race").state)
     assert.equal(1, #Broker.marked_pids(b.state_dir, "race"))
-    local db = assert(store.open(b.state_dir .. "/forge.db"))
+    local db = b:store()
     local ports = db:range("port/")
     db:close()
     assert.equal(1, #ports, "exactly one port allocated")

@@ -2,6 +2,7 @@
 -- used through etcdctl with the bindings' credentials.
 local Broker = require "spec.support.broker"
 local proc = require "forge.proc"
+local lfs = require "lfs"
 
 local SVC = "2f3b8f3e-7a51-4b8e-9f5e-0c1d2e3f4a5b"
 local P1 = "6a7b8c9d-0e1f-4a2b-8c3d-4e5f6a7b8c9d"
@@ -307,6 +308,22 @@ describe("etcd service", function()
       assert.equal(creds.prefix .. "k\nkept", etcdctl(all, { ep }, "get", creds.prefix .. "k"))
     end
     gone(b, "ek", P3, rec)
+  end)
+
+  it("hands a member's directory made just before a crash to the service user", function()
+    -- a member's directory is made at its spawn (it has no files), under the broker's umask
+    local dying = Broker.start { env = { FORGE_FAILPOINT = "after_mkdir" } }
+    finally(function() dying:cleanup() end)
+    assert.equal(202, (provision(dying, "gap", P1)))
+    assert.equal(99, proc.wait(dying.pid, 20).code)
+    local dir = dying.state_dir .. "/instances/gap/etcd-0"
+    assert.equal(0, lfs.attributes(dir, "uid"))
+    dying.env.FORGE_FAILPOINT = nil
+    dying:launch()
+    local op = dying:wait_operation("/v2/service_instances/gap", 60)
+    assert.equal("succeeded", op.state, op.description)
+    assert.not_equal(0, lfs.attributes(dir, "uid"))
+    gone(dying, "gap", P1, instance_record(dying, "gap"))
   end)
 
   it("finishes a 3-member provision after the broker is killed mid-way, one etcd per member", function()

@@ -2,7 +2,6 @@
 -- servers; psql, the server's own client, uses the credentials.
 local Broker = require "spec.support.broker"
 local proc = require "forge.proc"
-local store = require "forge.store"
 local cjson = require "cjson"
 local lfs = require "lfs"
 
@@ -38,7 +37,7 @@ local function eventually(uri, sql, want, timeout)
 end
 
 local function instance_record(b, id)
-  local db = assert(store.open(b.state_dir .. "/forge.db"))
+  local db = b:store()
   local kv = db:get("instance/" .. id)
   db:close()
   return kv and cjson.decode(kv.value)

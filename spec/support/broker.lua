@@ -3,6 +3,7 @@ local proc = require "forge.proc"
 local client = require "spec.support.client"
 local cjson = require "cjson"
 local files = require "spec.support.files"
+local tls_certs = require "spec.support.tls_certs"
 
 local M = {}
 M.__index = M
@@ -52,9 +53,22 @@ function M.wait_for(fn, timeout)
   until proc.monotonic() > deadline
 end
 
+-- HTTPS for a broker: certificates made under its state dir (self.certs), FORGE_TLS_* in env.
+-- tls: true, or {client_auth = "require" | "optional" | "cert"} to ask for client certificates too.
+local function use_tls(self, tls, env)
+  local dir = self.state_dir .. "/tls"
+  assert(os.execute("mkdir -p " .. dir))
+  self.certs = tls_certs.make(dir)
+  env.FORGE_TLS_CERT, env.FORGE_TLS_KEY = self.certs.server_cert, self.certs.server_key
+  if type(tls) == "table" and tls.client_auth then
+    env.FORGE_TLS_CLIENT_CA, env.FORGE_TLS_CLIENT_AUTH = self.certs.ca, tls.client_auth
+    self.client_cert = true
+  end
+end
+
 --- Start a broker. opts: services_dir, fixtures (add spec fixtures), pool (port count), env, state_dir,
 -- config (YAML text of a forge.yml, written to <state_dir>/forge-spec.yml and passed as --config;
--- the FORGE_* environment still overrides it).
+-- the FORGE_* environment still overrides it), tls (HTTPS: see use_tls; b:url and b:call follow).
 function M.start(opts)
   opts = opts or {}
   local self = setmetatable({}, M)
@@ -74,6 +88,7 @@ function M.start(opts)
     FORGE_STATE_DIR = self.state_dir, FORGE_SERVICES_DIR = opts.services_dir or (os.getenv("PWD") .. "/services"),
     FORGE_PORTS = self.pool.from .. "-" .. self.pool.to, FORGE_LOG_LEVEL = opts.log_level or "info",
   }
+  if opts.tls then use_tls(self, opts.tls, env) end
   for k, v in pairs(opts.env or {}) do env[k] = v end
   self.env = env
   self.admin_user, self.admin_password = env.FORGE_ADMIN_USER, env.FORGE_ADMIN_PASSWORD
@@ -100,7 +115,7 @@ function M:launch()
     if not proc.alive(self.pid, self.start_time) then
       error("broker exited at start:\n" .. self:read_log())
     end
-    local status = client.request("GET", self:url("/healthz"))
+    local status = client.request("GET", self:url("/healthz"), self:client_opts())
     if status == 200 then return self end
     proc.sleep(0.05)
   end
@@ -109,10 +124,17 @@ end
 
 function M:read_log() return files.read(self.log) end
 
+--- The broker's store as the broker opens it: values opened with its keyring (its config and
+-- environment: the generated <state_dir>/forge.key unless they name keys). Close it after use.
+function M:store()
+  local config = assert(require("forge.config").load(self.config_path, function(name) return self.env[name] end))
+  return assert(require("forge.storage").open(config))
+end
+
 --- The stored records as key -> "mod_revision:value", without the reconciler's lock
 -- bookkeeping (lock/ keys): what a refused request must leave unchanged.
 function M:records()
-  local db = assert(require("forge.store").open(self.state_dir .. "/forge.db"))
+  local db = self:store()
   local kvs = db:range("")
   db:close()
   local t = {}
@@ -122,11 +144,22 @@ function M:records()
   return t
 end
 
-function M:url(path) return "http://127.0.0.1:" .. self.port .. path end
+function M:url(path) return (self.certs and "https" or "http") .. "://127.0.0.1:" .. self.port .. path end
+
+--- spec.support.client options (opts, or a new table) with what this broker's TLS needs: the
+-- test CA, and the client certificate when the broker asks for one.
+function M:client_opts(opts)
+  opts = opts or {}
+  if self.certs then
+    opts.cacert = self.certs.ca
+    if self.client_cert then opts.cert, opts.key = self.certs.client_cert, self.certs.client_key end
+  end
+  return opts
+end
 
 --- The stored record of instance `id` (decoded), or nil.
 function M:instance(id)
-  local db = assert(require("forge.store").open(self.state_dir .. "/forge.db"))
+  local db = self:store()
   local kv = db:get("instance/" .. id)
   db:close()
   return kv and cjson.decode(kv.value)
@@ -140,8 +173,8 @@ function M:call(method, path, body, headers)
   for k, v in pairs(headers or {}) do h[k] = v end
   if type(body) == "table" then body = cjson.encode(body) end
   local admin = path:match("^/admin/") ~= nil
-  return client.request(method, self:url(path), { body = body, headers = h, user = admin and self.admin_user or self.user,
-    password = admin and self.admin_password or self.password })
+  return client.request(method, self:url(path), self:client_opts { body = body, headers = h,
+    user = admin and self.admin_user or self.user, password = admin and self.admin_password or self.password })
 end
 
 --- An async provision of instance `id` (org "o" and space "s" unless given); asserts the 202.

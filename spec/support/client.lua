@@ -10,13 +10,17 @@ local function tmpfile()
   return p
 end
 
---- request(method, url, {body=, headers={}, user=, password=, form = {...}})
+--- request(method, url, {body=, headers={}, user=, password=, form = {...}, cacert=, cert=, key=})
+-- cacert: the CA file an https URL's server certificate must chain to; cert, key: a client certificate.
 -- @return status, body (raw), headers (lowercase names), json (decoded body or nil)
 function M.request(method, url, opts)
   opts = opts or {}
   local out, hdr = tmpfile(), tmpfile()
   local args = { "curl", "-s", "-g", "--path-as-is", "-X", method, "-o", out, "-D", hdr, "-w", "%{http_code}",
     "--max-time", tostring(opts.timeout or 30) }
+  for _, o in ipairs({ "cacert", "cert", "key" }) do
+    if opts[o] then args[#args + 1] = "--" .. o; args[#args + 1] = opts[o] end
+  end
   if opts.user then args[#args + 1] = "-u"; args[#args + 1] = opts.user .. ":" .. (opts.password or "") end
   for k, v in pairs(opts.headers or {}) do args[#args + 1] = "-H"; args[#args + 1] = k .. ": " .. v end
   local bodyfile

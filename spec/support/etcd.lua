@@ -386,6 +386,9 @@ local FAKE = {
   outside = { 200, '{"header":{"revision":"5"},"kvs":[{"key":"b3RoZXIvaw==","value":"eA==","mod_revision":"1"}]}' },
   nokvobj = { 200, '{"header":{"revision":"5"},"kvs":[1,2,3]}' },
   deep = { 200, string.rep("[", 5000) .. string.rep("]", 5000) },
+  -- 64 levels of nesting (the object and 63 arrays) are read; 65 are too many
+  nested64 = { 200, '{"header":{"revision":"5"},"x":' .. string.rep("[", 63) .. string.rep("]", 63) .. "}" },
+  nested65 = { 200, '{"header":{"revision":"5"},"x":' .. string.rep("[", 64) .. string.rep("]", 64) .. "}" },
   badescape = { 200, '{"header":{"revision":"5"},"kvs":[{"key":"Zm\\u00","value":""}]}' },
   huge_int = { 200, '{"header":{"revision":"99999999999999999999999"}}' },
   trailing = { 200, '{"header":{"revision":"5"}} x' },

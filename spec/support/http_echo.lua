@@ -13,7 +13,7 @@ function M.handle(req)
   if req.uri:match("^/sleep") then proc.sleep(tonumber(req.uri:match("(%d+%.?%d*)$")) or 1) end
   if req.uri == "/text" then return 201, { ["Content-Type"] = "text/plain", ["X-Extra"] = "yes" }, "plain" end
   return 200, nil, cjson.encode({ method = req.method, uri = req.uri, headers = req.headers, body = req.body,
-    id = req.id, remote = req.remote, state = state_id, init = init_arg })
+    id = req.id, remote = req.remote, state = state_id, init = init_arg, client_cert = req.client_cert })
 end
 
 return M

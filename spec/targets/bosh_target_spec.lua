@@ -4,7 +4,6 @@
 local Broker = require "spec.support.broker"
 local boshsim = require "spec.support.boshsim"
 local proc = require "forge.proc"
-local store = require "forge.store"
 local yaml = require "forge.yaml"
 
 local R = Broker.redis
@@ -29,7 +28,7 @@ local function seed(id)
 end
 
 local function store_dump(prefix)
-  local db = assert(store.open(b.state_dir .. "/forge.db"))
+  local db = b:store()
   local kvs = db:range(prefix or "")
   db:close()
   local t = {}

@@ -303,8 +303,8 @@ function Bosh:binding_info(inst)
   return { vms = list, ips = ips }
 end
 
--- The full error text of a failed task (the event log's error line), else its result; one line.
-local function task_reason(d, t)
+--- The full error text of a failed task (the event log's error line), else its result; one line.
+function Bosh.task_reason(d, t)
   local out = d:task_output(t.id, "event")
   local msg
   for line in (out or ""):gmatch("[^\n]+") do
@@ -423,7 +423,7 @@ function Bosh:advance(rec, what, save, now)
   end
   if t.state == "done" then return "done", string.format("BOSH task %s done", t.id) end
   if FINAL[t.state] then
-    return "failed", string.format("BOSH task %s on %s ended %s: %s", t.id, self.name, t.state, task_reason(d, t))
+    return "failed", string.format("BOSH task %s on %s ended %s: %s", t.id, self.name, t.state, Bosh.task_reason(d, t))
   end
   -- a task that never ends (a stuck director) fails the operation after task_timeout (default 2 h)
   local limit = self.cfg.task_timeout or 7200

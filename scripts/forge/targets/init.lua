@@ -14,10 +14,22 @@ local Local = require "forge.targets.local"
 local M = {}
 M.__index = M
 
+--- Which target each claim of the config names: {"svc" or "svc/plan" -> target name}, from the
+-- `services` lists of the BOSH targets (config.targets; the config refuses a claim made twice).
+function M.claims(targets_cfg)
+  local claims, names = {}, {}
+  for name, cfg in pairs(targets_cfg or {}) do if cfg.type == "bosh" then names[#names + 1] = name end end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    for _, claim in ipairs(targets_cfg[name].services or {}) do claims[claim] = name end
+  end
+  return claims
+end
+
 --- Build the registry from the broker config (config.targets) and the state directory.
 -- @return {by_name = {name -> driver}, default = "local", claims = {"svc" or "svc/plan" -> name}}
 function M.new(config, state_dir)
-  local self = setmetatable({ by_name = {}, default = "local", claims = {} }, M)
+  local self = setmetatable({ by_name = {}, default = "local", claims = M.claims(config.targets) }, M)
   self.by_name["local"] = Local.new(config.targets["local"], state_dir)
   self.by_name["local"].name, self.by_name["local"].kind = "local", "local"
   local names = {}
@@ -27,7 +39,6 @@ function M.new(config, state_dir)
     local cfg = config.targets[name]
     if cfg.type == "bosh" then
       self.by_name[name] = require("forge.targets.bosh").new(name, cfg, state_dir)
-      for _, claim in ipairs(cfg.services or {}) do self.claims[claim] = name end
     end
   end
   return self

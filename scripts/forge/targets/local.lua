@@ -330,17 +330,19 @@ function Local:spawn(inst, p)
   local path, why = self:approved(p.argv[1])
   if not path then return nil, why end
   local dir = self:process_dir(inst, p)
-  if not lfs.attributes(dir, "mode") then
-    local ok, err = util.mkdirs(dir)
-    if not ok then return nil, err end
-    if inst.run_as then ok, err = proc.chown(dir, inst.run_as) end
-    if not ok then return nil, "cannot create " .. dir .. ": " .. tostring(err and err.message or err) end
-  end
+  local ok, err = true, nil
+  if not lfs.attributes(dir, "mode") then ok, err = util.mkdirs(dir) end
+  -- failpoint for the crash-recovery spec: die between the mkdir and the chown
+  if os.getenv("FORGE_FAILPOINT") == "after_mkdir" then os.exit(99, false) end
+  -- handed over on every spawn: a broker killed between the mkdir (0700 under our umask) and
+  -- the chown left a directory the service user cannot enter
+  if ok and inst.run_as then ok, err = proc.chown(dir, inst.run_as) end
+  if not ok then return nil, "cannot create " .. dir .. ": " .. tostring(err and err.message or err) end
   local env = { PATH = os.getenv("PATH") or "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", FORGE_PROCESS = dir }
   for k, v in pairs(p.env or {}) do env[k] = v end
   local opts = { argv = { path, table.unpack(p.argv, 2) }, cwd = dir, env = env, user = inst.run_as,
     stdout = self:instance_dir(inst.id) .. "/" .. p.name .. ".log" }
-  local ok, err = self:confine(inst, opts)
+  ok, err = self:confine(inst, opts)
   if not ok then return nil, err end
   local rec, serr = proc.spawn(opts)
   if rec and opts.namespaces then rec.isolated = true end

@@ -1,15 +1,18 @@
 /*
- * forge.yaml — private: (( operator )) parsing, reference resolution, dependency
+ * forge.yaml, eval: (( operator )) parsing, reference resolution, dependency
  * order (Kahn, ties by path, cycle detection), the operators themselves, then
- * prune, sort and cherry-pick; and merge_main, which runs the whole pipeline.
- * See YAML-MERGE.md §3–5. Included only by runtime/yaml.c.
+ * prune, sort and cherry-pick; and fy_merge_main, which runs the whole pipeline.
+ * See YAML-MERGE.md §3–5. Declarations in yaml_int.h.
  */
-#ifndef FORGE_YAML_EVAL_H
-#define FORGE_YAML_EVAL_H
-
+#include <ctype.h>
+#include <math.h>
 #include <regex.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
-#include "yaml_merge.h"
+#include "yaml_int.h"
+
 
 /* ------------------------------------------------------------------------- */
 /* operator calls                                                             */
@@ -65,7 +68,7 @@ static void add_tok(yctx *c, yarg **args, int *nargs, int *cap, int *join, atok 
 {
     if (*join && *nargs > 0) {
         yarg *a = &(*args)[*nargs - 1];
-        atok *alt = aalloc(c, sizeof(atok) * (size_t)(a->nalt + 1));
+        atok *alt = fy_aalloc(c, sizeof(atok) * (size_t)(a->nalt + 1));
         memcpy(alt, a->alt, sizeof(atok) * (size_t)a->nalt);
         alt[a->nalt++] = t;
         a->alt = alt;
@@ -74,13 +77,13 @@ static void add_tok(yctx *c, yarg **args, int *nargs, int *cap, int *join, atok 
     }
     if (*nargs == *cap) {
         int nc = *cap ? *cap * 2 : 4;
-        yarg *na = aalloc(c, sizeof(yarg) * (size_t)nc);
+        yarg *na = fy_aalloc(c, sizeof(yarg) * (size_t)nc);
         if (*nargs)
             memcpy(na, *args, sizeof(yarg) * (size_t)*nargs);
         *args = na;
         *cap = nc;
     }
-    atok *alt = aalloc(c, sizeof(atok));
+    atok *alt = fy_aalloc(c, sizeof(atok));
     *alt = t;
     (*args)[*nargs].alt = alt;
     (*args)[*nargs].nalt = 1;
@@ -119,25 +122,25 @@ static size_t env_name_at(const char *w, size_t n, size_t i, size_t *skip)
 static void classify_word(yctx *c, atok *t, const char *w, size_t n)
 {
     memset(t, 0, sizeof *t);
-    t->s = astrdup(c, w, n);
+    t->s = fy_astrdup(c, w, n);
     t->n = n;
-    if (word_is(w, n, "~") || word_is(w, n, "nil") || word_is(w, n, "null") || word_is(w, n, "NULL")
-        || word_is(w, n, "Null") || word_is(w, n, "NIL") || word_is(w, n, "Nil")) {
+    if (fy_word_is(w, n, "~") || fy_word_is(w, n, "nil") || fy_word_is(w, n, "null") || fy_word_is(w, n, "NULL")
+        || fy_word_is(w, n, "Null") || fy_word_is(w, n, "NIL") || fy_word_is(w, n, "Nil")) {
         t->kind = A_NULL;
         return;
     }
-    if (word_is(w, n, "true") || word_is(w, n, "True") || word_is(w, n, "TRUE")) {
+    if (fy_word_is(w, n, "true") || fy_word_is(w, n, "True") || fy_word_is(w, n, "TRUE")) {
         t->kind = A_BOOL;
         t->b = 1;
         return;
     }
-    if (word_is(w, n, "false") || word_is(w, n, "False") || word_is(w, n, "FALSE")) {
+    if (fy_word_is(w, n, "false") || fy_word_is(w, n, "False") || fy_word_is(w, n, "FALSE")) {
         t->kind = A_BOOL;
         return;
     }
     if (is_envvar_word(w, n)) {
         t->kind = A_ENV;
-        t->s = astrdup(c, w + 1, n - 1);
+        t->s = fy_astrdup(c, w + 1, n - 1);
         t->n = n - 1;
         return;
     }
@@ -154,7 +157,7 @@ static void classify_word(yctx *c, atok *t, const char *w, size_t n)
         if (!dots) {
             lua_Integer v;
             int ovf;
-            if (parse_go_int(w, n, &v, &ovf) && !(n - i > 1 && w[i] == '0')) {
+            if (fy_parse_go_int(w, n, &v, &ovf) && !(n - i > 1 && w[i] == '0')) {
                 t->kind = A_INT;
                 t->i = v;
                 return;
@@ -177,7 +180,7 @@ static const char *parse_args(yctx *c, const char *s, size_t n, yop *op)
 {
     int cap = 0, join = 0;
     size_t i = 0;
-    char *buf = aalloc(c, n + 1);
+    char *buf = fy_aalloc(c, n + 1);
     while (i < n) {
         char ch = s[i];
         if (isspace((unsigned char)ch) || ch == ',') {
@@ -210,7 +213,7 @@ static const char *parse_args(yctx *c, const char *s, size_t n, yop *op)
                 return "syntax error: unterminated string";
             i++;
             t.kind = A_STR;
-            t.s = astrdup(c, buf, k);
+            t.s = fy_astrdup(c, buf, k);
             t.n = k;
         } else {
             size_t st = i;
@@ -231,7 +234,7 @@ static int parse_opcall(yctx *c, ynode *n, yop *op)
 {
     const char *in;
     size_t len;
-    if (!op_inner(n, &in, &len) || len == 0 || !isalpha((unsigned char)in[0]))
+    if (!fy_op_inner(n, &in, &len) || len == 0 || !isalpha((unsigned char)in[0]))
         return 0;
     size_t i = 1;
     while (i < len && (isalnum((unsigned char)in[i]) || in[i] == '_' || in[i] == '-'))
@@ -281,7 +284,7 @@ static void ops_push(yctx *c, yops *o, yop *op)
 {
     if (o->n == o->cap) {
         int cap = o->cap ? o->cap * 2 : 32;
-        yop *v = aalloc(c, sizeof(yop) * (size_t)cap);
+        yop *v = fy_aalloc(c, sizeof(yop) * (size_t)cap);
         if (o->n)
             memcpy(v, o->v, sizeof(yop) * (size_t)o->n);
         o->v = v;
@@ -304,21 +307,21 @@ static void collect(yctx *c, ynode *n, ynode *parent, size_t idx, ynode *key, in
         op.parent = parent;
         op.index = idx;
         op.key = key;
-        op.path = astrdup(c, path_str(c), c->path.n);
+        op.path = fy_astrdup(c, fy_path_str(c), c->path.n);
         ops_push(c, o, &op);
         return;
     }
     if (n->t == T_MAP) {
         for (size_t i = 0; i < n->u.c.n; i++) {
-            size_t old = path_push_key(c, n->u.c.k[i]);
+            size_t old = fy_path_push_key(c, n->u.c.k[i]);
             collect(c, n->u.c.v[i], n, i, n->u.c.k[i], phase, o, depth + 1);
-            path_pop(c, old);
+            fy_path_pop(c, old);
         }
     } else if (n->t == T_SEQ) {
         for (size_t i = 0; i < n->u.c.n; i++) {
-            size_t old = path_push_idx(c, i);
+            size_t old = fy_path_push_idx(c, i);
             collect(c, n->u.c.v[i], n, i, NULL, phase, o, depth + 1);
-            path_pop(c, old);
+            fy_path_pop(c, old);
         }
     }
 }
@@ -331,7 +334,7 @@ static int op_path_cmp(const void *a, const void *b)
 static void collect_ops(yctx *c, int phase, yops *o)
 {
     memset(o, 0, sizeof *o);
-    path_pop(c, 0);
+    fy_path_pop(c, 0);
     collect(c, c->root, NULL, 0, NULL, phase, o, 0);
     if (o->n > 1)
         qsort(o->v, (size_t)o->n, sizeof(yop), op_path_cmp);
@@ -393,11 +396,11 @@ static const char *ref_norm(yctx *c, const char *s, size_t n)
     yseg seg[MAXSEG];
     int k = split_ref(s, n, seg, MAXSEG);
     if (k < 0)
-        return astrdup(c, s, n);
+        return fy_astrdup(c, s, n);
     size_t total = 1;
     for (int i = 0; i < k; i++)
         total += seg[i].n + 1;
-    char *out = aalloc(c, total);
+    char *out = fy_aalloc(c, total);
     size_t at = 0;
     for (int i = 0; i < k; i++) {
         if (i)
@@ -423,10 +426,10 @@ static int all_digits(const char *s, size_t n)
 static ynode *step(yctx *c, ynode *cur, const char *s, size_t n, size_t *idx)
 {
     if (cur->t == T_MAP) {
-        long i = map_finds(c, cur, s, n);
+        long i = fy_map_finds(c, cur, s, n);
         if (i < 0) {
             for (size_t j = 0; j < cur->u.c.n; j++)
-                if (cur->u.c.k[j]->t != T_STR && scalar_text_is(cur->u.c.k[j], s, n)) {
+                if (cur->u.c.k[j]->t != T_STR && fy_scalar_text_is(cur->u.c.k[j], s, n)) {
                     i = (long)j;
                     break;
                 }
@@ -447,7 +450,7 @@ static ynode *step(yctx *c, ynode *cur, const char *s, size_t n, size_t *idx)
         static const char *const fields[] = {"name", "key", "id"};
         for (int f = 0; f < 3; f++)
             for (size_t j = 0; j < cur->u.c.n; j++) {
-                ynode *v = map_gets(c, cur->u.c.v[j], fields[f]);
+                ynode *v = fy_map_gets(c, cur->u.c.v[j], fields[f]);
                 if (v && v->t == T_STR && v->u.s.n == n && memcmp(v->u.s.p, s, n) == 0) {
                     *idx = j;
                     return cur->u.c.v[j];
@@ -469,8 +472,8 @@ static int seg_env(yctx *c, const yseg *sg, const char **s, size_t *n, const cha
     size_t skip = 0, nl = sg->n > 1 && sg->s[0] == '$' ? env_name_at(sg->s, sg->n, 0, &skip) : 0;
     if (!nl || skip != sg->n)
         return 0;
-    *name = astrdup(c, sg->s + 1 + (sg->s[1] == '{'), nl);
-    *s = env_get(c, *name, n);
+    *name = fy_astrdup(c, sg->s + 1 + (sg->s[1] == '{'), nl);
+    *s = fy_env_get(c, *name, n);
     return *s && *n ? 1 : -1;
 }
 
@@ -494,11 +497,11 @@ static int seg_text(yctx *c, const yseg *sg, const char **s, size_t *n, char *tm
     ynode *k = resolve(c, sg->s, sg->n, err, errsz, depth + 1);
     if (!k)
         return 0;
-    if (!is_scalar(k)) {
+    if (!fy_is_scalar(k)) {
         snprintf(err, errsz, "`%.*s` is not a scalar and cannot be used as a key", (int)sg->n, sg->s);
         return 0;
     }
-    *s = scalar_text(k, tmp, tmpsz, n);
+    *s = fy_scalar_text(k, tmp, tmpsz, n);
     return 1;
 }
 
@@ -511,7 +514,7 @@ static void scalar_mismatch(const ynode *v, int glob, const char *have, size_t h
         snprintf(err, errsz, "$.%.*s is a scalar (not a map or a list)", (int)hn, have);
         return;
     }
-    const char *s = scalar_text(v, tmp, sizeof tmp, &len);
+    const char *s = fy_scalar_text(v, tmp, sizeof tmp, &len);
     snprintf(err, errsz, "$.%.*s [=%.*s] is a scalar (not a map or a list)", (int)hn, have, (int)len, s);
 }
 
@@ -599,7 +602,7 @@ static void dep_add(yctx *c, yops *o, int self, int d)
             return;
     if (op->ndeps == op->capdeps) {
         int cap = op->capdeps ? op->capdeps * 2 : 4;
-        int *v = aalloc(c, sizeof(int) * (size_t)cap);
+        int *v = fy_aalloc(c, sizeof(int) * (size_t)cap);
         if (op->ndeps)
             memcpy(v, op->deps, sizeof(int) * (size_t)op->ndeps);
         op->deps = v;
@@ -613,7 +616,7 @@ static void dep_subtree(yctx *c, yops *o, int self, const char *path, int skip_s
 {
     dep_add(c, o, self, ops_find(o, path));
     size_t pl = strlen(path);
-    char *pre = aalloc(c, pl + 2);
+    char *pre = fy_aalloc(c, pl + 2);
     memcpy(pre, path, pl);
     if (pl)
         pre[pl++] = '.';
@@ -632,7 +635,7 @@ static void ref_deps(yctx *c, yops *o, int self, const char *ref, size_t n, int 
     ynode *cur = c->root;
     ybuf *canon = &c->tmp;
     canon->n = 0;
-    buf_add(c, canon, "", 0);
+    fy_buf_add(c, canon, "", 0);
     for (int i = 0; i < k; i++) {
         if (cur->t == T_STR && cur->u.s.n > 4 && cur->u.s.p[0] == '(') {
             dep_add(c, o, self, ops_find(o, canon->p));
@@ -646,7 +649,7 @@ static void ref_deps(yctx *c, yops *o, int self, const char *ref, size_t n, int 
             return;
         if (!env && seg[i].bracket && !all_digits(s, sl)) {
             /* dynamic key: depend on the key's reference and everything under here */
-            char *save = astrdup(c, canon->p, canon->n);
+            char *save = fy_astrdup(c, canon->p, canon->n);
             ref_deps(c, o, self, s, sl, depth + 1);
             dep_subtree(c, o, self, save, 0);
             char err[256];
@@ -654,25 +657,25 @@ static void ref_deps(yctx *c, yops *o, int self, const char *ref, size_t n, int 
                 return;
             }
             canon->n = 0;
-            buf_add(c, canon, save, strlen(save));
+            fy_buf_add(c, canon, save, strlen(save));
         }
         ynode *next = step(c, cur, s, sl, &idx);
         if (!next)
             return;
         if (canon->n)
-            buf_add(c, canon, ".", 1);
+            fy_buf_add(c, canon, ".", 1);
         if (cur->t == T_SEQ) {
             char num[32];
             int w = snprintf(num, sizeof num, "%zu", idx);
-            buf_add(c, canon, num, (size_t)w);
+            fy_buf_add(c, canon, num, (size_t)w);
         } else {
             size_t kl;
-            const char *kt = scalar_text(cur->u.c.k[idx], tmp, sizeof tmp, &kl);
-            buf_add(c, canon, kt, kl);
+            const char *kt = fy_scalar_text(cur->u.c.k[idx], tmp, sizeof tmp, &kl);
+            fy_buf_add(c, canon, kt, kl);
         }
         cur = next;
     }
-    char *p = astrdup(c, canon->p, canon->n);
+    char *p = fy_astrdup(c, canon->p, canon->n);
     dep_subtree(c, o, self, p, 0);
 }
 
@@ -718,7 +721,7 @@ static int calc_next_cursor(const char *e, size_t n, size_t *i, size_t *st, size
         *st = *i;
         *len = m;
         *i += m;
-        if (!parse_go_float(e + *st, m, &f))
+        if (!fy_parse_go_float(e + *st, m, &f))
             return 1;
     }
     return 0;
@@ -758,11 +761,11 @@ static void op_deps(yctx *c, yops *o, int self)
 static ynode *tok_literal(yctx *c, const atok *t, const ynode *at)
 {
     switch (t->kind) {
-    case A_STR: return nstr(c, t->s, t->n, at);
-    case A_INT: return nint(c, t->i, at);
-    case A_FLOAT: return nfloat(c, t->f, at);
-    case A_BOOL: return nbool(c, t->b, at);
-    default: return nnew(c, T_NULL, at);
+    case A_STR: return fy_nstr(c, t->s, t->n, at);
+    case A_INT: return fy_nint(c, t->i, at);
+    case A_FLOAT: return fy_nfloat(c, t->f, at);
+    case A_BOOL: return fy_nbool(c, t->b, at);
+    default: return fy_nnew(c, T_NULL, at);
     }
 }
 
@@ -794,14 +797,14 @@ static ynode *env_value(yctx *c, const char *v, size_t len, const ynode *at)
 {
     ynode *n = NULL;
     if (yaml_one_document(v, len)) {
-        char *copy = astrdup(c, v, len);
+        char *copy = fy_astrdup(c, v, len);
         unsigned short file = c->curfile;
-        n = load_document(c, copy, len, at ? at->file : file);
+        n = fy_load_document(c, copy, len, at ? at->file : file);
         c->curfile = file;
     }
     if (!n || n->t == T_STR) {
-        n = nnew(c, T_STR, at);
-        n->u.s.p = astrdup(c, v, len);
+        n = fy_nnew(c, T_STR, at);
+        n->u.s.p = fy_astrdup(c, v, len);
         n->u.s.n = len;
     }
     return n;
@@ -824,7 +827,7 @@ static ynode *arg_value(yctx *c, yop *op, int a, char *err, size_t errsz, int *l
             snprintf(err, errsz, "unable to resolve `%s`: %s", ref_norm(c, t->s, t->n), e2);
         } else if (t->kind == A_ENV) {
             size_t len = 0;
-            const char *v = env_get(c, t->s, &len);
+            const char *v = fy_env_get(c, t->s, &len);
             if (v && len)
                 return env_value(c, v, len, op->node);
             snprintf(err, errsz, "Environment variable $%s is not set", t->s);
@@ -852,13 +855,13 @@ static const char *arg_text(yctx *c, yop *op, int a)
 static void add_gotext(yctx *c, ybuf *b, const ynode *n)
 {
     if (n->t == T_NULL) {
-        buf_add(c, b, "<nil>", 5);
+        fy_buf_add(c, b, "<nil>", 5);
         return;
     }
     char tmp[64];
     size_t len;
-    const char *s = scalar_text(n, tmp, sizeof tmp, &len);
-    buf_add(c, b, s, len);
+    const char *s = fy_scalar_text(n, tmp, sizeof tmp, &len);
+    fy_buf_add(c, b, s, len);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -876,19 +879,19 @@ static int op_grab(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
         ynode *v = arg_value(c, op, 0, err, errsz, NULL);
         if (!v)
             return 0;
-        *out = ncopy(c, v, NULL);
+        *out = fy_ncopy(c, v, NULL);
         return 1;
     }
-    ynode *l = nnew(c, T_SEQ, op->node);
+    ynode *l = fy_nnew(c, T_SEQ, op->node);
     for (int a = 0; a < op->nargs; a++) {
         ynode *v = arg_value(c, op, a, err, errsz, NULL);
         if (!v)
             return 0;
         if (v->t == T_SEQ)
             for (size_t i = 0; i < v->u.c.n; i++)
-                seq_push(c, l, ncopy(c, v->u.c.v[i], NULL));
+                fy_seq_push(c, l, fy_ncopy(c, v->u.c.v[i], NULL));
         else
-            seq_push(c, l, ncopy(c, v, NULL));
+            fy_seq_push(c, l, fy_ncopy(c, v, NULL));
     }
     *out = l;
     return 1;
@@ -899,15 +902,15 @@ static int op_concat(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     NEED(op->nargs >= 2, "concat operator requires at least two arguments");
     ybuf *b = &c->tmp;
     b->n = 0;
-    buf_add(c, b, "", 0);
+    fy_buf_add(c, b, "", 0);
     for (int a = 0; a < op->nargs; a++) {
         ynode *v = arg_value(c, op, a, err, errsz, NULL);
         if (!v)
             return 0;
-        NEED(is_scalar(v), "tried to concat %s, which is not a string scalar", arg_text(c, op, a));
+        NEED(fy_is_scalar(v), "tried to concat %s, which is not a string scalar", arg_text(c, op, a));
         add_gotext(c, b, v);
     }
-    *out = nstr(c, b->p, b->n, op->node);
+    *out = fy_nstr(c, b->p, b->n, op->node);
     return 1;
 }
 
@@ -922,9 +925,9 @@ static int join_arg(yctx *c, yop *op, int a, const atok *sep, int *first, char *
     size_t n = v->t == T_SEQ ? v->u.c.n : 1;
     for (size_t i = 0; i < n; i++) {
         ynode *e = v->t == T_SEQ ? v->u.c.v[i] : v;
-        NEED(is_scalar(e), "entry #%zu in list is not compatible for (( join ... ))", i);
+        NEED(fy_is_scalar(e), "entry #%zu in list is not compatible for (( join ... ))", i);
         if (!*first)
-            buf_add(c, b, sep->s, sep->n);
+            fy_buf_add(c, b, sep->s, sep->n);
         add_gotext(c, b, e);
         *first = 0;
     }
@@ -944,22 +947,22 @@ static int op_join(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     NEED(sep->kind == A_STR || sep->kind == A_ENV, "join operator only accepts literal argument for the separator");
     if (sep->kind == A_ENV) {
         size_t len = 0;
-        const char *v = env_get(c, sep->s, &len);
-        atok *t = aalloc(c, sizeof *t);
+        const char *v = fy_env_get(c, sep->s, &len);
+        atok *t = fy_aalloc(c, sizeof *t);
         memset(t, 0, sizeof *t);
         t->kind = A_STR;
-        t->s = astrdup(c, v, len);
+        t->s = fy_astrdup(c, v, len);
         t->n = len;
         sep = t;
     }
     ybuf *b = &c->tmp;
     b->n = 0;
-    buf_add(c, b, "", 0);
+    fy_buf_add(c, b, "", 0);
     int first = 1;
     for (int a = 1; a < op->nargs; a++)
         if (!join_arg(c, op, a, sep, &first, err, errsz))
             return 0;
-    *out = nstr(c, b->p, b->n, op->node);
+    *out = fy_nstr(c, b->p, b->n, op->node);
     return 1;
 }
 
@@ -974,7 +977,7 @@ static int op_param(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 
 static int op_keys(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 {
-    ynode *l = nnew(c, T_SEQ, op->node);
+    ynode *l = fy_nnew(c, T_SEQ, op->node);
     for (int a = 0; a < op->nargs; a++) {
         int lit;
         ynode *v = arg_value(c, op, a, err, errsz, &lit);
@@ -985,13 +988,13 @@ static int op_keys(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
         for (size_t i = 0; i < v->u.c.n; i++) {
             char tmp[64];
             size_t len;
-            const char *s = scalar_text(v->u.c.k[i], tmp, sizeof tmp, &len);
-            seq_push(c, l, nstr(c, s, len, op->node));
+            const char *s = fy_scalar_text(v->u.c.k[i], tmp, sizeof tmp, &len);
+            fy_seq_push(c, l, fy_nstr(c, s, len, op->node));
         }
     }
     NEED(op->nargs > 0, "no arguments specified to (( keys ... ))");
     if (l->u.c.n > 1)
-        qsort(l->u.c.v, l->u.c.n, sizeof(ynode *), key_cmp);
+        qsort(l->u.c.v, l->u.c.n, sizeof(ynode *), fy_key_cmp);
     *out = l;
     return 1;
 }
@@ -1003,11 +1006,11 @@ static int op_empty(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     NEED(tk->kind == A_STR || tk->kind == A_REF, "cannot interpret argument for empty operator");
     const char *t = tk->kind == A_REF ? ref_norm(c, tk->s, tk->n) : tk->s;
     if (!strcmp(t, "hash") || !strcmp(t, "map"))
-        *out = nnew(c, T_MAP, op->node);
+        *out = fy_nnew(c, T_MAP, op->node);
     else if (!strcmp(t, "array") || !strcmp(t, "list"))
-        *out = nnew(c, T_SEQ, op->node);
+        *out = fy_nnew(c, T_SEQ, op->node);
     else if (!strcmp(t, "string"))
-        *out = nstr(c, "", 0, op->node);
+        *out = fy_nstr(c, "", 0, op->node);
     else
         NEED(0, "unknown type for empty operator: %s", t);
     return 1;
@@ -1028,8 +1031,8 @@ static const ynode *b64_input(yctx *c, yop *op, const char *verb, char *err, siz
         if (lit)
             add_gotext(c, b, v);
         else
-            buf_adds(c, b, arg_text(c, op, 0));
-        buf_add(c, b, "", 1);
+            fy_buf_adds(c, b, arg_text(c, op, 0));
+        fy_buf_add(c, b, "", 1);
         NEED(0, "tried to base64 %s %s, which is not a string scalar", verb, b->p);
     }
     return v;
@@ -1043,7 +1046,7 @@ static int op_base64(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
         return 0;
     size_t n = v->u.s.n;
     const unsigned char *in = (const unsigned char *)v->u.s.p;
-    char *o = aalloc(c, (n + 2) / 3 * 4 + 1);
+    char *o = fy_aalloc(c, (n + 2) / 3 * 4 + 1);
     size_t k = 0;
     for (size_t i = 0; i < n; i += 3) {
         unsigned w = (unsigned)in[i] << 16 | (i + 1 < n ? (unsigned)in[i + 1] << 8 : 0) | (i + 2 < n ? in[i + 2] : 0);
@@ -1052,7 +1055,7 @@ static int op_base64(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
         o[k++] = i + 1 < n ? tab[(w >> 6) & 63] : '=';
         o[k++] = i + 2 < n ? tab[w & 63] : '=';
     }
-    *out = nstr(c, o, k, op->node);
+    *out = fy_nstr(c, o, k, op->node);
     return 1;
 }
 
@@ -1102,12 +1105,12 @@ static int op_base64_decode(yctx *c, yop *op, ynode **out, char *err, size_t err
     const ynode *v = b64_input(c, op, "decode", err, errsz);
     if (!v)
         return 0;
-    char *o = aalloc(c, v->u.s.n + 1);
+    char *o = fy_aalloc(c, v->u.s.n + 1);
     size_t k = 0;
     long bad = b64_decode(v->u.s.p, v->u.s.n, o, &k);
     NEED(bad < 0, "unable to base64 decode string %.*s: illegal base64 data at input byte %ld", (int)v->u.s.n,
          v->u.s.p, bad);
-    *out = nstr(c, o, k, op->node);
+    *out = fy_nstr(c, o, k, op->node);
     return 1;
 }
 
@@ -1119,7 +1122,7 @@ static int op_negate(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     if (!v)
         return 0;
     NEED(v->t == T_BOOL, lit ? "negate operator only operates on bools" : "negate operator only accepts references to bools");
-    *out = nbool(c, !v->u.b, op->node);
+    *out = fy_nbool(c, !v->u.b, op->node);
     return 1;
 }
 
@@ -1157,7 +1160,7 @@ static int go_letter(long r)
 
 static size_t go_runes(yctx *c, const ynode *k, long **out)
 {
-    long *v = aalloc(c, sizeof(long) * (k->u.s.n + 1));
+    long *v = fy_aalloc(c, sizeof(long) * (k->u.s.n + 1));
     size_t n = 0;
     for (size_t i = 0; i < k->u.s.n;)
         v[n++] = go_rune(k->u.s.p, k->u.s.n, &i);
@@ -1226,7 +1229,7 @@ static int go_key_less(yctx *c, const ynode *a, const ynode *b)
 /* A copy of n with every map's keys in go-yaml's order (insertion sort: maps are small). */
 static ynode *sorted_copy(yctx *c, const ynode *n)
 {
-    ynode *r = ncopy(c, n, NULL);
+    ynode *r = fy_ncopy(c, n, NULL);
     if (r->t == T_MAP) {
         for (size_t i = 1; i < r->u.c.n; i++)
             for (size_t j = i; j > 0 && go_key_less(c, r->u.c.k[j], r->u.c.k[j - 1]); j--) {
@@ -1257,9 +1260,9 @@ static int op_stringify(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     }
     ynode *s = sorted_copy(c, v);
     c->go_emit = 1;
-    emit_document(c, s);
+    fy_emit_document(c, s);
     c->go_emit = 0;
-    *out = nstr(c, c->out.p, c->out.n, op->node);
+    *out = fy_nstr(c, c->out.p, c->out.n, op->node);
     return 1;
 }
 
@@ -1269,15 +1272,15 @@ static void tok_gostr(yctx *c, ybuf *b, const atok *t)
     char tmp[64];
     switch (t->kind) {
     case A_STR:
-        buf_add(c, b, "\"", 1);
-        buf_add(c, b, t->s, t->n);
-        buf_add(c, b, "\"", 1);
+        fy_buf_add(c, b, "\"", 1);
+        fy_buf_add(c, b, t->s, t->n);
+        fy_buf_add(c, b, "\"", 1);
         return;
     case A_INT:
         snprintf(tmp, sizeof tmp, "%lld", (long long)t->i);
         break;
     case A_FLOAT:
-        fmt_go_float(t->f, tmp, sizeof tmp);
+        fy_fmt_go_float(t->f, tmp, sizeof tmp);
         break;
     case A_BOOL:
         snprintf(tmp, sizeof tmp, "%s", t->b ? "true" : "false");
@@ -1286,14 +1289,14 @@ static void tok_gostr(yctx *c, ybuf *b, const atok *t)
         snprintf(tmp, sizeof tmp, "nil");
         break;
     case A_ENV:
-        buf_add(c, b, "$", 1);
-        buf_add(c, b, t->s, t->n);
+        fy_buf_add(c, b, "$", 1);
+        fy_buf_add(c, b, t->s, t->n);
         return;
     default:
-        buf_adds(c, b, ref_norm(c, t->s, t->n));
+        fy_buf_adds(c, b, ref_norm(c, t->s, t->n));
         return;
     }
-    buf_adds(c, b, tmp);
+    fy_buf_adds(c, b, tmp);
 }
 
 /* (( defer X Y )) gives the text (( X Y )), each argument as spruce prints it (a literal ends an || chain). */
@@ -1302,20 +1305,20 @@ static int op_defer(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     NEED(op->nargs > 0, "defer has no arguments - what are you deferring?");
     ybuf *b = &c->tmp;
     b->n = 0;
-    buf_add(c, b, "((", 2);
+    fy_buf_add(c, b, "((", 2);
     for (int a = 0; a < op->nargs; a++) {
-        buf_add(c, b, " ", 1);
+        fy_buf_add(c, b, " ", 1);
         for (int i = 0; i < op->args[a].nalt; i++) {
             const atok *t = &op->args[a].alt[i];
             if (i)
-                buf_add(c, b, " || ", 4);
+                fy_buf_add(c, b, " || ", 4);
             tok_gostr(c, b, t);
             if (t->kind != A_REF && t->kind != A_ENV)
                 break;
         }
     }
-    buf_add(c, b, " ))", 3);
-    *out = nstr(c, b->p, b->n, op->node);
+    fy_buf_add(c, b, " ))", 3);
+    *out = fy_nstr(c, b->p, b->n, op->node);
     return 1;
 }
 
@@ -1323,7 +1326,7 @@ static int op_prune(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 {
     (void)err;
     (void)errsz;
-    mark_add(c, op->path, 0, NULL, 0);
+    fy_mark_add(c, op->path, 0, NULL, 0);
     *out = op->node;
     return 1;
 }
@@ -1339,22 +1342,22 @@ static int op_sort(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 /* acc x items: every string of acc followed by the %v text of every item. */
 static ynode *cartesian_step(yctx *c, yop *op, const ynode *acc, ynode *const *items, size_t n)
 {
-    ynode *next = nnew(c, T_SEQ, op->node);
+    ynode *next = fy_nnew(c, T_SEQ, op->node);
     for (size_t i = 0; i < acc->u.c.n; i++)
         for (size_t j = 0; j < n; j++) {
             ybuf *b = &c->tmp;
             b->n = 0;
-            buf_add(c, b, acc->u.c.v[i]->u.s.p, acc->u.c.v[i]->u.s.n);
+            fy_buf_add(c, b, acc->u.c.v[i]->u.s.p, acc->u.c.v[i]->u.s.n);
             add_gotext(c, b, items[j]);
-            seq_push(c, next, nstr(c, b->p, b->n, op->node));
+            fy_seq_push(c, next, fy_nstr(c, b->p, b->n, op->node));
         }
     return next;
 }
 
 static int op_cartesian(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
 {
-    ynode *acc = nnew(c, T_SEQ, op->node);
-    seq_push(c, acc, nstr(c, "", 0, op->node));
+    ynode *acc = fy_nnew(c, T_SEQ, op->node);
+    fy_seq_push(c, acc, fy_nstr(c, "", 0, op->node));
     for (int a = 0; a < op->nargs; a++) {
         int lit;
         ynode *v = arg_value(c, op, a, err, errsz, &lit);
@@ -1367,7 +1370,7 @@ static int op_cartesian(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
         ynode *const *items = v->t == T_SEQ ? v->u.c.v : one;
         size_t n = v->t == T_SEQ ? v->u.c.n : 1;
         for (size_t j = 0; j < n; j++)
-            NEED(is_scalar(items[j]), "cartesian-product operator can only operate on lists of scalar values");
+            NEED(fy_is_scalar(items[j]), "cartesian-product operator can only operate on lists of scalar values");
         acc = cartesian_step(c, op, acc, items, n);
     }
     NEED(op->nargs > 0, "no arguments specified to (( cartesian-product ... ))");
@@ -1645,14 +1648,14 @@ static int op_ips(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     if (op->nargs == 2) {
         one = goip_add(&ip, start);
         goip_text(&one, tmp, sizeof tmp);
-        *out = nstrz(c, tmp, op->node);
+        *out = fy_nstrz(c, tmp, op->node);
         return 1;
     }
-    ynode *l = nnew(c, T_SEQ, op->node);
+    ynode *l = fy_nnew(c, T_SEQ, op->node);
     for (lua_Integer i = 0; i < count; i++) {
         one = goip_add(&ip, (int64_t)((uint64_t)start + (uint64_t)i));
         goip_text(&one, tmp, sizeof tmp);
-        seq_push(c, l, nstrz(c, tmp, op->node));
+        fy_seq_push(c, l, fy_nstrz(c, tmp, op->node));
     }
     *out = l;
     return 1;
@@ -1666,7 +1669,7 @@ static void pool_add(yctx *c, ippool *p, uint32_t ip)
 {
     if (p->n == p->cap) {
         size_t cap = p->cap ? p->cap * 2 : 64;
-        uint32_t *v = aalloc(c, sizeof(uint32_t) * cap);
+        uint32_t *v = fy_aalloc(c, sizeof(uint32_t) * cap);
         if (p->n)
             memcpy(v, p->ip, sizeof(uint32_t) * p->n);
         p->ip = v;
@@ -1697,7 +1700,7 @@ static ippool *zone_use(yctx *c, sipzones *z, const char *name)
 {
     if (z->norder == z->caporder) {
         int cap = z->caporder ? z->caporder * 2 : 8;
-        const char **o = aalloc(c, sizeof(char *) * (size_t)cap);
+        const char **o = fy_aalloc(c, sizeof(char *) * (size_t)cap);
         if (z->norder)
             memcpy(o, z->order, sizeof(char *) * (size_t)z->norder);
         z->order = o;
@@ -1709,8 +1712,8 @@ static ippool *zone_use(yctx *c, sipzones *z, const char *name)
         return p;
     if (z->n == z->cap) {
         int cap = z->cap ? z->cap * 2 : 8;
-        const char **nm = aalloc(c, sizeof(char *) * (size_t)cap);
-        ippool *pl = aalloc(c, sizeof(ippool) * (size_t)cap);
+        const char **nm = fy_aalloc(c, sizeof(char *) * (size_t)cap);
+        ippool *pl = fy_aalloc(c, sizeof(ippool) * (size_t)cap);
         if (z->n) {
             memcpy(nm, z->name, sizeof(char *) * (size_t)z->n);
             memcpy(pl, z->pool, sizeof(ippool) * (size_t)z->n);
@@ -1742,11 +1745,11 @@ static const char *sip_string(yctx *c, const char *path, const char *leaf, char 
     if (!v)
         return NULL;
     if (v->t == T_STR)
-        return astrdup(c, v->u.s.p, v->u.s.n);
+        return fy_astrdup(c, v->u.s.p, v->u.s.n);
     if (v->t == T_INT) {
         char tmp[32];
         snprintf(tmp, sizeof tmp, "%lld", (long long)v->u.i);
-        return astrdup(c, tmp, strlen(tmp));
+        return fy_astrdup(c, tmp, strlen(tmp));
     }
     snprintf(err, errsz, "%s.%s is not a string", path, leaf);
     return NULL;
@@ -1764,7 +1767,7 @@ static void subnet_zones(yctx *c, sipzones *z, const char *r, const char **zones
     for (size_t i = 0; azs && azs->t == T_SEQ && i < azs->u.c.n; i++) {
         ynode *v = azs->u.c.v[i];
         if (v->t == T_STR && v->u.s.n && *nz < max)
-            zones[(*nz)++] = astrdup(c, v->u.s.p, v->u.s.n);
+            zones[(*nz)++] = fy_astrdup(c, v->u.s.p, v->u.s.n);
     }
     if (*nz == 0)
         zones[(*nz)++] = "z1";
@@ -1829,7 +1832,7 @@ static const char *canon_path(yctx *c, const char *ref)
     int k = split_ref(ref, strlen(ref), seg, MAXSEG);
     ybuf *b = &c->tmp;
     b->n = 0;
-    buf_add(c, b, "", 0);
+    fy_buf_add(c, b, "", 0);
     ynode *cur = c->root;
     for (int i = 0; i < k && cur; i++) {
         size_t idx;
@@ -1838,25 +1841,25 @@ static const char *canon_path(yctx *c, const char *ref)
         if (!next)
             break;
         if (b->n)
-            buf_add(c, b, ".", 1);
+            fy_buf_add(c, b, ".", 1);
         if (cur->t == T_SEQ) {
             snprintf(tmp, sizeof tmp, "%zu", idx);
-            buf_adds(c, b, tmp);
+            fy_buf_adds(c, b, tmp);
         } else {
             size_t kl;
-            const char *kt = scalar_text(cur->u.c.k[idx], tmp, sizeof tmp, &kl);
-            buf_add(c, b, kt, kl);
+            const char *kt = fy_scalar_text(cur->u.c.k[idx], tmp, sizeof tmp, &kl);
+            fy_buf_add(c, b, kt, kl);
         }
         cur = next;
     }
-    return astrdup(c, b->p, b->n);
+    return fy_astrdup(c, b->p, b->n);
 }
 
 /* spruce's statics(): the network named beside the operator, all its subnets' pools. */
 static int sip_pools(yctx *c, yop *op, sipzones *z, const char **netname, char *err, size_t errsz)
 {
     const char *dot = strrchr(op->path, '.');
-    const char *entry = dot ? astrdup(c, op->path, (size_t)(dot - op->path)) : "";
+    const char *entry = dot ? fy_astrdup(c, op->path, (size_t)(dot - op->path)) : "";
     const char *net = sip_string(c, entry, "name", err, errsz);
     if (!net)
         return 0;
@@ -1876,7 +1879,7 @@ static int sip_pools(yctx *c, yop *op, sipzones *z, const char **netname, char *
         if (subs->t == T_SEQ)
             snprintf(r, sizeof r, "%s.%zu", cb, i);
         else {
-            const char *key = scalar_text(subs->u.c.k[i], tmp, sizeof tmp, &kl);   /* sets kl first */
+            const char *key = fy_scalar_text(subs->u.c.k[i], tmp, sizeof tmp, &kl);   /* sets kl first */
             snprintf(r, sizeof r, "%s.%.*s", cb, (int)kl, key);
         }
         if (!subnet_statics(c, z, net, r, err, errsz))
@@ -1891,31 +1894,31 @@ static void go_sharpv(yctx *c, ybuf *b, const ynode *n, int depth)
     char tmp[64];
     size_t len;
     if (n->t == T_STR) {
-        buf_add(c, b, "\"", 1);
-        buf_add(c, b, n->u.s.p, n->u.s.n);
-        buf_add(c, b, "\"", 1);
+        fy_buf_add(c, b, "\"", 1);
+        fy_buf_add(c, b, n->u.s.p, n->u.s.n);
+        fy_buf_add(c, b, "\"", 1);
         return;
     }
     if (n->t == T_NULL || depth > 8) {
-        buf_adds(c, b, "interface {}(nil)");
+        fy_buf_adds(c, b, "interface {}(nil)");
         return;
     }
-    if (is_scalar(n)) {
-        const char *s = scalar_text(n, tmp, sizeof tmp, &len);
-        buf_add(c, b, s, len);
+    if (fy_is_scalar(n)) {
+        const char *s = fy_scalar_text(n, tmp, sizeof tmp, &len);
+        fy_buf_add(c, b, s, len);
         return;
     }
-    buf_adds(c, b, n->t == T_SEQ ? "[]interface {}{" : "map[interface {}]interface {}{");
+    fy_buf_adds(c, b, n->t == T_SEQ ? "[]interface {}{" : "map[interface {}]interface {}{");
     for (size_t i = 0; i < n->u.c.n; i++) {
         if (i)
-            buf_add(c, b, ", ", 2);
+            fy_buf_add(c, b, ", ", 2);
         if (n->t == T_MAP) {
             go_sharpv(c, b, n->u.c.k[i], depth + 1);
-            buf_add(c, b, ":", 1);
+            fy_buf_add(c, b, ":", 1);
         }
         go_sharpv(c, b, n->u.c.v[i], depth + 1);
     }
-    buf_add(c, b, "}", 1);
+    fy_buf_add(c, b, "}", 1);
 }
 
 /* The job's `azs` as a list of strings (NULL when absent). */
@@ -1932,7 +1935,7 @@ static int sip_job_azs(yctx *c, const char *job, const ynode **azs, char *err, s
         ybuf *b = &c->tmp;
         b->n = 0;
         go_sharpv(c, b, *azs, 0);
-        buf_add(c, b, "", 1);
+        fy_buf_add(c, b, "", 1);
         NEED(0, "azs %s must be a list of strings", b->p);
     }
     return 1;
@@ -1946,7 +1949,7 @@ static int sip_instances(yctx *c, const char *job, lua_Integer *inst, char *err,
         return 0;
     lua_Integer v;
     int ovf;
-    NEED(parse_go_int(s, strlen(s), &v, &ovf) && !ovf && strspn(s, "+-0123456789") == strlen(s),
+    NEED(fy_parse_go_int(s, strlen(s), &v, &ovf) && !ovf && strspn(s, "+-0123456789") == strlen(s),
          "the `instances:` for the current job is not numeric");
     NEED(v >= 0, "negative number found in `instances:` for the current job");
     *inst = v;
@@ -1958,14 +1961,14 @@ static const char *sip_job(yctx *c, yop *op, char *err, size_t errsz)
 {
     yseg seg[MAXSEG];
     int k = split_ref(op->path, strlen(op->path), seg, MAXSEG);
-    while (k > 0 && !(k >= 2 && (word_is(seg[k - 2].s, seg[k - 2].n, "jobs")
-                                 || word_is(seg[k - 2].s, seg[k - 2].n, "instance_groups"))))
+    while (k > 0 && !(k >= 2 && (fy_word_is(seg[k - 2].s, seg[k - 2].n, "jobs")
+                                 || fy_word_is(seg[k - 2].s, seg[k - 2].n, "instance_groups"))))
         k--;
     if (k <= 0) {
         snprintf(err, errsz, "not currently inside of a job definition block");
         return NULL;
     }
-    return astrdup(c, op->path, (size_t)(seg[k - 1].s + seg[k - 1].n - op->path));
+    return fy_astrdup(c, op->path, (size_t)(seg[k - 1].s + seg[k - 1].n - op->path));
 }
 
 static int str_in(const ynode *list, const char *s, size_t n)
@@ -1982,23 +1985,23 @@ static int sip_pick_pool(yctx *c, sipzones *z, const ynode *jazs, const char *az
 {
     ybuf *b = &c->tmp;
     b->n = 0;
-    buf_add(c, b, "[", 1);
+    fy_buf_add(c, b, "[", 1);
     int nz = jazs ? (int)jazs->u.c.n : z->norder;
     for (int i = 0; i < nz; i++) {
         if (i)
-            buf_add(c, b, " ", 1);
+            fy_buf_add(c, b, " ", 1);
         if (jazs)
-            buf_add(c, b, jazs->u.c.v[i]->u.s.p, jazs->u.c.v[i]->u.s.n);
+            fy_buf_add(c, b, jazs->u.c.v[i]->u.s.p, jazs->u.c.v[i]->u.s.n);
         else
-            buf_adds(c, b, z->order[i]);
+            fy_buf_adds(c, b, z->order[i]);
     }
-    buf_add(c, b, "]", 2);
+    fy_buf_add(c, b, "]", 2);
     if (az) {
         int found = 0;
         for (int i = 0; i < nz && !found; i++)
             found = jazs ? str_in(jazs, az, azl) : (strlen(z->order[i]) == azl && memcmp(z->order[i], az, azl) == 0);
         NEED(found, "could not find AZ %.*s in instance_groups AZS %s", (int)azl, az, b->p);
-        char *name = astrdup(c, az, azl);
+        char *name = fy_astrdup(c, az, azl);
         ippool *p = zone_pool(z, name);
         NEED(p, "could not find AZ %s in IP pool", name);
         *out = *p;
@@ -2006,10 +2009,10 @@ static int sip_pick_pool(yctx *c, sipzones *z, const ynode *jazs, const char *az
     }
     memset(out, 0, sizeof *out);
     for (int i = 0; i < nz; i++) {
-        const char *name = jazs ? astrdup(c, jazs->u.c.v[i]->u.s.p, jazs->u.c.v[i]->u.s.n) : z->order[i];
+        const char *name = jazs ? fy_astrdup(c, jazs->u.c.v[i]->u.s.p, jazs->u.c.v[i]->u.s.n) : z->order[i];
         int dup = 0;
         for (int j = 0; j < i && !dup; j++)
-            dup = strcmp(name, jazs ? astrdup(c, jazs->u.c.v[j]->u.s.p, jazs->u.c.v[j]->u.s.n) : z->order[j]) == 0;
+            dup = strcmp(name, jazs ? fy_astrdup(c, jazs->u.c.v[j]->u.s.p, jazs->u.c.v[j]->u.s.n) : z->order[j]) == 0;
         ippool *p = dup ? NULL : zone_pool(z, name);
         for (size_t k = 0; p && k < p->n; k++) {
             int seen = 0;
@@ -2040,7 +2043,7 @@ static int sip_arg(yctx *c, yop *op, int i, const char **az, size_t *azl, lua_In
     const char *s = t->kind == A_STR ? t->s : NULL;
     size_t len = t->n;
     if (t->kind == A_ENV)
-        s = env_get(c, t->s, &len);
+        s = fy_env_get(c, t->s, &len);
     const char *colon = memchr(s, ':', len);
     if (colon) {
         *az = s;
@@ -2049,7 +2052,7 @@ static int sip_arg(yctx *c, yop *op, int i, const char **az, size_t *azl, lua_In
         s = colon + 1;
     }
     int ovf;
-    NEED(len && strspn(s, "+-0123456789") >= len && parse_go_int(s, len, n, &ovf) && !ovf, "%s", fmt);
+    NEED(len && strspn(s, "+-0123456789") >= len && fy_parse_go_int(s, len, n, &ovf) && !ovf, "%s", fmt);
     return 1;
 }
 
@@ -2063,14 +2066,14 @@ static int sip_claim(yctx *c, uint32_t ip, const char *owner, char *err, size_t 
              c->claims[cl].owner);
     if (c->nclaims == c->capclaims) {
         size_t cap = c->capclaims ? c->capclaims * 2 : 32;
-        void *nv = aalloc(c, sizeof(c->claims[0]) * cap);
+        void *nv = fy_aalloc(c, sizeof(c->claims[0]) * cap);
         if (c->nclaims)
             memcpy(nv, c->claims, sizeof(c->claims[0]) * c->nclaims);
         c->claims = nv;
         c->capclaims = cap;
     }
     c->claims[c->nclaims].ip = ip;
-    c->claims[c->nclaims].owner = astrdup(c, owner, strlen(owner));
+    c->claims[c->nclaims].owner = fy_astrdup(c, owner, strlen(owner));
     c->nclaims++;
     return 1;
 }
@@ -2095,7 +2098,7 @@ static int sip_assign(yctx *c, yop *op, sipzones *z, const ynode *jazs, const ch
         if (!sip_claim(c, pool.ip[n], owner, err, errsz))
             return 0;
         fmt_ip(pool.ip[n], ipt, sizeof ipt);
-        seq_push(c, l, nstrz(c, ipt, op->node));
+        fy_seq_push(c, l, fy_nstrz(c, ipt, op->node));
     }
     return 1;
 }
@@ -2110,7 +2113,7 @@ static int op_static_ips(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     lua_Integer inst;
     if (!jn || !sip_job_azs(c, job, &jazs, err, errsz) || !sip_instances(c, job, &inst, err, errsz))
         return 0;
-    ynode *l = nnew(c, T_SEQ, op->node);
+    ynode *l = fy_nnew(c, T_SEQ, op->node);
     *out = l;
     if (inst == 0)
         return 1;
@@ -2127,13 +2130,13 @@ static int op_static_ips(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
         al += (size_t)snprintf(azlist + al, al < sizeof azlist ? sizeof azlist - al : 0, "%s%.*s", i ? " " : "",
                                (int)jazs->u.c.v[i]->u.s.n, jazs->u.c.v[i]->u.s.p);
     for (size_t i = 0; jazs && i < jazs->u.c.n; i++) {
-        char *name = astrdup(c, jazs->u.c.v[i]->u.s.p, jazs->u.c.v[i]->u.s.n);
+        char *name = fy_astrdup(c, jazs->u.c.v[i]->u.s.p, jazs->u.c.v[i]->u.s.n);
         NEED(zone_pool(&z, name), "could not find AZ %s (in network AZS [%.*s])", name, (int)al, azlist);
     }
     char tmp[64];
     size_t jl;
-    const char *js = is_scalar(jn) ? scalar_text(jn, tmp, sizeof tmp, &jl) : "?";
-    char *jname = astrdup(c, js, is_scalar(jn) ? jl : 1);
+    const char *js = fy_is_scalar(jn) ? fy_scalar_text(jn, tmp, sizeof tmp, &jl) : "?";
+    char *jname = fy_astrdup(c, js, fy_is_scalar(jn) ? jl : 1);
     if (jazs && jazs->u.c.n == 0)
         jazs = NULL;
     return sip_assign(c, op, &z, jazs, jname, inst, l, err, errsz);
@@ -2156,7 +2159,7 @@ static char *str_replace_all(yctx *c, const char *s, const char *from, const cha
         cnt++;
     if (!cnt)
         return (char *)s;
-    char *out = aalloc(c, strlen(s) + cnt * tl + 1), *o = out;
+    char *out = fy_aalloc(c, strlen(s) + cnt * tl + 1), *o = out;
     for (const char *p = s, *q; (q = strstr(p, from)); p = q + fl) {
         memcpy(o, p, (size_t)(q - p));
         o += q - p;
@@ -2184,7 +2187,7 @@ static const char *calc_value_text(const ynode *v, const char *path, char *tmp, 
         snprintf(err, errsz, "path %s references a nil value, which cannot be used in calculations", path);
         return NULL;
     } else {
-        snprintf(err, errsz, "path %s is of type %s, which cannot be used in calculations", path, type_name(v));
+        snprintf(err, errsz, "path %s is of type %s, which cannot be used in calculations", path, fy_type_name(v));
         return NULL;
     }
     return tmp;
@@ -2192,7 +2195,7 @@ static const char *calc_value_text(const ynode *v, const char *path, char *tmp, 
 
 static char *calc_replace_refs(yctx *c, const char *e, size_t n, char *err, size_t errsz)
 {
-    char *out = astrdup(c, e, n);
+    char *out = fy_astrdup(c, e, n);
     size_t i = 0, st, len;
     while (calc_next_cursor(e, n, &i, &st, &len)) {
         const char *path = ref_norm(c, e + st, len);
@@ -2296,7 +2299,7 @@ static int gl_symbol(int ch)
  * else whitespace ends a non-empty token. Returns whether a non-matching character ended it. */
 static int gl_read(glex *l, int keep, int (*cond)(int), const char **out, size_t *outn)
 {
-    char *buf = aalloc(l->c, l->n - l->i + 1);
+    char *buf = fy_aalloc(l->c, l->n - l->i + 1);
     size_t k = 0;
     int ended = 0;
     while (l->i < l->n) {
@@ -2363,10 +2366,10 @@ static int gl_word(glex *l, gtok *t)
     l->i--;
     gl_read(l, 0, gl_varname, &t->s, &t->n);
     t->kind = GK_VARIABLE;
-    if (word_is(t->s, t->n, "true") || word_is(t->s, t->n, "false")) {
+    if (fy_word_is(t->s, t->n, "true") || fy_word_is(t->s, t->n, "false")) {
         t->kind = GK_BOOLEAN;
-        t->f = word_is(t->s, t->n, "true");
-    } else if (word_is(t->s, t->n, "in") || word_is(t->s, t->n, "IN")) {
+        t->f = fy_word_is(t->s, t->n, "true");
+    } else if (fy_word_is(t->s, t->n, "in") || fy_word_is(t->s, t->n, "IN")) {
         t->kind = GK_COMPARATOR;
         t->s = "in";
     }
@@ -2380,7 +2383,7 @@ static int gl_number(glex *l, gtok *t)
     l->i--;
     gl_read(l, 0, gl_numeric, &t->s, &t->n);
     t->kind = GK_NUMERIC;
-    if (!parse_go_float(t->s, t->n, &t->f))
+    if (!fy_parse_go_float(t->s, t->n, &t->f))
         return gl_fail(l, "Unable to parse numeric value '%s' to float64", t->s);
     return 1;
 }
@@ -2426,7 +2429,7 @@ static int gl_tokens(glex *l)
     while ((r = gl_token(l, prev, &t)) > 0) {
         if (l->nt == l->cap) {
             int cap = l->cap ? l->cap * 2 : 16;
-            gtok *v = aalloc(l->c, sizeof(gtok) * (size_t)cap);
+            gtok *v = fy_aalloc(l->c, sizeof(gtok) * (size_t)cap);
             if (l->nt)
                 memcpy(v, l->t, sizeof(gtok) * (size_t)l->nt);
             l->t = v;
@@ -2452,12 +2455,12 @@ static const char *gtok_text(yctx *c, const gtok *t)
         return "<nil>";
     if (t->kind == GK_NUMERIC) {
         char tmp[64];
-        fmt_go_float(t->f, tmp, sizeof tmp);
-        return astrdup(c, tmp, strlen(tmp));
+        fy_fmt_go_float(t->f, tmp, sizeof tmp);
+        return fy_astrdup(c, tmp, strlen(tmp));
     }
     if (t->kind == GK_BOOLEAN)
         return t->f ? "true" : "false";
-    return astrdup(c, t->s, t->n);
+    return fy_astrdup(c, t->s, t->n);
 }
 
 /* checkExpressionSyntax: 0 with err set when a token cannot follow the one before it. */
@@ -2512,26 +2515,26 @@ static void gv_text(yctx *c, ybuf *b, const gval *v)
     char tmp[64];
     switch (v->t) {
     case GV_NUM:
-        fmt_go_float(v->f, tmp, sizeof tmp);
-        buf_adds(c, b, tmp);
+        fy_fmt_go_float(v->f, tmp, sizeof tmp);
+        fy_buf_adds(c, b, tmp);
         break;
     case GV_BOOL:
-        buf_adds(c, b, v->f ? "true" : "false");
+        fy_buf_adds(c, b, v->f ? "true" : "false");
         break;
     case GV_STR:
-        buf_add(c, b, v->s, v->n);
+        fy_buf_add(c, b, v->s, v->n);
         break;
     case GV_LIST:
-        buf_add(c, b, "[", 1);
+        fy_buf_add(c, b, "[", 1);
         for (size_t i = 0; i < v->n; i++) {
             if (i)
-                buf_add(c, b, " ", 1);
+                fy_buf_add(c, b, " ", 1);
             gv_text(c, b, &v->l[i]);
         }
-        buf_add(c, b, "]", 1);
+        fy_buf_add(c, b, "]", 1);
         break;
     default:
-        buf_adds(c, b, "<nil>");
+        fy_buf_adds(c, b, "<nil>");
     }
 }
 
@@ -2540,8 +2543,8 @@ static const char *gv_str(yctx *c, const gval *v)
     ybuf *b = &c->tmp;
     b->n = 0;
     gv_text(c, b, v);
-    buf_add(c, b, "", 1);
-    return astrdup(c, b->p, b->n - 1);
+    fy_buf_add(c, b, "", 1);
+    return fy_astrdup(c, b->p, b->n - 1);
 }
 
 static gval ge_fail(gev *e, const char *fmt, const gval *v, const char *sym)
@@ -2600,9 +2603,9 @@ static gval ge_concat(gev *e, const gval *a, const gval *b)
     buf->n = 0;
     gv_text(e->c, buf, a);
     gv_text(e->c, buf, b);
-    buf_add(e->c, buf, "", 0);
+    fy_buf_add(e->c, buf, "", 0);
     gval r = {GV_STR, 0, NULL, NULL, buf->n};
-    r.s = astrdup(e->c, buf->p, buf->n);
+    r.s = fy_astrdup(e->c, buf->p, buf->n);
     return r;
 }
 
@@ -2641,7 +2644,7 @@ static gval ge_regex(gev *e, const char *sym, const gval *a, const gval *b)
     if (!ge_check(e, GV_STR, a, b, g_cmpfmt, sym))
         return gv_nil;
     regex_t re;
-    char *pat = astrdup(e->c, b->s, b->n), *subj = astrdup(e->c, a->s, a->n);
+    char *pat = fy_astrdup(e->c, b->s, b->n), *subj = fy_astrdup(e->c, a->s, a->n);
     if (regcomp(&re, pat, REG_EXTENDED | REG_NOSUB) != 0) {
         gval pv = {GV_STR, 0, pat, NULL, b->n};
         return ge_fail(e, "Unable to compile regexp pattern '%s': %s", &pv, "invalid pattern");
@@ -2683,7 +2686,7 @@ static gval ge_separator(gev *e, const gval *a, const gval *b)
 {
     size_t n = a->t == GV_LIST ? a->n : 1;
     gval r = {GV_LIST, 0, NULL, NULL, n + 1};
-    r.l = aalloc(e->c, sizeof(gval) * (n + 1));
+    r.l = fy_aalloc(e->c, sizeof(gval) * (n + 1));
     if (a->t == GV_LIST)
         memcpy(r.l, a->l, sizeof(gval) * n);
     else
@@ -2842,17 +2845,17 @@ static ynode *gv_node(yctx *c, const gval *v, const ynode *at)
     switch (v->t) {
     case GV_NUM:
         if (isfinite(v->f) && v->f == floor(v->f) && fabs(v->f) < 9.2e18)
-            return nint(c, (lua_Integer)v->f, at);
-        return nfloat(c, v->f, at);
-    case GV_BOOL: return nbool(c, v->f != 0, at);
-    case GV_STR: return nstr(c, v->s, v->n, at);
+            return fy_nint(c, (lua_Integer)v->f, at);
+        return fy_nfloat(c, v->f, at);
+    case GV_BOOL: return fy_nbool(c, v->f != 0, at);
+    case GV_STR: return fy_nstr(c, v->s, v->n, at);
     case GV_LIST: {
-        ynode *l = nnew(c, T_SEQ, at);
+        ynode *l = fy_nnew(c, T_SEQ, at);
         for (size_t i = 0; i < v->n; i++)
-            seq_push(c, l, gv_node(c, &v->l[i], at));
+            fy_seq_push(c, l, gv_node(c, &v->l[i], at));
         return l;
     }
-    default: return nnew(c, T_NULL, at);
+    default: return fy_nnew(c, T_NULL, at);
     }
 }
 
@@ -2861,15 +2864,15 @@ static int calc_no_vars(yctx *c, const glex *l, char *err, size_t errsz)
 {
     ybuf *b = &c->tmp;
     b->n = 0;
-    buf_add(c, b, "", 0);
+    fy_buf_add(c, b, "", 0);
     int n = 0;
     for (int i = 0; i < l->nt; i++)
         if (l->t[i].kind == GK_VARIABLE) {
             if (n++)
-                buf_add(c, b, ", ", 2);
-            buf_add(c, b, l->t[i].s, l->t[i].n);
+                fy_buf_add(c, b, ", ", 2);
+            fy_buf_add(c, b, l->t[i].s, l->t[i].n);
         }
-    buf_add(c, b, "", 1);
+    fy_buf_add(c, b, "", 1);
     NEED(n == 0, "calc operator does not support named variables in expression: %s", b->p);
     return 1;
 }
@@ -2909,8 +2912,8 @@ static int op_inject(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
             return 0;
         NEED(!lit && op->args[a].alt[op->used].kind == A_REF, "inject operator only accepts key reference arguments");
         NEED(v->t == T_MAP, "%s is not a map", arg_text(c, op, a));
-        ynode *cp = ncopy(c, v, NULL);
-        acc = acc ? merge_obj(c, acc, cp) : cp;
+        ynode *cp = fy_ncopy(c, v, NULL);
+        acc = acc ? fy_merge_obj(c, acc, cp) : cp;
     }
     ynode *m = op->parent;
     long self = -1;
@@ -2922,30 +2925,30 @@ static int op_inject(yctx *c, yop *op, ynode **out, char *err, size_t errsz)
     NEED(self >= 0, "inject operator lost its place in the document");
     /* parent path for marks made while merging */
     const char *dot = strrchr(op->path, '.');
-    path_pop(c, 0);
+    fy_path_pop(c, 0);
     if (dot)
-        buf_add(c, &c->path, op->path, (size_t)(dot - op->path));
-    ynode *res = nnew(c, T_MAP, m);
+        fy_buf_add(c, &c->path, op->path, (size_t)(dot - op->path));
+    ynode *res = fy_nnew(c, T_MAP, m);
     int save = c->fallback_append;
     c->fallback_append = 1;
     for (size_t i = 0; i < m->u.c.n; i++) {
         if ((long)i == self) {
             for (size_t j = 0; j < acc->u.c.n; j++)
-                if (map_find(c, m, acc->u.c.k[j]) < 0)
-                    map_append(c, res, acc->u.c.k[j], acc->u.c.v[j]);
+                if (fy_map_find(c, m, acc->u.c.k[j]) < 0)
+                    fy_map_append(c, res, acc->u.c.k[j], acc->u.c.v[j]);
             continue;
         }
-        long j = map_find(c, acc, m->u.c.k[i]);
+        long j = fy_map_find(c, acc, m->u.c.k[i]);
         ynode *v = m->u.c.v[i];
         if (j >= 0) {
-            size_t old = path_push_key(c, m->u.c.k[i]);
-            v = merge_obj(c, acc->u.c.v[j], v);
-            path_pop(c, old);
+            size_t old = fy_path_push_key(c, m->u.c.k[i]);
+            v = fy_merge_obj(c, acc->u.c.v[j], v);
+            fy_path_pop(c, old);
         }
-        map_append(c, res, m->u.c.k[i], v);
+        fy_map_append(c, res, m->u.c.k[i], v);
     }
     c->fallback_append = save;
-    path_pop(c, 0);
+    fy_path_pop(c, 0);
     /* rewrite the parent in place so every pointer to it stays valid */
     m->u.c.k = res->u.c.k;
     m->u.c.v = res->u.c.v;
@@ -2988,7 +2991,7 @@ static const char *op_text(yctx *c, yop *op)
     size_t n = op->node->u.s.n;
     if (n > 200)
         n = 200;
-    return astrdup(c, op->node->u.s.p, n);
+    return fy_astrdup(c, op->node->u.s.p, n);
 }
 
 /* Run one operator; 1 on success (result stored in place). */
@@ -3005,7 +3008,7 @@ static int run_op(yctx *c, yop *op, int phase)
         ok = op_lookup(op->name)(c, op, &res, err, sizeof err);
     }
     if (!ok) {
-        yerr_add(c, phase == PH_PARAM ? "yaml.param" : "yaml.eval", op->node, op->path, op_text(c, op), "%s", err);
+        fy_err_add(c, phase == PH_PARAM ? "yaml.param" : "yaml.eval", op->node, op->path, op_text(c, op), "%s", err);
         return 0;
     }
     if (phase == PH_INJECT)
@@ -3056,12 +3059,12 @@ static void report_cycle(yctx *c, yops *o, const int *done)
 {
     ybuf *b = &c->tmp;
     b->n = 0;
-    buf_add(c, b, "cycle detected in operator data-flow graph:", 43);
+    fy_buf_add(c, b, "cycle detected in operator data-flow graph:", 43);
     int shown = 0;
     for (int i = 0; i < o->n && shown < 8; i++)
         if (o->v[i].run && !done[i]) {
-            buf_add(c, b, " $.", 3);
-            buf_adds(c, b, o->v[i].path);
+            fy_buf_add(c, b, " $.", 3);
+            fy_buf_adds(c, b, o->v[i].path);
             shown++;
         }
     const ynode *at = NULL;
@@ -3070,7 +3073,7 @@ static void report_cycle(yctx *c, yops *o, const int *done)
             at = o->v[i].node;
             break;
         }
-    yerr_add(c, "yaml.cycle", at, NULL, NULL, "%s", b->p);
+    fy_err_add(c, "yaml.cycle", at, NULL, NULL, "%s", b->p);
 }
 
 static int under_path(const char *p, const char *pick)
@@ -3104,7 +3107,7 @@ static void eval_phase(yctx *c, const char *const *picks, int npicks)
         if (sel)
             mark_run(&o, i);
     }
-    int *cnt = aalloc(c, sizeof(int) * (size_t)o.n);
+    int *cnt = fy_aalloc(c, sizeof(int) * (size_t)o.n);
     memset(cnt, 0, sizeof(int) * (size_t)o.n);
     for (int i = 0; i < o.n; i++)
         if (o.v[i].run)
@@ -3113,7 +3116,7 @@ static void eval_phase(yctx *c, const char *const *picks, int npicks)
                 o.v[i].indeg++;
             }
     for (int i = 0; i < o.n; i++) {
-        o.v[i].users = aalloc(c, sizeof(int) * (size_t)(cnt[i] + 1));
+        o.v[i].users = fy_aalloc(c, sizeof(int) * (size_t)(cnt[i] + 1));
         o.v[i].nusers = 0;
     }
     for (int i = 0; i < o.n; i++)
@@ -3122,8 +3125,8 @@ static void eval_phase(yctx *c, const char *const *picks, int npicks)
                 yop *dep = &o.v[o.v[i].deps[d]];
                 dep->users[dep->nusers++] = i;
             }
-    int *heap = aalloc(c, sizeof(int) * (size_t)o.n);
-    int *done = aalloc(c, sizeof(int) * (size_t)o.n);
+    int *heap = fy_aalloc(c, sizeof(int) * (size_t)o.n);
+    int *done = fy_aalloc(c, sizeof(int) * (size_t)o.n);
     memset(done, 0, sizeof(int) * (size_t)o.n);
     int hn = 0, ndone = 0, nrun = 0;
     for (int i = 0; i < o.n; i++)
@@ -3181,7 +3184,7 @@ static void inject_phase(yctx *c)
                 pick = i;
         }
         if (pick < 0) {
-            int *done = aalloc(c, sizeof(int) * (size_t)o.n);
+            int *done = fy_aalloc(c, sizeof(int) * (size_t)o.n);
             for (int i = 0; i < o.n; i++)
                 done[i] = !o.v[i].run;
             report_cycle(c, &o, done);
@@ -3190,7 +3193,7 @@ static void inject_phase(yctx *c)
         if (!run_op(c, &o.v[pick], PH_INJECT)) {
             if (nfailed == capfailed) {
                 capfailed = capfailed ? capfailed * 2 : 8;
-                ynode **nf = aalloc(c, sizeof(ynode *) * (size_t)capfailed);
+                ynode **nf = fy_aalloc(c, sizeof(ynode *) * (size_t)capfailed);
                 if (nfailed)
                     memcpy(nf, failed, sizeof(ynode *) * (size_t)nfailed);
                 failed = nf;
@@ -3240,7 +3243,7 @@ static int locate(yctx *c, const char *path, ynode **parent, size_t *idx, int *l
 static void prune_all(yctx *c, const char *const *extra, int nextra)
 {
     size_t total = c->nmarks + (size_t)nextra;
-    ynode **targets = aalloc(c, sizeof(ynode *) * (total + 1));
+    ynode **targets = fy_aalloc(c, sizeof(ynode *) * (total + 1));
     size_t nt = 0;
     for (size_t i = 0; i < total; i++) {
         const char *p;
@@ -3264,7 +3267,7 @@ static void prune_all(yctx *c, const char *const *extra, int nextra)
     /* walk the tree removing targets by identity, so indexes cannot shift under us */
     if (!nt)
         return;
-    ynode **stack = aalloc(c, sizeof(ynode *) * 64);
+    ynode **stack = fy_aalloc(c, sizeof(ynode *) * 64);
     size_t sp = 0, scap = 64;
     stack[sp++] = c->root;
     while (sp) {
@@ -3278,14 +3281,14 @@ static void prune_all(yctx *c, const char *const *extra, int nextra)
                 hit = targets[t] == v;
             if (hit) {
                 if (n->t == T_MAP)
-                    map_remove(n, i);
+                    fy_map_remove(n, i);
                 else
-                    seq_remove(n, i);
+                    fy_seq_remove(n, i);
                 continue;
             }
             if (v->t == T_MAP || v->t == T_SEQ) {
                 if (sp == scap) {
-                    ynode **ns = aalloc(c, sizeof(ynode *) * scap * 2);
+                    ynode **ns = fy_aalloc(c, sizeof(ynode *) * scap * 2);
                     memcpy(ns, stack, sizeof(ynode *) * sp);
                     stack = ns;
                     scap *= 2;
@@ -3303,14 +3306,14 @@ typedef struct sortctx { yctx *c; const char *key; int kind; } sortctx;
 static int sort_cmp(const sortctx *sc, const ynode *a, const ynode *b)
 {
     if (sc->kind == T_MAP) {
-        a = map_gets(sc->c, (ynode *)a, sc->key);
-        b = map_gets(sc->c, (ynode *)b, sc->key);
+        a = fy_map_gets(sc->c, (ynode *)a, sc->key);
+        b = fy_map_gets(sc->c, (ynode *)b, sc->key);
     }
     if ((a->t == T_INT || a->t == T_FLOAT) && (b->t == T_INT || b->t == T_FLOAT))
-        return key_cmp(&a, &b);
+        return fy_key_cmp(&a, &b);
     char ta[64], tb[64];
     size_t la, lb;
-    const char *sa = scalar_text(a, ta, sizeof ta, &la), *sb = scalar_text(b, tb, sizeof tb, &lb);
+    const char *sa = fy_scalar_text(a, ta, sizeof ta, &la), *sb = fy_scalar_text(b, tb, sizeof tb, &lb);
     size_t n = la < lb ? la : lb;
     int r = memcmp(sa, sb, n);
     return r ? r : (la < lb ? -1 : la > lb);
@@ -3352,24 +3355,24 @@ static void sort_all(yctx *c)
                 bad = 1;
         }
         if (bad) {
-            yerr_add(c, "yaml.sort", l, path, NULL,
-                     "$.%s is a list with different types (not a list with homogeneous entry types)", path);
+            fy_err_add(c, "yaml.sort", l, path, NULL,
+                       "$.%s is a list with different types (not a list with homogeneous entry types)", path);
             continue;
         }
         if (kind == T_SEQ) {
-            yerr_add(c, "yaml.sort", l, path, NULL,
-                     "$.%s is a list with list entries (not a list with maps, strings or numbers)", path);
+            fy_err_add(c, "yaml.sort", l, path, NULL,
+                       "$.%s is a list with list entries (not a list with maps, strings or numbers)", path);
             continue;
         }
         if (kind == T_MAP) {
             for (size_t i = 0; i < l->u.c.n && !bad; i++) {
-                ynode *kv = map_gets(c, l->u.c.v[i], key);
-                bad = !kv || !is_scalar(kv);
+                ynode *kv = fy_map_gets(c, l->u.c.v[i], key);
+                bad = !kv || !fy_is_scalar(kv);
             }
             if (bad) {
-                yerr_add(c, "yaml.sort", l, path, NULL,
-                         "$.%s is a list with map entries, where some do not contain %s (not a list with map "
-                         "entries each containing %s)", path, key, key);
+                fy_err_add(c, "yaml.sort", l, path, NULL,
+                           "$.%s is a list with map entries, where some do not contain %s (not a list with map "
+                           "entries each containing %s)", path, key, key);
                 continue;
             }
         }
@@ -3380,7 +3383,7 @@ static void sort_all(yctx *c)
 
 static ynode *cherry_pick(yctx *c, const char *const *picks, int npicks)
 {
-    ynode *out = nnew(c, T_MAP, c->root);
+    ynode *out = fy_nnew(c, T_MAP, c->root);
     for (int p = 0; p < npicks; p++) {
         yseg seg[MAXSEG];
         int k = split_ref(picks[p], strlen(picks[p]), seg, MAXSEG);
@@ -3398,35 +3401,35 @@ static ynode *cherry_pick(yctx *c, const char *const *picks, int npicks)
                 hn += (size_t)w;
             chain[i + 1] = step(c, chain[i], seg[i].s, seg[i].n, &ix);
             if (!chain[i + 1]) {
-                yerr_add(c, "yaml.cherry_pick", NULL, NULL, NULL,
-                         "`$.%s` could not be found in the datastructure", have);
+                fy_err_add(c, "yaml.cherry_pick", NULL, NULL, NULL,
+                           "`$.%s` could not be found in the datastructure", have);
                 ok = 0;
                 break;
             }
         }
         if (!ok)
             continue;
-        ynode *val = ncopy(c, chain[k], NULL);
+        ynode *val = fy_ncopy(c, chain[k], NULL);
         for (int i = k - 1; i >= 1; i--) {
             if (chain[i]->t == T_SEQ) {
-                ynode *l = nnew(c, T_SEQ, val);
-                seq_push(c, l, val);
+                ynode *l = fy_nnew(c, T_SEQ, val);
+                fy_seq_push(c, l, val);
                 val = l;
             } else {
-                ynode *m = nnew(c, T_MAP, val);
-                map_append(c, m, nstr(c, seg[i].s, seg[i].n, NULL), val);
+                ynode *m = fy_nnew(c, T_MAP, val);
+                fy_map_append(c, m, fy_nstr(c, seg[i].s, seg[i].n, NULL), val);
                 val = m;
             }
         }
-        ynode *key = nstr(c, seg[0].s, seg[0].n, NULL);
-        long j = map_find(c, out, key);
+        ynode *key = fy_nstr(c, seg[0].s, seg[0].n, NULL);
+        long j = fy_map_find(c, out, key);
         if (j < 0) {
-            map_append(c, out, key, val);
+            fy_map_append(c, out, key, val);
         } else {
-            path_pop(c, 0);
-            path_push(c, seg[0].s, seg[0].n);
-            out->u.c.v[j] = merge_obj(c, val, out->u.c.v[j]);
-            path_pop(c, 0);
+            fy_path_pop(c, 0);
+            fy_path_push(c, seg[0].s, seg[0].n);
+            out->u.c.v[j] = fy_merge_obj(c, val, out->u.c.v[j]);
+            fy_path_pop(c, 0);
         }
     }
     return out;
@@ -3438,7 +3441,7 @@ static void set_param(yctx *c, const char *path, ynode *val)
     yseg seg[MAXSEG];
     int k = split_ref(path, strlen(path), seg, MAXSEG);
     if (k <= 0) {
-        yerr_add(c, "yaml.param", NULL, path, NULL, "bad parameter path");
+        fy_err_add(c, "yaml.param", NULL, path, NULL, "bad parameter path");
         return;
     }
     ynode *cur = c->root;
@@ -3449,21 +3452,21 @@ static void set_param(yctx *c, const char *path, ynode *val)
             if (next)
                 cur->u.c.v[ix] = val;
             else if (cur->t == T_MAP)
-                map_append(c, cur, nstr(c, seg[i].s, seg[i].n, NULL), val);
+                fy_map_append(c, cur, fy_nstr(c, seg[i].s, seg[i].n, NULL), val);
             else
-                yerr_add(c, "yaml.param", NULL, path, NULL, "cannot set a parameter here (no such list entry)");
+                fy_err_add(c, "yaml.param", NULL, path, NULL, "cannot set a parameter here (no such list entry)");
             return;
         }
         if (!next || (next->t != T_MAP && next->t != T_SEQ)) {
             if (cur->t != T_MAP) {
-                yerr_add(c, "yaml.param", NULL, path, NULL, "cannot set a parameter here (no such list entry)");
+                fy_err_add(c, "yaml.param", NULL, path, NULL, "cannot set a parameter here (no such list entry)");
                 return;
             }
-            ynode *m = nnew(c, T_MAP, NULL);
+            ynode *m = fy_nnew(c, T_MAP, NULL);
             if (next)
                 cur->u.c.v[ix] = m;
             else
-                map_append(c, cur, nstr(c, seg[i].s, seg[i].n, NULL), m);
+                fy_map_append(c, cur, fy_nstr(c, seg[i].s, seg[i].n, NULL), m);
             next = m;
         }
         cur = next;
@@ -3481,14 +3484,14 @@ static int opt_strings(yctx *c, int opts, const char *name, const char ***out)
         return 0;
     }
     int n = (int)lua_rawlen(L, -1);
-    const char **v = aalloc(c, sizeof(char *) * (size_t)(n + 1));
+    const char **v = fy_aalloc(c, sizeof(char *) * (size_t)(n + 1));
     for (int i = 1; i <= n; i++) {
         lua_rawgeti(L, -1, i);
         size_t len;
         const char *s = lua_tolstring(L, -1, &len);
         if (!s)
             luaL_error(L, "yaml.merge: option '%s' must list strings", name);
-        v[i - 1] = astrdup(c, s, len);
+        v[i - 1] = fy_astrdup(c, s, len);
         lua_pop(L, 1);
     }
     lua_pop(L, 1);
@@ -3497,12 +3500,12 @@ static int opt_strings(yctx *c, int opts, const char *name, const char ***out)
 }
 
 /* Stack (inner frame): [ctx, errtab, docs, opts] -> [..., value] */
-static int merge_main(yctx *c, int docs, int opts)
+int fy_merge_main(yctx *c, int docs, int opts)
 {
     lua_State *L = c->L;
     if (lua_isnoneornil(L, opts))
         opts = 0;
-    yidx x = push_refs(L);
+    yidx x = fy_push_refs(L);
     c->fallback_append = opts ? forge_optboolfield(L, opts, "fallback_append", 0) : 0;
     int skip_eval = opts ? forge_optboolfield(L, opts, "skip_eval", 0) : 0;
     if (opts && lua_getfield(L, opts, "env") == LUA_TTABLE)
@@ -3514,36 +3517,36 @@ static int merge_main(yctx *c, int docs, int opts)
     int nprunes = opt_strings(c, opts, "prune", &prunes);
     int npicks = opt_strings(c, opts, "cherry_pick", &picks);
 
-    ynode *root = nnew(c, T_MAP, NULL);
+    ynode *root = fy_nnew(c, T_MAP, NULL);
     c->root = root;
     int ndocs = (int)lua_rawlen(L, docs);
     for (int i = 1; i <= ndocs; i++) {
         char label[32];
         snprintf(label, sizeof label, "<doc %d>", i);
-        unsigned short file = ctx_addfile(c, i <= nnames ? names[i - 1] : label);
+        unsigned short file = fy_ctx_addfile(c, i <= nnames ? names[i - 1] : label);
         lua_rawgeti(L, docs, i);
         ynode *d;
         if (lua_type(L, -1) == LUA_TSTRING) {
             size_t len;
             const char *text = lua_tolstring(L, -1, &len);
-            d = load_document(c, text, len, file);
+            d = fy_load_document(c, text, len, file);
         } else {
-            path_pop(c, 0);
-            d = from_lua(c, lua_gettop(L), 0, x, file);
+            fy_path_pop(c, 0);
+            d = fy_from_lua(c, lua_gettop(L), 0, x, file);
         }
         lua_pop(L, 1);
         if (!d || d->t == T_NULL)
             continue;
         if (d->t != T_MAP) {
-            yerr_add(c, "yaml.merge", d, NULL, NULL, "root of document %d must be a map, not a %s", i,
-                     d->t == T_SEQ ? "list" : "scalar");
+            fy_err_add(c, "yaml.merge", d, NULL, NULL, "root of document %d must be a map, not a %s", i,
+                       d->t == T_SEQ ? "list" : "scalar");
             continue;
         }
-        path_pop(c, 0);
-        merge_obj(c, root, d);
+        fy_path_pop(c, 0);
+        fy_merge_obj(c, root, d);
     }
     if (c->nerrors)
-        yraise(c);
+        fy_raise(c);
     if (opts && lua_getfield(L, opts, "params") == LUA_TTABLE) {
         int pidx = lua_gettop(L);
         lua_pushnil(L);
@@ -3551,8 +3554,8 @@ static int merge_main(yctx *c, int docs, int opts)
             if (lua_type(L, -2) != LUA_TSTRING)
                 luaL_error(L, "yaml.merge: params keys must be dotted paths (strings)");
             const char *k = lua_tostring(L, -2);
-            path_pop(c, 0);
-            set_param(c, astrdup(c, k, strlen(k)), from_lua(c, lua_gettop(L), 0, x, 0));
+            fy_path_pop(c, 0);
+            set_param(c, fy_astrdup(c, k, strlen(k)), fy_from_lua(c, lua_gettop(L), 0, x, 0));
             lua_pop(L, 1);
         }
         lua_pop(L, 1);
@@ -3560,30 +3563,28 @@ static int merge_main(yctx *c, int docs, int opts)
         lua_pop(L, 1);
     }
     if (c->nerrors)
-        yraise(c);
+        fy_raise(c);
     if (!skip_eval) {
         inject_phase(c);
         if (c->nerrors)
-            yraise(c);
+            fy_raise(c);
         param_phase(c);
         if (c->nerrors)
-            yraise(c);
+            fy_raise(c);
         eval_phase(c, picks, npicks);
         if (c->nerrors)
-            yraise(c);
+            fy_raise(c);
     }
     prune_all(c, prunes, nprunes);
     sort_all(c);
     if (c->nerrors)
-        yraise(c);
+        fy_raise(c);
     ynode *result = c->root;
     if (npicks) {
         result = cherry_pick(c, picks, npicks);
         if (c->nerrors)
-            yraise(c);
+            fy_raise(c);
     }
-    push_node(c, result, x);
+    fy_push_node(c, result, x);
     return 1;
 }
-
-#endif

@@ -1,33 +1,35 @@
 /*
- * forge.yaml — private: spruce-style document merge (maps deep, arrays by the
+ * forge.yaml, merge: spruce-style document merge (maps deep, arrays by the
  * default rule or by array operators, prune/sort marks). See YAML-MERGE.md §1–2.
- * Included only by runtime/yaml.c.
+ * Declarations in yaml_int.h.
  */
-#ifndef FORGE_YAML_MERGE_H
-#define FORGE_YAML_MERGE_H
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
-#include "yaml_io.h"
+#include "yaml_int.h"
 
 /* ------------------------------------------------------------------------- */
 /* marks: (( prune )) and (( sort [by KEY] )) remembered by path              */
 /* ------------------------------------------------------------------------- */
 
-static void mark_add(yctx *c, const char *path, int sort, const char *key, size_t keylen)
+void fy_mark_add(yctx *c, const char *path, int sort, const char *key, size_t keylen)
 {
     for (size_t i = 0; i < c->nmarks; i++)
         if (c->marks[i].sort == sort && strcmp(c->marks[i].path, path) == 0)
             return;
     if (c->nmarks == c->capmarks) {
         size_t cap = c->capmarks ? c->capmarks * 2 : 16;
-        ymark *m = aalloc(c, sizeof(ymark) * cap);
+        ymark *m = fy_aalloc(c, sizeof(ymark) * cap);
         if (c->nmarks)
             memcpy(m, c->marks, sizeof(ymark) * c->nmarks);
         c->marks = m;
         c->capmarks = cap;
     }
-    c->marks[c->nmarks].path = astrdup(c, path, strlen(path));
+    c->marks[c->nmarks].path = fy_astrdup(c, path, strlen(path));
     c->marks[c->nmarks].sort = sort;
-    c->marks[c->nmarks].key = key ? astrdup(c, key, keylen) : NULL;
+    c->marks[c->nmarks].key = key ? fy_astrdup(c, key, keylen) : NULL;
     c->nmarks++;
 }
 
@@ -36,7 +38,7 @@ static void mark_add(yctx *c, const char *path, int sort, const char *key, size_
 /* ------------------------------------------------------------------------- */
 
 /* If s is "(( ... ))" (whitespace allowed inside), set the inner text (trimmed). */
-static int op_inner(const ynode *n, const char **in, size_t *inlen)
+int fy_op_inner(const ynode *n, const char **in, size_t *inlen)
 {
     if (!n || n->t != T_STR || n->u.s.n < 4)
         return 0;
@@ -87,7 +89,7 @@ static int op_words(const char *s, size_t n, const char **w, size_t *wl, int max
     return k;
 }
 
-static int word_is(const char *w, size_t wl, const char *lit)
+int fy_word_is(const char *w, size_t wl, const char *lit)
 {
     return strlen(lit) == wl && memcmp(w, lit, wl) == 0;
 }
@@ -96,7 +98,7 @@ static int is_prune_op(const ynode *n)
 {
     const char *in;
     size_t len;
-    return op_inner(n, &in, &len) && word_is(in, len, "prune");
+    return fy_op_inner(n, &in, &len) && fy_word_is(in, len, "prune");
 }
 
 /* (( sort )) or (( sort by KEY )); sets key (NULL for the default). */
@@ -104,15 +106,15 @@ static int is_sort_op(const ynode *n, const char **key, size_t *keylen)
 {
     const char *in, *w[4];
     size_t len, wl[4];
-    if (!op_inner(n, &in, &len))
+    if (!fy_op_inner(n, &in, &len))
         return 0;
     int k = op_words(in, len, w, wl, 4);
-    if (k == 1 && word_is(w[0], wl[0], "sort")) {
+    if (k == 1 && fy_word_is(w[0], wl[0], "sort")) {
         *key = NULL;
         *keylen = 0;
         return 1;
     }
-    if (k == 3 && word_is(w[0], wl[0], "sort") && word_is(w[1], wl[1], "by")) {
+    if (k == 3 && fy_word_is(w[0], wl[0], "sort") && fy_word_is(w[1], wl[1], "by")) {
         *key = w[2];
         *keylen = wl[2];
         return 1;
@@ -124,7 +126,7 @@ static int is_merge_misuse(const ynode *n)
 {
     const char *in;
     size_t len;
-    if (!op_inner(n, &in, &len))
+    if (!fy_op_inner(n, &in, &len))
         return 0;
     return len >= 5 && memcmp(in, "merge", 5) == 0 && (len == 5 || isspace((unsigned char)in[5]));
 }
@@ -180,33 +182,33 @@ static int parse_aop(const ynode *n, aop *op)
     size_t len, wl[6];
     memset(op, 0, sizeof *op);
     op->src = n;
-    if (!op_inner(n, &in, &len))
+    if (!fy_op_inner(n, &in, &len))
         return 0;
     int k = op_words(in, len, w, wl, 6);
     if (k == 0)
         return 0;
     if (k == 1) {
-        if (word_is(w[0], wl[0], "append")) op->kind = AOP_APPEND;
-        else if (word_is(w[0], wl[0], "prepend")) op->kind = AOP_PREPEND;
-        else if (word_is(w[0], wl[0], "inline")) op->kind = AOP_INLINE;
-        else if (word_is(w[0], wl[0], "replace")) op->kind = AOP_REPLACE;
-        else if (word_is(w[0], wl[0], "merge")) op->kind = AOP_MERGE;
+        if (fy_word_is(w[0], wl[0], "append")) op->kind = AOP_APPEND;
+        else if (fy_word_is(w[0], wl[0], "prepend")) op->kind = AOP_PREPEND;
+        else if (fy_word_is(w[0], wl[0], "inline")) op->kind = AOP_INLINE;
+        else if (fy_word_is(w[0], wl[0], "replace")) op->kind = AOP_REPLACE;
+        else if (fy_word_is(w[0], wl[0], "merge")) op->kind = AOP_MERGE;
         if (op->kind == AOP_MERGE) {
             op->key = "name";
             op->keylen = 4;
         }
         return op->kind != AOP_NONE;
     }
-    if (word_is(w[0], wl[0], "merge") && k == 3 && word_is(w[1], wl[1], "on")) {
+    if (fy_word_is(w[0], wl[0], "merge") && k == 3 && fy_word_is(w[1], wl[1], "on")) {
         op->kind = AOP_MERGE;
         op->key = w[2];
         op->keylen = wl[2];
         return 1;
     }
-    if (word_is(w[0], wl[0], "insert") && (k == 3 || k == 4)
-        && (word_is(w[1], wl[1], "after") || word_is(w[1], wl[1], "before"))) {
+    if (fy_word_is(w[0], wl[0], "insert") && (k == 3 || k == 4)
+        && (fy_word_is(w[1], wl[1], "after") || fy_word_is(w[1], wl[1], "before"))) {
         op->kind = AOP_INSERT;
-        op->after = word_is(w[1], wl[1], "after");
+        op->after = fy_word_is(w[1], wl[1], "after");
         if (k == 3 && is_int_word(w[2], wl[2])) {
             if (w[2][0] == '-')
                 return 0;   /* spruce: not an array operator, just data */
@@ -221,7 +223,7 @@ static int parse_aop(const ynode *n, aop *op)
         unquote(&op->name, &op->namelen);
         return 1;
     }
-    if (word_is(w[0], wl[0], "delete") && (k == 2 || k == 3)) {
+    if (fy_word_is(w[0], wl[0], "delete") && (k == 2 || k == 3)) {
         op->kind = AOP_DELETE;
         if (k == 2 && is_int_word(w[1], wl[1])) {
             op->has_idx = 1;
@@ -239,7 +241,7 @@ static int parse_aop(const ynode *n, aop *op)
     return 0;
 }
 
-static const char *type_name(const ynode *n)
+const char *fy_type_name(const ynode *n)
 {
     switch (n ? n->t : T_NULL) {
     case T_STR: return "string";
@@ -256,13 +258,11 @@ static const char *type_name(const ynode *n)
 /* merge                                                                      */
 /* ------------------------------------------------------------------------- */
 
-static ynode *merge_obj(yctx *c, ynode *orig, ynode *nw);
-
 static ynode *map_getk(yctx *c, ynode *m, const char *key, size_t keylen)
 {
     if (!m || m->t != T_MAP)
         return NULL;
-    long i = map_finds(c, m, key, keylen);
+    long i = fy_map_finds(c, m, key, keylen);
     return i < 0 ? NULL : m->u.c.v[i];
 }
 
@@ -280,7 +280,7 @@ static int keyable(yctx *c, ynode *list, const char *key, size_t keylen, const c
             snprintf(tmp, sizeof tmp, "%s object is nil - cannot merge by key", who);
             why = tmp;
         } else if (e->t != T_MAP) {
-            snprintf(tmp, sizeof tmp, "%s object is a %s, not a map - cannot merge by key", who, type_name(e));
+            snprintf(tmp, sizeof tmp, "%s object is a %s, not a map - cannot merge by key", who, fy_type_name(e));
             why = tmp;
         } else {
             ynode *kv = map_getk(c, e, key, keylen);
@@ -296,9 +296,9 @@ static int keyable(yctx *c, ynode *list, const char *key, size_t keylen, const c
         }
         if (why) {
             if (report) {
-                size_t old = path_push_idx(c, i);
-                yerr_add(c, "yaml.merge", e, path_str(c), NULL, "%s", why);
-                path_pop(c, old);
+                size_t old = fy_path_push_idx(c, i);
+                fy_err_add(c, "yaml.merge", e, fy_path_str(c), NULL, "%s", why);
+                fy_path_pop(c, old);
             }
             return 0;
         }
@@ -312,63 +312,63 @@ static void merge_by_key(yctx *c, ynode *orig, ynode *piece, const char *key, si
     for (size_t i = 0; i < piece->u.c.n; i++) {
         ynode *e = piece->u.c.v[i];
         ynode *kv = map_getk(c, e, key, keylen);
-        size_t old = path_push_key(c, kv);
+        size_t old = fy_path_push_key(c, kv);
         size_t j;
         for (j = 0; j < norig; j++) {
             ynode *ov = map_getk(c, orig->u.c.v[j], key, keylen);
-            if (ov && scalar_eq(ov, kv))
+            if (ov && fy_scalar_eq(ov, kv))
                 break;
         }
         int later = 0;   /* spruce keys new entries by value: a later duplicate wins the match */
         for (size_t k = i + 1; j < norig && k < piece->u.c.n && !later; k++)
-            later = scalar_eq(map_getk(c, piece->u.c.v[k], key, keylen), kv);
+            later = fy_scalar_eq(map_getk(c, piece->u.c.v[k], key, keylen), kv);
         if (j < norig) {
             if (!later)
-                orig->u.c.v[j] = merge_obj(c, orig->u.c.v[j], e);
+                orig->u.c.v[j] = fy_merge_obj(c, orig->u.c.v[j], e);
         } else
-            seq_push(c, orig, merge_obj(c, NULL, e));
-        path_pop(c, old);
+            fy_seq_push(c, orig, fy_merge_obj(c, NULL, e));
+        fy_path_pop(c, old);
     }
 }
 
 static void merge_inline(yctx *c, ynode *orig, ynode *piece)
 {
     for (size_t i = 0; i < piece->u.c.n; i++) {
-        size_t old = path_push_idx(c, i);
+        size_t old = fy_path_push_idx(c, i);
         if (i < orig->u.c.n)
-            orig->u.c.v[i] = merge_obj(c, orig->u.c.v[i], piece->u.c.v[i]);
+            orig->u.c.v[i] = fy_merge_obj(c, orig->u.c.v[i], piece->u.c.v[i]);
         else
-            seq_push(c, orig, merge_obj(c, NULL, piece->u.c.v[i]));
-        path_pop(c, old);
+            fy_seq_push(c, orig, fy_merge_obj(c, NULL, piece->u.c.v[i]));
+        fy_path_pop(c, old);
     }
 }
 
 static void merge_append(yctx *c, ynode *orig, ynode *piece)
 {
     for (size_t i = 0; i < piece->u.c.n; i++) {
-        size_t old = path_push_idx(c, orig->u.c.n);
-        seq_push(c, orig, merge_obj(c, NULL, piece->u.c.v[i]));
-        path_pop(c, old);
+        size_t old = fy_path_push_idx(c, orig->u.c.n);
+        fy_seq_push(c, orig, fy_merge_obj(c, NULL, piece->u.c.v[i]));
+        fy_path_pop(c, old);
     }
 }
 
 static void merge_insert_at(yctx *c, ynode *orig, ynode *piece, size_t at)
 {
     for (size_t i = 0; i < piece->u.c.n; i++) {
-        size_t old = path_push_idx(c, at + i);
-        seq_insert(c, orig, at + i, merge_obj(c, NULL, piece->u.c.v[i]));
-        path_pop(c, old);
+        size_t old = fy_path_push_idx(c, at + i);
+        fy_seq_insert(c, orig, at + i, fy_merge_obj(c, NULL, piece->u.c.v[i]));
+        fy_path_pop(c, old);
     }
 }
 
 /* Printed form of a scalar equals (w, wl)? */
-static int scalar_text_is(const ynode *n, const char *w, size_t wl)
+int fy_scalar_text_is(const ynode *n, const char *w, size_t wl)
 {
-    if (!n || !is_scalar(n))
+    if (!n || !fy_is_scalar(n))
         return 0;
     char tmp[64];
     size_t len;
-    const char *s = scalar_text(n, tmp, sizeof tmp, &len);
+    const char *s = fy_scalar_text(n, tmp, sizeof tmp, &len);
     return len == wl && memcmp(s, w, wl) == 0;
 }
 
@@ -384,7 +384,7 @@ static long entry_index(yctx *c, ynode *list, const char *key, size_t keylen, co
 }
 
 /* $NAME from opts.env, or from the process environment when opts.env is absent. */
-static const char *env_get(yctx *c, const char *name, size_t *len)
+const char *fy_env_get(yctx *c, const char *name, size_t *len)
 {
     *len = 0;
     if (c->envidx) {
@@ -402,7 +402,7 @@ static const char *env_get(yctx *c, const char *name, size_t *len)
 /* The default rule's key: $DEFAULT_ARRAY_MERGE_KEY when it is set (spruce's mergeArrayDefault), else name. */
 static const char *default_merge_key(yctx *c, size_t *len)
 {
-    const char *k = env_get(c, "DEFAULT_ARRAY_MERGE_KEY", len);
+    const char *k = fy_env_get(c, "DEFAULT_ARRAY_MERGE_KEY", len);
     if (!k || !*len) {
         *len = 4;
         return "name";
@@ -425,7 +425,7 @@ static int piece_default(yctx *c, ynode *orig, ynode *piece)
     return 1;
 }
 
-#define MERR(at, ...) do { yerr_add(c, "yaml.merge", (at), path_str(c), NULL, __VA_ARGS__); return 0; } while (0)
+#define MERR(at, ...) do { fy_err_add(c, "yaml.merge", (at), fy_path_str(c), NULL, __VA_ARGS__); return 0; } while (0)
 
 /* (( insert after|before ... )): by index, or next to the map whose KEY is NAME. */
 static int piece_insert(yctx *c, ynode *orig, const aop *op, ynode *piece, const ynode *at)
@@ -486,7 +486,7 @@ static int piece_delete(yctx *c, ynode *orig, const aop *op, ynode *piece, const
     }
     if (pos < 0 || pos >= (long)orig->u.c.n)
         MERR(at, "unable to modify the list, because specified index %ld is out of bounds", pos);
-    seq_remove(orig, (size_t)pos);
+    fy_seq_remove(orig, (size_t)pos);
     return 1;
 }
 
@@ -522,7 +522,6 @@ static int apply_piece(yctx *c, ynode *orig, const aop *op, ynode *piece, int si
     }
 }
 
-/* Merge the list nw into orig (a sequence, modified in place). */
 /* spruce's isSimpleList: a non-empty list without maps. */
 static int simple_list(const ynode *l)
 {
@@ -541,10 +540,10 @@ static int merge_seq(yctx *c, ynode *orig, ynode *nw)
     memset(&piece, 0, sizeof piece);
     piece.t = T_SEQ;
     int simple = simple_list(orig);
-    ynode **keep = aalloc(c, sizeof(ynode *) * (nw->u.c.n + 1));
+    ynode **keep = fy_aalloc(c, sizeof(ynode *) * (nw->u.c.n + 1));
     size_t nkeep = 0;
     for (size_t i = 0; i <= nw->u.c.n; i++) {
-        aop next;
+        aop next = {0};     /* parse_aop fills it while i < n; gcc cannot see that */
         if (i < nw->u.c.n && !parse_aop(nw->u.c.v[i], &next)) {
             keep[nkeep++] = nw->u.c.v[i];
             continue;
@@ -564,49 +563,47 @@ static int merge_seq(yctx *c, ynode *orig, ynode *nw)
     return 1;
 }
 
-static ynode *merge_obj(yctx *c, ynode *orig, ynode *nw)
+ynode *fy_merge_obj(yctx *c, ynode *orig, ynode *nw)
 {
     if (nw->t == T_STR) {
         const char *key;
         size_t keylen;
         if (is_prune_op(nw)) {
-            mark_add(c, path_str(c), 0, NULL, 0);
+            fy_mark_add(c, fy_path_str(c), 0, NULL, 0);
             return orig ? orig : nw;
         }
         if (is_sort_op(nw, &key, &keylen)) {
-            mark_add(c, path_str(c), 1, key, keylen);
+            fy_mark_add(c, fy_path_str(c), 1, key, keylen);
             return orig ? orig : nw;
         }
         if (is_merge_misuse(nw)) {
-            yerr_add(c, "yaml.merge", nw, path_str(c), NULL,
-                     "inappropriate use of (( merge )) operator outside of a list (this is spruce, after all)");
+            fy_err_add(c, "yaml.merge", nw, fy_path_str(c), NULL,
+                       "inappropriate use of (( merge )) operator outside of a list (this is spruce, after all)");
             return orig ? orig : nw;
         }
         return nw;
     }
     if (nw->t == T_MAP) {
-        ynode *m = orig && orig->t == T_MAP ? orig : nnew(c, T_MAP, nw);
+        ynode *m = orig && orig->t == T_MAP ? orig : fy_nnew(c, T_MAP, nw);
         for (size_t i = 0; i < nw->u.c.n; i++) {
             ynode *k = nw->u.c.k[i];
-            size_t old = path_push_key(c, k);
-            long j = map_find(c, m, k);
-            ynode *r = merge_obj(c, j >= 0 ? m->u.c.v[j] : NULL, nw->u.c.v[i]);
-            j = map_find(c, m, k);
+            size_t old = fy_path_push_key(c, k);
+            long j = fy_map_find(c, m, k);
+            ynode *r = fy_merge_obj(c, j >= 0 ? m->u.c.v[j] : NULL, nw->u.c.v[i]);
+            j = fy_map_find(c, m, k);
             if (j >= 0)
                 m->u.c.v[j] = r;
             else
-                map_append(c, m, k, r);
-            path_pop(c, old);
+                fy_map_append(c, m, k, r);
+            fy_path_pop(c, old);
         }
         return m;
     }
     if (nw->t == T_SEQ) {
-        ynode *s = orig && orig->t == T_SEQ ? orig : nnew(c, T_SEQ, nw);
+        ynode *s = orig && orig->t == T_SEQ ? orig : fy_nnew(c, T_SEQ, nw);
         if (!merge_seq(c, s, nw))
-            return nnew(c, T_NULL, nw);   /* spruce: a failed array operator leaves nil */
+            return fy_nnew(c, T_NULL, nw);   /* spruce: a failed array operator leaves nil */
         return s;
     }
     return nw;
 }
-
-#endif

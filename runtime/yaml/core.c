@@ -1,123 +1,29 @@
 /*
- * forge.yaml — private core shared by runtime/yaml.c: the node tree, the arena that
- * owns it, the per-call context (a userdata with __gc, so nothing leaks when a Lua
- * API call raises), error records, the YAML 1.1 scalar resolver, the libyaml
- * loader and the conversions node <-> Lua value.
- *
- * Included only by runtime/yaml.c (every runtime/X.c is a module of its own).
+ * forge.yaml, core: the arena that owns every node, the per-call context (a userdata
+ * with __gc, so nothing leaks when a Lua API call raises), error records, node and
+ * map/sequence helpers, Go-compatible number formatting and the YAML 1.1 scalar
+ * resolver. Declarations in yaml_int.h.
  */
-#ifndef FORGE_YAML_CORE_H
-#define FORGE_YAML_CORE_H
-
 #include <ctype.h>
-#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <yaml.h>
-
-#include "forge/forge.h"
-
-#define YMAX_DEPTH        1000      /* nesting limit for decode, encode and Lua tables */
-#define YMAX_ALIAS_NODES  1000000   /* nodes an alias expansion may create per document */
-#define YMAX_ERRORS       100       /* error records kept per call */
-
-#define CTX_MT   "forge.yaml.ctx"
-#define NULL_KEY "forge.yaml.null"
-#define META_KEY "forge.yaml.meta"
-
-/* ------------------------------------------------------------------------- */
-/* nodes                                                                      */
-/* ------------------------------------------------------------------------- */
-
-enum { T_NULL, T_BOOL, T_INT, T_FLOAT, T_STR, T_MAP, T_SEQ };
-
-#define NF_PLAIN    0x01    /* scalar written plain and untagged */
-#define NF_MERGEKEY 0x02    /* the YAML merge key `<<` */
-
-typedef struct ynode ynode;
-struct ynode {
-    unsigned char t;
-    unsigned char flags;
-    unsigned short file;    /* index into ctx->files; 0 = none */
-    int line;               /* 1-based; 0 = unknown */
-    union {
-        int b;
-        lua_Integer i;
-        double f;
-        struct { char *p; size_t n; } s;
-        struct { ynode **k, **v; size_t n, cap; unsigned *h; size_t hcap; } c;
-    } u;
-};
-
-typedef struct chunk {
-    struct chunk *next;
-    size_t used, cap;
-    max_align_t data[];
-} chunk;
-
-typedef struct yanchor { char *name; ynode *n; } yanchor;
-
-typedef struct ybuf { char *p; size_t n, cap; } ybuf;   /* malloc'd, owned by ctx */
-
-typedef struct ymark { char *path; char *key; int sort; } ymark;
-
-/* The per-call context; a full userdata so __gc frees all of it if a call raises. */
-typedef struct yctx {
-    lua_State *L;
-    chunk *arena;
-    size_t arena_total;
-    yaml_parser_t parser;
-    int parser_live;
-    yaml_emitter_t emitter;
-    int emitter_live;
-    yaml_event_t event;
-    int event_live;
-    ybuf out;               /* emitter output */
-    ybuf path;              /* current path while merging / walking */
-    ybuf tmp;               /* scratch (canonical paths while computing dependencies) */
-    ynode *root;            /* the merged document while operators run */
-    int envidx;             /* stack index of opts.env (0: use the process environment) */
-    /* decode */
-    yanchor *anchors;
-    size_t nanchors, capanchors;
-    long alias_nodes;
-    int depth;
-    unsigned short curfile;
-    /* file names: index 0 is "" */
-    char **files;
-    int nfiles, capfiles;
-    /* errors go into the Lua table at stack index errtab (inside the protected call) */
-    int errtab;
-    int nerrors;
-    /* merge state */
-    ymark *marks;
-    size_t nmarks, capmarks;
-    int fallback_append;
-    /* static_ips claims: ip -> owner */
-    struct { uint32_t ip; char *owner; } *claims;
-    size_t nclaims, capclaims;
-    int glob_mode;          /* path errors as spruce's Cursor.Glob words them (no [=value]) */
-    int go_emit;            /* emit as spruce's go-yaml v2 marshals (stringify): float32 floats, 80 columns */
-} yctx;
-
-static int ysentinel;   /* its address is the error value of an operational failure */
+#include "yaml_int.h"
 
 /* ------------------------------------------------------------------------- */
 /* arena                                                                      */
 /* ------------------------------------------------------------------------- */
 
-FORGE_NORETURN static void y_oom(yctx *c)
+FORGE_NORETURN void fy_oom(yctx *c)
 {
     luaL_error(c->L, "forge.yaml: not enough memory");
     abort();
 }
 
-static void *aalloc(yctx *c, size_t size)
+void *fy_aalloc(yctx *c, size_t size)
 {
     size = (size + 15) & ~(size_t)15;
     chunk *ch = c->arena;
@@ -129,7 +35,7 @@ static void *aalloc(yctx *c, size_t size)
             cap = size > ((size_t)1 << 26) ? size : ((size_t)1 << 26);
         chunk *n = malloc(sizeof(chunk) + cap);
         if (!n)
-            y_oom(c);
+            fy_oom(c);
         n->cap = cap;
         n->used = 0;
         c->arena_total += cap;
@@ -148,9 +54,9 @@ static void *aalloc(yctx *c, size_t size)
     return p;
 }
 
-static char *astrdup(yctx *c, const char *s, size_t n)
+char *fy_astrdup(yctx *c, const char *s, size_t n)
 {
-    char *p = aalloc(c, n + 1);
+    char *p = fy_aalloc(c, n + 1);
     memcpy(p, s, n);
     p[n] = 0;
     return p;
@@ -165,12 +71,12 @@ static void buf_reserve(yctx *c, ybuf *b, size_t extra)
         cap *= 2;
     char *p = realloc(b->p, cap);
     if (!p)
-        y_oom(c);
+        fy_oom(c);
     b->p = p;
     b->cap = cap;
 }
 
-static void buf_add(yctx *c, ybuf *b, const char *s, size_t n)
+void fy_buf_add(yctx *c, ybuf *b, const char *s, size_t n)
 {
     buf_reserve(c, b, n);
     memcpy(b->p + b->n, s, n);
@@ -178,16 +84,16 @@ static void buf_add(yctx *c, ybuf *b, const char *s, size_t n)
     b->p[b->n] = 0;
 }
 
-static void buf_adds(yctx *c, ybuf *b, const char *s)
+void fy_buf_adds(yctx *c, ybuf *b, const char *s)
 {
-    buf_add(c, b, s, strlen(s));
+    fy_buf_add(c, b, s, strlen(s));
 }
 
 /* ------------------------------------------------------------------------- */
 /* context                                                                    */
 /* ------------------------------------------------------------------------- */
 
-static void ctx_release(yctx *c)
+void fy_ctx_release(yctx *c)
 {
     if (c->event_live) {
         yaml_event_delete(&c->event);
@@ -217,15 +123,15 @@ static void ctx_release(yctx *c)
     }
 }
 
-static int l_ctx_gc(lua_State *L)
+int fy_ctx_gc(lua_State *L)
 {
     yctx *c = luaL_checkudata(L, 1, CTX_MT);
-    ctx_release(c);
+    fy_ctx_release(c);
     return 0;
 }
 
 /* Stack: [...] -> [..., ctx] */
-static yctx *ctx_new(lua_State *L)
+yctx *fy_ctx_new(lua_State *L)
 {
     yctx *c = lua_newuserdatauv(L, sizeof(yctx), 0);
     memset(c, 0, sizeof *c);
@@ -234,13 +140,13 @@ static yctx *ctx_new(lua_State *L)
     return c;
 }
 
-static unsigned short ctx_addfile(yctx *c, const char *name)
+unsigned short fy_ctx_addfile(yctx *c, const char *name)
 {
     if (!name || !*name)
         return 0;
     if (c->nfiles == 0) {
         c->capfiles = 8;
-        c->files = aalloc(c, sizeof(char *) * (size_t)c->capfiles);
+        c->files = fy_aalloc(c, sizeof(char *) * (size_t)c->capfiles);
         c->files[0] = "";
         c->nfiles = 1;
     }
@@ -250,12 +156,12 @@ static unsigned short ctx_addfile(yctx *c, const char *name)
     if (c->nfiles >= 65535)
         return 0;
     if (c->nfiles == c->capfiles) {
-        char **nf = aalloc(c, sizeof(char *) * (size_t)c->capfiles * 2);
+        char **nf = fy_aalloc(c, sizeof(char *) * (size_t)c->capfiles * 2);
         memcpy(nf, c->files, sizeof(char *) * (size_t)c->nfiles);
         c->files = nf;
         c->capfiles *= 2;
     }
-    c->files[c->nfiles] = astrdup(c, name, strlen(name));
+    c->files[c->nfiles] = fy_astrdup(c, name, strlen(name));
     return (unsigned short)c->nfiles++;
 }
 
@@ -276,8 +182,8 @@ static const char *ctx_file(yctx *c, const ynode *n)
  * `path` is a dotted path without "$." (may be NULL for document-wide errors).
  */
 FORGE_PRINTF(6)
-static void yerr_add(yctx *c, const char *code, const ynode *at, const char *path, const char *op,
-                     const char *fmt, ...)
+void fy_err_add(yctx *c, const char *code, const ynode *at, const char *path, const char *op,
+                const char *fmt, ...)
 {
     lua_State *L = c->L;
     if (c->nerrors >= YMAX_ERRORS) {
@@ -314,9 +220,12 @@ static void yerr_add(yctx *c, const char *code, const ynode *at, const char *pat
     lua_rawseti(L, c->errtab, ++c->nerrors);
 }
 
-FORGE_NORETURN static void yraise(yctx *c)
+int fy_sentinel;
+
+/* Raise the sentinel: the protected runner turns the error records into nil, err. */
+FORGE_NORETURN void fy_raise(yctx *c)
 {
-    lua_pushlightuserdata(c->L, &ysentinel);
+    lua_pushlightuserdata(c->L, &fy_sentinel);
     lua_error(c->L);
     abort();
 }
@@ -325,9 +234,9 @@ FORGE_NORETURN static void yraise(yctx *c)
 /* node helpers                                                               */
 /* ------------------------------------------------------------------------- */
 
-static ynode *nnew(yctx *c, int t, const ynode *src)
+ynode *fy_nnew(yctx *c, int t, const ynode *src)
 {
-    ynode *n = aalloc(c, sizeof(ynode));
+    ynode *n = fy_aalloc(c, sizeof(ynode));
     memset(n, 0, sizeof *n);
     n->t = (unsigned char)t;
     if (src) {
@@ -337,41 +246,41 @@ static ynode *nnew(yctx *c, int t, const ynode *src)
     return n;
 }
 
-static ynode *nstr(yctx *c, const char *s, size_t len, const ynode *src)
+ynode *fy_nstr(yctx *c, const char *s, size_t len, const ynode *src)
 {
-    ynode *n = nnew(c, T_STR, src);
-    n->u.s.p = astrdup(c, s, len);
+    ynode *n = fy_nnew(c, T_STR, src);
+    n->u.s.p = fy_astrdup(c, s, len);
     n->u.s.n = len;
     return n;
 }
 
-static ynode *nstrz(yctx *c, const char *s, const ynode *src)
+ynode *fy_nstrz(yctx *c, const char *s, const ynode *src)
 {
-    return nstr(c, s, strlen(s), src);
+    return fy_nstr(c, s, strlen(s), src);
 }
 
-static ynode *nint(yctx *c, lua_Integer i, const ynode *src)
+ynode *fy_nint(yctx *c, lua_Integer i, const ynode *src)
 {
-    ynode *n = nnew(c, T_INT, src);
+    ynode *n = fy_nnew(c, T_INT, src);
     n->u.i = i;
     return n;
 }
 
-static ynode *nfloat(yctx *c, double f, const ynode *src)
+ynode *fy_nfloat(yctx *c, double f, const ynode *src)
 {
-    ynode *n = nnew(c, T_FLOAT, src);
+    ynode *n = fy_nnew(c, T_FLOAT, src);
     n->u.f = f;
     return n;
 }
 
-static ynode *nbool(yctx *c, int b, const ynode *src)
+ynode *fy_nbool(yctx *c, int b, const ynode *src)
 {
-    ynode *n = nnew(c, T_BOOL, src);
+    ynode *n = fy_nnew(c, T_BOOL, src);
     n->u.b = b != 0;
     return n;
 }
 
-static int is_scalar(const ynode *n)
+int fy_is_scalar(const ynode *n)
 {
     return n && n->t != T_MAP && n->t != T_SEQ;
 }
@@ -405,7 +314,7 @@ static unsigned khash(const ynode *k)
 }
 
 /* Typed equality of scalars (numbers compare by value, as Lua table keys do). */
-static int scalar_eq(const ynode *a, const ynode *b)
+int fy_scalar_eq(const ynode *a, const ynode *b)
 {
     if (a->t == T_STR || b->t == T_STR)
         return a->t == b->t && a->u.s.n == b->u.s.n && memcmp(a->u.s.p, b->u.s.p, a->u.s.n) == 0;
@@ -428,7 +337,7 @@ static void map_rehash(yctx *c, ynode *m)
     size_t cap = 64;
     while (cap < m->u.c.n * 2 + 2)
         cap *= 2;
-    unsigned *h = aalloc(c, sizeof(unsigned) * cap);
+    unsigned *h = fy_aalloc(c, sizeof(unsigned) * cap);
     memset(h, 0, sizeof(unsigned) * cap);
     for (size_t i = 0; i < m->u.c.n; i++) {
         size_t j = khash(m->u.c.k[i]) & (cap - 1);
@@ -440,12 +349,12 @@ static void map_rehash(yctx *c, ynode *m)
     m->u.c.hcap = cap;
 }
 
-static long map_find(yctx *c, ynode *m, const ynode *k)
+long fy_map_find(yctx *c, ynode *m, const ynode *k)
 {
     size_t n = m->u.c.n;
     if (n < 16) {
         for (size_t i = 0; i < n; i++)
-            if (scalar_eq(m->u.c.k[i], k))
+            if (fy_scalar_eq(m->u.c.k[i], k))
                 return (long)i;
         return -1;
     }
@@ -455,40 +364,40 @@ static long map_find(yctx *c, ynode *m, const ynode *k)
     size_t j = khash(k) & (cap - 1);
     while (m->u.c.h[j]) {
         size_t i = m->u.c.h[j] - 1;
-        if (scalar_eq(m->u.c.k[i], k))
+        if (fy_scalar_eq(m->u.c.k[i], k))
             return (long)i;
         j = (j + 1) & (cap - 1);
     }
     return -1;
 }
 
-static long map_finds(yctx *c, ynode *m, const char *key, size_t len)
+long fy_map_finds(yctx *c, ynode *m, const char *key, size_t len)
 {
     ynode k;
     memset(&k, 0, sizeof k);
     k.t = T_STR;
     k.u.s.p = (char *)key;
     k.u.s.n = len;
-    return map_find(c, m, &k);
+    return fy_map_find(c, m, &k);
 }
 
-static ynode *map_gets(yctx *c, ynode *m, const char *key)
+ynode *fy_map_gets(yctx *c, ynode *m, const char *key)
 {
     if (!m || m->t != T_MAP)
         return NULL;
-    long i = map_finds(c, m, key, strlen(key));
+    long i = fy_map_finds(c, m, key, strlen(key));
     return i < 0 ? NULL : m->u.c.v[i];
 }
 
 static void coll_grow(yctx *c, ynode *n, int withkeys)
 {
     size_t cap = n->u.c.cap ? n->u.c.cap * 2 : 4;
-    ynode **v = aalloc(c, sizeof(ynode *) * cap);
+    ynode **v = fy_aalloc(c, sizeof(ynode *) * cap);
     if (n->u.c.n)
         memcpy(v, n->u.c.v, sizeof(ynode *) * n->u.c.n);
     n->u.c.v = v;
     if (withkeys) {
-        ynode **k = aalloc(c, sizeof(ynode *) * cap);
+        ynode **k = fy_aalloc(c, sizeof(ynode *) * cap);
         if (n->u.c.n)
             memcpy(k, n->u.c.k, sizeof(ynode *) * n->u.c.n);
         n->u.c.k = k;
@@ -496,14 +405,14 @@ static void coll_grow(yctx *c, ynode *n, int withkeys)
     n->u.c.cap = cap;
 }
 
-static void seq_push(yctx *c, ynode *s, ynode *v)
+void fy_seq_push(yctx *c, ynode *s, ynode *v)
 {
     if (s->u.c.n == s->u.c.cap)
         coll_grow(c, s, 0);
     s->u.c.v[s->u.c.n++] = v;
 }
 
-static void seq_insert(yctx *c, ynode *s, size_t at, ynode *v)
+void fy_seq_insert(yctx *c, ynode *s, size_t at, ynode *v)
 {
     if (s->u.c.n == s->u.c.cap)
         coll_grow(c, s, 0);
@@ -512,14 +421,14 @@ static void seq_insert(yctx *c, ynode *s, size_t at, ynode *v)
     s->u.c.n++;
 }
 
-static void seq_remove(ynode *s, size_t at)
+void fy_seq_remove(ynode *s, size_t at)
 {
     memmove(s->u.c.v + at, s->u.c.v + at + 1, sizeof(ynode *) * (s->u.c.n - at - 1));
     s->u.c.n--;
 }
 
 /* Append without a lookup (the caller knows the key is new). */
-static void map_append(yctx *c, ynode *m, ynode *k, ynode *v)
+void fy_map_append(yctx *c, ynode *m, ynode *k, ynode *v)
 {
     if (m->u.c.n == m->u.c.cap)
         coll_grow(c, m, 1);
@@ -540,16 +449,16 @@ static void map_append(yctx *c, ynode *m, ynode *k, ynode *v)
 }
 
 /* Set key k (later wins; a new key goes last). */
-static void map_set(yctx *c, ynode *m, ynode *k, ynode *v)
+void fy_map_set(yctx *c, ynode *m, ynode *k, ynode *v)
 {
-    long i = map_find(c, m, k);
+    long i = fy_map_find(c, m, k);
     if (i >= 0)
         m->u.c.v[i] = v;
     else
-        map_append(c, m, k, v);
+        fy_map_append(c, m, k, v);
 }
 
-static void map_remove(ynode *m, size_t i)
+void fy_map_remove(ynode *m, size_t i)
 {
     size_t rest = m->u.c.n - i - 1;
     memmove(m->u.c.k + i, m->u.c.k + i + 1, sizeof(ynode *) * rest);
@@ -559,23 +468,23 @@ static void map_remove(ynode *m, size_t i)
 }
 
 /* Deep copy. `budget` (may be NULL) counts nodes; returns NULL when it runs out. */
-static ynode *ncopy(yctx *c, const ynode *n, long *budget)
+ynode *fy_ncopy(yctx *c, const ynode *n, long *budget)
 {
     if (budget && --*budget < 0)
         return NULL;
-    ynode *r = aalloc(c, sizeof(ynode));
+    ynode *r = fy_aalloc(c, sizeof(ynode));
     *r = *n;
     if (n->t == T_MAP || n->t == T_SEQ) {
         r->u.c.h = NULL;
         r->u.c.hcap = 0;
         r->u.c.cap = n->u.c.n;
-        r->u.c.v = n->u.c.n ? aalloc(c, sizeof(ynode *) * n->u.c.n) : NULL;
+        r->u.c.v = n->u.c.n ? fy_aalloc(c, sizeof(ynode *) * n->u.c.n) : NULL;
         if (n->t == T_MAP)
-            r->u.c.k = n->u.c.n ? aalloc(c, sizeof(ynode *) * n->u.c.n) : NULL;
+            r->u.c.k = n->u.c.n ? fy_aalloc(c, sizeof(ynode *) * n->u.c.n) : NULL;
         for (size_t i = 0; i < n->u.c.n; i++) {
             if (n->t == T_MAP)
                 r->u.c.k[i] = n->u.c.k[i];   /* scalar keys are never mutated */
-            r->u.c.v[i] = ncopy(c, n->u.c.v[i], budget);
+            r->u.c.v[i] = fy_ncopy(c, n->u.c.v[i], budget);
             if (!r->u.c.v[i])
                 return NULL;
         }
@@ -588,7 +497,7 @@ static ynode *ncopy(yctx *c, const ynode *n, long *budget)
 /* ------------------------------------------------------------------------- */
 
 /* Go's float32(f): rounded to float, ±Inf beyond its range (done here, not left to the conversion). */
-static double to_f32(double f)
+double fy_to_f32(double f)
 {
     if (!isnan(f) && fabs(f) >= 0x1.ffffffp127)
         return f < 0 ? -HUGE_VAL : HUGE_VAL;
@@ -602,7 +511,7 @@ static int go_shortest(double f, int f32, char *digits, int *exp)
     for (int prec = 0; prec < 17; prec++) {
         snprintf(e, sizeof e, "%.*e", prec, f);
         double back = strtod(e, NULL);
-        if (f32 ? to_f32(back) == f : back == f)
+        if (f32 ? fy_to_f32(back) == f : back == f)
             break;
     }
     int nd = 0;
@@ -622,10 +531,10 @@ static int go_shortest(double f, int f32, char *digits, int *exp)
  * form when the exponent is below -4 or at least eprec (21 for %v, 6 for FormatFloat), bits 32 rounding
  * to float32 first (go-yaml v2 of 2016 writes every float that way).
  */
-static void fmt_go_floatx(double f, int f32, int eprec, char *out, size_t size)
+void fy_fmt_go_floatx(double f, int f32, int eprec, char *out, size_t size)
 {
     if (f32)
-        f = to_f32(f);
+        f = fy_to_f32(f);
     if (isnan(f) || isinf(f)) {
         snprintf(out, size, "%s", isnan(f) ? "NaN" : f < 0 ? "-Inf" : "+Inf");
         return;
@@ -657,13 +566,13 @@ static void fmt_go_floatx(double f, int f32, int eprec, char *out, size_t size)
 }
 
 /* Shortest round-trip digits, printed like Go's %v (strconv 'g', shortest). */
-static void fmt_go_float(double f, char *out, size_t size)
+void fy_fmt_go_float(double f, char *out, size_t size)
 {
-    fmt_go_floatx(f, 0, 21, out, size);
+    fy_fmt_go_floatx(f, 0, 21, out, size);
 }
 
 /* A float as YAML that reads back as the same float. */
-static void fmt_yaml_float(double f, char *out, size_t size)
+void fy_fmt_yaml_float(double f, char *out, size_t size)
 {
     if (isnan(f)) {
         snprintf(out, size, ".nan");
@@ -686,7 +595,7 @@ static void fmt_yaml_float(double f, char *out, size_t size)
 /* YAML 1.1 scalar resolution (go-yaml v2 resolve.go, as spruce and BOSH read) */
 /* ------------------------------------------------------------------------- */
 
-static int parse_go_int(const char *s, size_t n, lua_Integer *out, int *overflow)
+int fy_parse_go_int(const char *s, size_t n, lua_Integer *out, int *overflow)
 {
     size_t i = 0;
     int neg = 0;
@@ -750,7 +659,7 @@ static int ieq(const char *a, size_t n, const char *b)
 }
 
 /* Go strconv.ParseFloat syntax (decimal only); 0 when it would fail or overflow. */
-static int parse_go_float(const char *s, size_t n, double *out)
+int fy_parse_go_float(const char *s, size_t n, double *out)
 {
     size_t i = 0;
     int neg = 0;
@@ -802,7 +711,7 @@ static int parse_go_float(const char *s, size_t n, double *out)
  * Resolve a plain scalar into n (which the caller allocated); `copy` = 0 leaves a
  * string's text unset (used to ask "would this read back as a string?").
  */
-static void resolve_plain(yctx *c, ynode *n, const char *s, size_t len, int copy)
+void fy_resolve_plain(yctx *c, ynode *n, const char *s, size_t len, int copy)
 {
     static const struct { const char *s; int t; int v; } words[] = {
         {"y", T_BOOL, 1}, {"Y", T_BOOL, 1}, {"yes", T_BOOL, 1}, {"Yes", T_BOOL, 1}, {"YES", T_BOOL, 1},
@@ -849,12 +758,12 @@ static void resolve_plain(yctx *c, ynode *n, const char *s, size_t len, int copy
             lua_Integer iv;
             int ovf;
             double fv;
-            if (parse_go_int(plain, pn, &iv, &ovf)) {
+            if (fy_parse_go_int(plain, pn, &iv, &ovf)) {
                 n->t = T_INT;
                 n->u.i = iv;
                 return;
             }
-            if (parse_go_float(plain, pn, &fv)) {
+            if (fy_parse_go_float(plain, pn, &fv)) {
                 n->t = T_FLOAT;
                 n->u.f = fv;
                 return;
@@ -888,7 +797,7 @@ static void resolve_plain(yctx *c, ynode *n, const char *s, size_t len, int copy
         }
     } else if (h == '.') {
         double fv;
-        if (parse_go_float(s, len, &fv)) {
+        if (fy_parse_go_float(s, len, &fv)) {
             n->t = T_FLOAT;
             n->u.f = fv;
             return;
@@ -896,12 +805,12 @@ static void resolve_plain(yctx *c, ynode *n, const char *s, size_t len, int copy
     }
 str:
     n->t = T_STR;
-    n->u.s.p = copy ? astrdup(c, s, len) : NULL;
+    n->u.s.p = copy ? fy_astrdup(c, s, len) : NULL;
     n->u.s.n = len;
 }
 
 /* Would this string, written plain, read back as something other than itself? */
-static int needs_quotes(yctx *c, const char *s, size_t len)
+int fy_needs_quotes(yctx *c, const char *s, size_t len)
 {
     if (len == 0)
         return 1;
@@ -910,8 +819,6 @@ static int needs_quotes(yctx *c, const char *s, size_t len)
     char h = s[0];
     if (len > 5 && !(isdigit((unsigned char)h) || h == '+' || h == '-' || h == '.'))
         return len == 2;
-    resolve_plain(c, &tmp, s, len, 0);
+    fy_resolve_plain(c, &tmp, s, len, 0);
     return tmp.t != T_STR || (tmp.flags & NF_MERGEKEY);
 }
-
-#endif

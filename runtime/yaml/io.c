@@ -1,35 +1,38 @@
 /*
- * forge.yaml — private: the libyaml loader (events -> nodes, anchors, `<<`), the
+ * forge.yaml, io: the libyaml loader (events -> nodes, anchors, `<<`), the
  * conversions node <-> Lua value (with per-table kind and key order), and the
- * emitter (nodes -> block YAML). Included only by runtime/yaml.c.
+ * emitter (nodes -> block YAML). Declarations in yaml_int.h.
  */
-#ifndef FORGE_YAML_IO_H
-#define FORGE_YAML_IO_H
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
-#include "yaml_core.h"
+#include "yaml_int.h"
 
 /* ------------------------------------------------------------------------- */
 /* current path (for messages and marks)                                      */
 /* ------------------------------------------------------------------------- */
 
-static size_t path_push(yctx *c, const char *s, size_t n)
+size_t fy_path_push(yctx *c, const char *s, size_t n)
 {
     size_t old = c->path.n;
     if (old)
-        buf_add(c, &c->path, ".", 1);
-    buf_add(c, &c->path, s, n);
+        fy_buf_add(c, &c->path, ".", 1);
+    fy_buf_add(c, &c->path, s, n);
     return old;
 }
 
-static size_t path_push_idx(yctx *c, size_t i)
+size_t fy_path_push_idx(yctx *c, size_t i)
 {
     char tmp[32];
     int w = snprintf(tmp, sizeof tmp, "%zu", i);
-    return path_push(c, tmp, (size_t)w);
+    return fy_path_push(c, tmp, (size_t)w);
 }
 
 /* Print a scalar as a path segment / message text. Returns a pointer to buf or the string. */
-static const char *scalar_text(const ynode *k, char *buf, size_t size, size_t *len)
+const char *fy_scalar_text(const ynode *k, char *buf, size_t size, size_t *len)
 {
     switch (k->t) {
     case T_STR:
@@ -39,7 +42,7 @@ static const char *scalar_text(const ynode *k, char *buf, size_t size, size_t *l
         snprintf(buf, size, "%lld", (long long)k->u.i);
         break;
     case T_FLOAT:
-        fmt_go_float(k->u.f, buf, size);
+        fy_fmt_go_float(k->u.f, buf, size);
         break;
     case T_BOOL:
         snprintf(buf, size, "%s", k->u.b ? "true" : "false");
@@ -58,22 +61,22 @@ static const char *scalar_text(const ynode *k, char *buf, size_t size, size_t *l
     return buf;
 }
 
-static size_t path_push_key(yctx *c, const ynode *k)
+size_t fy_path_push_key(yctx *c, const ynode *k)
 {
     char tmp[64];
     size_t n;
-    const char *s = scalar_text(k, tmp, sizeof tmp, &n);
-    return path_push(c, s, n);
+    const char *s = fy_scalar_text(k, tmp, sizeof tmp, &n);
+    return fy_path_push(c, s, n);
 }
 
-static void path_pop(yctx *c, size_t old)
+void fy_path_pop(yctx *c, size_t old)
 {
     c->path.n = old;
     if (c->path.p)
         c->path.p[old] = 0;
 }
 
-static const char *path_str(yctx *c)
+const char *fy_path_str(yctx *c)
 {
     return c->path.p ? c->path.p : "";
 }
@@ -94,8 +97,8 @@ FORGE_NORETURN static void load_fail(yctx *c, const char *code, int line, const 
     memset(&at, 0, sizeof at);
     at.file = c->curfile;
     at.line = line;
-    yerr_add(c, code, &at, c->path.n ? path_str(c) : NULL, NULL, "%s", msg);
-    yraise(c);
+    fy_err_add(c, code, &at, c->path.n ? fy_path_str(c) : NULL, NULL, "%s", msg);
+    fy_raise(c);
 }
 
 static void load_next(yctx *c)
@@ -123,7 +126,7 @@ static void anchor_add(yctx *c, const char *name, ynode *n)
         return;
     if (c->nanchors == c->capanchors) {
         size_t cap = c->capanchors ? c->capanchors * 2 : 16;
-        yanchor *a = aalloc(c, sizeof(yanchor) * cap);
+        yanchor *a = fy_aalloc(c, sizeof(yanchor) * cap);
         if (c->nanchors)
             memcpy(a, c->anchors, sizeof(yanchor) * c->nanchors);
         c->anchors = a;
@@ -143,7 +146,7 @@ static void merge_key_into(yctx *c, ynode *m, ynode *v, int line)
 {
     if (v->t == T_MAP) {
         for (size_t i = 0; i < v->u.c.n; i++)
-            map_set(c, m, v->u.c.k[i], v->u.c.v[i]);
+            fy_map_set(c, m, v->u.c.k[i], v->u.c.v[i]);
         return;
     }
     if (v->t == T_SEQ) {
@@ -152,7 +155,7 @@ static void merge_key_into(yctx *c, ynode *m, ynode *v, int line)
             if (e->t != T_MAP)
                 load_fail(c, "yaml.parse", line, "map merge (<<) requires a map or a list of maps");
             for (size_t j = 0; j < e->u.c.n; j++)
-                map_set(c, m, e->u.c.k[j], e->u.c.v[j]);
+                fy_map_set(c, m, e->u.c.k[j], e->u.c.v[j]);
         }
         return;
     }
@@ -172,7 +175,7 @@ static ynode *load_node(yctx *c, int depth)
         for (size_t i = c->nanchors; i-- > 0;) {
             if (strcmp(c->anchors[i].name, name) == 0) {
                 long budget = YMAX_ALIAS_NODES - c->alias_nodes;
-                ynode *r = ncopy(c, c->anchors[i].n, &budget);
+                ynode *r = fy_ncopy(c, c->anchors[i].n, &budget);
                 if (!r)
                     load_fail(c, "yaml.alias", line,
                               "alias expansion exceeds %d nodes (billion laughs?) at *%s",
@@ -184,7 +187,7 @@ static ynode *load_node(yctx *c, int depth)
         load_fail(c, "yaml.parse", line, "unknown anchor '%s' referenced", name);
     }
     case YAML_SCALAR_EVENT: {
-        ynode *n = nnew(c, T_STR, NULL);
+        ynode *n = fy_nnew(c, T_STR, NULL);
         n->file = c->curfile;
         n->line = line;
         const char *s = (const char *)ev->data.scalar.value;
@@ -192,48 +195,48 @@ static ynode *load_node(yctx *c, int depth)
         const yaml_char_t *tag = ev->data.scalar.tag;
         int plain = ev->data.scalar.style == YAML_PLAIN_SCALAR_STYLE;
         if (is_tag(tag, "tag:yaml.org,2002:str") || is_tag(tag, "!") || (!plain && !tag)) {
-            n->u.s.p = astrdup(c, s, len);
+            n->u.s.p = fy_astrdup(c, s, len);
             n->u.s.n = len;
         } else if (!tag || is_tag(tag, "tag:yaml.org,2002:int") || is_tag(tag, "tag:yaml.org,2002:float")
                    || is_tag(tag, "tag:yaml.org,2002:bool") || is_tag(tag, "tag:yaml.org,2002:null")
                    || plain) {
-            resolve_plain(c, n, s, len, 1);
+            fy_resolve_plain(c, n, s, len, 1);
             if (tag || !plain)
                 n->flags &= (unsigned char)~NF_MERGEKEY;
             else
                 n->flags |= NF_PLAIN;
         } else {
-            n->u.s.p = astrdup(c, s, len);
+            n->u.s.p = fy_astrdup(c, s, len);
             n->u.s.n = len;
         }
         if (ev->data.scalar.anchor)
-            anchor_add(c, astrdup(c, (const char *)ev->data.scalar.anchor,
-                                  strlen((const char *)ev->data.scalar.anchor)), n);
+            anchor_add(c, fy_astrdup(c, (const char *)ev->data.scalar.anchor,
+                                     strlen((const char *)ev->data.scalar.anchor)), n);
         return n;
     }
     case YAML_SEQUENCE_START_EVENT: {
         char *anchor = ev->data.sequence_start.anchor
-            ? astrdup(c, (const char *)ev->data.sequence_start.anchor,
-                      strlen((const char *)ev->data.sequence_start.anchor)) : NULL;
-        ynode *n = nnew(c, T_SEQ, NULL);
+            ? fy_astrdup(c, (const char *)ev->data.sequence_start.anchor,
+                         strlen((const char *)ev->data.sequence_start.anchor)) : NULL;
+        ynode *n = fy_nnew(c, T_SEQ, NULL);
         n->file = c->curfile;
         n->line = line;
         for (size_t i = 0;; i++) {
             load_next(c);
             if (c->event.type == YAML_SEQUENCE_END_EVENT)
                 break;
-            size_t old = path_push_idx(c, i);
-            seq_push(c, n, load_node(c, depth + 1));
-            path_pop(c, old);
+            size_t old = fy_path_push_idx(c, i);
+            fy_seq_push(c, n, load_node(c, depth + 1));
+            fy_path_pop(c, old);
         }
         anchor_add(c, anchor, n);
         return n;
     }
     case YAML_MAPPING_START_EVENT: {
         char *anchor = ev->data.mapping_start.anchor
-            ? astrdup(c, (const char *)ev->data.mapping_start.anchor,
-                      strlen((const char *)ev->data.mapping_start.anchor)) : NULL;
-        ynode *n = nnew(c, T_MAP, NULL);
+            ? fy_astrdup(c, (const char *)ev->data.mapping_start.anchor,
+                         strlen((const char *)ev->data.mapping_start.anchor)) : NULL;
+        ynode *n = fy_nnew(c, T_MAP, NULL);
         n->file = c->curfile;
         n->line = line;
         for (;;) {
@@ -249,13 +252,13 @@ static ynode *load_node(yctx *c, int depth)
             if (k->t == T_FLOAT && isnan(k->u.f))
                 load_fail(c, "yaml.parse", kline, "NaN mapping keys are not supported");
             load_next(c);
-            size_t old = path_push_key(c, k);
+            size_t old = fy_path_push_key(c, k);
             ynode *v = load_node(c, depth + 1);
-            path_pop(c, old);
+            fy_path_pop(c, old);
             if (k->flags & NF_MERGEKEY)
                 merge_key_into(c, n, v, kline);
             else
-                map_set(c, n, k, v);
+                fy_map_set(c, n, k, v);
         }
         anchor_add(c, anchor, n);
         return n;
@@ -269,20 +272,20 @@ static ynode *load_node(yctx *c, int depth)
  * Parse one YAML document. Returns the root, or NULL for an empty stream / empty
  * document. A second document is an error.
  */
-static ynode *load_document(yctx *c, const char *text, size_t len, unsigned short file)
+ynode *fy_load_document(yctx *c, const char *text, size_t len, unsigned short file)
 {
     if (c->parser_live) {
         yaml_parser_delete(&c->parser);
         c->parser_live = 0;
     }
     if (!yaml_parser_initialize(&c->parser))
-        y_oom(c);
+        fy_oom(c);
     c->parser_live = 1;
     yaml_parser_set_input_string(&c->parser, (const unsigned char *)text, len);
     c->nanchors = 0;
     c->alias_nodes = 0;
     c->curfile = file;
-    path_pop(c, 0);
+    fy_path_pop(c, 0);
     ynode *root = NULL;
     load_next(c);                       /* STREAM-START */
     load_next(c);
@@ -310,10 +313,8 @@ static ynode *load_document(yctx *c, const char *text, size_t len, unsigned shor
 /* node -> Lua                                                                */
 /* ------------------------------------------------------------------------- */
 
-typedef struct yidx { int null, meta; } yidx;
-
 /* Stack: [...] -> [..., yaml.null, meta] ; returns their indices. */
-static yidx push_refs(lua_State *L)
+yidx fy_push_refs(lua_State *L)
 {
     yidx x;
     lua_getfield(L, LUA_REGISTRYINDEX, NULL_KEY);
@@ -345,14 +346,14 @@ static void push_scalar(lua_State *L, const ynode *n, yidx x)
 }
 
 /* Stack: [...] -> [..., value] */
-static void push_node(yctx *c, const ynode *n, yidx x)
+void fy_push_node(yctx *c, const ynode *n, yidx x)
 {
     lua_State *L = c->L;
     luaL_checkstack(L, 6, "forge.yaml: nesting too deep");
     if (n->t == T_SEQ) {
         lua_createtable(L, (int)n->u.c.n, 0);
         for (size_t i = 0; i < n->u.c.n; i++) {
-            push_node(c, n->u.c.v[i], x);
+            fy_push_node(c, n->u.c.v[i], x);
             lua_rawseti(L, -2, (lua_Integer)i + 1);
         }
         lua_pushvalue(L, -1);
@@ -369,7 +370,7 @@ static void push_node(yctx *c, const ynode *n, yidx x)
             push_scalar(L, k, x);
             lua_pushvalue(L, -1);
             lua_rawseti(L, -3, ++j);
-            push_node(c, n->u.c.v[i], x);
+            fy_push_node(c, n->u.c.v[i], x);
             lua_rawset(L, -4);
         }
         lua_pushvalue(L, -2);
@@ -389,7 +390,7 @@ static void push_node(yctx *c, const ynode *n, yidx x)
  * table whose keys are exactly 1..n is a seq and anything else (the empty table
  * included) is a map.
  */
-static int table_kind(lua_State *L, int idx, int metaidx)
+int fy_table_kind(lua_State *L, int idx, int metaidx)
 {
     idx = lua_absindex(L, idx);
     lua_pushvalue(L, idx);
@@ -422,7 +423,7 @@ static int table_kind(lua_State *L, int idx, int metaidx)
     return count == n;
 }
 
-static int key_cmp(const void *pa, const void *pb)
+int fy_key_cmp(const void *pa, const void *pb)
 {
     const ynode *a = *(ynode *const *)pa, *b = *(ynode *const *)pb;
     int ra = (a->t == T_INT || a->t == T_FLOAT) ? 0 : a->t == T_BOOL ? 1 : 2;
@@ -453,8 +454,8 @@ FORGE_NORETURN static void conv_fail(yctx *c, const char *code, const char *fmt,
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    yerr_add(c, code, NULL, c->path.n ? path_str(c) : NULL, NULL, "%s", msg);
-    yraise(c);
+    fy_err_add(c, code, NULL, c->path.n ? fy_path_str(c) : NULL, NULL, "%s", msg);
+    fy_raise(c);
 }
 
 /* A Lua key (at idx) as a scalar node; NULL with *bad set when it cannot be one. */
@@ -465,31 +466,29 @@ static ynode *key_from_lua(yctx *c, int idx)
     case LUA_TSTRING: {
         size_t len;
         const char *s = lua_tolstring(L, idx, &len);
-        return nstr(c, s, len, NULL);
+        return fy_nstr(c, s, len, NULL);
     }
     case LUA_TNUMBER:
         if (lua_isinteger(L, idx))
-            return nint(c, lua_tointeger(L, idx), NULL);
-        return nfloat(c, lua_tonumber(L, idx), NULL);
+            return fy_nint(c, lua_tointeger(L, idx), NULL);
+        return fy_nfloat(c, lua_tonumber(L, idx), NULL);
     case LUA_TBOOLEAN:
-        return nbool(c, lua_toboolean(L, idx), NULL);
+        return fy_nbool(c, lua_toboolean(L, idx), NULL);
     default:
         conv_fail(c, "yaml.encode", "cannot use a %s as a mapping key", luaL_typename(L, idx));
     }
 }
 
-static ynode *from_lua(yctx *c, int idx, int depth, yidx x, unsigned short file);
-
 static void map_add_value(yctx *c, ynode *m, ynode *k, int vidx, int depth, yidx x, unsigned short file)
 {
-    size_t old = path_push_key(c, k);
-    ynode *v = from_lua(c, vidx, depth + 1, x, file);
-    path_pop(c, old);
-    map_set(c, m, k, v);
+    size_t old = fy_path_push_key(c, k);
+    ynode *v = fy_from_lua(c, vidx, depth + 1, x, file);
+    fy_path_pop(c, old);
+    fy_map_set(c, m, k, v);
 }
 
 /* Convert the Lua value at idx (absolute) into a node tree. */
-static ynode *from_lua(yctx *c, int idx, int depth, yidx x, unsigned short file)
+ynode *fy_from_lua(yctx *c, int idx, int depth, yidx x, unsigned short file)
 {
     lua_State *L = c->L;
     ynode *n;
@@ -498,35 +497,35 @@ static ynode *from_lua(yctx *c, int idx, int depth, yidx x, unsigned short file)
         conv_fail(c, "yaml.depth", "nesting deeper than %d levels (a cycle?)", YMAX_DEPTH);
     switch (lua_type(L, idx)) {
     case LUA_TNIL:
-        n = nnew(c, T_NULL, NULL);
+        n = fy_nnew(c, T_NULL, NULL);
         break;
     case LUA_TBOOLEAN:
-        n = nbool(c, lua_toboolean(L, idx), NULL);
+        n = fy_nbool(c, lua_toboolean(L, idx), NULL);
         break;
     case LUA_TNUMBER:
-        n = lua_isinteger(L, idx) ? nint(c, lua_tointeger(L, idx), NULL) : nfloat(c, lua_tonumber(L, idx), NULL);
+        n = lua_isinteger(L, idx) ? fy_nint(c, lua_tointeger(L, idx), NULL) : fy_nfloat(c, lua_tonumber(L, idx), NULL);
         break;
     case LUA_TSTRING: {
         size_t len;
         const char *s = lua_tolstring(L, idx, &len);
-        n = nstr(c, s, len, NULL);
+        n = fy_nstr(c, s, len, NULL);
         break;
     }
     case LUA_TTABLE: {
         luaL_checkstack(L, 8, "forge.yaml: nesting too deep");
-        if (table_kind(L, idx, x.meta)) {
-            n = nnew(c, T_SEQ, NULL);
+        if (fy_table_kind(L, idx, x.meta)) {
+            n = fy_nnew(c, T_SEQ, NULL);
             lua_Unsigned len = lua_rawlen(L, idx);
             for (lua_Unsigned i = 1; i <= len; i++) {
                 lua_rawgeti(L, idx, (lua_Integer)i);
-                size_t old = path_push_idx(c, (size_t)i - 1);
-                seq_push(c, n, from_lua(c, -1, depth + 1, x, file));
-                path_pop(c, old);
+                size_t old = fy_path_push_idx(c, (size_t)i - 1);
+                fy_seq_push(c, n, fy_from_lua(c, -1, depth + 1, x, file));
+                fy_path_pop(c, old);
                 lua_pop(L, 1);
             }
             break;
         }
-        n = nnew(c, T_MAP, NULL);
+        n = fy_nnew(c, T_MAP, NULL);
         /* recorded key order first */
         lua_pushvalue(L, idx);
         if (lua_rawget(L, x.meta) == LUA_TTABLE) {
@@ -555,7 +554,7 @@ static ynode *from_lua(yctx *c, int idx, int depth, yidx x, unsigned short file)
             total++;
         }
         if (total != n->u.c.n) {
-            ynode **extra = aalloc(c, sizeof(ynode *) * total);
+            ynode **extra = fy_aalloc(c, sizeof(ynode *) * total);
             size_t ne = 0;
             lua_pushnil(L);
             while (lua_next(L, idx)) {
@@ -563,10 +562,10 @@ static ynode *from_lua(yctx *c, int idx, int depth, yidx x, unsigned short file)
                 ynode *k = key_from_lua(c, -1);
                 if (k->t == T_FLOAT && isnan(k->u.f))
                     continue;
-                if (map_find(c, n, k) < 0 && ne < total)
+                if (fy_map_find(c, n, k) < 0 && ne < total)
                     extra[ne++] = k;
             }
-            qsort(extra, ne, sizeof(ynode *), key_cmp);
+            qsort(extra, ne, sizeof(ynode *), fy_key_cmp);
             for (size_t i = 0; i < ne; i++) {
                 push_scalar(L, extra[i], x);
                 lua_rawget(L, idx);
@@ -578,7 +577,7 @@ static ynode *from_lua(yctx *c, int idx, int depth, yidx x, unsigned short file)
     }
     default:
         if (lua_rawequal(L, idx, x.null)) {
-            n = nnew(c, T_NULL, NULL);
+            n = fy_nnew(c, T_NULL, NULL);
             break;
         }
         conv_fail(c, "yaml.encode", "cannot encode a value of type %s", luaL_typename(L, idx));
@@ -594,7 +593,7 @@ static ynode *from_lua(yctx *c, int idx, int depth, yidx x, unsigned short file)
 static int emit_write(void *data, unsigned char *buffer, size_t size)
 {
     yctx *c = data;
-    buf_add(c, &c->out, (const char *)buffer, size);
+    fy_buf_add(c, &c->out, (const char *)buffer, size);
     return 1;
 }
 
@@ -628,19 +627,19 @@ static void emit_scalar(yctx *c, const ynode *n)
         emit_text(c, tmp, strlen(tmp), YAML_PLAIN_SCALAR_STYLE);
         break;
     case T_FLOAT:
-        if (c->go_emit && (isnan(n->u.f) || isinf(to_f32(n->u.f))))
+        if (c->go_emit && (isnan(n->u.f) || isinf(fy_to_f32(n->u.f))))
             snprintf(tmp, sizeof tmp, "%s", isnan(n->u.f) ? ".nan" : n->u.f < 0 ? "-.inf" : ".inf");
         else if (c->go_emit)
-            fmt_go_floatx(n->u.f, 1, 6, tmp, sizeof tmp);
+            fy_fmt_go_floatx(n->u.f, 1, 6, tmp, sizeof tmp);
         else
-            fmt_yaml_float(n->u.f, tmp, sizeof tmp);
+            fy_fmt_yaml_float(n->u.f, tmp, sizeof tmp);
         emit_text(c, tmp, strlen(tmp), YAML_PLAIN_SCALAR_STYLE);
         break;
     default: {
         yaml_scalar_style_t style = YAML_PLAIN_SCALAR_STYLE;
         if (memchr(n->u.s.p, '\n', n->u.s.n))
             style = YAML_LITERAL_SCALAR_STYLE;
-        else if (needs_quotes(c, n->u.s.p, n->u.s.n))
+        else if (fy_needs_quotes(c, n->u.s.p, n->u.s.n))
             style = YAML_DOUBLE_QUOTED_SCALAR_STYLE;
         emit_text(c, n->u.s.p, n->u.s.n, style);
     }
@@ -668,7 +667,7 @@ static void emit_node(yctx *c, const ynode *n)
 }
 
 /* Emit n as one YAML document into c->out (reset first). */
-static void emit_document(yctx *c, const ynode *n)
+void fy_emit_document(yctx *c, const ynode *n)
 {
     yaml_event_t ev;
     c->out.n = 0;
@@ -677,7 +676,7 @@ static void emit_document(yctx *c, const ynode *n)
         c->emitter_live = 0;
     }
     if (!yaml_emitter_initialize(&c->emitter))
-        y_oom(c);
+        fy_oom(c);
     c->emitter_live = 1;
     yaml_emitter_set_output(&c->emitter, emit_write, c);
     yaml_emitter_set_unicode(&c->emitter, 1);
@@ -693,7 +692,5 @@ static void emit_document(yctx *c, const ynode *n)
     yaml_emitter_delete(&c->emitter);
     c->emitter_live = 0;
     if (!c->out.p)
-        buf_add(c, &c->out, "", 0);
+        fy_buf_add(c, &c->out, "", 0);
 }
-
-#endif
