@@ -5,7 +5,6 @@
 local Broker = require "spec.support.broker"
 local client = require "spec.support.client"
 local cjson = require "cjson"
-local store = require "forge.store"
 
 local R = Broker.redis
 local N = 48
@@ -26,7 +25,7 @@ describe("group commit", function()
   end
 
   local function bindings()
-    local db = assert(store.open(b.state_dir .. "/forge.db"))
+    local db = b:store()
     local kvs = assert(db:range("binding/gc/"))
     db:close()
     return kvs
