@@ -1,17 +1,31 @@
 /*
  * forge.resp — speak the Redis protocol (RESP2) from the broker, without a redis-cli process.
  *
- * One call is one short TCP connection: connect (non-blocking, bounded by the call's
- * deadline), AUTH when credentials are given (and only then the commands, so a failed
- * AUTH never runs anything as the default user), the commands pipelined as RESP2 arrays
- * of bulk strings (binary safe), exactly one reply read per command, close.
+ * One call is one TCP connection: connect (non-blocking, bounded by the call's deadline),
+ * AUTH when credentials are given (and only then the commands, so a failed AUTH never runs
+ * anything as the default user), the commands pipelined as RESP2 arrays of bulk strings
+ * (binary safe), exactly one reply read per command, close.
+ *
+ * With pool=true the connection is kept instead of closed, in a process-wide pool keyed by
+ * host, port, user and password, and a later call with the same key reuses it without
+ * connecting or AUTH. Only a connection whose call succeeded, left no unread byte, and sent
+ * no command that changes a connection's state (SELECT, MULTI, CLIENT, HELLO...) goes back.
+ * A pooled connection idle for RESP_POOL_IDLE_S, or found readable before use (the server
+ * closed it, e.g. on a restart), is dropped for a new one; a failed call closes its own.
+ * The pool holds at most RESP_POOL_MAX idle connections.
+ *
+ * flush={...} names a command that makes the commands' effect durable on the server (ACL SAVE,
+ * CONFIG REWRITE: each rewrites a whole file). Concurrent calls to one server share it, as
+ * writers share a group commit: a call returns once a flush that began after its commands
+ * were answered has succeeded; one call leads it (on its own connection), the others wait.
  *
  * Memory: the request is built in a Lua userdata (collected, never leaked); the received
  * bytes live in a malloc'd buffer owned by a userdata with __gc. The network phase makes
  * no Lua calls; the fd is closed before the replies are turned into Lua values, the only
  * step after it that can raise.
  *
- * Threads: no mutable statics; every call has its own socket and buffers.
+ * Threads: every call has its own socket and buffers; the pool is the only shared state,
+ * guarded by pool_mu, and a connection taken from it belongs to one call at a time.
  */
 #include <errno.h>
 #include <limits.h>
@@ -19,6 +33,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +50,8 @@
 #define RESP_MAX_DEPTH    32                    /* nested arrays in one reply */
 #define RESP_READ_CHUNK   65536
 #define RESP_WHY          256
+#define RESP_POOL_MAX     64                    /* idle connections kept, all keys together */
+#define RESP_POOL_IDLE_S  60.0                  /* a connection idle longer is not reused */
 
 /* How a call failed (before any Lua value is built). */
 enum resp_fail {
@@ -45,6 +62,7 @@ enum resp_fail {
     RESP_FAIL_IO,               /* reset, closed early, send/recv error: retryable */
     RESP_FAIL_PROTOCOL,         /* malformed reply, or replies over the cap */
     RESP_FAIL_AUTH,             /* AUTH answered with an error */
+    RESP_FAIL_FLUSH,            /* the flush command answered with an error: retryable */
 };
 
 /* Incremental scanner state: how far the received bytes hold complete elements. */
@@ -142,6 +160,71 @@ static char *put_header(char *p, char c, size_t v)
     *p++ = '\r';
     *p++ = '\n';
     return p;
+}
+
+
+/* ------------------------------------------------------------------------ */
+/* the connection pool (no Lua)                                             */
+/* ------------------------------------------------------------------------ */
+
+struct pooled {
+    int fd;
+    char *key;                              /* host NUL port NUL user NUL password */
+    size_t klen;
+    double idle_since;
+};
+
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct pooled pool[RESP_POOL_MAX];
+static int pool_len;
+
+
+/* Whether fd is still an open, quiet connection: nothing to read, no EOF, no error. */
+static int fd_quiet(int fd)
+{
+    struct pollfd pf = {.fd = fd, .events = POLLIN};
+    return poll(&pf, 1, 0) == 0;
+}
+
+
+/* An idle connection for key (removed from the pool), or -1. Stale ones met are closed. */
+static int pool_take(const char *key, size_t klen)
+{
+    int fd = -1;
+    double now = now_mono();
+    pthread_mutex_lock(&pool_mu);
+    for (int i = pool_len - 1; i >= 0 && fd < 0; i--) {
+        struct pooled *e = &pool[i];
+        int expired = now - e->idle_since > RESP_POOL_IDLE_S;
+        if (!expired && (e->klen != klen || memcmp(e->key, key, klen) != 0))
+            continue;
+        if (!expired && fd_quiet(e->fd))
+            fd = e->fd;
+        else
+            close(e->fd);
+        free(e->key);
+        *e = pool[--pool_len];
+    }
+    pthread_mutex_unlock(&pool_mu);
+    return fd;
+}
+
+
+/* Keep fd for key; closes it when the pool is full or out of memory. */
+static void pool_put(const char *key, size_t klen, int fd)
+{
+    char *k = malloc(klen);
+    pthread_mutex_lock(&pool_mu);
+    if (k && pool_len < RESP_POOL_MAX) {
+        memcpy(k, key, klen);
+        pool[pool_len++] = (struct pooled){.fd = fd, .key = k, .klen = klen, .idle_since = now_mono()};
+        k = NULL;
+        fd = -1;
+    }
+    pthread_mutex_unlock(&pool_mu);
+    free(k);
+    if (fd >= 0)
+        close(fd);
 }
 
 
@@ -398,6 +481,151 @@ static int resp_exchange(struct resp_ctx *c, const char *req, size_t reqlen, siz
 
 
 /* ------------------------------------------------------------------------ */
+/* shared flushes (no Lua)                                                  */
+/* ------------------------------------------------------------------------ */
+
+/* The flushes of one key (pool key NUL flush command); lives while a call uses it. */
+struct flusher {
+    struct flusher *next;
+    char *key;
+    size_t klen;
+    int refs;
+    int leading;                            /* a flush is running */
+    unsigned long long started, done, ok;   /* generations: begun, finished, last that succeeded */
+    int fail;                               /* the last failed flush: kind and message */
+    char why[RESP_WHY];
+    pthread_cond_t cv;                      /* signalled whenever a flush finishes */
+};
+
+static pthread_mutex_t flush_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct flusher *flushers;
+
+
+/* The flusher of key with one more reference (created if needed), or NULL (ENOMEM). Locked. */
+static struct flusher *flusher_join(const char *key, size_t klen)
+{
+    struct flusher *f = flushers;
+    while (f && (f->klen != klen || memcmp(f->key, key, klen) != 0))
+        f = f->next;
+    if (!f && (f = calloc(1, sizeof *f)) != NULL) {
+        pthread_condattr_t ca;
+        if (!(f->key = malloc(klen))) {
+            free(f);
+            return NULL;
+        }
+        memcpy(f->key, key, klen);
+        f->klen = klen;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&f->cv, &ca);
+        pthread_condattr_destroy(&ca);
+        f->next = flushers;
+        flushers = f;
+    }
+    if (f)
+        f->refs++;
+    return f;
+}
+
+
+/* Drop a reference; the last one frees it. Locked. */
+static void flusher_leave(struct flusher *f)
+{
+    if (--f->refs > 0)
+        return;
+    struct flusher **p = &flushers;
+    while (*p != f)
+        p = &(*p)->next;
+    *p = f->next;
+    pthread_cond_destroy(&f->cv);
+    free(f->key);
+    free(f);
+}
+
+
+/* Send the flush command on fd and check its one reply. Returns RESP_OK or a kind (why). */
+static int flush_run(int fd, const char *req, size_t len, double deadline, const char *peer, char *why)
+{
+    struct resp_ctx f = {.fd = fd, .max = 65536};
+    int fail = resp_exchange(&f, req, len, 1, deadline, peer);
+    if (!fail && f.buf[0] == '-') {
+        const char *cr = find_crlf(f.buf, f.len);
+        snprintf(why, RESP_WHY, "%.120s: the flush command failed: %.*s", peer,
+                 (int)(cr - f.buf - 1 < 120 ? cr - f.buf - 1 : 120), f.buf + 1);
+        fail = RESP_FAIL_FLUSH;
+    } else if (fail) {
+        memcpy(why, f.why, RESP_WHY);
+    }
+    if (!fail && f.scan.pos != f.len) {
+        snprintf(why, RESP_WHY, "%.200s: unexpected bytes after the flush reply", peer);
+        fail = RESP_FAIL_PROTOCOL;
+    }
+    free(f.buf);
+    return fail;
+}
+
+
+/*
+ * Make sure a flush begun after now succeeds before returning: lead one on c->fd, or wait
+ * for the one running to end and then the next. Returns RESP_OK or a failure kind (c->why).
+ */
+static int flush_shared(struct resp_ctx *c, const char *key, size_t klen, const char *req, size_t len,
+                        double deadline, const char *peer)
+{
+    pthread_mutex_lock(&flush_mu);
+    struct flusher *f = flusher_join(key, klen);
+    if (!f) {
+        pthread_mutex_unlock(&flush_mu);
+        snprintf(c->why, sizeof c->why, "%.200s: out of memory for the flush", peer);
+        return RESP_FAIL_IO;
+    }
+    unsigned long long target = f->started + 1;
+    int fail = RESP_OK;
+    while (f->done < target && !fail) {
+        if (!f->leading) {
+            unsigned long long gen = ++f->started;
+            f->leading = 1;
+            pthread_mutex_unlock(&flush_mu);
+            char why[RESP_WHY];
+            int kind = flush_run(c->fd, req, len, deadline, peer, why);
+            pthread_mutex_lock(&flush_mu);
+            f->done = gen;
+            if (kind == RESP_OK) {
+                f->ok = gen;
+            } else {
+                f->fail = kind;
+                memcpy(f->why, why, sizeof why);
+            }
+            f->leading = 0;
+            pthread_cond_broadcast(&f->cv);
+            continue;
+        }
+        double left = deadline - now_mono();
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        if (left > 0) {
+            long long ns = ts.tv_nsec + (long long)(left * 1e9);
+            ts.tv_sec += (time_t)(ns / 1000000000);
+            ts.tv_nsec = (long)(ns % 1000000000);
+        }
+        if (left <= 0 || pthread_cond_timedwait(&f->cv, &flush_mu, &ts) == ETIMEDOUT) {
+            if (f->done < target) {
+                snprintf(c->why, sizeof c->why, "%.200s: timed out waiting for the shared flush", peer);
+                fail = RESP_FAIL_TIMEOUT;
+            }
+        }
+    }
+    if (!fail && f->ok < target) {
+        fail = f->fail;
+        memcpy(c->why, f->why, sizeof c->why);
+    }
+    flusher_leave(f);
+    pthread_mutex_unlock(&flush_mu);
+    return fail;
+}
+
+
+/* ------------------------------------------------------------------------ */
 /* Lua side                                                                 */
 /* ------------------------------------------------------------------------ */
 
@@ -544,6 +772,31 @@ static char *strings_write(char *p, const char *const *v, const size_t *lens, in
 }
 
 
+/*
+ * Whether the commands leave the connection as a new one would be after AUTH, so that
+ * another call may reuse it: none of them changes its database, transaction, protocol,
+ * identity, reply mode or subscriptions.
+ *
+ * Stack: [...] -> [...]
+ */
+static int commands_keep_state(lua_State *L, int cmds, lua_Integer ncmd)
+{
+    static const char *const changing[] = {"AUTH", "HELLO", "SELECT", "MULTI", "EXEC", "DISCARD", "WATCH",
+        "UNWATCH", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR", "CLIENT", "READONLY", "READWRITE",
+        "RESET", "QUIT", "SYNC", "PSYNC", "REPLCONF", NULL};
+    int keep = 1;
+    for (lua_Integer i = 1; i <= ncmd && keep; i++) {
+        lua_geti(L, cmds, i);
+        lua_geti(L, -1, 1);
+        const char *name = lua_tostring(L, -1);         /* checked by command_size */
+        for (int k = 0; changing[k] && keep; k++)
+            keep = strcasecmp(name, changing[k]) != 0;
+        lua_pop(L, 2);
+    }
+    return keep;
+}
+
+
 static int push_failure(lua_State *L, int kind, const char *why)
 {
     switch (kind) {
@@ -552,6 +805,7 @@ static int push_failure(lua_State *L, int kind, const char *why)
     case RESP_FAIL_TIMEOUT:  return forge_pusherror(L, "resp.timeout", 1, "%s", why);
     case RESP_FAIL_IO:       return forge_pusherror(L, "resp.io", 1, "%s", why);
     case RESP_FAIL_AUTH:     return forge_pusherror(L, "resp.auth", 0, "%s", why);
+    case RESP_FAIL_FLUSH:    return forge_pusherror(L, "resp.flush", 1, "%s", why);
     default:                 return forge_pusherror(L, "resp.protocol", 0, "%s", why);
     }
 }
@@ -562,19 +816,25 @@ static int push_failure(lua_State *L, int kind, const char *why)
  * @function call
  * @tparam table opts {host=, port=, timeout=seconds for the whole call (default 5),
  *   user=?, password=? (AUTH first when given), commands={{"SET","k","v"}, ...},
- *   max_reply=bytes of all replies together (default 16 MiB)}
+ *   max_reply=bytes of all replies together (default 16 MiB),
+ *   pool=true to keep the connection for later calls with the same host, port and credentials
+ *   and to reuse one kept before (default false),
+ *   flush={"ACL","SAVE"}: a command run after the commands, shared by concurrent calls to the
+ *   same server and credentials; the call succeeds only once such a flush, begun after its
+ *   commands were answered, succeeded (its reply is not returned)}
  * @return array of replies, one per command: strings (bulk and simple), integers,
  *   false (nil bulk or nil array), tables (arrays), {err="ERR ..."} (error replies);
  *   or nil, err: "resp.connect" (refused, unreachable, connect timeout: retryable),
  *   "resp.timeout" (retryable), "resp.io" (retryable), "resp.auth" (the server's message),
- *   "resp.protocol" (malformed replies, or over max_reply)
+ *   "resp.protocol" (malformed replies, or over max_reply), "resp.flush" (the flush command
+ *   answered with an error: the server's message; retryable)
  *
  * Stack: [opts] -> [opts, commands, req_ud, ctx_ud, result] (or ..., nil, err)
  */
 static int l_resp_call(lua_State *L)
 {
     static const char *const keys[] = {"host", "port", "timeout", "user", "password", "commands",
-                                       "max_reply", NULL};
+                                       "max_reply", "pool", "flush", NULL};
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
     forge_checkkeys(L, 1, "resp.call", keys);
@@ -594,6 +854,7 @@ static int l_resp_call(lua_State *L)
     const char *password = forge_optstrfield(L, 1, "password", NULL);
     if (user && !password)
         luaL_error(L, "resp.call: option 'user' needs 'password'");
+    int use_pool = forge_optboolfield(L, 1, "pool", 0);
 
     if (lua_getfield(L, 1, "commands") != LUA_TTABLE)
         luaL_error(L, "resp.call: option 'commands' must be an array of commands");
@@ -624,6 +885,41 @@ static int l_resp_call(lua_State *L)
     size_t cmd_size = 0;
     for (lua_Integer i = 1; i <= ncmd; i++)
         cmd_size += command_size(L, cmds, i);
+    int keep = use_pool && commands_keep_state(L, cmds, ncmd);
+
+    /* the flush command, encoded (anchored on the stack) */
+    size_t flush_len = 0;
+    const char *flush = NULL;
+    if (lua_getfield(L, 1, "flush") != LUA_TNIL) {
+        if (!lua_istable(L, -1) || lua_rawlen(L, -1) < 1)
+            luaL_error(L, "resp.call: option 'flush' must be one command: a non-empty array of strings");
+        lua_createtable(L, 1, 0);                                       /* [..., flush, {flush}] */
+        lua_insert(L, -2);
+        lua_rawseti(L, -2, 1);
+        flush_len = command_size(L, lua_gettop(L), 1);
+        char *fb = lua_newuserdatauv(L, flush_len, 0);                  /* [..., {flush}, fb] */
+        command_write(L, lua_gettop(L) - 1, 1, fb);
+        flush = fb;
+    } else {
+        lua_pop(L, 1);
+    }
+
+    /* the pool key: host NUL port NUL user NUL password; a flush's: that NUL the flush */
+    size_t klen = 0, fklen = 0;
+    const char *pool_key = NULL, *flush_key = NULL;
+    if (use_pool || flush) {
+        lua_pushfstring(L, "%s%c%d%c%s%c", host, 0, (int)port, 0, user ? user : "", 0);
+        lua_pushstring(L, password ? password : "");
+        lua_concat(L, 2);
+        pool_key = lua_tolstring(L, -1, &klen);
+    }
+    if (flush) {
+        lua_pushvalue(L, -1);
+        lua_pushliteral(L, "\0");
+        lua_pushlstring(L, flush, flush_len);
+        lua_concat(L, 3);
+        flush_key = lua_tolstring(L, -1, &fklen);
+    }
 
     char *req = lua_newuserdatauv(L, auth_size + cmd_size + 1, 0);     /* [opts, cmds, req] */
     char *p = req;
@@ -643,8 +939,14 @@ static int l_resp_call(lua_State *L)
     char peer[320];
     snprintf(peer, sizeof peer, "%s:%d", host, (int)port);
     double deadline = now_mono() + timeout;
+    int fail = RESP_OK;
+    if (use_pool)
+        c->fd = pool_take(pool_key, klen);
+    if (c->fd < 0)
+        fail = resp_connect(c, host, (int)port, deadline);
+    else
+        nauth = 0;                              /* authenticated when it was made */
     size_t want_auth = nauth ? 1 : 0, auth_end = 0;
-    int fail = resp_connect(c, host, (int)port, deadline);
     if (!fail && nauth) {
         fail = resp_exchange(c, req, auth_size, 1, deadline, peer);
         auth_end = c->scan.pos;                 /* the scan stops right after the AUTH reply */
@@ -667,6 +969,12 @@ static int l_resp_call(lua_State *L)
     }
     if (!fail && ncmd > 0)
         fail = resp_exchange(c, req + auth_size, cmd_size, want_auth + (size_t)ncmd, deadline, peer);
+    if (!fail && flush)
+        fail = flush_shared(c, flush_key, fklen, flush, flush_len, deadline, peer);
+    if (!fail && keep && c->scan.pos == c->len) {
+        pool_put(pool_key, klen, c->fd);
+        c->fd = -1;
+    }
     ctx_close_fd(c);
     if (fail) {
         char why[RESP_WHY];

@@ -20,6 +20,16 @@
  * return several values (range) run in one read transaction, so the rows and
  * the revision come from the same snapshot.
  *
+ * Group commit: the connections of one process to one file (one per broker
+ * thread) share a write queue. A writer queues its txn; if no batch is running
+ * it leads: it takes every queued txn, runs them in order in one IMMEDIATE
+ * transaction on its own connection (each txn's compares judged on its own,
+ * against the writes of the txns before it; each txn that writes gets its own
+ * revision) and commits once — one fsync for the batch. The others wait on a
+ * condition variable and are answered only after that COMMIT returned, i.e.
+ * once their writes are on disk. Any SQLite failure of a batch (a write, or the
+ * COMMIT) rolls it back and fails every txn in it with that error.
+ *
  * Raises versus SQL: arguments are validated (and may raise) before any SQL
  * runs. Write paths run no Lua call between BEGIN and COMMIT/ROLLBACK. Read
  * paths, which must push strings while a statement is live, run their body
@@ -29,6 +39,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -95,9 +106,12 @@ static const char schema_sql[] =
     " revision INTEGER NOT NULL);"
     "INSERT OR IGNORE INTO meta (id, revision) VALUES (0, 1);";
 
+struct group;
+
 struct store {
     sqlite3 *db;                    /* NULL once closed */
     sqlite3_stmt *st[ST__N];
+    struct group *group;            /* the file's write queue; NULL for :memory: */
 };
 
 /* An SQLite failure, copied out of the connection before any rollback. */
@@ -155,11 +169,93 @@ static void store_abort(struct store *s)
 }
 
 
+/* ---------------------------------------------------------------------------
+ * Write groups: one per database file and busy timeout in this process
+ * ------------------------------------------------------------------------- */
+
+struct txnres;
+
+/* One queued txn; lives on its writer's stack while the writer waits. */
+struct pending {
+    struct pending *next;
+    const struct txn_cmp *cmps;
+    size_t ncmp;
+    const struct txn_op *const *ops;    /* [2]: success, failure */
+    const size_t *nops;
+    struct txnres *r;
+    int rc;
+    int done;                           /* r and rc are final */
+};
+
+struct group {
+    struct group *next;
+    char *path;
+    int busy_ms;
+    int refs;                           /* connections using it */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct pending *head, **tail;       /* queued, not taken by a leader yet */
+    int leading;                        /* a batch is running */
+};
+
+/* The registry of groups; a group lives while a connection uses it. */
+static pthread_mutex_t groups_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct group *groups;
+
+
+/* The group of (path, busy_ms), created if needed, with one more reference; NULL on ENOMEM. */
+static struct group *group_join(const char *path, int busy_ms)
+{
+    pthread_mutex_lock(&groups_mu);
+    struct group *g = groups;
+    while (g && (g->busy_ms != busy_ms || strcmp(g->path, path) != 0))
+        g = g->next;
+    if (!g && (g = calloc(1, sizeof *g)) != NULL) {
+        if (!(g->path = strdup(path))) {
+            free(g);
+            g = NULL;
+        } else {
+            g->busy_ms = busy_ms;
+            g->tail = &g->head;
+            pthread_mutex_init(&g->mu, NULL);
+            pthread_cond_init(&g->cv, NULL);
+            g->next = groups;
+            groups = g;
+        }
+    }
+    if (g)
+        g->refs++;
+    pthread_mutex_unlock(&groups_mu);
+    return g;
+}
+
+
+static void group_leave(struct group *g)
+{
+    pthread_mutex_lock(&groups_mu);
+    if (--g->refs == 0) {
+        struct group **p = &groups;
+        while (*p != g)
+            p = &(*p)->next;
+        *p = g->next;
+        pthread_mutex_destroy(&g->mu);
+        pthread_cond_destroy(&g->cv);
+        free(g->path);
+        free(g);
+    }
+    pthread_mutex_unlock(&groups_mu);
+}
+
+
 static void store_release(struct store *s)
 {
     if (!s->db)
         return;
     store_abort(s);
+    if (s->group) {
+        group_leave(s->group);
+        s->group = NULL;
+    }
     for (int i = 0; i < ST__N; i++) {
         sqlite3_finalize(s->st[i]);
         s->st[i] = NULL;
@@ -431,29 +527,23 @@ static int apply_op(struct store *s, const struct txn_op *o, lua_Integer rev, in
 
 
 /*
- * Evaluate every compare (logical AND) and apply ops[0] if all hold, else
- * ops[1], atomically. Runs no Lua. The revision is bumped once if anything was
- * written. Returns SQLITE_OK (r filled) or an error code (r->err filled,
- * nothing written).
+ * Evaluate the compares of p (logical AND) and apply its success ops if all
+ * hold, else its failure ops, at revision *rev + 1; *rev is bumped if anything
+ * was written. Runs inside the batch's write transaction, no Lua. Returns
+ * SQLITE_OK (p->r filled) or an error code (e filled).
  */
-static int txn_run(struct store *s, const struct txn_cmp *cmps, size_t ncmp,
-                   const struct txn_op *const ops[2], const size_t nops[2], struct txnres *r)
+static int txn_apply(struct store *s, struct pending *p, lua_Integer *rev, struct sqlerr *e)
 {
-    lua_Integer rev;
+    struct txnres *r = p->r;
     int rc, writes = 0;
 
     r->succeeded = 1;
     r->deleted = 0;
-    r->err.rc = SQLITE_OK;
-    if ((rc = stmt_exec(s, ST_BEGIN_IMM, &r->err)) != SQLITE_OK)
-        goto fail;
-    if ((rc = read_revision(s, &rev, &r->err)) != SQLITE_OK)
-        goto fail;
-    for (size_t i = 0; i < ncmp; i++) {
+    for (size_t i = 0; i < p->ncmp; i++) {
         int ok = 0;
         lua_Integer found = 0;
-        if ((rc = eval_cmp(s, &cmps[i], &ok, &found, &r->err)) != SQLITE_OK)
-            goto fail;
+        if ((rc = eval_cmp(s, &p->cmps[i], &ok, &found, e)) != SQLITE_OK)
+            return rc;
         if (!ok) {
             r->succeeded = 0;
             r->failed = i;
@@ -462,28 +552,97 @@ static int txn_run(struct store *s, const struct txn_cmp *cmps, size_t ncmp,
         }
     }
     int b = r->succeeded ? 0 : 1;
-    for (size_t i = 0; i < nops[b]; i++) {
-        int changed;
-        if ((rc = apply_op(s, &ops[b][i], rev + 1, &changed, &r->err)) != SQLITE_OK)
-            goto fail;
+    for (size_t i = 0; i < p->nops[b]; i++) {
+        int changed = 0;
+        if ((rc = apply_op(s, &p->ops[b][i], *rev + 1, &changed, e)) != SQLITE_OK)
+            return rc;
         writes += changed;
-        if (ops[b][i].kind != TXN_OP_PUT)
+        if (p->ops[b][i].kind != TXN_OP_PUT)
             r->deleted += changed;
     }
-    if (writes) {
-        sqlite3_bind_int64(s->st[ST_REV_SET], 1, rev + 1);
-        if ((rc = stmt_exec(s, ST_REV_SET, &r->err)) != SQLITE_OK)
-            goto fail;
-        rev++;
-    }
-    if ((rc = stmt_exec(s, ST_COMMIT, &r->err)) != SQLITE_OK)
-        goto fail;
-    r->revision = rev;
+    if (writes)
+        ++*rev;
+    r->revision = *rev;
     return SQLITE_OK;
+}
 
-fail:
-    store_abort(s);
-    return rc;
+
+/*
+ * Run the txns of batch (a list through ->next), in order, in one IMMEDIATE
+ * transaction and one COMMIT. Then every member has rc = SQLITE_OK and its r
+ * filled, or, when any step failed, the batch was rolled back (nothing of it
+ * written) and every member has that error. Runs no Lua.
+ */
+static void batch_run(struct store *s, struct pending *batch)
+{
+    struct sqlerr e = {.rc = SQLITE_OK};
+    lua_Integer start = 0, rev;
+    size_t n = 0;
+    int rc = stmt_exec(s, ST_BEGIN_IMM, &e);
+    if (rc == SQLITE_OK)
+        rc = read_revision(s, &start, &e);
+    rev = start;
+    for (struct pending *p = batch; p; p = p->next, n++)
+        if (rc == SQLITE_OK)
+            rc = txn_apply(s, p, &rev, &e);
+    if (rc == SQLITE_OK && rev != start) {
+        sqlite3_bind_int64(s->st[ST_REV_SET], 1, rev);
+        rc = stmt_exec(s, ST_REV_SET, &e);
+    }
+    if (rc == SQLITE_OK)
+        rc = stmt_exec(s, ST_COMMIT, &e);
+    if (rc != SQLITE_OK) {
+        store_abort(s);
+        if (n > 1) {
+            size_t len = strlen(e.msg);
+            snprintf(e.msg + len, sizeof e.msg - len, "; the %zu writes committed together with it fail too", n - 1);
+        }
+    }
+    for (struct pending *p = batch; p; p = p->next) {
+        p->rc = rc;
+        p->r->err = e;
+    }
+}
+
+
+/*
+ * One txn (see txn_apply), on disk when this returns SQLITE_OK. With a group,
+ * it joins the group's queue and either waits for a leader to commit it or
+ * leads a batch of everything queued itself.
+ */
+static int txn_run(struct store *s, const struct txn_cmp *cmps, size_t ncmp,
+                   const struct txn_op *const ops[2], const size_t nops[2], struct txnres *r)
+{
+    struct pending me = {.cmps = cmps, .ncmp = ncmp, .ops = ops, .nops = nops, .r = r};
+    struct group *g = s->group;
+    if (!g) {
+        batch_run(s, &me);
+        return me.rc;
+    }
+    pthread_mutex_lock(&g->mu);
+    *g->tail = &me;
+    g->tail = &me.next;
+    while (!me.done) {
+        if (g->leading) {
+            pthread_cond_wait(&g->cv, &g->mu);
+            continue;
+        }
+        struct pending *batch = g->head;        /* not done and nobody leads: we are queued */
+        g->head = NULL;
+        g->tail = &g->head;
+        g->leading = 1;
+        pthread_mutex_unlock(&g->mu);
+        batch_run(s, batch);
+        pthread_mutex_lock(&g->mu);
+        for (struct pending *p = batch, *next; p; p = next) {
+            next = p->next;                     /* p's owner may return once done is set */
+            p->done = 1;
+        }
+        g->leading = 0;
+        pthread_cond_broadcast(&g->cv);
+    }
+    pthread_mutex_unlock(&g->mu);
+    return me.rc;
 }
 
 
@@ -637,6 +796,12 @@ static int l_open(lua_State *L)
     if (store_connect(s, path, (int)busy, &e) != SQLITE_OK) {
         store_release(s);
         return push_sqlerr(L, &e, path);
+    }
+    /* the file's canonical name, so every spelling of a path shares one queue */
+    const char *file = sqlite3_db_filename(s->db, "main");
+    if (file && *file && !(s->group = group_join(file, (int)busy))) {
+        store_release(s);
+        return luaL_error(L, "store.open: out of memory");
     }
     return 1;
 }
@@ -796,6 +961,55 @@ static int l_txn(lua_State *L)
 }
 
 
+#define STORE_BATCH_MAX 1000
+
+/***
+ * Several txns in one SQLite transaction and one commit (one fsync), as concurrent writers
+ * of one process share: each judged on its own compares, in order, each that writes with its
+ * own revision. SQLite only: the etcd backend has no such call.
+ * @function db:batch
+ * @tparam table list array of txn tables as for db:txn (at most 1000)
+ * @return array of `{succeeded=, revision=}`, one per txn; or nil, err when the batch failed
+ *   (then nothing of it was written)
+ */
+static int l_batch(lua_State *L)
+{
+    static const char *const keys[] = {"compare", "success", "failure", NULL};
+    struct store *s = checkdb(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_settop(L, 2);
+    lua_Integer n = (lua_Integer)lua_rawlen(L, 2);
+    luaL_argcheck(L, n >= 1 && n <= STORE_BATCH_MAX, 2, "1 to 1000 txn tables expected");
+    luaL_checkstack(L, 3 * (int)n + 4, "db:batch");
+    /* the parsed txns and their results live in one userdata; the parses stay on the stack */
+    struct txn *t = lua_newuserdatauv(L, (size_t)n * (sizeof *t + sizeof(struct pending) + sizeof(struct txnres)), 0);
+    struct pending *p = (struct pending *)(t + n);
+    struct txnres *r = (struct txnres *)(p + n);
+    for (lua_Integer i = 0; i < n; i++) {
+        luaL_argexpected(L, lua_geti(L, 2, i + 1) == LUA_TTABLE, 2, "array of txn tables");
+        int ti = lua_gettop(L);
+        forge_checkkeys(L, ti, "batch", keys);
+        forge_txn_parse(L, ti, &store_txn_rules, &t[i]);            /* [.., ti, cmps, ok, ko] */
+        lua_remove(L, ti);
+        p[i] = (struct pending){.cmps = t[i].cmps, .ncmp = t[i].ncmp, .ops = t[i].ops, .nops = t[i].nops,
+                                .r = &r[i], .next = i + 1 < n ? &p[i + 1] : NULL};
+    }
+    batch_run(s, p);
+    if (p[0].rc != SQLITE_OK)
+        return push_sqlerr(L, &r[0].err, "batch");
+    lua_createtable(L, (int)n, 0);
+    for (lua_Integer i = 0; i < n; i++) {
+        lua_createtable(L, 0, 2);
+        lua_pushboolean(L, r[i].succeeded);
+        lua_setfield(L, -2, "succeeded");
+        lua_pushinteger(L, r[i].revision);
+        lua_setfield(L, -2, "revision");
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
+
 /***
  * The current store revision.
  * @function db:revision
@@ -912,6 +1126,7 @@ int luaopen_forge_store(lua_State *L)
         {"put", l_put},
         {"delete", l_delete},
         {"txn", l_txn},
+        {"batch", l_batch},
         {"revision", l_revision},
         {"backup", l_backup},
         {"close", l_close},

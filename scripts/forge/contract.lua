@@ -49,7 +49,7 @@ local ENV = map(STRING)
 
 local REDIS = record("redis command list", {
   host = STRING, port = PORT, user = STRING, password = STRING,
-  commands = list(list(ARG, 1), 1), expect = list(STRING),
+  commands = list(list(ARG, 1), 1), expect = list(STRING), flush = list(ARG, 1),
 }, { required = { "port", "commands" } })
 
 -- A SQL statement: {sql, params...} (parameterised) or {format = "... %I ... %L ...", args = {...}}.

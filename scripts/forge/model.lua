@@ -91,15 +91,16 @@ local function track(t, doomed)
   end
 end
 
---- Apply a transaction; returns true if the compares held.
+--- Apply a transaction; returns true if the compares held, and the store revision after it
+-- (the mod_revision of every key it put).
 function M.txn(db, t)
   local doomed = doomed_bindings(db, t)
   local started = proc.monotonic()
-  local ok, err = db:txn(t)
-  if ok == nil then store_failed(err) end
+  local ok, rev = db:txn(t)
+  if ok == nil then store_failed(rev) end
   telemetry.txn(proc.monotonic() - started, ok)
   if ok then track(t, doomed) end
-  return ok
+  return ok, rev
 end
 
 --- A put op for txn.

@@ -175,8 +175,8 @@ end
 
 -- ------------------------------------------------------------------------------------------
 -- The sealing store: forge.store's / forge.etcd's db API, values sealed on the way in and
--- opened on the way out. Other methods (revision, close, backup, endpoints, leases) go to the
--- store handle as they are.
+-- opened on the way out (put, txn, batch; get, range). Other methods (revision, close, backup,
+-- endpoints, leases) go to the store handle as they are.
 
 local Sealed = {}
 
@@ -225,13 +225,25 @@ local function seal_ops(ring, ops)
   return out
 end
 
+-- A copy of txn table t with its puts sealed; raises (at level) on a value compare.
+local function sealed_txn(ring, t, what, level)
+  for _, c in ipairs(t.compare or {}) do
+    if c.value ~= nil then error(what .. ": a sealed store cannot compare values (compare mod_revision)", level + 1) end
+  end
+  return { compare = t.compare, success = seal_ops(ring, t.success), failure = seal_ops(ring, t.failure) }
+end
+
 function Sealed:txn(t)
   if type(t) ~= "table" then return self.raw:txn(t) end
-  for _, c in ipairs(t.compare or {}) do
-    if c.value ~= nil then error("db:txn: a sealed store cannot compare values (compare mod_revision)", 2) end
-  end
-  return self.raw:txn { compare = t.compare, success = seal_ops(self.ring, t.success),
-    failure = seal_ops(self.ring, t.failure) }
+  return self.raw:txn(sealed_txn(self.ring, t, "db:txn", 2))
+end
+
+--- db:batch (forge.store only): every txn of the list sealed as db:txn seals one.
+function Sealed:batch(list)
+  if type(list) ~= "table" then return self.raw:batch(list) end
+  local out = {}
+  for i, t in ipairs(list) do out[i] = type(t) == "table" and sealed_txn(self.ring, t, "db:batch", 2) or t end
+  return self.raw:batch(out)
 end
 
 local sealed_mt = {

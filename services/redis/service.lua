@@ -76,10 +76,12 @@ end
 local function node_name(i) return "redis-" .. (i - 1) end
 
 -- Redis commands for the broker to run as the admin user: it speaks the Redis protocol itself
--- (no redis-cli process); each reply must match its expect pattern (integers as text).
-local function admin_redis(host, port, password, commands, expect)
+-- (no redis-cli process); each reply must match its expect pattern (integers as text). `flush`
+-- (ACL SAVE) persists what they did; the broker shares one among concurrent binds of a node.
+local function admin_redis(host, port, password, commands, expect, flush)
   return {
-    redis = { host = host, port = port, user = ADMIN, password = password, commands = commands, expect = expect },
+    redis = { host = host, port = port, user = ADMIN, password = password, commands = commands, expect = expect,
+      flush = flush },
   }
 end
 
@@ -153,7 +155,8 @@ local REDIS_PORT = 6379
 -- `password`, i.e. the default user). Users persist through CONFIG REWRITE: the job runs without
 -- an ACL file, so redis keeps them in its redis.conf.
 local function bosh_admin(ip, password, commands, expect)
-  return { redis = { host = ip, port = REDIS_PORT, password = password, commands = commands, expect = expect } }
+  return { redis = { host = ip, port = REDIS_PORT, password = password, commands = commands, expect = expect,
+    flush = { "CONFIG", "REWRITE" } } }
 end
 
 -- BOSH bind: a per-binding ACL user on every VM (ctx.ips, primary first).
@@ -161,11 +164,10 @@ local function bosh_bind(ctx, user, password)
   local admin_password = ctx.secret("admin_password")
   local setuser = {
     { "ACL", "SETUSER", user, "reset", "on", "#" .. crypto.sha256_hex(password), "~*", "&*", "+@all", "-@admin" },
-    { "CONFIG", "REWRITE" },
   }
   local run, hosts = {}, {}
   for i, ip in ipairs(ctx.ips) do
-    run[i] = bosh_admin(ip, admin_password, setuser, { "^OK$", "^OK$" })
+    run[i] = bosh_admin(ip, admin_password, setuser, { "^OK$" })
     hosts[i] = ip .. ":" .. REDIS_PORT
   end
   if #hosts == 0 then error("the deployment has no VMs with IPs", 0) end
@@ -191,11 +193,10 @@ function service.bind(ctx)
   local admin_password = ctx.secret("admin_password")
   local setuser = {
     { "ACL", "SETUSER", user, "reset", "on", "#" .. crypto.sha256_hex(password), "~*", "&*", "+@all", "-@admin" },
-    { "ACL", "SAVE" },
   }
   local run, hosts = {}, {}
   for i, port in ipairs(ctx.ports) do
-    run[i] = admin_redis(ctx.host, port, admin_password, setuser, { "^OK$", "^OK$" })
+    run[i] = admin_redis(ctx.host, port, admin_password, setuser, { "^OK$" }, { "ACL", "SAVE" })
     hosts[i] = ctx.host .. ":" .. port
   end
   return {
@@ -217,15 +218,14 @@ function service.unbind(ctx)
   if ctx.ips then
     local run = {}
     for i, ip in ipairs(ctx.ips) do
-      run[i] = bosh_admin(ip, admin_password, { { "ACL", "DELUSER", username(ctx.binding_id) }, { "CONFIG", "REWRITE" } },
-        { "^%d+$", "^OK$" })
+      run[i] = bosh_admin(ip, admin_password, { { "ACL", "DELUSER", username(ctx.binding_id) } }, { "^%d+$" })
     end
     return { run = run }
   end
-  local deluser = { { "ACL", "DELUSER", username(ctx.binding_id) }, { "ACL", "SAVE" } }
+  local deluser = { { "ACL", "DELUSER", username(ctx.binding_id) } }
   local run = {}
   for i, port in ipairs(ctx.ports) do
-    run[i] = admin_redis(ctx.host, port, admin_password, deluser, { "^%d+$", "^OK$" })
+    run[i] = admin_redis(ctx.host, port, admin_password, deluser, { "^%d+$" }, { "ACL", "SAVE" })
   end
   return { run = run }
 end

@@ -176,6 +176,104 @@ describe("forge.resp", function()
     end)
   end)
 
+  describe("pool=true", function()
+    local function connections()
+      local info = assert(call { { "INFO", "stats" } })[1]
+      return tonumber(info:match("total_connections_received:(%d+)"))
+    end
+    setup(function()
+      assert(call { { "ACL", "SETUSER", "alice", "reset", "on", ">al1ce pass", "~a:*", "+@all" } })
+    end)
+
+    it("reuses one authenticated connection per host, port and credentials", function()
+      local before = connections()
+      for i = 1, 20 do
+        local r = assert(call({ { "ACL", "WHOAMI" }, { "SET", "a:pool", i } },
+          { user = "alice", password = "al1ce pass", pool = true }))
+        assert.same({ "alice", "OK" }, r)
+      end
+      assert.same({ "default" }, assert(call({ { "ACL", "WHOAMI" } }, { pool = true })))
+      -- one connection for alice, one for default, and the one of this count
+      assert.equal(before + 3, connections())
+      -- the wrong password does not get alice's connection
+      local r, err = call({ { "PING" } }, { user = "alice", password = "wrong", pool = true })
+      assert.is_nil(r)
+      assert.equal("resp.auth", err.code)
+    end)
+
+    it("does not keep a connection whose state a command changed", function()
+      assert(call({ { "SELECT", 1 }, { "SET", "in-db-1", "x" } }, { pool = true }))
+      assert.same({ false }, assert(call({ { "GET", "in-db-1" } }, { pool = true })), "back on database 0")
+      assert(call { { "SELECT", 1 }, { "DEL", "in-db-1" } })
+    end)
+
+    it("survives a server restart: the connection it closed is replaced by a new one", function()
+      local p2 = free_port()
+      local function start()
+        local s = assert(proc.spawn { argv = { "redis-server", "--port", tostring(p2), "--bind", "127.0.0.1",
+          "--dir", dir, "--save", "", "--appendonly", "no" }, cwd = dir, stdout = dir .. "/redis2.log" })
+        wait_port(p2, "redis-server", dir .. "/redis2.log")
+        return s
+      end
+      local s = start()
+      finally(function() proc.stop(s.pid, s.start_time, 5) end)
+      assert.same({ "PONG" }, assert(call({ { "PING" } }, { port = p2, pool = true })))
+      proc.stop(s.pid, s.start_time, 5)
+      s = start()
+      assert.same({ "PONG" }, assert(call({ { "PING" } }, { port = p2, pool = true })))
+      proc.stop(s.pid, s.start_time, 5)
+      local r, err = call({ { "PING" } }, { port = p2, pool = true })
+      assert.is_nil(r, "nobody listens")
+      assert.equal("resp.connect", err.code)
+      s = start()
+      assert.same({ "PONG" }, assert(call({ { "PING" } }, { port = p2, pool = true })))
+    end)
+
+    it("closes a connection whose call failed instead of keeping it", function()
+      local r, err = call({ { "DEBUG", "SLEEP", "0.5" } }, { pool = true, timeout = 0.1 })
+      assert.is_nil(r)
+      assert.equal("resp.timeout", err.code)
+      -- a kept connection would deliver the late +OK of DEBUG SLEEP as the reply to this GET
+      assert.same({ false }, assert(call({ { "GET", "nothing-here" } }, { pool = true })))
+    end)
+  end)
+
+  describe("flush", function()
+    it("runs after the commands; its reply is not returned", function()
+      assert.same({ "OK", "v" }, assert(call({ { "SET", "fk", "v" }, { "GET", "fk" } }, { flush = { "PING" } })))
+      assert.same({ "OK" }, assert(call({ { "SET", "fk", "w" } }, { flush = { "PING" }, pool = true })))
+    end)
+
+    it("fails the call with resp.flush and the server's words when the flush fails", function()
+      -- this server has no ACL file: ACL SAVE is refused
+      local r, err = call({ { "ACL", "SETUSER", "flushed", "on" } }, { flush = { "ACL", "SAVE" }, pool = true })
+      assert.is_nil(r)
+      assert.equal("resp.flush", err.code)
+      assert.is_true(err.retryable)
+      assert.matches("ACL file", err.message)
+      assert.same({ "PONG" }, assert(call({ { "PING" } }, { pool = true })), "the pool goes on")
+    end)
+
+    it("persists ACL users to the server's ACL file before answering", function()
+      local p2 = free_port()
+      files.write(dir .. "/users.acl", "user default on nopass ~* &* +@all\n")
+      local s = assert(proc.spawn { argv = { "redis-server", "--port", tostring(p2), "--bind", "127.0.0.1",
+        "--dir", dir, "--save", "", "--appendonly", "no", "--aclfile", dir .. "/users.acl" },
+        cwd = dir, stdout = dir .. "/redis3.log" })
+      finally(function() proc.stop(s.pid, s.start_time, 5) end)
+      wait_port(p2, "redis-server", dir .. "/redis3.log")
+      assert.same({ "OK" }, assert(call({ { "ACL", "SETUSER", "kept", "on", ">pw", "+@all" } },
+        { port = p2, flush = { "ACL", "SAVE" }, pool = true })))
+      assert.matches("user kept on", files.read(dir .. "/users.acl"))
+    end)
+
+    it("raises on a bad flush command", function()
+      assert.has_error(function() call({}, { flush = {} }) end)
+      assert.has_error(function() call({}, { flush = { {} } }) end)
+      assert.has_error(function() call({}, { flush = "ACL SAVE" }) end)
+    end)
+  end)
+
   it("fails fast and retryable when the connection is refused", function()
     local closed = free_port()
     local t0 = proc.monotonic()

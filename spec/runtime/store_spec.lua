@@ -131,6 +131,73 @@ describe("forge.store", function()
       remove_db(path)
     end)
 
+    describe("db:batch (one commit for several txns, as the broker's threads share)", function()
+      it("judges each txn on its own compares, in order, each with its own revision", function()
+        local path = new_path()
+        local db = assert(store.open(path))
+        local r0 = assert(db:put("a", "1"))
+        local res = assert(db:batch {
+          { compare = { { key = "a", mod_revision = r0 } }, success = { { op = "put", key = "a", value = "2" } } },
+          { compare = { { key = "a", mod_revision = r0 } }, success = { { op = "put", key = "x", value = "lost" } },
+            failure = { { op = "put", key = "a-conflict", value = "seen" } } },
+          { compare = { { key = "b", mod_revision = 0 } }, success = { { op = "put", key = "b", value = "new" } } },
+          { compare = { { key = "nothing", exists = true } }, success = { { op = "put", key = "y", value = "no" } } },
+        })
+        assert.same({ { succeeded = true, revision = r0 + 1 }, { succeeded = false, revision = r0 + 2 },
+          { succeeded = true, revision = r0 + 3 }, { succeeded = false, revision = r0 + 3 } }, res)
+        assert.equal("2", db:get("a").value)
+        assert.equal(r0 + 1, db:get("a").mod_revision)
+        assert.equal("seen", db:get("a-conflict").value)
+        assert.equal(r0 + 3, db:get("b").mod_revision)
+        assert.is_nil(db:get("x"))
+        assert.is_nil(db:get("y"))
+        assert.equal(r0 + 3, db:revision())
+        db:close()
+        local again = assert(store.open(path))
+        assert.equal("new", again:get("b").value, "the batch is on disk")
+        again:close()
+        remove_db(path)
+      end)
+
+      it("fails every txn of a batch whose write fails, writing none of them, with the reason", function()
+        local path = new_path()
+        local db = assert(store.open(path))
+        local r0 = assert(db:put("a", "1"))
+        -- a trigger makes SQLite refuse one key (keys are BLOBs: 'boom' is X'626f6f6d')
+        local sql = assert(io.open(path .. ".sql", "w"))
+        sql:write("CREATE TRIGGER refuse BEFORE INSERT ON kv WHEN NEW.key = X'626f6f6d' ",
+          "BEGIN SELECT RAISE(FAIL, 'refused by the spec'); END;\n")
+        sql:close()
+        assert.equal("", sqlite3(path, ".read " .. path .. ".sql"))
+        os.remove(path .. ".sql")
+        local res, err = db:batch {
+          { success = { { op = "put", key = "a", value = "2" } } },
+          { success = { { op = "put", key = "boom", value = "x" } } },
+          { success = { { op = "put", key = "c", value = "3" } } },
+        }
+        assert.is_nil(res)
+        assert.equal("store.io", err.code)
+        assert.matches("refused by the spec", err.message)
+        assert.matches("the 2 writes committed together with it fail too", err.message, 1, true)
+        assert.equal("1", db:get("a").value)
+        assert.is_nil(db:get("c"))
+        assert.equal(r0, db:revision())
+        local ok = db:txn { success = { { op = "put", key = "c", value = "3" } } }
+        assert.is_true(ok, "the store goes on after a failed batch")
+        db:close()
+        remove_db(path)
+      end)
+
+      it("rejects bad batches", function()
+        local db = assert(store.open(new_path()))
+        assert.has_error(function() db:batch {} end)
+        assert.has_error(function() db:batch { 1 } end)
+        assert.has_error(function() db:batch { { success = { { op = "nope" } } } } end)
+        assert.has_error(function() db:batch { { succes = {} } } end)
+        db:close()
+      end)
+    end)
+
     it("stores keys as BLOBs so byte order holds for every key", function()
       local path = new_path()
       local db = assert(store.open(path))

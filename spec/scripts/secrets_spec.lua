@@ -149,13 +149,16 @@ describe("secrets at rest", function()
       os.execute("rm -rf " .. dir)
     end)
 
-    it("seals on put and txn, opens on get and range; the stored value is an envelope", function()
+    it("seals on put, txn and batch, opens on get and range; the stored value is an envelope", function()
       assert(db:put("a", "secret-a"))
       assert(db:txn { success = { { op = "put", key = "b", value = "secret-b" } } })
+      assert(db:batch { { success = { { op = "put", key = "c", value = "secret-c" } } },
+        { success = { { op = "put", key = "d", value = "secret-d" } } } })
       assert.equal("secret-a", db:get("a").value)
       local kvs = assert(db:range(""))
-      assert.same({ "secret-a", "secret-b" }, { kvs[1].value, kvs[2].value })
-      for _, k in ipairs({ "a", "b" }) do
+      assert.same({ "secret-a", "secret-b", "secret-c", "secret-d" }, { kvs[1].value, kvs[2].value, kvs[3].value,
+        kvs[4].value })
+      for _, k in ipairs({ "a", "b", "c", "d" }) do
         local stored = raw:get(k).value
         assert.equal("k1", secrets.kid(stored))
         assert.is_nil(stored:find("secret", 1, true))
@@ -177,6 +180,9 @@ describe("secrets at rest", function()
       assert.has_error(function()
         db:txn { compare = { { key = "instance/a", value = "x" } }, success = {} }
       end, "db:txn: a sealed store cannot compare values (compare mod_revision)")
+      assert.has_error(function()
+        db:batch { { compare = { { key = "instance/a", value = "x" } }, success = {} } }
+      end, "db:batch: a sealed store cannot compare values (compare mod_revision)")
     end)
 
     it("reads values from before sealing as they are, and rotation seals them", function()

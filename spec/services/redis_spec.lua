@@ -147,9 +147,11 @@ describe("redis on the local target", function()
     b:wait_operation("/v2/service_instances/mm", 30)
   end)
 
-  it("restarts a redis process that dies", function()
+  it("restarts a redis process that dies; its bindings outlive it and new ones work", function()
     assert.equal(202, (provision(b, "sup", R.one)))
     assert.equal("succeeded", b:wait_operation("/v2/service_instances/sup").state)
+    local bstatus, _, _, bbody = bind(b, "sup", "kept", R.one)
+    assert.equal(201, bstatus)
     local before = instance_record(b, "sup").processes["redis-0"]
     assert.is_true(proc.kill(before.pid, before.start_time, "KILL"))
     local deadline = proc.monotonic() + 15
@@ -160,6 +162,15 @@ describe("redis on the local target", function()
     until (after.pid ~= before.pid and proc.alive(after.pid, after.start_time)) or proc.monotonic() > deadline
     assert.are_not.equal(before.pid, after.pid)
     assert.is_true(proc.alive(after.pid, after.start_time))
+    -- the binding's user was in the ACL file before the bind answered (kill -9 lost nothing)
+    local creds = bbody.credentials
+    assert.is_truthy(Broker.wait_for(function() return redis_cli(creds, "PING") == "PONG" end), "the kept user works")
+    -- the broker's pooled connection died with the old process: the next bind reconnects
+    local status, _, _, nbody = bind(b, "sup", "after", R.one)
+    assert.equal(201, status)
+    assert.equal("PONG", redis_cli(nbody.credentials, "PING"))
+    assert.equal(200, (unbind(b, "sup", "after", R.one)))
+    assert.matches("WRONGPASS", redis_cli(nbody.credentials, "PING"))
     assert.equal(202, (deprovision(b, "sup", R.one)))
     assert.equal("succeeded", b:wait_operation("/v2/service_instances/sup").state)
   end)

@@ -23,8 +23,9 @@ local function fingerprint(body)
 end
 
 -- The instance a binding belongs to: it must exist, be running and have no operation going on.
+-- Returns it and its mod_revision.
 local function bindable_instance(b, iid)
-  local inst = model.read(b.db, key.instance(iid))
+  local inst, rev = model.read(b.db, key.instance(iid))
   if not live(inst) then fail(404, "NotFound", "instance " .. iid .. " does not exist") end
   if common.in_progress(inst.operation) then
     fail(422, "ConcurrencyError", "Service Instance not ready for binding; state " .. inst.state)
@@ -32,7 +33,7 @@ local function bindable_instance(b, iid)
   if inst.state ~= "running" then
     fail(422, "InstanceNotReady", "Service Instance not ready for binding; state " .. inst.state)
   end
-  return inst
+  return inst, rev
 end
 
 local function binding_async(svc, plan) return (plan and plan.bindings_async) or svc.script.bindings_async end
@@ -103,7 +104,7 @@ function M.bind(b, iid, bid, req, q)
     if existing.state == "created" then return reply(200, { credentials = existing.credentials }) end
     fail(422, "ConcurrencyError", "binding " .. bid .. " is being " .. existing.state)
   end
-  local inst = bindable_instance(b, iid)
+  local inst, irev = bindable_instance(b, iid)
   if inst.service_id ~= body.service_id then fail(400, "BadRequest", "service_id does not match the instance's service") end
   if body.predecessor_binding_id ~= nil and not live(model.read(b.db, key.binding(iid, body.predecessor_binding_id))) then
     fail(400, "BadRequest", "predecessor binding " .. tostring(body.predecessor_binding_id) .. " does not exist")
@@ -119,12 +120,12 @@ function M.bind(b, iid, bid, req, q)
     parameters = body.parameters, bind_resource = body.bind_resource, app_guid = body.app_guid, context = context,
     state = "creating", operation = common.new_operation("bind", fp), created_at = now, updated_at = now }
   rec.operation.async = async or nil
-  local ikey = key.instance(iid)
-  local _, irev = model.read(b.db, ikey)
   local ops = { model.put(bkey, rec), model.delete(key.gone(iid .. "/" .. bid)) }
   if async then ops[#ops + 1] = model.put(key.pending(iid .. "/" .. bid), "") end
-  if not model.txn(b.db, { compare = { { key = bkey, mod_revision = rev }, { key = ikey, mod_revision = irev } },
-      success = ops }) then
+  -- the instance as checked above: a deprovision or update started since then fails this txn
+  local journaled, brev = model.txn(b.db, { compare = { { key = bkey, mod_revision = rev },
+    { key = key.instance(iid), mod_revision = irev } }, success = ops })
+  if not journaled then
     fail(422, "ConcurrencyError", "binding " .. bid .. " or its instance changed meanwhile; try again")
   end
   if async then
@@ -133,7 +134,6 @@ function M.bind(b, iid, bid, req, q)
     return reply(202, { operation = rec.operation.id })
   end
 
-  local _, brev = model.read(b.db, bkey)
   local creds, err, kind = M.apply(b, svc, inst, rec)
   if not creds then
     model.txn(b.db, { compare = { { key = bkey, mod_revision = brev } }, success = { model.delete(bkey) } })

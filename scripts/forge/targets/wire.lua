@@ -29,16 +29,19 @@ local function reply_text(r)
   return tostring(r)
 end
 
---- A declared redis command list, spoken natively (forge.resp): no redis-cli process.
+--- A declared redis command list, spoken natively (forge.resp): no redis-cli process. The
+-- connection is pooled: the next command list for the same node and credentials (the next bind
+-- of the instance, its health check) reuses it without a new connection and AUTH.
 -- r = {host (default: default_host), port, user, password, commands = {{"PING"}, ...},
---      expect = {lua patterns, one per reply}}
+--      expect = {lua patterns, one per reply}, flush = {"ACL", "SAVE"} (optional: a command that
+--      persists what the commands did, shared by concurrent command lists to the same node)}
 -- @return true | nil, message
 function M.redis(r, default_host, timeout)
   local host = r.host or default_host
   if not host then return nil, "redis command: no host (give redis.host)" end
   local where = string.format("redis %s:%s", tostring(host), tostring(r.port))
   local ok, replies, err = pcall(resp.call, { host = host, port = r.port, user = r.user, password = r.password,
-    commands = r.commands, timeout = timeout })
+    commands = r.commands, flush = r.flush, timeout = timeout, pool = true })
   if not ok then return nil, where .. ": bad command: " .. tostring(replies) end
   if not replies then return nil, where .. ": " .. tostring(err) end
   for i, reply in ipairs(replies) do
