@@ -6,6 +6,15 @@
 --   port/<nnnnn>             local-target port allocation -> instance id
 --   pending/<id>             instance has an operation for the reconciler
 --   gone/<id>                purged tombstone: last_operation still answers 410
+-- and the reconciler's indexes, written by txn in the same transaction as the record they
+-- follow, so housekeeping reads only what is due, never everything stored:
+--   due/tombstone/<t>/<key>  a deleted instance or binding record, deleted at t
+--   due/gone/<t>/<id>        a gone/ marker of a record deleted at t
+--   due/port/<t>/<nnnnn>     a port held by an outsider until t
+--   creating/<iid>/<bid>     a sync bind in flight (undone if its broker died)
+--   supervised/<id>          a running instance with local processes
+-- An index entry may outlive what it points at (the record was re-created, the bind ended by
+-- a delete_prefix): its reader checks the record and drops the entry.
 -- Store failures raise a broker error {status=503, retryable=true}; callers answer it.
 local proc = require "forge.proc"
 local telemetry = require "forge.telemetry"
@@ -20,7 +29,19 @@ M.key = {
   port = function(p) return string.format("port/%05d", p) end,
   pending = function(id) return "pending/" .. id end,
   gone = function(id) return "gone/" .. id end,
+  creating = function(iid, bid) return "creating/" .. iid .. "/" .. bid end,
+  supervised = function(id) return "supervised/" .. id end,
+  due = function(kind, t, rest) return string.format("due/%s/%012d/%s", kind, math.floor(t), rest) end,
 }
+
+--- The prefix of index `kind` (due/tombstone/, ...); its keys sort by time.
+function M.due_prefix(kind) return "due/" .. kind .. "/" end
+
+--- Parse a due/ key: time, the rest (a record key, an id or a port).
+function M.parse_due(k)
+  local t, rest = k:match("^due/[^/]+/(%d+)/(.+)$")
+  return tonumber(t), rest
+end
 
 --- Raise a broker error that becomes an OSB error response.
 function M.fail(status, code, description, extra)
@@ -55,7 +76,7 @@ function M.range(db, prefix, limit)
   return out
 end
 
--- The records of put ops on instance/ and binding/ keys (weak: they go with their op), so a
+-- The records of put ops on instance/, binding/, gone/ and port/ keys (weak: they go with their op), so a
 -- transaction that held tells forge.telemetry what is stored now without decoding it again.
 local written = setmetatable({}, { __mode = "k" })
 
@@ -80,7 +101,10 @@ local function track(t, doomed)
     local id = k:match("^instance/(.+)$")
     local iid, bid = k:match("^binding/([^/]+)/(.+)$")
     local rec = op.op == "put" and written[op] or nil
-    if id and (op.op == "delete" or rec) then telemetry.instance(id, rec) end
+    if id and (op.op == "delete" or rec) then
+      telemetry.instance(id, rec)
+      if M.on_instance then M.on_instance(id, rec) end
+    end
     if iid and (op.op == "delete" or rec) then telemetry.binding(iid, bid, rec, rec and rec.service) end
   end
   for _, k in ipairs(doomed or {}) do
@@ -89,11 +113,49 @@ local function track(t, doomed)
   end
 end
 
+-- The index ops that follow one op of a transaction (see the key list at the top).
+function M.index_ops(op, rec, out)
+  local k = op.key or ""
+  local kind, rest = k:match("^(%a+)/(.+)$")
+  if op.op == "delete_prefix" and op.prefix:match("^binding/") then
+    out[#out + 1] = { op = "delete_prefix", prefix = "creating/" .. op.prefix:sub(#"binding/" + 1) }
+  elseif kind == "binding" and not (rec and rec.state == "creating" and not rec.operation.async) then
+    out[#out + 1] = M.delete("creating/" .. rest)
+  end
+  if op.op ~= "put" or type(rec) ~= "table" then return out end
+  if (kind == "instance" or kind == "binding") and rec.state == "deleted" then
+    out[#out + 1] = M.put(M.key.due("tombstone", rec.deleted_at or os.time(), k), "")
+  elseif kind == "binding" and rec.state == "creating" and not rec.operation.async then
+    out[#out + 1] = M.put("creating/" .. rest, "")
+  elseif kind == "instance" and rec.state == "running" and type(rec.processes) == "table" and next(rec.processes) then
+    out[#out + 1] = M.put(M.key.supervised(rest), "")
+  elseif kind == "gone" then
+    out[#out + 1] = M.put(M.key.due("gone", rec.deleted_at or os.time(), rest), "")
+  elseif kind == "port" and rec.outsider then
+    out[#out + 1] = M.put(M.key.due("port", rec.until_ or 0, rest), "")
+  end
+  return out
+end
+
+-- `t` with the index ops of its success ops added.
+local function indexed(t)
+  local ops = {}
+  for _, op in ipairs(t.success or {}) do
+    ops[#ops + 1] = op
+    M.index_ops(op, written[op], ops)
+  end
+  return { compare = t.compare, success = ops, failure = t.failure }
+end
+
+--- M.on_instance(id, rec | nil), when set, hears of each instance record this state's
+-- transactions stored (the reconciler schedules supervision with it).
+M.on_instance = nil
+
 --- Apply a transaction; returns true if the compares held.
 function M.txn(db, t)
   local doomed = doomed_bindings(db, t)
   local started = proc.monotonic()
-  local ok, err = db:txn(t)
+  local ok, err = db:txn(indexed(t))
   if ok == nil then store_failed(err) end
   telemetry.txn(proc.monotonic() - started, ok)
   if ok then track(t, doomed) end
@@ -103,7 +165,10 @@ end
 --- A put op for txn.
 function M.put(key, value)
   local op = { op = "put", key = key, value = type(value) == "string" and value or util.json_encode(value) }
-  if type(value) == "table" and (key:match("^instance/") or key:match("^binding/")) then written[op] = value end
+  if type(value) == "table" and (key:match("^instance/") or key:match("^binding/") or key:match("^gone/")
+      or key:match("^port/")) then
+    written[op] = value
+  end
   return op
 end
 
