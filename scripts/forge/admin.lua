@@ -334,7 +334,7 @@ function M.forget(b, rec, rev)
       ops[#ops + 1] = model.delete(key.port(p))
     end
   elseif target then
-    target:release_ops(b.db, rec.id, ops)
+    target:release_ops(b.db, rec, ops)
   end
   if not model.txn(b.db, { compare = { { key = key.instance(rec.id), mod_revision = rev } }, success = ops }) then
     fail(409, "Conflict", "instance " .. rec.id .. " changed meanwhile; try again")

@@ -297,7 +297,7 @@ function Reconciler:deprovision_bosh(rec, target)
       r.resources.released = true
       local ops = { { op = "delete_prefix", prefix = key.bindings(rec.id) },
         { op = "delete_prefix", prefix = key.pending(rec.id .. "/") } }
-      return target:release_ops(self.db, rec.id, ops)
+      return target:release_ops(self.db, r, ops)
     end)
   quotas.release(self, rec)
   log.info("deprovision succeeded", { instance = rec.id, operation = rec.operation.id, target = target.name })
