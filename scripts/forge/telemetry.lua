@@ -5,8 +5,8 @@
 --
 -- Instances, bindings and operations in flight are tracked: each store write of an instance or
 -- binding record (forge.model) moves that record's member to its current labels. The main
--- thread seeds them from the store once at start (and, with etcd, again every
--- `metrics.rescan_interval` seconds, since other replicas' writes are not seen here).
+-- thread seeds them from the store once at start (and, with etcd, again every 60 seconds when
+-- the store's revision moved, since other replicas' writes are not seen here).
 local metrics = require "forge.metrics"
 local util = require "forge.util"
 
