@@ -86,8 +86,9 @@ local function seed(b, n)
       .. "?accepts_incomplete=true")))
   end
   f:close()
-  local out = sh(string.format("curl -s --parallel --parallel-max 8 -X PUT -u '%s:%s' -H 'X-Broker-API-Version: 2.17' "
-    .. "-H 'Content-Type: application/json' --data-binary @%s -K %s -w '%%{http_code}\\n'", b.user, b.password, body, cfg))
+  local out = sh(string.format("curl -s --no-progress-meter --parallel --parallel-max 8 -X PUT -u '%s:%s' "
+    .. "-H 'X-Broker-API-Version: 2.17' -H 'Content-Type: application/json' --data-binary @%s -K %s "
+    .. "-w '%%{http_code}\\n'", b.user, b.password, body, cfg))
   os.remove(body)
   os.remove(cfg)
   local codes = {}

@@ -176,7 +176,7 @@ function M.instance_detail(b, id)
     out.deployment = M.mask(rec.deployment, secrets)
   else
     if rec.state ~= "deleted" then out.vms, out.vms_error = bosh_vms(b, rec) end
-    out.deployment = M.mask(rec.manifest, secrets)
+    out.deployment = M.mask(rec.manifest or model.manifest(b.db, rec.id), secrets)
   end
   return out
 end

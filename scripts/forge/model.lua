@@ -6,6 +6,8 @@
 --   port/<nnnnn>             local-target port allocation -> instance id
 --   pending/<id>             instance has an operation for the reconciler
 --   gone/<id>                purged tombstone: last_operation still answers 410
+--   manifest/<id>            an instance's rendered BOSH manifest (M.manifest), kept out of the
+--                            record so what last_operation, bind and the reconciler read stays small
 -- and the reconciler's indexes, written by txn in the same transaction as the record they
 -- follow, so housekeeping reads only what is due, never everything stored:
 --   due/tombstone/<t>/<key>  a deleted instance or binding record, deleted at t
@@ -29,6 +31,7 @@ M.key = {
   port = function(p) return string.format("port/%05d", p) end,
   pending = function(id) return "pending/" .. id end,
   gone = function(id) return "gone/" .. id end,
+  manifest = function(id) return "manifest/" .. id end,
   creating = function(iid, bid) return "creating/" .. iid .. "/" .. bid end,
   supervised = function(id) return "supervised/" .. id end,
   due = function(kind, t, rest) return string.format("due/%s/%012d/%s", kind, math.floor(t), rest) end,
@@ -79,6 +82,7 @@ end
 -- The records of put ops on instance/, binding/, gone/ and port/ keys (weak: they go with their op), so a
 -- transaction that held tells forge.telemetry what is stored now without decoding it again.
 local written = setmetatable({}, { __mode = "k" })
+local manifests = setmetatable({}, { __mode = "k" })   -- put op of an instance record -> put op of its manifest
 
 -- Binding ids under the delete_prefix ops of `t` (a deprovision drops all of an instance's).
 local function doomed_bindings(db, t)
@@ -122,6 +126,9 @@ function M.index_ops(op, rec, out)
   elseif kind == "binding" and not (rec and rec.state == "creating" and not rec.operation.async) then
     out[#out + 1] = M.delete("creating/" .. rest)
   end
+  if kind == "instance" and (op.op == "delete" or (rec and rec.state == "deleted")) then
+    out[#out + 1] = M.delete(M.key.manifest(rest))
+  end
   if op.op ~= "put" or type(rec) ~= "table" then return out end
   if (kind == "instance" or kind == "binding") and rec.state == "deleted" then
     out[#out + 1] = M.put(M.key.due("tombstone", rec.deleted_at or os.time(), k), "")
@@ -142,6 +149,7 @@ local function indexed(t)
   local ops = {}
   for _, op in ipairs(t.success or {}) do
     ops[#ops + 1] = op
+    ops[#ops + 1] = manifests[op]
     M.index_ops(op, written[op], ops)
   end
   return { compare = t.compare, success = ops, failure = t.failure }
@@ -162,8 +170,30 @@ function M.txn(db, t)
   return ok
 end
 
---- A put op for txn.
+--- The rendered manifest of instance `id` (text), or nil.
+function M.manifest(db, id)
+  local kv, err = db:get(M.key.manifest(id))
+  if err then store_failed(err) end
+  return kv and kv.value
+end
+
+-- The JSON of an instance record without its manifest, and a put op of the manifest's own key.
+local function split_manifest(key, rec)
+  local manifest = rec.manifest
+  rec.manifest = nil
+  local text = util.json_encode(rec)
+  rec.manifest = manifest
+  return text, { op = "put", key = M.key.manifest(key:sub(#"instance/" + 1)), value = manifest }
+end
+
+--- A put op for txn. An instance record's manifest goes to its own key in the same transaction.
 function M.put(key, value)
+  if type(value) == "table" and value.manifest and value.state ~= "deleted" and key:match("^instance/") then
+    local text, side = split_manifest(key, value)
+    local op = { op = "put", key = key, value = text }
+    written[op], manifests[op] = value, side
+    return op
+  end
   local op = { op = "put", key = key, value = type(value) == "string" and value or util.json_encode(value) }
   if type(value) == "table" and (key:match("^instance/") or key:match("^binding/") or key:match("^gone/")
       or key:match("^port/")) then

@@ -186,6 +186,7 @@ end
 -- A BOSH deploy (provision or update): the driver starts or finds the task and polls it.
 function Reconciler:deploy_bosh(rec, target)
   local id, op = rec.id, rec.operation
+  rec.manifest = rec.manifest or model.manifest(self.db, id)
   local status, reason = target:advance(rec, "deploy", self:saver(rec), proc.monotonic())
   if status == "wait" then return self:describe(rec, reason) end
   target:forget(id)
