@@ -40,7 +40,7 @@ describe("BOSH IP allocation", function()
   end)
 
   it("reads a few keys per provision with 20,000 IPs reserved", function()
-    local pool = target:pool(NET)
+    local pool = assert(Bosh.expand_static(NET.static))
     local ops = {}
     for i = 1, 20000 do
       ops[#ops + 1] = { op = "put", key = target:ip_prefix(NET) .. pool[i], value = "old" .. i }
@@ -58,7 +58,7 @@ describe("BOSH IP allocation", function()
   end)
 
   it("keeps what an instance holds and passes over IPs others hold", function()
-    local pool, prefix = target:pool(NET), target:ip_prefix(NET)
+    local pool, prefix = assert(Bosh.expand_static(NET.static)), target:ip_prefix(NET)
     claim(db, { prefix .. pool[1], prefix .. pool[3] }, "a")
     claim(db, { prefix .. pool[2] }, "b")
     local ips, keys = target:allocate_ips(db, NET, "b", 2, { pool[2] })
@@ -68,6 +68,15 @@ describe("BOSH IP allocation", function()
     local ops = target:release_ops(db, { id = "b", resources = { network = NET.name, ips = ips } })
     assert.same({ { op = "delete", key = prefix .. pool[2] }, { op = "delete", key = prefix .. pool[4] } }, ops)
     assert.same({}, target:release_ops(db, { id = "c", resources = { network = NET.name, ips = { pool[1] } } }))
+  end)
+
+  it("keeps a pool as ranges: 130,816 addresses in two entries, overlaps counted once", function()
+    local pool = assert(Bosh.static_ranges({ "10.1.0.0 - 10.1.255.255", "10.1.255.0 - 10.2.254.255" }))
+    assert.equal(130816, pool.size)
+    assert.equal(2, #pool)
+    assert.equal("10.1.255.255", Bosh.ip_at(pool, 65536))
+    assert.equal("10.2.0.0", Bosh.ip_at(pool, 65537))
+    assert.is_nil(Bosh.ip_at(pool, 130817))
   end)
 
   it("says when the pool is full", function()

@@ -36,9 +36,29 @@ local function n2ip(n)
   return string.format("%d.%d.%d.%d", n >> 24 & 255, n >> 16 & 255, n >> 8 & 255, n & 255)
 end
 
---- Expand a network's `static` entries ("IP" or "IP - IP") into a list of IPs, in order.
--- @return list | nil, message
-function Bosh.expand_static(static, cidr)
+-- Cut the addresses `ranges` already hold out of [f, l]: the pieces left, in order.
+local function uncovered(ranges, f, l)
+  local pieces = { { f, l } }
+  for _, r in ipairs(ranges) do
+    local left = {}
+    for _, p in ipairs(pieces) do
+      if p[2] < r.first or p[1] > r.last then
+        left[#left + 1] = p
+      else
+        if p[1] < r.first then left[#left + 1] = { p[1], r.first - 1 } end
+        if p[2] > r.last then left[#left + 1] = { r.last + 1, p[2] } end
+      end
+    end
+    pieces = left
+  end
+  return pieces
+end
+
+--- A network's `static` entries ("IP" or "IP - IP") as ranges of addresses, in order, each
+-- address once: {size = n, {first = a, last = b}, ...} (numbers). A pool of 100,000 addresses
+-- costs a few tables, not 100,000 strings in every state.
+-- @return ranges | nil, message
+function Bosh.static_ranges(static, cidr)
   local lo, hi
   if cidr then
     local base, bits = cidr:match("^([%d%.]+)/(%d+)$")
@@ -49,7 +69,7 @@ function Bosh.expand_static(static, cidr)
     lo = n - n % size
     hi = lo + size - 1
   end
-  local out, seen = {}, {}
+  local out = { size = 0 }
   for _, entry in ipairs(static or {}) do
     local first, last = tostring(entry):match("^%s*([%d%.]+)%s*%-%s*([%d%.]+)%s*$")
     local f, l = ip2n(first or entry), ip2n(last or entry)
@@ -58,17 +78,33 @@ function Bosh.expand_static(static, cidr)
     if lo and (f < lo or l > hi) then
       return nil, "static entry '" .. tostring(entry) .. "' is outside " .. cidr
     end
-    for n = f, l do
-      if not seen[n] then
-        seen[n] = true
-        out[#out + 1] = n2ip(n)
-      end
+    for _, p in ipairs(uncovered(out, f, l)) do
+      out[#out + 1] = { first = p[1], last = p[2] }
+      out.size = out.size + p[2] - p[1] + 1
     end
   end
   return out
 end
 
---- New driver for target `name` with its config (targets.<name> of forge.yml).
+--- The i-th address (1-based) of a pool from static_ranges.
+function Bosh.ip_at(pool, i)
+  for _, r in ipairs(pool) do
+    local n = r.last - r.first + 1
+    if i <= n then return n2ip(r.first + i - 1) end
+    i = i - n
+  end
+end
+
+--- Expand a network's `static` entries into a list of IPs, in order.
+-- @return list | nil, message
+function Bosh.expand_static(static, cidr)
+  local pool, err = Bosh.static_ranges(static, cidr)
+  if not pool then return nil, err end
+  local out = {}
+  for i = 1, pool.size do out[i] = Bosh.ip_at(pool, i) end
+  return out
+end
+
 function Bosh.new(name, cfg, state_dir)
   local self = setmetatable({ name = name, cfg = cfg, state_dir = state_dir, pools = {}, cursors = {},
     next_poll = {} }, Bosh)
@@ -123,7 +159,7 @@ function Bosh:network(plan)
 end
 
 function Bosh:pool(net)
-  if not self.pools[net.name] then self.pools[net.name] = assert(Bosh.expand_static(net.static, net.cidr)) end
+  if not self.pools[net.name] then self.pools[net.name] = assert(Bosh.static_ranges(net.static, net.cidr)) end
   return self.pools[net.name]
 end
 
@@ -143,11 +179,11 @@ end
 function Bosh:first_probe(db, net)
   local pool, prefix = self:pool(net), self:ip_prefix(net)
   if self.cursors[net.name] then return self.cursors[net.name] end
-  local function free(i) return not ip_owner(db, prefix .. pool[i]) end
+  local function free(i) return not ip_owner(db, prefix .. Bosh.ip_at(pool, i)) end
   if free(1) then return 1 end
   local taken, step = 1, 1
-  while taken + step <= #pool and not free(taken + step) do taken, step = taken + step, step * 2 end
-  local hi = math.min(taken + step, #pool)
+  while taken + step <= pool.size and not free(taken + step) do taken, step = taken + step, step * 2 end
+  local hi = math.min(taken + step, pool.size)
   while hi - taken > 1 do
     local mid = (taken + hi) // 2
     if free(mid) then hi = mid else taken = mid end
@@ -169,21 +205,21 @@ function Bosh:allocate_ips(db, net, id, count, keep, spread)
     if #ips < count and not taken[ip] and ip_owner(db, prefix .. ip) == id then add(ip) end
   end
   -- a retry after a lost race starts at a random point, so concurrent provisions spread out
-  local start = spread and math.random(1, #pool) or self:first_probe(db, net)
-  for i = 0, #pool - 1 do
+  local start = spread and math.random(1, pool.size) or self:first_probe(db, net)
+  for i = 0, pool.size - 1 do
     if #ips >= count then break end
-    local at = (start + i - 1) % #pool + 1
-    local ip = pool[at]
+    local at = (start + i - 1) % pool.size + 1
+    local ip = Bosh.ip_at(pool, at)
     if not taken[ip] then
       local owner = ip_owner(db, prefix .. ip)
       if owner == nil then claim[#claim + 1] = prefix .. ip end
       if owner == nil or owner == id then add(ip) end
-      self.cursors[net.name] = at % #pool + 1
+      self.cursors[net.name] = at % pool.size + 1
     end
   end
   if #ips < count then
     return nil, string.format("the IP pool of network %s on BOSH target %s has no %d free address(es) left "
-      .. "(%d in the pool)", net.name, self.name, count, #pool)
+      .. "(%d in the pool)", net.name, self.name, count, pool.size)
   end
   return ips, claim
 end
