@@ -79,6 +79,14 @@ function M.range(db, prefix, limit)
   return out
 end
 
+--- Call fn({key=, value=, rev=}) for every record under a prefix (decoded), a page at a time.
+function M.each(db, prefix, fn)
+  local ok, err = util.each_kv(db, prefix, function(kv)
+    fn({ key = kv.key, value = util.json_decode(kv.value) or kv.value, rev = kv.mod_revision })
+  end)
+  if not ok then store_failed(err) end
+end
+
 -- The records of put ops on instance/, binding/, gone/ and port/ keys (weak: they go with their op), so a
 -- transaction that held tells forge.telemetry what is stored now without decoding it again.
 local written = setmetatable({}, { __mode = "k" })

@@ -31,12 +31,12 @@ local function index_existing(db)
     ops = {}
   end
   for _, prefix in ipairs({ "instance/", "binding/", "gone/", "port/" }) do
-    for _, kv in ipairs(model.range(db, prefix)) do
+    model.each(db, prefix, function(kv)
       for _, op in ipairs(model.index_ops({ op = "put", key = kv.key }, kv.value, {})) do
         if op.op == "put" then ops[#ops + 1] = op end
       end
       if #ops >= 100 then flush() end
-    end
+    end)
   end
   flush()
   model.txn(db, { success = { model.put(INDEXED, { version = 1 }) } })
@@ -50,16 +50,24 @@ function Reconciler.new(config, db, registry, targets)
   if f then f:close() end
   local pid = proc.getpid()
   quotas.recount(db, config.quotas)
-  telemetry.seed(db)
   local r = setmetatable({ config = config, db = db, registry = registry, targets = targets,
     next_supervise = 0, replica = crypto.token(8), host = host, pid = pid,
     start_time = proc.identity(pid), schedule = Schedule.new() }, Reconciler)
-  index_existing(db)
   -- a record this thread stores running with processes is supervised from its next pass on
   model.on_instance = function(id, rec)
     if rec and rec.state == "running" and rec.processes and not r.schedule:has(id) then r.schedule:set(id, 0) end
   end
   return r
+end
+
+--- The start-up work that reads every record (the metrics' seed, indexing a store from before
+-- the indexes): once, when the broker already serves (forge.serve calls it after listening;
+-- the first pass otherwise), so the first answer does not wait for it.
+function Reconciler:start_up()
+  if self.started then return end
+  index_existing(self.db)
+  telemetry.seed(self.db)
+  self.started = true
 end
 
 -- The driver of an instance record; raises when its target is not configured (the operation
@@ -594,6 +602,10 @@ function Reconciler:keep_house(now)
 end
 
 function Reconciler:pass(now)
+  if not self.started then
+    local ok, err = pcall(self.start_up, self)
+    if not ok then return self:report("reconciler start-up failed", err, now) end
+  end
   if self.config.store == "etcd" then self:reseed(now) end
   local ok, pending = pcall(model.range, self.db, "pending/")
   if not ok then return self:report("reconciler pass failed", pending, now) end

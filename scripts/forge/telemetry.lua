@@ -114,27 +114,24 @@ end
 
 function M.restarted(service) metrics.inc("forge_local_process_restarts_total", { service = service or "?" }) end
 
--- The service names of instance ids, for the bindings of a seed.
-local function service_names(db, prefix)
-  local names = {}
-  for _, kv in ipairs(assert(db:range(prefix))) do
+-- Call fn(record) for each decoded record under prefix, a page at a time; raises on a store failure.
+local function each_record(db, prefix, fn)
+  assert(util.each_kv(db, prefix, function(kv)
     local rec = util.json_decode(kv.value)
-    if type(rec) == "table" then
-      names[rec.id] = rec.service
-      M.instance(rec.id, rec)
-    end
-  end
-  return names
+    if type(rec) == "table" then fn(rec) end
+  end))
 end
 
---- Track every instance and binding record of the store from scratch.
+--- Track every instance and binding record of the store from scratch (paged: memory stays
+-- bounded however many are stored).
 function M.seed(db)
   for _, name in ipairs({ "forge_instances", "forge_bindings", "forge_operations_in_flight" }) do metrics.forget(name) end
-  local names = service_names(db, "instance/")
-  for _, kv in ipairs(assert(db:range("binding/"))) do
-    local rec = util.json_decode(kv.value)
-    if type(rec) == "table" then M.binding(rec.instance_id, rec.id, rec, names[rec.instance_id]) end
-  end
+  local names = {}                  -- instance id -> service name, for the bindings
+  each_record(db, "instance/", function(rec)
+    names[rec.id] = rec.service
+    M.instance(rec.id, rec)
+  end)
+  each_record(db, "binding/", function(rec) M.binding(rec.instance_id, rec.id, rec, names[rec.instance_id]) end)
 end
 
 --- The text of GET /metrics: quota gauges refreshed from their counters, then everything.
