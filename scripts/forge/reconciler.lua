@@ -60,14 +60,38 @@ function Reconciler.new(config, db, registry, targets)
   return r
 end
 
---- The start-up work that reads every record (the metrics' seed, indexing a store from before
--- the indexes): once, when the broker already serves (forge.serve calls it after listening;
--- the first pass otherwise), so the first answer does not wait for it.
+--- The start-up work that reads every record, once the broker already serves (forge.serve
+-- calls it after listening; the first pass otherwise), so the first answer does not wait for
+-- it: indexing a store from before the indexes (once in a store's life), then the metrics'
+-- seed, which passes advance page by page for at most SEED_SLICE seconds each, so signals and
+-- operations are not held up by it.
 function Reconciler:start_up()
   if self.started then return end
   index_existing(self.db)
-  telemetry.seed(self.db)
+  self:seed_metrics()
   self.started = true
+  self:advance_seed(os.time())                 -- a small store is seeded at once
+end
+
+local SEED_SLICE = 0.05
+
+-- Start the metrics' seed over (advanced by advance_seed).
+function Reconciler:seed_metrics()
+  local db = self.db
+  self.seeding = coroutine.create(function() telemetry.seed(db, coroutine.yield) end)
+end
+
+-- Advance the metrics' seed by a slice; a failed seed starts over next pass.
+function Reconciler:advance_seed(now)
+  local deadline = proc.monotonic() + SEED_SLICE
+  repeat
+    local ok, err = coroutine.resume(self.seeding)
+    if not ok then
+      self:seed_metrics()
+      return self:report("the metrics' seed failed", err, now)
+    end
+    if coroutine.status(self.seeding) == "dead" then self.seeding = nil end
+  until not self.seeding or proc.monotonic() >= deadline
 end
 
 -- The driver of an instance record; raises when its target is not configured (the operation
@@ -587,8 +611,9 @@ function Reconciler:reseed(now)
   if now < self.next_seed then return end
   self.next_seed = now + RESEED
   local rev = self.db:revision()
-  if not rev or rev == self.seeded_revision then return end
-  if pcall(telemetry.seed, self.db) then self.seeded_revision = rev end
+  if not rev or rev == self.seeded_revision or self.seeding then return end
+  self.seeded_revision = rev
+  self:seed_metrics()
   pcall(self.schedule_supervision, self, now)
 end
 
@@ -606,6 +631,7 @@ function Reconciler:pass(now)
     local ok, err = pcall(self.start_up, self)
     if not ok then return self:report("reconciler start-up failed", err, now) end
   end
+  if self.seeding then self:advance_seed(now) end
   if self.config.store == "etcd" then self:reseed(now) end
   local ok, pending = pcall(model.range, self.db, "pending/")
   if not ok then return self:report("reconciler pass failed", pending, now) end

@@ -114,24 +114,27 @@ end
 
 function M.restarted(service) metrics.inc("forge_local_process_restarts_total", { service = service or "?" }) end
 
--- Call fn(record) for each decoded record under prefix, a page at a time; raises on a store failure.
-local function each_record(db, prefix, fn)
+-- Call fn(record) for each decoded record under prefix, a page at a time, and between() after
+-- each page; raises on a store failure.
+local function each_record(db, prefix, fn, between)
   assert(util.each_kv(db, prefix, function(kv)
     local rec = util.json_decode(kv.value)
     if type(rec) == "table" then fn(rec) end
-  end))
+  end, between))
 end
 
 --- Track every instance and binding record of the store from scratch (paged: memory stays
--- bounded however many are stored).
-function M.seed(db)
+-- bounded however many are stored). between() (optional) runs after each page read: the
+-- reconciler yields there, so a seed of many records spreads over passes.
+function M.seed(db, between)
   for _, name in ipairs({ "forge_instances", "forge_bindings", "forge_operations_in_flight" }) do metrics.forget(name) end
   local names = {}                  -- instance id -> service name, for the bindings
   each_record(db, "instance/", function(rec)
     names[rec.id] = rec.service
     M.instance(rec.id, rec)
-  end)
-  each_record(db, "binding/", function(rec) M.binding(rec.instance_id, rec.id, rec, names[rec.instance_id]) end)
+  end, between)
+  each_record(db, "binding/", function(rec) M.binding(rec.instance_id, rec.id, rec, names[rec.instance_id]) end,
+    between)
 end
 
 --- The text of GET /metrics: quota gauges refreshed from their counters, then everything.
