@@ -2,7 +2,8 @@
 -- a BOSH target (a `forge bosh-sim` with a short task delay) THROUGH THE OSB API, lets them
 -- settle, then measures: idle broker CPU (% of one core), RSS, catalog, last_operation and
 -- bind+unbind req/s (wrk; the binds on one local redis instance), a new BOSH provision's
--- latency, restart to the first 200, SIGTERM to exit, and the store's size per instance.
+-- latency, restart to the first 200, SIGTERM to exit, RSS again after the restart (without
+-- the heap the seeding left), and the store's size per instance.
 -- Prints one row per N and the ratios to N = 0.
 --   lua5.4 bench/scale.lua     (from the repository root, after make)
 --   BENCH_SCALE_N="0,1000,10000"   the Ns (default 0,1000,5000; 100000 works, given the time)
@@ -181,6 +182,8 @@ local function measure(n)
     for i = 1, 3 do lat[i] = provision_latency(b, "new" .. i) end
     row.provision = median(lat)
     row.sigterm, row.restart = restart(b)
+    proc.sleep(5)                              -- the metrics' seed and the first passes
+    row.rss_restarted = rss_mb(b.pid)          -- what the stored records cost, without the seeding's heap
     local db = b.state_dir .. "/forge.db"
     row.store_mb = (file_size(db) + file_size(db .. "-wal")) / 1e6
     row.per_instance = n > 0 and (file_size(db) + file_size(db .. "-wal")) / n or nil
@@ -193,7 +196,8 @@ local function measure(n)
 end
 
 local COLS = {
-  { "idle_cpu", "idle CPU %", "%.2f" }, { "rss", "RSS MB", "%.1f" }, { "catalog", "catalog/s", "%.0f" },
+  { "idle_cpu", "idle CPU %", "%.2f" }, { "rss", "RSS MB", "%.1f" }, { "rss_restarted", "RSS restarted", "%.1f" },
+  { "catalog", "catalog/s", "%.0f" },
   { "last_op", "last_op/s", "%.0f" }, { "bind", "bind+unbind/s", "%.0f" }, { "provision", "provision s", "%.3f" },
   { "restart", "restart s", "%.3f" }, { "sigterm", "SIGTERM s", "%.3f" }, { "store_mb", "store MB", "%.1f" },
 }
