@@ -125,13 +125,17 @@ local function track(t, doomed)
   end
 end
 
+local function sync_bind_in_flight(rec)
+  return rec.state == "creating" and not (type(rec.operation) == "table" and rec.operation.async)
+end
+
 -- The index ops that follow one op of a transaction (see the key list at the top).
 function M.index_ops(op, rec, out)
   local k = op.key or ""
   local kind, rest = k:match("^(%a+)/(.+)$")
   if op.op == "delete_prefix" and op.prefix:match("^binding/") then
     out[#out + 1] = { op = "delete_prefix", prefix = "creating/" .. op.prefix:sub(#"binding/" + 1) }
-  elseif kind == "binding" and not (rec and rec.state == "creating" and not rec.operation.async) then
+  elseif kind == "binding" and not (rec and sync_bind_in_flight(rec)) then
     out[#out + 1] = M.delete("creating/" .. rest)
   end
   if kind == "instance" and (op.op == "delete" or (rec and rec.state == "deleted")) then
@@ -140,7 +144,7 @@ function M.index_ops(op, rec, out)
   if op.op ~= "put" or type(rec) ~= "table" then return out end
   if (kind == "instance" or kind == "binding") and rec.state == "deleted" then
     out[#out + 1] = M.put(M.key.due("tombstone", rec.deleted_at or os.time(), k), "")
-  elseif kind == "binding" and rec.state == "creating" and not rec.operation.async then
+  elseif kind == "binding" and sync_bind_in_flight(rec) then
     out[#out + 1] = M.put("creating/" .. rest, "")
   elseif kind == "instance" and rec.state == "running" and type(rec.processes) == "table" and next(rec.processes) then
     out[#out + 1] = M.put(M.key.supervised(rest), "")
