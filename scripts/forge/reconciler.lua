@@ -431,7 +431,7 @@ function Reconciler:advance_binding(iid, bid)
 end
 
 -- Index entries handled per index and pass (a pass stays short, a backlog drains over
--- passes), read PAGE at a time (a pass with nothing due reads one row).
+-- passes), read PAGE at a time (a pass with nothing due reads one page of each index).
 local SWEEP, PAGE = 256, 16
 
 -- Call fn({key=, t=, rest=}) for the entries of index `kind` due by `cutoff` (time <= cutoff),
