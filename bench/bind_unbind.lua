@@ -16,7 +16,8 @@ function setup(thread) -- luacheck: ignore
 end
 
 function init() -- luacheck: ignore
-  prefix = string.format("t%d-%d", thread_number, os.time())
+  -- BENCH_PREFIX: several wrk at once (bench/replicas) must not make the same binding ids
+  prefix = string.format("%s%d-%d", os.getenv("BENCH_PREFIX") or "t", thread_number, os.time())
 end
 
 -- wrk.format replaces wrk.headers (auth, version) when given headers: merge them.

@@ -1250,23 +1250,31 @@ static void add_key(struct etcd *e, struct buf *b, const char *key, size_t klen)
 
 
 /*
- * "key":..,"range_end":.. covering every key that starts with prefix || p.
+ * "key":..,"range_end":.. covering every key that starts with prefix || p,
+ * from prefix || from on when from is not NULL (a key starting with p).
  * range_end is the prefix with its last non-0xFF byte incremented; "\0" means
  * "to the end" (etcd's convention), also used for the empty prefix from "\0".
  */
-static void add_range_keys(struct etcd *e, struct buf *b, const char *p, size_t plen)
+static void add_range_from(struct etcd *e, struct buf *b, const char *p, size_t plen, const char *from,
+                           size_t flen)
 {
     char full[ETCD_PREFIX_MAX + ETCD_KEY_MAX];
     size_t n = e->plen + plen;
-    if (n == 0) {
+    if (n == 0 && !from) {
         buf_adds(b, "\"key\":\"AA==\",\"range_end\":\"AA==\"");
         return;
     }
     memcpy(full, e->prefix, e->plen);
+    buf_adds(b, "\"key\":\"");
+    if (from) {
+        memcpy(full + e->plen, from, flen);
+        buf_addb64(b, full, e->plen + flen, NULL, 0);
+    } else {
+        memcpy(full + e->plen, p, plen);
+        buf_addb64(b, full, n, NULL, 0);
+    }
     if (plen)
         memcpy(full + e->plen, p, plen);
-    buf_adds(b, "\"key\":\"");
-    buf_addb64(b, full, n, NULL, 0);
     buf_adds(b, "\",\"range_end\":\"");
     while (n > 0 && (unsigned char)full[n - 1] == 0xFF)
         n--;
@@ -1277,6 +1285,12 @@ static void add_range_keys(struct etcd *e, struct buf *b, const char *p, size_t 
     full[n - 1] = (char)((unsigned char)full[n - 1] + 1);
     buf_addb64(b, full, n, NULL, 0);
     buf_adds(b, "\"");
+}
+
+
+static void add_range_keys(struct etcd *e, struct buf *b, const char *p, size_t plen)
+{
+    add_range_from(e, b, p, plen, NULL, 0);
 }
 
 
@@ -1807,26 +1821,29 @@ static int l_get(lua_State *L)
  * Every key starting with prefix, sorted by key (byte order).
  * @function db:range
  * @tparam string prefix "" for all keys (of the namespace)
- * @tparam[opt] table opts `{limit=n}` (0 or absent: no limit)
+ * @tparam[opt] table opts `{limit=n, from=key}`: limit 0 or absent: no limit; from: start at
+ * this key (it starts with prefix), for reading a long range page by page
  * @return array of kv, etcd revision of the snapshot; or nil, err
  */
 static int l_range(lua_State *L)
 {
-    static const char *const keys[] = {"limit", NULL};
+    static const char *const keys[] = {"limit", "from", NULL};
     struct etcd *e = checkdb(L);
-    size_t plen;
+    size_t plen, flen = 0;
     const char *p = forge_txn_checkkey(L, 2, &plen, 1);
+    const char *from = NULL;
     lua_Integer limit = 0;
     if (!lua_isnoneornil(L, 3)) {
         luaL_checktype(L, 3, LUA_TTABLE);
         forge_checkkeys(L, 3, "range", keys);
         limit = forge_optintfield(L, 3, "limit", 0);
         luaL_argcheck(L, limit >= 0, 3, "limit must be >= 0");
+        from = forge_range_from(L, 3, p, plen, &flen);
     }
     struct res r;
     req_begin(e);
     buf_adds(&e->req, "{");
-    add_range_keys(e, &e->req, p, plen);
+    add_range_from(e, &e->req, p, plen, from, flen);
     if (limit > 0) {
         buf_adds(&e->req, ",\"limit\":");
         buf_addint(&e->req, (long long)limit);

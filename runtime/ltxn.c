@@ -41,6 +41,26 @@ const char *forge_txn_checkkey(lua_State *L, int arg, size_t *len, int allow_emp
 }
 
 
+const char *forge_range_from(lua_State *L, int opts, const char *prefix, size_t plen, size_t *len)
+{
+    lua_getfield(L, opts, "from");                          /* [..., from] */
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return NULL;
+    }
+    if (lua_type(L, -1) != LUA_TSTRING)
+        luaL_argerror(L, opts, "from must be a string");
+    const char *from = lua_tolstring(L, -1, len);
+    const char *why = forge_txn_keyproblem(from, *len, 0);
+    if (why)
+        luaL_argerror(L, opts, why);
+    if (*len < plen || memcmp(from, prefix, plen) != 0)
+        luaL_argerror(L, opts, "from must start with the prefix");
+    lua_pop(L, 1);                  /* the opts table keeps the string alive */
+    return from;
+}
+
+
 const char *forge_txn_checkvalue(lua_State *L, int arg, size_t *len)
 {
     luaL_argexpected(L, lua_type(L, arg) == LUA_TSTRING, arg, "string");

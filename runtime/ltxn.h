@@ -58,6 +58,10 @@ const char *forge_txn_keyproblem(const char *k, size_t len, int allow_empty);
 /* The key (prefix if allow_empty) at arg of a db method; raises a usage error if invalid. */
 const char *forge_txn_checkkey(lua_State *L, int arg, size_t *len, int allow_empty);
 
+/* opts.from of a range (table at index opts): NULL when absent, else a key starting with
+ * prefix; raises a usage error otherwise. The string lives as long as the opts table. */
+const char *forge_range_from(lua_State *L, int opts, const char *prefix, size_t plen, size_t *len);
+
 /* The value at arg of a db method: a string of at most TXN_VALUE_MAX bytes, else raises. */
 const char *forge_txn_checkvalue(lua_State *L, int arg, size_t *len);
 

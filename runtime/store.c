@@ -654,6 +654,8 @@ struct readctx {
     struct store *s;
     const char *key;                /* key for get, prefix for range */
     size_t klen;
+    const char *from;               /* range: first key to return (starts with the prefix), or NULL */
+    size_t flen;
     lua_Integer limit;
     struct sqlerr err;
 };
@@ -720,7 +722,10 @@ static int range_body(lua_State *L)
         return 0;
     lua_newtable(L);
     sqlite3_stmt *st = s->st[ST_RANGE];
-    sqlite3_bind_blob(st, 1, c->key, (int)c->klen, SQLITE_STATIC);
+    if (c->from)
+        sqlite3_bind_blob(st, 1, c->from, (int)c->flen, SQLITE_STATIC);
+    else
+        sqlite3_bind_blob(st, 1, c->key, (int)c->klen, SQLITE_STATIC);
     sqlite3_bind_blob(st, 2, end, (int)prefix_end(c->key, c->klen, end), SQLITE_STATIC);
     sqlite3_bind_int64(st, 3, c->limit > 0 ? c->limit : -1);
     lua_Integer n = 0;
@@ -850,12 +855,13 @@ static int l_get(lua_State *L)
  * Every key starting with prefix, sorted by key (byte order).
  * @function db:range
  * @tparam string prefix "" for all keys
- * @tparam[opt] table opts `{limit=n}` (0 or absent: no limit)
+ * @tparam[opt] table opts `{limit=n, from=key}`: limit 0 or absent: no limit; from: start at
+ * this key (it starts with prefix), for reading a long range page by page
  * @return array of kv, store revision of the snapshot; or nil, err
  */
 static int l_range(lua_State *L)
 {
-    static const char *const keys[] = {"limit", NULL};
+    static const char *const keys[] = {"limit", "from", NULL};
     struct readctx c = {.s = checkdb(L)};
     c.key = forge_txn_checkkey(L, 2, &c.klen, 1);
     if (!lua_isnoneornil(L, 3)) {
@@ -863,6 +869,7 @@ static int l_range(lua_State *L)
         forge_checkkeys(L, 3, "range", keys);
         c.limit = forge_optintfield(L, 3, "limit", 0);
         luaL_argcheck(L, c.limit >= 0, 3, "limit must be >= 0");
+        c.from = forge_range_from(L, 3, c.key, c.klen, &c.flen);
     }
     return run_read(L, &c, range_body, "range");
 }

@@ -145,7 +145,7 @@ function M.instance_detail(b, id)
     out.deployment = diff.mask(rec.deployment, secrets)
   else
     if rec.state ~= "deleted" then out.vms, out.vms_error = bosh_vms(b, rec) end
-    out.deployment = diff.mask(rec.manifest, secrets)
+    out.deployment = diff.mask(rec.manifest or model.manifest(b.db, rec.id), secrets)
   end
   return out
 end
@@ -303,7 +303,7 @@ function M.forget(b, rec, rev)
       ops[#ops + 1] = model.delete(key.port(p))
     end
   elseif target then
-    target:release_ops(b.db, rec.id, ops)
+    target:release_ops(b.db, rec, ops)
   end
   if not model.txn(b.db, { compare = { { key = key.instance(rec.id), mod_revision = rev } }, success = ops }) then
     fail(409, "Conflict", "instance " .. rec.id .. " changed meanwhile; try again")

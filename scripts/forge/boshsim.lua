@@ -1,9 +1,11 @@
 --- A simulated BOSH director on forge.http (see docs/bosh.md and ../shared/BOSH-API.md).
 --
 -- Every forge.http worker thread has its own lua_State, so all sim state lives in one forge.store
--- database: a "world" document (deployments, locks, IPAM, releases, stemcells, faults, errands,
--- the task counter) changed only by compare-and-swap, one key per task, and one key per recorded
--- request. Task progress is computed from timestamps on every read (queued until started_at,
+-- database: a "world" document (locks, releases, stemcells, faults, errands, the task counter)
+-- changed only by compare-and-swap; one key per deployment (dep/<name>) and per reserved IP
+-- (ipam/<ip> -> deployment), read and written through the world (see `keyed`), so the sim holds
+-- 100,000 deployments; one key per task, indexed by context id and deployment; and one key per
+-- recorded request. Task progress is computed from timestamps on every read (queued until started_at,
 -- processing until finish_at, then the outcome fixed when the task was accepted); the effects of
 -- a finished task are applied by the first request that notices it ("settle"). No background thread.
 local proc = require "forge.proc"
@@ -25,6 +27,12 @@ local function now() return proc.time() end
 
 local function encode(v)
   local s = assert(util.json_encode(v))
+  return (s:gsub('"' .. EMPTY .. '"', "[]"))
+end
+
+-- The same, with object keys sorted: equal documents give equal texts.
+local function encode_sorted(v)
+  local s = assert(util.json_encode_sorted(v))
   return (s:gsub('"' .. EMPTY .. '"', "[]"))
 end
 
@@ -67,17 +75,87 @@ local function task_key(id) return string.format("task/%012d", id) end
 local function config() return (jget("config")) end
 
 local function new_world()
-  return { next_task = 1, deployments = {}, locks = {}, active = {}, ipam = {}, releases = {}, stemcells = {},
-    errands = {}, faults = {}, tokens_not_before = 0 }
+  return { next_task = 1, locks = {}, active = {}, releases = {}, stemcells = {}, errands = {}, faults = {},
+    tokens_not_before = 0 }
+end
+
+--- A table of the world kept as one store key per entry (prefix .. name): an entry is read on
+-- first use, and changes(ops) adds txn ops for the entries put, deleted or changed in place
+-- since. pairs() loads every entry (listing routes only). json: values are JSON documents
+-- (else strings).
+local function keyed(prefix, json)
+  local loaded, stored = {}, {}     -- name -> value (false: absent); name -> stored text (false: absent)
+  local function load(name, text)
+    if loaded[name] ~= nil then return end
+    if text == nil then
+      local kv, err = db:get(prefix .. name)
+      if err then error(err) end
+      text = kv and kv.value or false
+    end
+    stored[name] = text
+    loaded[name] = text and (json and util.json_decode(text) or text) or false
+    if text and json then stored[name] = encode_sorted(loaded[name]) end  -- compared in the same form
+  end
+  local t = setmetatable({}, {
+    __index = function(_, name)
+      load(name)
+      return loaded[name] or nil
+    end,
+    __newindex = function(_, name, v)
+      load(name)
+      if v == nil then loaded[name] = false else loaded[name] = v end
+    end,
+    __pairs = function()
+      for _, kv in ipairs(assert(db:range(prefix))) do load(kv.key:sub(#prefix + 1), kv.value) end
+      local all = {}
+      for name, v in pairs(loaded) do if v then all[name] = v end end
+      return next, all, nil
+    end,
+  })
+  local function changes(ops)
+    for name, v in pairs(loaded) do
+      local text = v and (json and encode_sorted(v) or v) or false
+      if text ~= stored[name] then
+        ops[#ops + 1] = text and { op = "put", key = prefix .. name, value = text } or { op = "delete", key = prefix .. name }
+      end
+    end
+    return ops
+  end
+  return t, changes
+end
+
+local KEYED = { { "deployments", "dep/", true }, { "ipam", "ipam/", false }, { "by_context", "taskctx/", false },
+  { "by_deployment", "deptask/", false } }
+
+--- The world document with its keyed tables (deployments, ipam, the task indexes) attached:
+-- world, revision, changes(ops).
+local function load_world()
+  local w, rev = jget("world")
+  w = w or new_world()
+  local all = {}
+  for _, k in ipairs(KEYED) do w[k[1]], all[#all + 1] = keyed(k[2], k[3]) end
+  return w, rev, function(ops)
+    for _, changes in ipairs(all) do changes(ops) end
+    return ops
+  end
+end
+
+-- The world document's own text (without its keyed tables).
+local function world_text(w)
+  local doc = {}
+  for k, v in pairs(w) do doc[k] = v end
+  for _, k in ipairs(KEYED) do doc[k[1]] = nil end
+  return encode(doc)
 end
 
 --- Change the world atomically: fn(world) -> result, extra txn ops; retried on a lost race.
+-- Every write of a keyed entry goes with a write of the world key, whose compare-and-swap
+-- keeps the whole change atomic.
 local function update_world(fn)
   for _ = 1, 200 do
-    local w, rev = jget("world")
-    w = w or new_world()
+    local w, rev, changes = load_world()
     local res, ops = fn(w)
-    local success = { { op = "put", key = "world", value = encode(w) } }
+    local success = changes({ { op = "put", key = "world", value = world_text(w) } })
     for _, o in ipairs(ops or {}) do success[#success + 1] = o end
     local ok, err = db:txn { compare = { { key = "world", mod_revision = rev } }, success = success }
     if ok == nil then error(err) end
@@ -184,8 +262,13 @@ local function plan_instances(cfg, w, m, name)
   local old = {}
   local dep = w.deployments[name]
   for _, inst in ipairs(dep and dep.instances or {}) do old[inst.group .. "/" .. inst.index] = inst end
-  local used = {}
-  for ip, owner in pairs(w.ipam) do if owner ~= name then used[ip] = owner end end
+  -- the deployment reserving an IP: this plan's picks, else the other deployments' reservations
+  local picked = {}
+  local used = setmetatable({}, { __index = function(_, ip)
+    if picked[ip] then return picked[ip] end
+    local owner = w.ipam[ip]
+    if owner ~= name then return owner end
+  end })
   local out = {}
   for _, g in ipairs(groups) do
     if type(g) ~= "table" or type(g.name) ~= "string" then
@@ -233,7 +316,7 @@ local function plan_instances(cfg, w, m, name)
           end
         end
         if ip then
-          used[ip] = name
+          picked[ip] = name
           table.insert(ips[idx], ip)
         end
       end
@@ -298,27 +381,47 @@ local function new_task(w, cfg, spec, at)
   end
   if t.outcome ~= "done" then t.result = t.error and t.error.message or t.result end
   w.active[tostring(id)] = t.finish_at
+  if t.context_id then w.by_context[t.context_id .. "/" .. task_key(id)] = "" end
+  if t.deployment then w.by_deployment[t.deployment .. "/" .. task_key(id)] = "" end
   return t, { op = "put", key = task_key(id), value = encode(t) }
 end
 
-local function reserve_ips(w, name, instances)
-  for ip, owner in pairs(w.ipam) do if owner == name then w.ipam[ip] = nil end end
+local function ips_of(instances)
+  local out = {}
   for _, inst in ipairs(instances or {}) do
-    for _, ip in ipairs(inst.ips or {}) do w.ipam[ip] = name end
+    for _, ip in ipairs(inst.ips or {}) do out[#out + 1] = ip end
   end
+  return out
+end
+
+--- Reserve the IPs of `instances` for deployment `name`, releasing those of `held` (what it
+-- may hold now) that it does not keep.
+local function reserve_ips(w, name, instances, held)
+  for _, ip in ipairs(held) do if w.ipam[ip] == name then w.ipam[ip] = nil end end
+  for _, ip in ipairs(ips_of(instances)) do w.ipam[ip] = name end
+end
+
+-- The IPs a task's deployment may hold: its instances', and those the task reserved when it
+-- was accepted (a deploy).
+local function held_by(w, t)
+  local dep = t.deployment and w.deployments[t.deployment]
+  local held = ips_of(dep and dep.instances)
+  for _, ip in ipairs(t.reserved or {}) do held[#held + 1] = ip end
+  return held
 end
 
 --- Apply a finished task's effects to the world.
 local function apply_effects(w, t)
   local e = t.effects
   local dep = t.deployment and w.deployments[t.deployment]
+  local held = held_by(w, t)
   if t.outcome == "done" and e then
     if e.type == "deploy" and dep then
       dep.manifest, dep.instances, dep.releases, dep.stemcells = e.manifest, e.instances, e.releases, e.stemcells
     elseif e.type == "delete" then
       w.deployments[t.deployment] = nil
       dep = nil
-      reserve_ips(w, t.deployment, {})
+      reserve_ips(w, t.deployment, {}, held)
     elseif e.type == "release" then
       local r = w.releases[e.name] or { name = e.name, versions = {} }
       r.versions[e.version] = { version = e.version, commit_hash = e.commit_hash or "0000000",
@@ -330,7 +433,7 @@ local function apply_effects(w, t)
         api_version = 3, id = crypto.uuid(), cpi = "" }
     end
   end
-  if dep then reserve_ips(w, t.deployment, dep.instances) end
+  if dep then reserve_ips(w, t.deployment, dep.instances, held) end
   local l = t.deployment and w.locks[t.deployment]
   if l and l.task == t.id then w.locks[t.deployment] = nil end
 end
@@ -518,9 +621,9 @@ function R.post_deployments(ctx)
     }, at)
     -- reserve the planned IPs now, so concurrent deploys never get the same ones
     if task.effects then
-      for _, inst in ipairs(instances) do
-        for _, ip in ipairs(inst.ips) do w.ipam[ip] = name end
-      end
+      task.reserved = ips_of(instances)
+      for _, ip in ipairs(task.reserved) do w.ipam[ip] = name end
+      op.value = encode(task)
     end
     return task, { op }
   end)
@@ -725,18 +828,41 @@ function R.task_output(ctx, id)
   return text_reply(200, text)
 end
 
+-- The ids of the tasks a listing may show, newest first: from the context id or deployment
+-- index when the query names one, else every id from the newest down (read lazily).
+local function candidate_tasks(ctx)
+  local q, prefix = ctx.query, nil
+  if q.context_id then
+    prefix = "taskctx/" .. q.context_id .. "/"
+  elseif q.deployment then
+    prefix = "deptask/" .. q.deployment .. "/"
+  end
+  if not prefix then
+    local id = ctx.w.next_task
+    return function()
+      id = id - 1
+      return id > 0 and id or nil
+    end
+  end
+  local kvs = assert(db:range(prefix))
+  local i = #kvs + 1
+  return function()
+    i = i - 1
+    return kvs[i] and tonumber(kvs[i].key:match("task/(%d+)$")) or nil
+  end
+end
+
 function R.list_tasks(ctx)
   local q = ctx.query
   local states = {}
   for s in (q.state or ""):gmatch("[^,]+") do states[s] = true end
   local limit = tonumber(q.limit) or 100
   local verbose = tonumber(q.verbose) or 1
-  local kvs = assert(db:range("task/"))
   local at, out = now(), {}
-  for i = #kvs, 1, -1 do
-    local t = util.json_decode(kvs[i].value)
-    local tj = task_json(t, at)
-    if (next(states) == nil or states[tj.state]) and (not q.deployment or q.deployment == t.deployment)
+  for id in candidate_tasks(ctx) do
+    local t = jget(task_key(id))
+    local tj = t and task_json(t, at)
+    if t and (next(states) == nil or states[tj.state]) and (not q.deployment or q.deployment == t.deployment)
       and (not q.context_id or q.context_id == t.context_id) and (verbose >= 2 or t.kind ~= "vms") then
       out[#out + 1] = tj
       if #out >= limit then break end
@@ -915,7 +1041,7 @@ local function restart(w)
         w.locks[t.deployment] = nil
       end
       if t and t.deployment and w.deployments[t.deployment] then
-        reserve_ips(w, t.deployment, w.deployments[t.deployment].instances)
+        reserve_ips(w, t.deployment, w.deployments[t.deployment].instances, held_by(w, t))
       end
     end
   end
@@ -1018,7 +1144,7 @@ local function dispatch(req, path, qs)
   if take_fault("http_500") then return 500, { ["Content-Type"] = "text/html" }, "" end
 
   settle()
-  w = jget("world") or new_world()
+  w = load_world()
   ctx.w = w
   if req.method == "GET" and path == "/info" then return info(ctx) end
   if req.method == "POST" and path == "/oauth/token" then return token_endpoint(ctx) end

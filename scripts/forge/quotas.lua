@@ -92,8 +92,10 @@ end
 function M.recount(db, q)
   for _ = 1, 20 do
     local counts = {}
-    for _, kv in ipairs(q and model.range(db, "instance/") or {}) do
-      for k, s in pairs(scopes(q, kv.value)) do counts[k] = (counts[k] or 0) + s.amount end
+    if q then
+      model.each(db, "instance/", function(kv)
+        for k, s in pairs(scopes(q, kv.value)) do counts[k] = (counts[k] or 0) + s.amount end
+      end)
     end
     local compare, ops = {}, {}
     for _, kv in ipairs(model.range(db, PREFIX)) do

@@ -10,6 +10,7 @@ local log = require "forge.log"
 local model = require "forge.model"
 local proc = require "forge.proc"
 local quotas = require "forge.quotas"
+local Schedule = require "forge.schedule"
 local telemetry = require "forge.telemetry"
 local upgrades = require "forge.upgrades"
 local util = require "forge.util"
@@ -19,6 +20,29 @@ local key = model.key
 local Reconciler = {}
 Reconciler.__index = Reconciler
 
+-- Records stored before the housekeeping indexes existed get their entries once (batches of
+-- 100 ops: etcd's default limit per transaction), then a marker says it is done.
+local INDEXED = "index/housekeeping"
+
+local function index_existing(db)
+  if model.read(db, INDEXED) then return end
+  local ops = {}
+  local function flush()
+    if #ops > 0 then model.txn(db, { success = ops }) end
+    ops = {}
+  end
+  for _, prefix in ipairs({ "instance/", "binding/", "gone/", "port/" }) do
+    model.each(db, prefix, function(kv)
+      for _, op in ipairs(model.index_ops({ op = "put", key = kv.key }, kv.value, {})) do
+        if op.op == "put" then ops[#ops + 1] = op end
+      end
+      if #ops >= 100 then flush() end
+    end)
+  end
+  flush()
+  model.txn(db, { success = { model.put(INDEXED, { version = 1 }) } })
+end
+
 --- targets: the registry of target drivers (forge.targets); each record names its target.
 function Reconciler.new(config, db, registry, targets)
   -- this replica's identity in operation locks
@@ -27,10 +51,48 @@ function Reconciler.new(config, db, registry, targets)
   if f then f:close() end
   local pid = proc.getpid()
   quotas.recount(db, config.quotas)
-  telemetry.seed(db)
-  return setmetatable({ config = config, db = db, registry = registry, targets = targets,
+  local r = setmetatable({ config = config, db = db, registry = registry, targets = targets,
     next_supervise = 0, replica = crypto.token(8), host = host, pid = pid,
-    start_time = proc.identity(pid) }, Reconciler)
+    start_time = proc.identity(pid), schedule = Schedule.new() }, Reconciler)
+  -- a record this thread stores running with processes is supervised from its next pass on
+  model.on_instance = function(id, rec)
+    if rec and rec.state == "running" and rec.processes and not r.schedule:has(id) then r.schedule:set(id, 0) end
+  end
+  return r
+end
+
+--- The start-up work that reads every record, once the broker already serves (forge.serve
+-- calls it after listening; the first pass otherwise), so the first answer does not wait for
+-- it: indexing a store from before the indexes (once in a store's life), then the metrics'
+-- seed, which passes advance page by page for at most SEED_SLICE seconds each, so signals and
+-- operations are not held up by it.
+function Reconciler:start_up()
+  if self.started then return end
+  index_existing(self.db)
+  self:seed_metrics()
+  self.started = true
+  self:advance_seed(os.time())                 -- a small store is seeded at once
+end
+
+local SEED_SLICE = 0.05
+
+-- Start the metrics' seed over (advanced by advance_seed).
+function Reconciler:seed_metrics()
+  local db = self.db
+  self.seeding = coroutine.create(function() telemetry.seed(db, coroutine.yield) end)
+end
+
+-- Advance the metrics' seed by a slice; a failed seed starts over next pass.
+function Reconciler:advance_seed(now)
+  local deadline = proc.monotonic() + SEED_SLICE
+  repeat
+    local ok, err = coroutine.resume(self.seeding)
+    if not ok then
+      self:seed_metrics()
+      return self:report("the metrics' seed failed", err, now)
+    end
+    if coroutine.status(self.seeding) == "dead" then self.seeding = nil end
+  until not self.seeding or proc.monotonic() >= deadline
 end
 
 -- The driver of an instance record; raises when its target is not configured (the operation
@@ -157,6 +219,7 @@ end
 -- A BOSH deploy (provision or update): the driver starts or finds the task and polls it.
 function Reconciler:deploy_bosh(rec, target)
   local id, op = rec.id, rec.operation
+  rec.manifest = rec.manifest or model.manifest(self.db, id)
   local status, reason = target:advance(rec, "deploy", self:saver(rec), proc.monotonic())
   if status == "wait" then return self:describe(rec, reason) end
   target:forget(id)
@@ -268,7 +331,7 @@ function Reconciler:deprovision_bosh(rec, target)
       r.resources.released = true
       local ops = { { op = "delete_prefix", prefix = key.bindings(rec.id) },
         { op = "delete_prefix", prefix = key.pending(rec.id .. "/") } }
-      return target:release_ops(self.db, rec.id, ops)
+      return target:release_ops(self.db, r, ops)
     end)
   quotas.release(self, rec)
   log.info("deprovision succeeded", { instance = rec.id, operation = rec.operation.id, target = target.name })
@@ -368,55 +431,121 @@ function Reconciler:advance_binding(iid, bid)
   log.info(op.type .. " finished", { instance = iid, binding = bid, operation = op.id })
 end
 
--- Tombstones older than the TTL become `gone/` markers; markers expire after gone_ttl.
-function Reconciler:purge(kv, id, now)
-  local r = kv.value
-  if r.state == "deleted" and now - (r.deleted_at or now) > self.config.tombstone_ttl then
-    model.txn(self.db, { compare = { { key = kv.key, mod_revision = kv.rev } },
-      success = { model.delete(kv.key), model.put(key.gone(id), { deleted_at = r.deleted_at }) } })
+-- Index entries handled per index and pass (a pass stays short, a backlog drains over
+-- passes), read PAGE at a time (a pass with nothing due reads one page of each index).
+local SWEEP, PAGE = 256, 16
+
+-- Call fn({key=, t=, rest=}) for the entries of index `kind` due by `cutoff` (time <= cutoff),
+-- earliest first; fn removes the entry.
+function Reconciler:each_due(kind, cutoff, fn)
+  local done = 0
+  while done < SWEEP do
+    local page = model.range(self.db, model.due_prefix(kind), PAGE)
+    for _, kv in ipairs(page) do
+      local t, rest = model.parse_due(kv.key)
+      if not t or t > cutoff then return end
+      fn({ key = kv.key, t = t, rest = rest })
+      done = done + 1
+    end
+    if #page < PAGE then return end
   end
+end
+
+-- Expire what index entry `e` points at when check(record) holds, with `extra` ops; drop the
+-- entry either way (a record that changed since has its own entry, or none).
+function Reconciler:expire(e, k, check, extra)
+  local r, rev = model.read(self.db, k)
+  local ops = { model.delete(e.key) }
+  if not (r and check(r)) then return model.txn(self.db, { success = ops }) end
+  ops[#ops + 1] = model.delete(k)
+  for _, op in ipairs(extra and extra(r) or {}) do ops[#ops + 1] = op end
+  model.txn(self.db, { compare = { { key = k, mod_revision = rev } }, success = ops })
+end
+
+local function deleted_at(t)
+  return function(r) return r.deleted_at ~= nil and math.floor(r.deleted_at) == t end
+end
+
+-- Tombstones older than the TTL become `gone/` markers; markers expire after gone_ttl; ports
+-- held by an outsider are free again after their hold.
+function Reconciler:expire_due(now)
+  self:each_due("tombstone", now - self.config.tombstone_ttl - 1, function(e)
+    local check = deleted_at(e.t)
+    self:expire(e, e.rest, function(r) return r.state == "deleted" and check(r) end, function(r)
+      return { model.put(key.gone(e.rest:match("^%a+/(.+)$")), { deleted_at = r.deleted_at }) }
+    end)
+  end)
+  self:each_due("gone", now - self.config.tombstone_ttl - self.config.gone_ttl - 1, function(e)
+    self:expire(e, key.gone(e.rest), deleted_at(e.t))
+  end)
+  self:each_due("port", now - 1, function(e)
+    self:expire(e, "port/" .. e.rest, function(p)
+      return type(p) == "table" and p.outsider and math.floor(p.until_ or 0) == e.t
+    end)
+  end)
 end
 
 -- A sync bind interrupted by a broker crash: undo what it may have done, then forget it.
-function Reconciler:undo_interrupted_bind(kv, now)
-  local b = kv.value
-  if b.state ~= "creating" or b.operation.async or now - (b.updated_at or 0) <= 120 then return end
+function Reconciler:undo_interrupted_bind(bkey, b, rev, now)
+  if now - (b.updated_at or 0) <= 120 then return end
   local inst = model.read(self.db, key.instance(b.instance_id))
   local svc = inst and self.registry.by_id[inst.service_id]
   if svc and inst.state == "running" then bindings.remove(self, svc, inst, b) end
-  model.txn(self.db, { compare = { { key = kv.key, mod_revision = kv.rev } }, success = { model.delete(kv.key) } })
+  model.txn(self.db, { compare = { { key = bkey, mod_revision = rev } }, success = { model.delete(bkey) } })
   log.warn("removed an interrupted binding", { instance = b.instance_id, binding = b.id })
 end
 
+-- The sync binds in flight (creating/ index): undo those whose broker died.
+function Reconciler:interrupted_binds(now)
+  for _, kv in ipairs(model.range(self.db, "creating/", SWEEP)) do
+    local bkey = "binding/" .. kv.key:sub(#"creating/" + 1)
+    local b, rev = model.read(self.db, bkey)
+    if b and b.state == "creating" and not b.operation.async then
+      self:undo_interrupted_bind(bkey, b, rev, now)
+    else
+      model.txn(self.db, { success = { model.delete(kv.key) } })
+    end
+  end
+end
+
+--- Schedule supervision of every instance in the supervised/ index that is not scheduled yet.
+function Reconciler:schedule_supervision(now)
+  for _, kv in ipairs(model.range(self.db, "supervised/")) do
+    local id = kv.key:sub(#"supervised/" + 1)
+    if not self.schedule:has(id) then self.schedule:set(id, now) end
+  end
+end
+
+-- Check the processes of instance `id`, then schedule its next check. An instance that is gone
+-- or failed leaves the index (a later running record puts it back).
+function Reconciler:supervise(id, now)
+  self.schedule:set(id, now + self.config.supervise_interval)  -- first: a store outage retries it
+  local r, rev = model.read(self.db, key.instance(id))
+  local idle = r and r.operation.state ~= "in progress"
+  if not r or r.state == "deleted" or (idle and r.state ~= "running") then
+    local compare = r and { { key = key.instance(id), mod_revision = rev } } or nil
+    model.txn(self.db, { compare = compare, success = { model.delete(key.supervised(id)) } })
+    self.schedule:remove(id)
+    return
+  end
+  local target = idle and self.targets:of(r)
+  if target and target.supervise and target:supervise(r, now) then
+    model.update(self.db, key.instance(id), function(cur)
+      if cur.operation.id ~= r.operation.id then return false end
+      cur.processes, cur.health = r.processes, r.health
+      cur.operation.description = r.operation.description
+    end)
+  end
+end
+
 function Reconciler:housekeeping(now)
-  for _, kv in ipairs(model.range(self.db, "instance/")) do
-    local r = kv.value
-    local target = r.state == "running" and r.operation.state ~= "in progress" and self.targets:of(r)
-    if target and target.supervise then
-      if target:supervise(r, now) then
-        model.update(self.db, kv.key, function(cur)
-          if cur.operation.id ~= r.operation.id then return false end
-          cur.processes, cur.health = r.processes, r.health
-          cur.operation.description = r.operation.description
-        end)
-      end
-    end
-    self:purge(kv, r.id, now)
+  for _ = 1, SWEEP do
+    local id = self.schedule:pop(now)
+    if not id then break end
+    self:supervise(id, now)
   end
-  for _, kv in ipairs(model.range(self.db, "binding/")) do
-    self:purge(kv, kv.value.instance_id .. "/" .. kv.value.id, now)
-    self:undo_interrupted_bind(kv, now)
-  end
-  for _, kv in ipairs(model.range(self.db, "port/")) do
-    if type(kv.value) == "table" and kv.value.outsider and (kv.value.until_ or 0) < now then
-      model.txn(self.db, { compare = { { key = kv.key, mod_revision = kv.rev } }, success = { model.delete(kv.key) } })
-    end
-  end
-  for _, kv in ipairs(model.range(self.db, "gone/")) do
-    if now - (kv.value.deleted_at or 0) > self.config.tombstone_ttl + self.config.gone_ttl then
-      model.txn(self.db, { compare = { { key = kv.key, mod_revision = kv.rev } }, success = { model.delete(kv.key) } })
-    end
-  end
+  self:expire_due(now)
+  self:interrupted_binds(now)
 end
 
 --- One pass: advance pending operations; housekeeping every supervise_interval seconds.
@@ -474,17 +603,37 @@ function Reconciler:tick(now)
   telemetry.pass(proc.monotonic() - started)
 end
 
--- Other replicas' writes are not seen by this one's metrics: count the records again now and then.
+-- Other replicas' writes are not seen by this one's metrics (nor its supervision schedule):
+-- every RESEED seconds, when the store changed since, count the records again.
 local RESEED = 60
 
+function Reconciler:reseed(now)
+  self.next_seed = self.next_seed or now + RESEED
+  if now < self.next_seed then return end
+  self.next_seed = now + RESEED
+  local rev = self.db:revision()
+  if not rev or rev == self.seeded_revision or self.seeding then return end
+  self.seeded_revision = rev
+  self:seed_metrics()
+  pcall(self.schedule_supervision, self, now)
+end
+
+-- Housekeeping, by whichever replica holds its lock; one that just took it schedules the
+-- supervision of every instance in the index first.
+function Reconciler:keep_house(now)
+  local held = self:lock("housekeeping", now)
+  if held and not self.housekeeper then self:schedule_supervision(now) end
+  self.housekeeper = held
+  if held then self:housekeeping(now) end
+end
+
 function Reconciler:pass(now)
-  if self.config.store == "etcd" then
-    self.next_seed = self.next_seed or now + RESEED
-    if now >= self.next_seed then
-      self.next_seed = now + RESEED
-      pcall(telemetry.seed, self.db)
-    end
+  if not self.started then
+    local ok, err = pcall(self.start_up, self)
+    if not ok then return self:report("reconciler start-up failed", err, now) end
   end
+  if self.seeding then self:advance_seed(now) end
+  if self.config.store == "etcd" then self:reseed(now) end
   local ok, pending = pcall(model.range, self.db, "pending/")
   if not ok then return self:report("reconciler pass failed", pending, now) end
   for _, kv in ipairs(pending) do
@@ -503,9 +652,7 @@ function Reconciler:pass(now)
   if not uok then self:report("fleet upgrades failed", uerr, now) end
   if now >= self.next_supervise then
     self.next_supervise = now + self.config.supervise_interval
-    local hok, err = pcall(function()
-      if self:lock("housekeeping", now) then self:housekeeping(now) end
-    end)
+    local hok, err = pcall(self.keep_house, self, now)
     if not hok then self:report("reconciler housekeeping failed", err, now) end
   end
 end

@@ -354,6 +354,7 @@ function M.run(path)
   log.info("listening", { listen = config.listen, port = srv:port(), state_dir = config.state_dir, url = url,
     tls = tls_info and cert_fields(tls_info) })
   if st.reconciler then
+    pcall(st.reconciler.start_up, st.reconciler)    -- serving already; the first pass retries a failure
     summary(st, srv:port())
   else
     io.stdout:write("  store:    ", storage.describe(config), " does not answer; retrying (/readyz: 503)\n")

@@ -5,8 +5,8 @@
 --
 -- Instances, bindings and operations in flight are tracked: each store write of an instance or
 -- binding record (forge.model) moves that record's member to its current labels. The main
--- thread seeds them from the store once at start (and, with etcd, again every
--- `metrics.rescan_interval` seconds, since other replicas' writes are not seen here).
+-- thread seeds them from the store once at start (and, with etcd, again every 60 seconds when
+-- the store's revision moved, since other replicas' writes are not seen here).
 local metrics = require "forge.metrics"
 local util = require "forge.util"
 
@@ -114,27 +114,27 @@ end
 
 function M.restarted(service) metrics.inc("forge_local_process_restarts_total", { service = service or "?" }) end
 
--- The service names of instance ids, for the bindings of a seed.
-local function service_names(db, prefix)
-  local names = {}
-  for _, kv in ipairs(assert(db:range(prefix))) do
+-- Call fn(record) for each decoded record under prefix, a page at a time, and between() after
+-- each page; raises on a store failure.
+local function each_record(db, prefix, fn, between)
+  assert(util.each_kv(db, prefix, function(kv)
     local rec = util.json_decode(kv.value)
-    if type(rec) == "table" then
-      names[rec.id] = rec.service
-      M.instance(rec.id, rec)
-    end
-  end
-  return names
+    if type(rec) == "table" then fn(rec) end
+  end, between))
 end
 
---- Track every instance and binding record of the store from scratch.
-function M.seed(db)
+--- Track every instance and binding record of the store from scratch (paged: memory stays
+-- bounded however many are stored). between() (optional) runs after each page read: the
+-- reconciler yields there, so a seed of many records spreads over passes.
+function M.seed(db, between)
   for _, name in ipairs({ "forge_instances", "forge_bindings", "forge_operations_in_flight" }) do metrics.forget(name) end
-  local names = service_names(db, "instance/")
-  for _, kv in ipairs(assert(db:range("binding/"))) do
-    local rec = util.json_decode(kv.value)
-    if type(rec) == "table" then M.binding(rec.instance_id, rec.id, rec, names[rec.instance_id]) end
-  end
+  local names = {}                  -- instance id -> service name, for the bindings
+  each_record(db, "instance/", function(rec)
+    names[rec.id] = rec.service
+    M.instance(rec.id, rec)
+  end, between)
+  each_record(db, "binding/", function(rec) M.binding(rec.instance_id, rec.id, rec, names[rec.instance_id]) end,
+    between)
 end
 
 --- The text of GET /metrics: quota gauges refreshed from their counters, then everything.

@@ -122,6 +122,21 @@ function M.json_decode(text)
 end
 
 --- Deep equality of JSON-like values (tables compared by content).
+--- Call fn(kv) for every key of store `db` under prefix, 500 keys per read, so memory stays
+-- bounded however many are stored; between() (optional) after each read page.
+-- @return true | nil, err (the store failed)
+function M.each_kv(db, prefix, fn, between)
+  local page, from = 500, nil
+  repeat
+    local kvs, err = db:range(prefix, { limit = page, from = from })
+    if not kvs then return nil, err end
+    for _, kv in ipairs(kvs) do fn(kv) end
+    from = kvs[#kvs] and kvs[#kvs].key .. "\1"    -- keys hold no NUL: nothing sorts in between
+    if between then between() end
+  until #kvs < page
+  return true
+end
+
 function M.deep_equal(a, b)
   if a == b then return true end
   if type(a) ~= "table" or type(b) ~= "table" then return false end

@@ -163,6 +163,22 @@ return function(open_fn, label)
         assert.equal(#all, #db:range("", { limit = 1000 }))
         assert.same({ "\1" }, keys_of((db:range("", { limit = 1 }))))
       end)
+
+      it("starts at `from`, so a long range reads page by page", function()
+        assert.same({ "apple", "application", "a\255" }, keys_of((db:range("a", { from = "apple", limit = 3 }))))
+        assert.same({ "application", "a\255", "a\255x", "a\255\255" }, keys_of((db:range("a", { from = "apple\1" }))))
+        assert.same({ "b", "\255", "\255\255x" }, keys_of((db:range("", { from = "b" }))))
+        assert.same({ "a\255\255" }, keys_of((db:range("a\255", { from = "a\255y" }))))
+        local pages, from = {}, nil
+        repeat
+          local page = db:range("a", { limit = 4, from = from })
+          for _, kv in ipairs(page) do pages[#pages + 1] = kv.key end
+          from = page[#page] and page[#page].key .. "\1"
+        until #page < 4
+        assert.same(keys_of((db:range("a"))), pages)
+        assert.has_error(function() db:range("a", { from = "b" }) end)
+        assert.has_error(function() db:range("a", { from = 1 }) end)
+      end)
     end)
 
     describe("revisions", function()

@@ -311,6 +311,8 @@ local function short(hash) return hash and hash:sub(1, 12) or "?" end
 -- is stored. change: parameters, context (nil: kept), to (the version to move to: an upgrade;
 -- nil keeps the instance's pinned version).
 function M.prepare_update(b, svc, plan, rec, change)
+  -- a BOSH instance's manifest lives in its own key: the diff compares it
+  if (rec.target or "local") ~= "local" then rec.manifest = rec.manifest or model.manifest(b.db, rec.id) end
   local updated = util.copy(rec)
   -- after a failed update, what runs is still what ran before it
   updated.previous = rec.state == "failed" and rec.previous or { plan_id = rec.plan_id, parameters = rec.parameters,

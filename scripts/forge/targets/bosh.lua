@@ -36,9 +36,29 @@ local function n2ip(n)
   return string.format("%d.%d.%d.%d", n >> 24 & 255, n >> 16 & 255, n >> 8 & 255, n & 255)
 end
 
---- Expand a network's `static` entries ("IP" or "IP - IP") into a list of IPs, in order.
--- @return list | nil, message
-function Bosh.expand_static(static, cidr)
+-- Cut the addresses `ranges` already hold out of [f, l]: the pieces left, in order.
+local function uncovered(ranges, f, l)
+  local pieces = { { f, l } }
+  for _, r in ipairs(ranges) do
+    local left = {}
+    for _, p in ipairs(pieces) do
+      if p[2] < r.first or p[1] > r.last then
+        left[#left + 1] = p
+      else
+        if p[1] < r.first then left[#left + 1] = { p[1], r.first - 1 } end
+        if p[2] > r.last then left[#left + 1] = { r.last + 1, p[2] } end
+      end
+    end
+    pieces = left
+  end
+  return pieces
+end
+
+--- A network's `static` entries ("IP" or "IP - IP") as ranges of addresses, in order, each
+-- address once: {size = n, {first = a, last = b}, ...} (numbers). A pool of 100,000 addresses
+-- costs a few tables, not 100,000 strings in every state.
+-- @return ranges | nil, message
+function Bosh.static_ranges(static, cidr)
   local lo, hi
   if cidr then
     local base, bits = cidr:match("^([%d%.]+)/(%d+)$")
@@ -49,7 +69,7 @@ function Bosh.expand_static(static, cidr)
     lo = n - n % size
     hi = lo + size - 1
   end
-  local out, seen = {}, {}
+  local out = { size = 0 }
   for _, entry in ipairs(static or {}) do
     local first, last = tostring(entry):match("^%s*([%d%.]+)%s*%-%s*([%d%.]+)%s*$")
     local f, l = ip2n(first or entry), ip2n(last or entry)
@@ -58,19 +78,36 @@ function Bosh.expand_static(static, cidr)
     if lo and (f < lo or l > hi) then
       return nil, "static entry '" .. tostring(entry) .. "' is outside " .. cidr
     end
-    for n = f, l do
-      if not seen[n] then
-        seen[n] = true
-        out[#out + 1] = n2ip(n)
-      end
+    for _, p in ipairs(uncovered(out, f, l)) do
+      out[#out + 1] = { first = p[1], last = p[2] }
+      out.size = out.size + p[2] - p[1] + 1
     end
   end
   return out
 end
 
---- New driver for target `name` with its config (targets.<name> of forge.yml).
+--- The i-th address (1-based) of a pool from static_ranges.
+function Bosh.ip_at(pool, i)
+  for _, r in ipairs(pool) do
+    local n = r.last - r.first + 1
+    if i <= n then return n2ip(r.first + i - 1) end
+    i = i - n
+  end
+end
+
+--- Expand a network's `static` entries into a list of IPs, in order.
+-- @return list | nil, message
+function Bosh.expand_static(static, cidr)
+  local pool, err = Bosh.static_ranges(static, cidr)
+  if not pool then return nil, err end
+  local out = {}
+  for i = 1, pool.size do out[i] = Bosh.ip_at(pool, i) end
+  return out
+end
+
 function Bosh.new(name, cfg, state_dir)
-  local self = setmetatable({ name = name, cfg = cfg, state_dir = state_dir, pools = {}, next_poll = {} }, Bosh)
+  local self = setmetatable({ name = name, cfg = cfg, state_dir = state_dir, pools = {}, cursors = {},
+    next_poll = {} }, Bosh)
   return self
 end
 
@@ -122,52 +159,80 @@ function Bosh:network(plan)
 end
 
 function Bosh:pool(net)
-  if not self.pools[net.name] then self.pools[net.name] = assert(Bosh.expand_static(net.static, net.cidr)) end
+  if not self.pools[net.name] then self.pools[net.name] = assert(Bosh.static_ranges(net.static, net.cidr)) end
   return self.pools[net.name]
 end
 
 function Bosh:ip_prefix(net) return "ip/" .. self.name .. "/" .. net.name .. "/" end
 
+-- The instance id an IP key points at, or nil.
+local function ip_owner(db, k)
+  local kv, err = db:get(k)
+  if err then model.fail(503, "ServiceUnavailable", "the broker's store is unavailable: " .. tostring(err.message)) end
+  return kv and kv.value
+end
+
+-- Where to start looking for free IPs: after this state's last allocation on the network, else
+-- where the reserved front of the pool ends (pools fill from the front): a galloping probe, then
+-- a binary search between the last taken and the first free IP it met, about 2 log2(reserved)
+-- reads. A pool with holes only makes the start a guess; the scan from it finds any free IP.
+function Bosh:first_probe(db, net)
+  local pool, prefix = self:pool(net), self:ip_prefix(net)
+  if self.cursors[net.name] then return self.cursors[net.name] end
+  local function free(i) return not ip_owner(db, prefix .. Bosh.ip_at(pool, i)) end
+  if free(1) then return 1 end
+  local taken, step = 1, 1
+  while taken + step <= pool.size and not free(taken + step) do taken, step = taken + step, step * 2 end
+  local hi = math.min(taken + step, pool.size)
+  while hi - taken > 1 do
+    local mid = (taken + hi) // 2
+    if free(mid) then hi = mid else taken = mid end
+  end
+  return hi
+end
+
 --- Allocate `count` IPs for instance `id` from the network's pool. IPs this instance already
--- holds (`keep`, in order, and any key already pointing at it) come first.
+-- holds (`keep`, in order) come first, then free ones from where the last allocation ended:
+-- a provision reads about as many IP keys as it takes, not every reserved one.
 -- @return ips, keys_to_claim (compare absent) | nil, message
 function Bosh:allocate_ips(db, net, id, count, keep, spread)
-  local prefix = self:ip_prefix(net)
-  local owner = {}
-  for _, kv in ipairs(model.range(db, prefix)) do owner[kv.key:sub(#prefix + 1)] = kv.value end
-  local ips, taken = {}, {}
+  local prefix, pool = self:ip_prefix(net), self:pool(net)
+  local ips, taken, claim = {}, {}, {}
   local function add(ip)
-    if #ips < count and not taken[ip] then
-      ips[#ips + 1], taken[ip] = ip, true
-    end
+    ips[#ips + 1], taken[ip] = ip, true
   end
-  for _, ip in ipairs(keep or {}) do if owner[ip] == id then add(ip) end end
-  local claim = {}
-  local pool = self:pool(net)
+  for _, ip in ipairs(keep or {}) do
+    if #ips < count and not taken[ip] and ip_owner(db, prefix .. ip) == id then add(ip) end
+  end
   -- a retry after a lost race starts at a random point, so concurrent provisions spread out
-  local start = spread and math.random(0, #pool - 1) or 0
-  for i = 1, #pool do
-    local ip = pool[(start + i - 1) % #pool + 1]
+  local start = spread and math.random(1, pool.size) or self:first_probe(db, net)
+  for i = 0, pool.size - 1 do
     if #ips >= count then break end
-    if owner[ip] == id then
-      add(ip)
-    elseif owner[ip] == nil then
-      add(ip)
-      claim[#claim + 1] = prefix .. ip
+    local at = (start + i - 1) % pool.size + 1
+    local ip = Bosh.ip_at(pool, at)
+    if not taken[ip] then
+      local owner = ip_owner(db, prefix .. ip)
+      if owner == nil then claim[#claim + 1] = prefix .. ip end
+      if owner == nil or owner == id then add(ip) end
+      self.cursors[net.name] = at % pool.size + 1
     end
   end
   if #ips < count then
     return nil, string.format("the IP pool of network %s on BOSH target %s has no %d free address(es) left "
-      .. "(%d in the pool)", net.name, self.name, count, #self:pool(net))
+      .. "(%d in the pool)", net.name, self.name, count, pool.size)
   end
   return ips, claim
 end
 
---- Store ops releasing every IP key that points at instance `id` (all networks of this target).
-function Bosh:release_ops(db, id, ops)
+--- Store ops releasing the IP keys that point at instance `rec` (its IPs, and those of the
+-- deployment it replaces when an update did not finish).
+function Bosh:release_ops(db, rec, ops)
   ops = ops or {}
-  for _, kv in ipairs(model.range(db, "ip/" .. self.name .. "/")) do
-    if kv.value == id then ops[#ops + 1] = model.delete(kv.key) end
+  for _, res in ipairs({ rec.resources or {}, (rec.previous or {}).resources or {} }) do
+    for _, ip in ipairs(res.network and res.ips or {}) do
+      local k = "ip/" .. self.name .. "/" .. res.network .. "/" .. ip
+      if ip_owner(db, k) == rec.id then ops[#ops + 1] = model.delete(k) end
+    end
   end
   return ops
 end
