@@ -15,12 +15,7 @@ local SECONDS = tonumber(os.getenv("BENCH_SECONDS") or 5)
 local CONNS = tonumber(os.getenv("BENCH_CONNECTIONS") or 16)
 local IDLE = tonumber(os.getenv("BENCH_IDLE_SECONDS") or 10)
 
-local function sh(cmd)
-  local p = assert(io.popen(cmd))
-  local out = p:read("a")
-  p:close()
-  return out
-end
+local sh = require("spec.support.shell").output
 
 -- etcd's gRPC requests handled, by method, summed over the members.
 local function etcd_requests(cluster)
@@ -115,7 +110,7 @@ local ok, err = pcall(function()
   print("  3 replicas: " .. describe(idle3, IDLE * 3))
 end)
 for _, b in ipairs(brokers) do b:cleanup() end
-for _, pid in ipairs(Broker.marked_pids(shared)) do proc.kill(pid, proc.identity(pid), "KILL") end
+Broker.forget_instances(shared)
 os.execute("rm -rf " .. shared)
 cluster:cleanup()
 if not ok then error(err, 0) end

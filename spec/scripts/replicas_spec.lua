@@ -31,7 +31,7 @@ describe("replicas on etcd", function()
   end)
   teardown(function()
     for _, b in ipairs(replicas) do b:cleanup() end
-    for _, pid in ipairs(Broker.marked_pids(shared)) do proc.kill(pid, proc.identity(pid), "KILL") end
+    Broker.forget_instances(shared)
     os.execute("rm -rf " .. shared)
     etcd:cleanup()
   end)

@@ -224,20 +224,27 @@ end
 -- cgroups of instances still there (named as the local target names them) and the state.
 function M:cleanup()
   self:stop("TERM")
-  for _, pid in ipairs(M.marked_pids(self.state_dir)) do
+  M.forget_instances(self.state_dir)
+  os.execute("rm -rf '" .. self.state_dir .. "'")
+end
+
+--- Kill every process of the instances under state_dir and remove their cgroups (the broker
+-- that ran them is stopped; a spec whose replicas share one state dir calls this once for it).
+function M.forget_instances(state_dir)
+  for _, pid in ipairs(M.marked_pids(state_dir)) do
     local start = proc.identity(pid)           -- nil when it exited meanwhile
     if start then proc.kill(pid, start, "KILL") end
   end
   local lfs = require "lfs"
   local crypto = require "forge.crypto"
-  local instances = self.state_dir .. "/instances"
+  local instances = state_dir .. "/instances"
   local ids = {}
   if lfs.attributes(instances, "mode") then
     for id in lfs.dir(instances) do ids[#ids + 1] = id end
   end
   for _, id in ipairs(ids) do
     if id ~= "." and id ~= ".." and lfs.attributes(instances .. "/" .. id, "mode") == "directory" then
-      local name = id:sub(1, 200) .. "-" .. crypto.sha256_hex(self.state_dir .. "\0" .. id):sub(1, 12)
+      local name = id:sub(1, 200) .. "-" .. crypto.sha256_hex(state_dir .. "\0" .. id):sub(1, 12)
       for _, c in ipairs({ "memory", "pids", "cpu", "." }) do
         local dir = "/sys/fs/cgroup/" .. c .. "/forge/" .. name
         local deadline = proc.monotonic() + 5   -- killed processes leave it once they have exited
@@ -245,7 +252,6 @@ function M:cleanup()
       end
     end
   end
-  os.execute("rm -rf '" .. self.state_dir .. "'")
 end
 
 --- Pids of live processes spawned for instances under state_dir (by their working directory).
