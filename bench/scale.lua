@@ -23,12 +23,7 @@ local SECONDS = tonumber(os.getenv("BENCH_SECONDS") or 5)
 local CONNS = tonumber(os.getenv("BENCH_CONNECTIONS") or 32)
 local TICK = 100                               -- clock ticks per second (USER_HZ)
 
-local function sh(cmd)
-  local p = assert(io.popen(cmd))
-  local out = p:read("a")
-  p:close()
-  return out
-end
+local sh = require("spec.support.shell").output
 
 -- utime + stime of a process, in seconds.
 local function cpu_seconds(pid)

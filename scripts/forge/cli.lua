@@ -235,6 +235,11 @@ local function refusal(status, body, text)
   return string.format("%d: %s", status, one_line(text or ""):sub(1, 300))
 end
 
+-- What a failed call_json says: the broker's refusal, or (status nil) why nothing answered.
+local function failure(status, body, text)
+  return status and ("the broker refused: " .. refusal(status, body, text)) or body
+end
+
 -- The TLS files of a call over HTTPS: the CA the broker's certificate chains to (--cacert,
 -- FORGE_CACERT; default: the system's), a client certificate and its key (--cert/--key,
 -- FORGE_CLIENT_CERT/FORGE_CLIENT_KEY) for a broker that asks for one.
@@ -588,7 +593,7 @@ action("restart", "succeeded", "Restart a running local instance's processes.")
 
 local helpers = { admin_command = admin_command, call_json = call_json, show_json = show_json,
   follow = follow, print_table = print_table, field = field, ago = ago, encode = encode,
-  parse_options = parse_options, common_help = COMMON_HELP, refusal = refusal,
+  parse_options = parse_options, common_help = COMMON_HELP, refusal = refusal, failure = failure,
   command = function(name, help, fn) HELP[name], commands[name] = help, fn end,
   load_config = function(opts)
     return require("forge.config").load(opts.config or (file_exists("forge.yml") and "forge.yml" or nil))

@@ -30,7 +30,7 @@ local function diff_command(cli)
     local path = "/admin/instances/" .. cli.encode(pos[1]) .. "/diff" .. (#q > 0 and ("?" .. table.concat(q, "&")) or "")
     local status, body, text = cli.call_json(api, "GET", path)
     if status ~= 200 or type(body) ~= "table" then
-      io.stderr:write("forge diff: ", status and ("the broker refused: " .. cli.refusal(status, body, text)) or body, "\n")
+      io.stderr:write("forge diff: ", cli.failure(status, body, text), "\n")
       return 2
     end
     if opts.json then
@@ -116,7 +116,7 @@ end
 -- The answer to a start, resume or abort (202 with the job): follow it unless --no-wait.
 local function answered(cli, api, status, body, text, opts)
   if status ~= 202 or type(body) ~= "table" or not body.id then
-    io.stderr:write("forge upgrade: ", status and ("the broker refused: " .. cli.refusal(status, body, text)) or body, "\n")
+    io.stderr:write("forge upgrade: ", cli.failure(status, body, text), "\n")
     return 1
   end
   if opts["no-wait"] then
@@ -130,7 +130,7 @@ end
 local function newest(cli, api, states)
   local status, body, text = cli.call_json(api, "GET", "/admin/upgrades")
   if status ~= 200 or type(body) ~= "table" then
-    return nil, status and ("the broker refused: " .. cli.refusal(status, body, text)) or body
+    return nil, cli.failure(status, body, text)
   end
   for _, u in ipairs(body.upgrades or {}) do
     if states[u.state] then return u.id end
@@ -152,7 +152,7 @@ end
 local function dry_run(cli, api, request, opts)
   local status, body, text = cli.call_json(api, "POST", "/admin/upgrades", util.json_encode(request))
   if status ~= 200 or type(body) ~= "table" then
-    io.stderr:write("forge upgrade: ", status and ("the broker refused: " .. cli.refusal(status, body, text)) or body, "\n")
+    io.stderr:write("forge upgrade: ", cli.failure(status, body, text), "\n")
     return 1
   end
   if opts.json then

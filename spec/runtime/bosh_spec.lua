@@ -46,12 +46,7 @@ local function wait(d, id)
   return assert(d:wait_task(id, { timeout_ms = 10000, poll_ms = 50 }))
 end
 
-local function sh(cmd)
-  local p = assert(io.popen(cmd))
-  local out = p:read("a")
-  p:close()
-  return out
-end
+local sh = require("spec.support.shell").output
 
 describe("forge.bosh", function()
   local basic, uaa, tmp

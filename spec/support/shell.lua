@@ -11,6 +11,14 @@ function M.run(cmd)
   return code, out
 end
 
+--- A shell command's standard output (its exit status is not looked at).
+function M.output(cmd)
+  local p = assert(io.popen(cmd))
+  local out = p:read("a")
+  p:close()
+  return out
+end
+
 --- Run the forge binary with `args` (shell words); returns exit code, output.
 function M.forge(args) return M.run(M.FORGE .. " " .. args) end
 
