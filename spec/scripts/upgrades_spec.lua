@@ -260,6 +260,14 @@ describe("diff and fleet upgrades", function()
     -- a run waits for u11 (default --wait): paused and aborted by the operator meanwhile
     local code, out = forge("upgrade u11 --no-wait")
     assert.equal(0, code, out)
+    assert(Broker.wait_for(function()                    -- a reconciler pass has looked at u11
+      local _, _, _, list = b:call("GET", "/admin/upgrades")
+      for _, u in ipairs(list.upgrades) do
+        local job = u.state == "running" and select(4, b:call("GET", "/admin/upgrades/" .. u.id))
+        local e = job and job.instances[1]
+        if e and e.reason and e.reason:find("waiting for its provision in flight", 1, true) then return true end
+      end
+    end, 30), "the run never saw u11's provision in flight")
     code, out = forge("upgrade --pause")
     assert.equal(1, code, out)
     assert.matches("\nu11 +redis +1%-server +pending .* waiting for its provision in flight", out)
