@@ -271,10 +271,9 @@ end
 --- What the stored values are sealed under: {by_kid = {id = {count, first = key}}, plain = n,
 -- plain_first = key}. @param db a sealed store @return summary | nil, err
 function M.census(db)
-  local kvs, err = db.raw:range("")
-  if not kvs then return nil, err end
   local s = { by_kid = {}, plain = 0 }
-  for _, kv in ipairs(kvs) do
+  -- paged: a start-up read of the whole store at once held all of it in memory
+  local ok, err = util.each_kv(db.raw, "", function(kv)
     local kid = M.kid(kv.value)
     if kid then
       local c = s.by_kid[kid] or { count = 0, first = kv.key, value = kv.value }
@@ -284,7 +283,8 @@ function M.census(db)
       s.plain = s.plain + 1
       s.plain_first = s.plain_first or kv.key
     end
-  end
+  end)
+  if not ok then return nil, err end
   return s
 end
 
