@@ -133,13 +133,24 @@ end
 
 --- The stored records as key -> "mod_revision:value", without the reconciler's lock
 -- bookkeeping (lock/ keys): what a refused request must leave unchanged.
-function M:records()
+-- Keys the broker changes in the background whatever a request does: locks, and the
+-- reconciler's indexes, which its housekeeping trims.
+local BACKGROUND = { "^lock/", "^supervised/", "^due/", "^creating/" }
+
+local function background(key)
+  for _, p in ipairs(BACKGROUND) do
+    if key:match(p) then return true end
+  end
+end
+
+--- Every stored record, key -> "revision:value", without the background keys unless `all`.
+function M:records(all)
   local db = self:store()
   local kvs = db:range("")
   db:close()
   local t = {}
   for _, kv in ipairs(kvs) do
-    if not kv.key:match("^lock/") then t[kv.key] = kv.mod_revision .. ":" .. kv.value end
+    if all or not background(kv.key) then t[kv.key] = kv.mod_revision .. ":" .. kv.value end
   end
   return t
 end
