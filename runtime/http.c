@@ -31,6 +31,9 @@
  * handshake from a reference-counted set that srv:reload_tls swaps; client certificates are
  * checked with the other checks before the body (see "TLS").
  *
+ * Replayed answers: a GET the handler answered with a ":replay" mark is answered again from C,
+ * without Lua, while the service generation it was made for holds (see "replayed answers").
+ *
  * Stopping: srv:stop(grace) quiesces the listen socket, has the waiter answer every parked
  * request, waits for in-flight requests to finish (bounded by grace), stops the waiter (which
  * resumes whatever is still parked: libmicrohttpd must not stop with suspended connections),
@@ -63,6 +66,7 @@
 #include "ltls.h"
 
 #define SERVER_MT "forge.http.server"
+#define RELOAD_COUNTER_MT "forge.reload.counter"   /* runtime/reload.c */
 #define DEFAULT_BODY_LIMIT (1024 * 1024)
 #define DEFAULT_HEADER_TIMEOUT 5.0          /* seconds for a request's headers */
 #define DEFAULT_REQUEST_TIMEOUT 30.0        /* seconds for its body, once the headers are in */
@@ -73,6 +77,10 @@
 #define SWEEP_INTERVAL_NS (100 * 1000 * 1000)
 #define WAIT_INTERVAL_NS (50 * 1000 * 1000)  /* between two looks at every parked request */
 #define RETRY_AFTER "2"                     /* seconds, on a 503 for the buffer budget */
+#define REPLAY_SLOTS 16                     /* replayable answers kept (see "replayed answers") */
+#define CRED_NONE (-1)                      /* a request's credentials: none configured, */
+#define CRED_PUBLIC (-2)                    /* a public path, */
+#define CRED_CERT (-3)                      /* a client certificate stood in; >= 0: token index */
 
 /* Present in the forge binary (generated preload table); absent when loaded as a .so. */
 extern void forge_preload(lua_State *L) __attribute__((weak));
@@ -117,6 +125,8 @@ struct precheck {
     enum client_auth client_auth;
 };
 
+struct answer;
+
 struct server {
     struct MHD_Daemon *daemon;
     size_t body_limit, max_buffered;
@@ -148,6 +158,9 @@ struct server {
     int waiting;                /* the waiter runs and takes new waits; cleared to stop it */
     int waits_ending;           /* stopping: every wait is answered at the waiter's next pass */
     int stopped;
+    const atomic_llong *generation; /* http.serve{generation}; NULL: no answer is replayed */
+    pthread_mutex_t answers_lock;   /* guards answers */
+    struct answer *answers[REPLAY_SLOTS]; /* see "replayed answers" */
 };
 
 struct request {
@@ -165,6 +178,8 @@ struct request {
     struct MHD_Response *answer; /* left by the waiter before the resume; NULL: close */
     unsigned answer_status;
     struct request *wait_next;  /* in server.waits */
+    double arrived;             /* monotonic s at its uri_log call */
+    int cred;                   /* which credentials it came with: a token's index or CRED_* */
     char id[32];
 };
 
@@ -189,6 +204,28 @@ static char *xstrdup_len(const char *s, size_t len)
         p[len] = '\0';
     }
     return p;
+}
+
+static void strlist_free(struct strlist *l)
+{
+    for (size_t i = 0; i < l->n; i++)
+        free(l->v[i]);
+    free(l->v);
+    l->v = NULL;
+    l->n = 0;
+}
+
+/* Append a copy of str[0..n) to l. May raise (out of memory); the server's __gc frees l. */
+static void strlist_push(lua_State *L, struct strlist *l, const char *str, size_t n)
+{
+    char **v = realloc(l->v, (l->n + 1) * sizeof *v);
+    if (!v)
+        luaL_error(L, "http.serve: out of memory");
+    l->v = v;
+    v[l->n] = xstrdup_len(str, n);
+    if (!v[l->n])
+        luaL_error(L, "http.serve: out of memory");
+    l->n++;
 }
 
 /* Queue resp and drop our reference to it; MHD_NO for a NULL resp (out of memory). */
@@ -708,6 +745,232 @@ static void waiter_stop(struct server *s)
     pthread_join(s->waiter, NULL);
 }
 
+/* ---- replayed answers ------------------------------------------------------------- */
+
+/*
+ * An answer the handler marks replayable is kept here and served again to later requests
+ * that ask for the same, without entering Lua: the broker's catalog, asked for by every
+ * platform, costs what libmicrohttpd costs. The handler marks it with a ":replay" header,
+ * {generation = n, route = "/v2/catalog", vary = "X-Broker-API-Version", unless = {...}}; only
+ * a 200 to a GET without a body is kept, and only with http.serve{generation = counter}, a
+ * forge.reload generation counter. "The same" is: the same method and raw target, the same
+ * value (or absence) of the vary header, credentials of the same kind as the request the
+ * answer was made for (the same accepted user, or a client certificate standing in, or a
+ * public path), and none of the `unless` headers (which change an answer, such as
+ * If-None-Match; a request that carries one goes to the handler, and its answer is not kept).
+ * An answer is served while the counter stays at the generation it was made for: a worker
+ * still on an older one may keep its answer, but it never matches. Replayed answers get the
+ * kept headers and their own X-Request-Id, and count in forge_http_requests_total and
+ * forge_http_request_duration_seconds under the route the handler named. At most
+ * REPLAY_SLOTS answers are kept (a new one replaces one of an older generation, else is not
+ * kept). Each is immutable and reference-counted: a response still being sent holds it.
+ */
+struct answer {
+    atomic_int refs;
+    long long generation;
+    char *uri;
+    int cred;
+    char *vary, *vary_value;       /* NULL: no vary header / the request had none */
+    struct strlist unless;
+    struct strlist headers;        /* name, value, name, value... */
+    char *route;
+    char *body;
+    size_t len;
+};
+
+static void answer_release(void *cls)
+{
+    struct answer *a = cls;
+    if (atomic_fetch_sub(&a->refs, 1) != 1)
+        return;
+    free(a->uri);
+    free(a->vary);
+    free(a->vary_value);
+    strlist_free(&a->unless);
+    strlist_free(&a->headers);
+    free(a->route);
+    free(a->body);
+    free(a);
+}
+
+/* Whether request r on con asks what answer a answers (its method and body checked by the caller). */
+static int asks_same(const struct answer *a, struct MHD_Connection *con, const struct request *r)
+{
+    if (a->cred != r->cred || strcmp(a->uri, r->uri) != 0)
+        return 0;
+    for (size_t i = 0; i < a->unless.n; i++)
+        if (MHD_lookup_connection_value(con, MHD_HEADER_KIND, a->unless.v[i]))
+            return 0;
+    if (!a->vary)
+        return 1;
+    const char *v = MHD_lookup_connection_value(con, MHD_HEADER_KIND, a->vary);
+    return v ? a->vary_value && strcmp(v, a->vary_value) == 0 : !a->vary_value;
+}
+
+/* The kept answer for this request, with a reference the caller owns; NULL: ask the handler. */
+static struct answer *answer_find(struct server *s, struct MHD_Connection *con, const char *method,
+                                  const struct request *r)
+{
+    if (!s->generation || r->len || strcmp(method, MHD_HTTP_METHOD_GET) != 0)
+        return NULL;
+    long long gen = atomic_load(s->generation);
+    struct answer *hit = NULL;
+    pthread_mutex_lock(&s->answers_lock);
+    for (size_t i = 0; i < REPLAY_SLOTS && !hit; i++) {
+        struct answer *a = s->answers[i];
+        if (a && a->generation == gen && asks_same(a, con, r)) {
+            atomic_fetch_add(&a->refs, 1);
+            hit = a;
+        }
+    }
+    pthread_mutex_unlock(&s->answers_lock);
+    return hit;
+}
+
+/* Queue kept answer a (its reference passes to the response) and count it as the handler would. */
+static enum MHD_Result answer_queue(struct MHD_Connection *con, const struct request *r, struct answer *a)
+{
+    struct MHD_Response *resp =
+        MHD_create_response_from_buffer_with_free_callback_cls(a->len, a->body, answer_release, a);
+    if (!resp) {
+        answer_release(a);
+        return MHD_NO;
+    }
+    for (size_t i = 0; i + 1 < a->headers.n; i += 2)
+        MHD_add_response_header(resp, a->headers.v[i], a->headers.v[i + 1]);
+    MHD_add_response_header(resp, "X-Request-Id", r->id);
+    struct forge_label labels[] = {{"route", a->route}, {"method", MHD_HTTP_METHOD_GET}, {"status", "200"}};
+    forge_metrics_inc("forge_http_requests_total", labels, 3, 1);
+    forge_metrics_observe("forge_http_request_duration_seconds", labels, 1, monotonic_now() - r->arrived);
+    return queue_owned(con, MHD_HTTP_OK, resp);
+}
+
+/* Put a in a free slot, in its own key's, or in one of an older generation; 0: no room. */
+static int answer_keep(struct server *s, struct answer *a)
+{
+    int slot = -1;
+    pthread_mutex_lock(&s->answers_lock);
+    long long gen = atomic_load(s->generation);
+    for (int i = 0; i < REPLAY_SLOTS; i++) {
+        struct answer *o = s->answers[i];
+        int same_key = o && o->cred == a->cred && strcmp(o->uri, a->uri) == 0 &&
+                       (o->vary_value && a->vary_value ? strcmp(o->vary_value, a->vary_value) == 0
+                                                       : o->vary_value == a->vary_value);
+        if (!o || same_key || o->generation != gen) {
+            slot = i;
+            if (o)
+                answer_release(o);
+            s->answers[i] = NULL;
+            if (same_key || !o)
+                break;
+        }
+    }
+    if (slot >= 0 && a->generation == gen)
+        s->answers[slot] = a;
+    else
+        slot = -1;
+    pthread_mutex_unlock(&s->answers_lock);
+    return slot >= 0;
+}
+
+/* A string field of the ":replay" table at t, copied; NULL when absent. Raises when not a string. */
+static char *replay_string(lua_State *L, int t, const char *key)
+{
+    const char *v = forge_optstrfield(L, t, key, NULL);
+    return v ? xstrdup_len(v, strlen(v)) : NULL;
+}
+
+/*
+ * Fill answer a from the handler's headers, body and ":replay" table; called protected, as it
+ * raises on a malformed table (and when memory runs out).
+ * Stack: [a (light userdata), headers, body, replay] -> []
+ */
+static int replay_build(lua_State *L)
+{
+    struct answer *a = lua_touserdata(L, 1);              /* [a, headers, body, replay] */
+    static const char *const keys[] = {"generation", "route", "vary", "unless", NULL};
+    forge_checkkeys(L, 4, "http: a ':replay' header", keys);
+    lua_getfield(L, 4, "generation");
+    if (!lua_isinteger(L, -1))
+        return luaL_error(L, "http: a ':replay' header needs an integer generation");
+    a->generation = (long long)lua_tointeger(L, -1);
+    a->route = replay_string(L, 4, "route");
+    a->vary = replay_string(L, 4, "vary");
+    if (lua_getfield(L, 4, "unless") == LUA_TTABLE)       /* [a, headers, body, replay, gen, unless] */
+        for (lua_Integer i = 1; lua_rawgeti(L, -1, i) != LUA_TNIL; i++) {
+            if (!lua_isstring(L, -1))
+                return luaL_error(L, "http: a ':replay' header's unless must list header names");
+            strlist_push(L, &a->unless, lua_tostring(L, -1), lua_rawlen(L, -1));
+            lua_pop(L, 1);
+        }
+    lua_settop(L, 3);
+    lua_pushnil(L);
+    while (lua_next(L, 2)) {                              /* [a, headers, body, key, value] */
+        if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TSTRING) {
+            strlist_push(L, &a->headers, lua_tostring(L, -2), lua_rawlen(L, -2));
+            strlist_push(L, &a->headers, lua_tostring(L, -1), lua_rawlen(L, -1));
+        }
+        lua_pop(L, 1);
+    }
+    size_t len;
+    const char *body = lua_tolstring(L, 3, &len);
+    a->body = xstrdup_len(body ? body : "", body ? len : 0);
+    a->len = body ? len : 0;
+    if (!a->route || !a->body)
+        return luaL_error(L, "http: a ':replay' header needs a route (or memory ran out)");
+    return 0;
+}
+
+/*
+ * Keep the answer the handler just gave request r when it is marked replayable.
+ * Stack: [msgh, status, headers, body] (unchanged)
+ */
+static void keep_replayable(struct server *s, lua_State *L, struct MHD_Connection *con, const char *method,
+                            const struct request *r, unsigned status)
+{
+    if (!s->generation || status != MHD_HTTP_OK || r->len || strcmp(method, MHD_HTTP_METHOD_GET) != 0 ||
+        !lua_istable(L, 3) || lua_getfield(L, 3, ":replay") != LUA_TTABLE) {
+        lua_settop(L, 4);
+        return;
+    }
+    struct answer *a = calloc(1, sizeof *a);
+    if (!a || !(a->uri = xstrdup_len(r->uri, strlen(r->uri)))) {
+        free(a);
+        lua_settop(L, 4);
+        return;
+    }
+    atomic_init(&a->refs, 1);
+    a->cred = r->cred;
+    lua_pushcfunction(L, replay_build);                   /* [msgh, status, headers, body, replay, f] */
+    lua_pushlightuserdata(L, a);
+    lua_pushvalue(L, 3);
+    lua_pushvalue(L, 4);
+    lua_pushvalue(L, 5);
+    int ok = lua_pcall(L, 4, 0, 0) == LUA_OK;
+    if (!ok)
+        log_error("a replayable answer was not kept", r->id, lua_tostring(L, -1));
+    lua_settop(L, 4);
+    if (ok && a->vary) {
+        const char *v = MHD_lookup_connection_value(con, MHD_HEADER_KIND, a->vary);
+        a->vary_value = v ? xstrdup_len(v, strlen(v)) : NULL;
+        ok = !v || a->vary_value;
+    }
+    if (ok)
+        for (size_t i = 0; i < a->unless.n && ok; i++)
+            ok = !MHD_lookup_connection_value(con, MHD_HEADER_KIND, a->unless.v[i]);
+    if (!ok || !answer_keep(s, a))
+        answer_release(a);
+}
+
+static void answers_free(struct server *s)
+{
+    for (size_t i = 0; i < REPLAY_SLOTS; i++) {
+        if (s->answers[i])
+            answer_release(s->answers[i]);
+        s->answers[i] = NULL;
+    }
+}
+
 static enum MHD_Result dispatch(struct server *s, struct MHD_Connection *con, const char *method,
                                 struct request *r)
 {
@@ -733,6 +996,8 @@ static enum MHD_Result dispatch(struct server *s, struct MHD_Connection *con, co
     } else {
         unsigned status;
         struct MHD_Response *resp = lua_response(L, r, &status);
+        if (resp)
+            keep_replayable(s, L, con, method, r, status);
         ret = resp ? queue_owned(con, status, resp) : MHD_NO;
     }
     lua_settop(L, 0);
@@ -987,9 +1252,9 @@ static int path_in(const char *target, const struct strlist *patterns, int prefi
 }
 
 /*
- * Whether the Authorization header carries accepted Basic credentials. The scheme is
- * case-insensitive (RFC 7617); the credentials are compared with every accepted token, each
- * in time that depends only on the lengths.
+ * Which accepted Basic credentials the Authorization header carries: 1 + the index of the
+ * first matching token, 0 for none. The scheme is case-insensitive (RFC 7617); the credentials
+ * are compared with every accepted token, each in time that depends only on the lengths.
  */
 static int authorized(const struct precheck *p, struct MHD_Connection *con)
 {
@@ -998,12 +1263,13 @@ static int authorized(const struct precheck *p, struct MHD_Connection *con)
         return 0;
     h += 6 + strspn(h + 6, " ");
     size_t n = strlen(h);
-    int ok = 0;
+    int who = 0;
     for (size_t i = 0; i < p->tokens.n; i++) {
         size_t tn = strlen(p->tokens.v[i]);
-        ok |= (CRYPTO_memcmp(h, p->tokens.v[i], n < tn ? n : tn) | (n != tn)) == 0;
+        int eq = (CRYPTO_memcmp(h, p->tokens.v[i], n < tn ? n : tn) | (n != tn)) == 0;
+        who = who ? who : eq * (int)(i + 1);
     }
-    return ok;
+    return who;
 }
 
 /* Whether the version header is "<major>.<digits>", as forge.broker requires. */
@@ -1055,7 +1321,8 @@ static enum MHD_Result on_headers(struct server *s, struct MHD_Connection *con, 
     const char *cert_refusal = open ? NULL : client_cert_refusal(p, con, r->conn, &stands_in);
     if (cert_refusal)
         return queue_error(con, 403, "Forbidden", cert_refusal, r->id);
-    if (p->tokens.n && !open && !stands_in && !authorized(p, con))
+    r->cred = open ? CRED_PUBLIC : stands_in ? CRED_CERT : CRED_NONE;
+    if (p->tokens.n && !open && !stands_in && (r->cred = authorized(p, con) - 1) < 0)
         return queue_error_with(con, 401, "Unauthorized", "missing or wrong credentials", r->id,
                                 MHD_HTTP_HEADER_WWW_AUTHENTICATE, p->challenge);
     if (p->version_header && !open && path_in(r->uri, &p->version_under, 1) &&
@@ -1084,6 +1351,7 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *con)
         return NULL;
     r->conn = c;
     r->uri = xstrdup_len(uri, strlen(uri));
+    r->arrived = monotonic_now();
     snprintf(r->id, sizeof r->id, "%s-%llx", s->id_prefix, (unsigned long long)atomic_fetch_add(&s->seq, 1));
     atomic_fetch_add(&s->active, 1);
     return r;
@@ -1188,22 +1456,14 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *con, const c
     if (r->over_budget)
         return queue_error_with(con, 503, "ServiceUnavailable", "the broker is buffering too many request bodies",
                                 r->id, MHD_HTTP_HEADER_RETRY_AFTER, RETRY_AFTER);
-    return dispatch(s, con, method, r);
+    struct answer *kept = answer_find(s, con, method, r);
+    return kept ? answer_queue(con, r, kept) : dispatch(s, con, method, r);
 }
 
 
 /* ---- Lua API ---------------------------------------------------------------------- */
 
 #define toserver(L) ((struct server *)luaL_checkudata(L, 1, SERVER_MT))
-
-static void strlist_free(struct strlist *l)
-{
-    for (size_t i = 0; i < l->n; i++)
-        free(l->v[i]);
-    free(l->v);
-    l->v = NULL;
-    l->n = 0;
-}
 
 static void server_free_config(struct server *s)
 {
@@ -1224,6 +1484,7 @@ static void server_free_config(struct server *s)
         forge_tls_slot_destroy(&s->tls_slot);
         s->tls = 0;
     }
+    answers_free(s);
 }
 
 static void sweeper_stop(struct server *s)
@@ -1336,19 +1597,6 @@ static char *package_field(lua_State *L, const char *field)
     char *copy = xstrdup_len(v ? v : "", v ? strlen(v) : 0);
     lua_pop(L, 2);
     return copy;
-}
-
-/* Append a copy of str[0..n) to l. May raise (out of memory); the server's __gc frees l. */
-static void strlist_push(lua_State *L, struct strlist *l, const char *str, size_t n)
-{
-    char **v = realloc(l->v, (l->n + 1) * sizeof *v);
-    if (!v)
-        luaL_error(L, "http.serve: out of memory");
-    l->v = v;
-    v[l->n] = xstrdup_len(str, n);
-    if (!v[l->n])
-        luaL_error(L, "http.serve: out of memory");
-    l->n++;
 }
 
 /* Raise unless s is printable ASCII without '"' and '\\' (it goes into a header or a JSON body). */
@@ -1580,6 +1828,7 @@ static void server_init_sync(struct server *s)
     pthread_mutex_init(&s->lock, NULL);
     pthread_mutex_init(&s->conns_lock, NULL);
     pthread_mutex_init(&s->waits_lock, NULL);
+    pthread_mutex_init(&s->answers_lock, NULL);
 }
 
 /***
@@ -1615,6 +1864,10 @@ static void server_init_sync(struct server *s)
  *   version = {header = "X-Broker-API-Version", major = 2, under = {"/v2"}}
  *                       a request under those paths (default: all but the public ones)
  *                       without the header "<major>.<n>" gets 412
+ *   generation = reload.counter
+ *                       answers the handler marks replayable (a ":replay" header, see
+ *                       "replayed answers") are served again without Lua while this forge.reload
+ *                       counter stays at the generation they were made for
  *   tls = {cert = PEM, key = PEM, client_ca = PEM, client_auth = "require"}
  *                       serve HTTPS: TLS 1.2 and 1.3, AEAD ciphers, ECDHE (FORGE_TLS_PRIORITIES);
  *                       cert may hold the chain after the server's certificate. A client that
@@ -1637,7 +1890,7 @@ static int l_http_serve(lua_State *L)
     static const char *const keys[] = {"listen", "handler", "init", "threads", "body_limit",
                                        "connection_timeout", "header_timeout", "request_timeout",
                                        "max_connections", "max_connections_per_ip", "max_buffered_bytes",
-                                       "auth", "version", "tls", NULL};
+                                       "auth", "version", "tls", "generation", NULL};
     forge_checkkeys(L, 1, "http.serve", keys);
     const char *listen = forge_optstrfield(L, 1, "listen", "127.0.0.1:5000");
     const char *handler = forge_optstrfield(L, 1, "handler", NULL);
@@ -1698,6 +1951,13 @@ static int l_http_serve(lua_State *L)
         server_free_config(s);
         return 2;
     }
+    if (lua_getfield(L, 1, "generation") != LUA_TNIL) {
+        const atomic_llong **counter = luaL_testudata(L, -1, RELOAD_COUNTER_MT);
+        if (!counter)
+            return luaL_error(L, "http.serve: generation must be forge.reload's counter (reload.counter)");
+        s->generation = *counter;
+    }
+    lua_pop(L, 1);
     unsigned long long r = (unsigned long long)time(NULL) ^ ((unsigned long long)getpid() << 16) ^
                            (unsigned long long)(uintptr_t)s;
     snprintf(s->id_prefix, sizeof s->id_prefix, "%08llx", (r * 0x9E3779B97F4A7C15ULL) >> 32);

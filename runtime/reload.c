@@ -6,7 +6,8 @@
  * only if it is valid, records the new version in the store and publishes a new generation.
  * Every HTTP worker compares the generation it loaded with reload.generation() before a
  * request (one atomic load) and swaps its registry between requests, so a request always
- * finishes on the version it started with.
+ * finishes on the version it started with. forge.http reads the same counter (reload.counter)
+ * to know when an answer it replays without Lua is out of date.
  */
 #include <errno.h>
 #include <limits.h>
@@ -23,6 +24,7 @@
 #include "forge/forge.h"
 
 #define WATCHER_MT "forge.reload.watcher"
+#define COUNTER_MT "forge.reload.counter"  /* known to runtime/http.c */
 #define WATCH_MASK (IN_CREATE | IN_DELETE | IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | \
                     IN_DELETE_SELF | IN_ATTRIB)
 #define MAX_DEPTH 8
@@ -157,6 +159,20 @@ static int l_reload_publish(lua_State *L)
     return 1;
 }
 
+/*
+ * reload.counter: the generation counter itself, for forge.http (http.serve{generation}), which
+ * reads it in C on every request that might be answered without Lua.
+ * Stack: [module] -> [module]
+ */
+static void push_counter(lua_State *L)
+{
+    const atomic_llong **p = lua_newuserdatauv(L, sizeof *p, 0);
+    *p = &generation;
+    luaL_newmetatable(L, COUNTER_MT);
+    lua_setmetatable(L, -2);
+    lua_setfield(L, -2, "counter");
+}
+
 int luaopen_forge_reload(lua_State *L)
 {
     static const luaL_Reg lib[] = {
@@ -178,5 +194,6 @@ int luaopen_forge_reload(lua_State *L)
     forge_newclass(L, WATCHER_MT, methods, metamethods);
     luaL_newlib(L, lib);
     forge_setmodinfo(L, "forge.reload");
+    push_counter(L);
     return 1;
 }

@@ -5,6 +5,10 @@
 -- checks the published generation (one atomic read) before each request; when it moved, the
 -- registry is swapped between requests, so a request finishes on the version it started with.
 --
+-- Replayed answers: an answer the broker marks replayable (req.replay: the catalog) goes out
+-- with a ":replay" header naming the generation it was made on; forge.http then answers the
+-- same request again itself until the published generation moves.
+--
 -- Sync operations: a request without accepts_incomplete does not block its worker until the
 -- reconciler is done. Its handler answers with a wait (forge.osb.common.wait_for); handle turns
 -- it into a forge.http wait, the connection is parked, and forge.http's waiter thread, in a
@@ -95,6 +99,10 @@ function M.handle(req)
   refresh()
   local status, headers, body = broker:handle(req)
   if status ~= common.WAIT then
+    if req.replay and status == 200 then
+      headers[":replay"] = { generation = generation, route = req.route, vary = req.replay.vary,
+        unless = req.replay.unless }
+    end
     answered(req.route, req.method, status, started)
     return status, headers, body
   end

@@ -107,9 +107,15 @@ local function shape_response(minor, body)
   return body
 end
 
+-- The catalog depends on the registry, the version header (its variant), If-None-Match (a 304)
+-- and the request identity header (echoed by Broker:handle): forge.http may answer the same
+-- request again without Lua (forge.app adds the registry's generation to req.replay).
+local CATALOG_REPLAY = { vary = "X-Broker-API-Version", unless = { "If-None-Match", "X-Broker-API-Request-Identity" } }
+
 local function catalog(self, req)
   local json, etag = catalog_for(self.registry, api_minor(req) or NEWEST)
   if req.headers["if-none-match"] == etag then return 304, { ETag = etag }, "" end
+  req.replay = CATALOG_REPLAY
   return reply(200, json, { ETag = etag })
 end
 

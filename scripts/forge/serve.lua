@@ -247,7 +247,8 @@ local function listen(config, tls)
     max_connections_per_ip = h.max_connections_per_ip, max_buffered_bytes = h.max_buffered_bytes,
     auth = { realm = "forge", users = { config.auth, config.admin.password and config.admin or config.auth },
       public = public },
-    version = { header = "X-Broker-API-Version", major = 2, under = { "/v2" } }, tls = tls }
+    version = { header = "X-Broker-API-Version", major = 2, under = { "/v2" } }, tls = tls,
+    generation = reload.counter }
 end
 
 -- The certificate's facts for the log.
