@@ -41,6 +41,7 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
@@ -185,6 +186,9 @@ struct request {
 
 static _Thread_local struct worker *tls_worker;
 static volatile sig_atomic_t stop_requested, reload_requested;
+static atomic_int kicked;                   /* http.kick() since the last http.wait that saw it */
+static int wake_pipe[2] = {-1, -1};         /* a byte wakes http.wait: a signal or a kick came */
+static pthread_once_t wake_once = PTHREAD_ONCE_INIT;
 
 
 /* ---- small helpers ---------------------------------------------------------------- */
@@ -573,6 +577,8 @@ static int park(struct server *s, struct MHD_Connection *con, struct request *r,
     if (ok) {
         MHD_suspend_connection(con);                      /* before the waiter can see it */
         r->parked = 1;
+        if (!s->waits)
+            pthread_cond_signal(&s->waits_wake);          /* it sleeps while nothing waits */
         r->wait_next = s->waits;
         s->waits = r;
     }
@@ -715,6 +721,10 @@ static void *waiter(void *arg)
             rest = r->wait_next;
             r->wait_next = s->waits;
             s->waits = r;
+        }
+        if (!s->waits && !s->waits_ending && s->waiting) {
+            pthread_cond_wait(&s->waits_wake, &s->waits_lock);
+            continue;
         }
         struct timespec until = monotonic_after(WAIT_INTERVAL_NS);
         pthread_cond_timedwait(&s->waits_wake, &s->waits_lock, &until);
@@ -1046,6 +1056,10 @@ static void *sweep(void *arg)
                 c->deadline = 0;
             }
         }
+        if (!s->conns) {                                  /* nothing to sweep until a client comes */
+            pthread_cond_wait(&s->sweep_wake, &s->conns_lock);
+            continue;
+        }
         struct timespec until = monotonic_after(SWEEP_INTERVAL_NS);
         pthread_cond_timedwait(&s->sweep_wake, &s->conns_lock, &until);
     }
@@ -1071,6 +1085,8 @@ static void on_connection(void *cls, struct MHD_Connection *con, void **socket_c
         c->next = s->conns;
         if (s->conns)
             s->conns->prev = c;
+        else
+            pthread_cond_signal(&s->sweep_wake);          /* the sweeper sleeps while there is none */
         s->conns = c;
         pthread_mutex_unlock(&s->conns_lock);
         return;
@@ -2098,12 +2114,44 @@ static int l_server_gc(lua_State *L)
     return 0;
 }
 
+static void wake_init(void)
+{
+    if (pipe2(wake_pipe, O_CLOEXEC | O_NONBLOCK) != 0)
+        wake_pipe[0] = wake_pipe[1] = -1;                 /* http.wait then sleeps its timeout out */
+}
+
+/* Wake http.wait; async-signal-safe (a full pipe is awake already). */
+static void wake_waiter(void)
+{
+    int saved = errno;
+    if (wake_pipe[1] >= 0) {
+        char c = 1;
+        ssize_t n = write(wake_pipe[1], &c, 1);
+        (void)n;
+    }
+    errno = saved;
+}
+
 static void on_signal(int sig)
 {
     if (sig == SIGHUP)
         reload_requested = 1;
     else
         stop_requested = 1;
+    wake_waiter();
+}
+
+/***
+ * http.kick() -> true
+ * Wake the thread in http.wait (from any thread of the process): it returns "kick". Kicks
+ * before that wait returns are one.
+ */
+static int l_http_kick(lua_State *L)
+{
+    atomic_store(&kicked, 1);
+    wake_waiter();
+    lua_pushboolean(L, 1);
+    return 1;
 }
 
 /***
@@ -2125,12 +2173,15 @@ static int l_http_trap_signals(lua_State *L)
 }
 
 /***
- * http.wait(timeout_seconds) -> "stop" | "reload" | nil (timeout). Sleeps in short steps,
- * returning as soon as a trapped signal arrives.
+ * http.wait(timeout_seconds [, fd]) -> "stop" | "reload" | "kick" | "ready" | nil (timeout).
+ * Sleeps until a trapped signal arrives (SIGTERM/SIGINT: "stop", SIGHUP: "reload"), another
+ * thread calls http.kick(), descriptor fd (if given) is readable ("ready", left unread), or
+ * the timeout passes.
  */
 static int l_http_wait(lua_State *L)
 {
     double deadline = monotonic_now() + luaL_checknumber(L, 1);
+    int fd = (int)luaL_optinteger(L, 2, -1);
     for (;;) {
         if (stop_requested) {
             lua_pushliteral(L, "stop");
@@ -2141,22 +2192,37 @@ static int l_http_wait(lua_State *L)
             lua_pushliteral(L, "reload");
             return 1;
         }
+        if (atomic_exchange(&kicked, 0)) {
+            lua_pushliteral(L, "kick");
+            return 1;
+        }
         double left = deadline - monotonic_now();
         if (left <= 0)
             return 0;
-        double step = left < 0.02 ? left : 0.02;
-        struct timespec ts = {0, (long)(step * 1e9)};
-        nanosleep(&ts, NULL);
+        struct pollfd p[2] = {{.fd = wake_pipe[0], .events = POLLIN}, {.fd = fd, .events = POLLIN}};
+        int ms = left > 3600 ? 3600000 : (int)(left * 1000) + 1;
+        if (poll(p, fd >= 0 ? 2 : 1, ms) > 0) {
+            char drain[64];
+            if (p[0].revents)
+                while (read(wake_pipe[0], drain, sizeof drain) > 0)
+                    ;
+            if (fd >= 0 && p[1].revents) {
+                lua_pushliteral(L, "ready");
+                return 1;
+            }
+        }
     }
 }
 
 int luaopen_forge_http(lua_State *L)
 {
+    pthread_once(&wake_once, wake_init);
     static const luaL_Reg lib[] = {
         {"serve", l_http_serve},
         {"trap_signals", l_http_trap_signals},
         {"tls_check", l_http_tls_check},
         {"wait", l_http_wait},
+        {"kick", l_http_kick},
         {NULL, NULL},
     };
     static const luaL_Reg methods[] = {

@@ -106,6 +106,19 @@ static int drain(struct watcher *w, const char *root)
 }
 
 /***
+ * watcher:fd() -> the inotify descriptor: readable when watcher:poll would see a change
+ * (for http.wait; read it only through poll). Raises on a closed watcher.
+ */
+static int l_watcher_fd(lua_State *L)
+{
+    struct watcher *w = towatcher(L);
+    if (w->fd < 0)
+        return luaL_error(L, "watcher:fd: the watcher is closed");
+    lua_pushinteger(L, w->fd);
+    return 1;
+}
+
+/***
  * watcher:poll([timeout_seconds=0]) -> true if the tree changed since the last poll.
  */
 static int l_watcher_poll(lua_State *L)
@@ -183,6 +196,7 @@ int luaopen_forge_reload(lua_State *L)
     };
     static const luaL_Reg methods[] = {
         {"poll", l_watcher_poll},
+        {"fd", l_watcher_fd},
         {"close", l_watcher_close},
         {NULL, NULL},
     };

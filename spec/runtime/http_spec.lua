@@ -384,3 +384,49 @@ describe("forge.http waits", function()
     assert.same({ 200, 200, 200 }, codes)
   end)
 end)
+
+describe("http.wait", function()
+  local http = require "forge.http"
+
+  it("returns nil at its timeout, and 'kick' once http.kick() was called (one wait per kicks)", function()
+    assert.is_nil(http.wait(0.05))
+    assert.is_true(http.kick())
+    http.kick()
+    assert.equal("kick", http.wait(5))
+    assert.is_nil(http.wait(0.05))
+  end)
+
+  it("returns 'kick' to a wait that a request's handler kicks from its pool thread", function()
+    local files = require "spec.support.files"
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. dir))
+    finally(function() os.execute("rm -rf " .. dir) end)
+    files.write(dir .. "/kicker.lua", [[
+      local http = require "forge.http"
+      return { handle = function() http.kick() return 200, nil, "kicked" end }
+    ]])
+    package.path = dir .. "/?.lua;" .. package.path
+    local port = free_port()
+    local srv = assert(http.serve { listen = "127.0.0.1:" .. port, handler = "kicker", threads = 1 })
+    finally(function() srv:stop(1) end)
+    local curl = assert(proc.spawn { argv = { "curl", "-s", "-o", "/dev/null", "http://127.0.0.1:" .. port .. "/" } })
+    assert.equal("kick", http.wait(20))
+    proc.wait(curl.pid, 10)
+  end)
+
+  it("returns 'ready' once the descriptor it watches is readable, leaving it unread", function()
+    local reload = require "forge.reload"
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. dir))
+    finally(function() os.execute("rm -rf " .. dir) end)
+    local w = assert(reload.watch(dir))
+    assert.is_nil(http.wait(0.05, w:fd()))
+    require("spec.support.files").write(dir .. "/f", "x")
+    assert.equal("ready", http.wait(5, w:fd()))
+    assert.is_true(w:poll(0))
+    w:close()
+    assert.has_error(function() w:fd() end, "watcher:fd: the watcher is closed")
+  end)
+end)
