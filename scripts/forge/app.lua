@@ -15,7 +15,9 @@
 -- state of its own loaded like the workers' ones, calls poll until the wait ends.
 local Broker = require "forge.broker"
 local common = require "forge.osb.common"
+local http = require "forge.http"
 local log = require "forge.log"
+local model = require "forge.model"
 local proc = require "forge.proc"
 local reload = require "forge.reload"
 local services = require "forge.services"
@@ -43,6 +45,7 @@ local function connect()
 end
 
 function M.init(config_json)
+  model.on_pending = http.kick -- the reconciler starts an operation at once, not at its next look
   config = assert(util.json_decode(config_json))
   log.level(config.log_level)
   limits = config.sandbox

@@ -110,8 +110,10 @@ end
 
 -- Move the tracked instances and bindings to what the transaction stored.
 local function track(t, doomed)
+  local pending = false
   for _, op in ipairs(t.success or {}) do
     local k = op.key or ""
+    pending = pending or (op.op == "put" and k:sub(1, 8) == "pending/")
     local id = k:match("^instance/(.+)$")
     local iid, bid = k:match("^binding/([^/]+)/(.+)$")
     local rec = op.op == "put" and written[op] or nil
@@ -125,6 +127,7 @@ local function track(t, doomed)
     local iid, bid = k:match("^binding/([^/]+)/(.+)$")
     if iid then telemetry.binding(iid, bid, nil) end
   end
+  if pending and M.on_pending then M.on_pending() end
 end
 
 local function sync_bind_in_flight(rec)
@@ -172,6 +175,10 @@ end
 --- M.on_instance(id, rec | nil), when set, hears of each instance record this state's
 -- transactions stored (the reconciler schedules supervision with it).
 M.on_instance = nil
+
+--- M.on_pending(), when set, hears that a transaction of this state stored an operation for the
+-- reconciler (a pending/ key): forge.app wakes the main thread with it.
+M.on_pending = nil
 
 --- Apply a transaction; returns true if the compares held, and the store revision after it
 -- (the mod_revision of every key it put).

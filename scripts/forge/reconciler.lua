@@ -597,10 +597,13 @@ end
 
 --- One pass: advance the pending operations this replica holds (or can take), then
 -- housekeeping every supervise_interval seconds by whichever replica holds its lock.
+-- Returns whether work is in flight (operations, upgrade runs, the metrics' seed, a pass that
+-- failed), which the caller looks at again soon rather than at the next supervision.
 function Reconciler:tick(now)
   local started = proc.monotonic()
-  self:pass(now)
+  local busy = self:pass(now)
   telemetry.pass(proc.monotonic() - started)
+  return busy
 end
 
 -- Other replicas' writes are not seen by this one's metrics (nor its supervision schedule):
@@ -630,12 +633,18 @@ end
 function Reconciler:pass(now)
   if not self.started then
     local ok, err = pcall(self.start_up, self)
-    if not ok then return self:report("reconciler start-up failed", err, now) end
+    if not ok then
+      self:report("reconciler start-up failed", err, now)
+      return true
+    end
   end
   if self.seeding then self:advance_seed(now) end
   if self.config.store == "etcd" then self:reseed(now) end
   local ok, pending = pcall(model.range, self.db, "pending/")
-  if not ok then return self:report("reconciler pass failed", pending, now) end
+  if not ok then
+    self:report("reconciler pass failed", pending, now)
+    return true
+  end
   for _, kv in ipairs(pending) do
     local id = kv.key:sub(#"pending/" + 1)
     local iid, bid = id:match("^([^/]+)/(.+)$")
@@ -648,13 +657,14 @@ function Reconciler:pass(now)
   end
   local bok, berr = pcall(backups.due, self, now)
   if not bok then self:report("scheduled backups failed", berr, now) end
-  local uok, uerr = pcall(upgrades.advance_all, self, now)
-  if not uok then self:report("fleet upgrades failed", uerr, now) end
+  local uok, runs = pcall(upgrades.advance_all, self, now)
+  if not uok then self:report("fleet upgrades failed", runs, now) end
   if now >= self.next_supervise then
     self.next_supervise = now + self.config.supervise_interval
     local hok, err = pcall(self.keep_house, self, now)
     if not hok then self:report("reconciler housekeeping failed", err, now) end
   end
+  return #pending > 0 or not uok or runs > 0 or self.seeding ~= nil
 end
 
 return Reconciler

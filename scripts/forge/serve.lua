@@ -225,9 +225,10 @@ local function reconcile(st)
     st.registry, st.generation = freg, fgen
     st.reconciler.registry = freg
   end
-  local rok, rerr = pcall(st.reconciler.tick, st.reconciler, os.time())
-  if not rok then log.error("reconciler pass failed", { error = tostring(rerr) }) end
+  local rok, busy = pcall(st.reconciler.tick, st.reconciler, os.time())
+  if not rok then log.error("reconciler pass failed", { error = tostring(busy) }) end
   log_failovers(st)
+  return not rok or busy
 end
 
 local function report_problems(problems)
@@ -270,12 +271,17 @@ local function reload_tls(config, srv)
 end
 
 -- Until SIGTERM/SIGINT: open the store while it does not answer (then start the work), reload
--- the services when they change, and run a reconciler pass every reconcile_interval.
+-- the services when they change, and run reconciler passes: every reconcile_interval while work
+-- is in flight, else every supervise_interval, and at once (at most every reconcile_interval)
+-- when a request stored an operation (forge.app kicks this thread). Between them the thread
+-- sleeps: an idle broker wakes once per supervise_interval.
 -- @return the exit status
 local function loop(st, srv, watcher)
-  local next_tick = 0
+  local next_tick, last_pass = 0, -math.huge
+  local interval, idle = st.config.reconcile_interval, st.config.supervise_interval
   while true do
-    local sig = http.wait(0.05)
+    local wake = st.reconciler and next_tick or st.next_store_try
+    local sig = http.wait(math.max(0, wake - proc.monotonic()), st.reconciler and watcher and watcher:fd())
     if sig == "stop" then return 0 end
     if sig == "reload" then reload_tls(st.config, srv) end
     local now = proc.monotonic()
@@ -290,13 +296,14 @@ local function loop(st, srv, watcher)
         if st.reconciler then summary(st, srv:port()) end
       end
     else
-      if sig == "reload" or (watcher and watcher:poll(0)) then
+      if sig == "reload" or sig == "ready" then
         if watcher then repeat until not watcher:poll(0.02) end -- let an editor finish writing
         reload_services(st)
       end
+      if sig == "kick" then next_tick = math.min(next_tick, last_pass + interval) end
       if now >= next_tick then
-        next_tick = now + st.config.reconcile_interval
-        reconcile(st)
+        last_pass = now
+        next_tick = now + (reconcile(st) and interval or idle)
       end
     end
   end

@@ -449,15 +449,18 @@ function M.advance(r, id, now)
   model.txn(r.db, { compare = { { key = job_key(id), mod_revision = rev } }, success = ops })
 end
 
---- Advance every job that has not ended (the reconciler, each pass), under a lock per job.
+--- Advance every job that has not ended (the reconciler, each pass), under a lock per job;
+-- returns how many had not ended.
 function M.advance_all(r, now)
-  for _, kv in ipairs(model.range(r.db, MARKS)) do
+  local marks = model.range(r.db, MARKS)
+  for _, kv in ipairs(marks) do
     local id = kv.key:sub(#MARKS + 1)
     if r:lock("upgrade/" .. id, now) then
       M.advance(r, id, now)
       if not r.db:get(kv.key) then r:unlock("upgrade/" .. id) end
     end
   end
+  return #marks
 end
 
 return M

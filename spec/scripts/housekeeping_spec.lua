@@ -217,3 +217,39 @@ describe("supervision", function()
     assert.is_truthy(Broker.wait_for(function() return b:records(true)["supervised/sv1"] == nil end, 10))
   end)
 end)
+
+describe("an idle broker", function()
+  local files = require "spec.support.files"
+  local lfs = require "lfs"
+
+  -- The voluntary context switches of every thread of process pid: how often its threads slept.
+  local function wakeups(pid)
+    local n = 0
+    for task in lfs.dir("/proc/" .. pid .. "/task") do
+      if task:match("^%d+$") then
+        local status = files.read("/proc/" .. pid .. "/task/" .. task .. "/status")
+        n = n + tonumber(status:match("voluntary_ctxt_switches:%s*(%d+)") or 0)
+      end
+    end
+    return n
+  end
+
+  it("sleeps between its supervision passes instead of polling", function()
+    local b = Broker.start()
+    finally(function() b:cleanup() end)
+    proc.sleep(1)                                    -- past the start-up passes
+    local before = wakeups(b.pid)
+    proc.sleep(4)
+    local woke = wakeups(b.pid) - before
+    -- two passes of supervise_interval = 2 s; the polling loops woke about 400 times
+    assert.is_true(woke < 40, "its threads woke " .. woke .. " times in 4 s")
+  end)
+
+  it("starts a requested operation at once, not at its next supervision pass", function()
+    local b = Broker.start { fixtures = true, config = "supervise_interval: 3600\n" }
+    finally(function() b:cleanup() end)
+    proc.sleep(1)
+    b:provision_async("kick1", D.service, D.small)
+    assert.equal("succeeded", b:settle("kick1", 30).operation.state)
+  end)
+end)
