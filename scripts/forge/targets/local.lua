@@ -633,12 +633,13 @@ function Local:destroy(inst)
   return true
 end
 
--- Why process p of inst died, for its operation's description: its memory limit, or its last words.
+-- Why process p of inst died, for its operation's description: its memory limit, or its last
+-- words; and the kind of death for the metrics ("memory_limit" or "exited").
 function Local:death(inst, p)
   local reason = self:memory_kill(inst)
-  if reason then return reason end
+  if reason then return reason, "memory_limit" end
   local words = tail(self:instance_dir(inst.id) .. "/" .. p.name .. ".log")
-  return "exited" .. (words ~= "" and (": " .. words) or "")
+  return "exited" .. (words ~= "" and (": " .. words) or ""), "exited"
 end
 
 --- Restart dead processes of a running instance, with exponential backoff; the instance's
@@ -650,13 +651,13 @@ function Local:supervise(inst, now)
     local rec = inst.processes[p.name]
     if rec and not proc.alive(rec.pid, rec.start_time) and (rec.retry_at or 0) <= now then
       local restarts = (rec.restarts or 0) + 1
-      local why = self:death(inst, p)
+      local why, kind = self:death(inst, p)
       local spawned, err = self:spawn(inst, p)
       inst.operation.description = string.format("process %s %s; %s (%d restart%s)", p.name, why,
         spawned and "restarted" or "restarting", restarts, restarts == 1 and "" or "s")
       log.warn("process died, restarting", { instance = inst.id, process = p.name, restarts = restarts, reason = why,
         error = spawned == nil and tostring(err and err.message or err) or nil })
-      telemetry.restarted(inst.service)
+      telemetry.restarted(inst.service, kind)
       local nrec = spawned or { pid = 0, start_time = 0 }
       nrec.restarts = restarts
       nrec.retry_at = now + math.min(60, 2 ^ math.min(restarts, 6))
