@@ -32,7 +32,7 @@ end
 -- limits = "cgroup v1" | "cgroup v2" | "off", warnings = {...}} (the fallbacks, and why).
 function Local:isolation()
   if self.iso then return self.iso end
-  local iso = { mode = self.cfg.isolation, warnings = {} }
+  local iso = { mode = self.cfg.isolation, warnings = util.array() }
   if iso.mode == "namespaces" then
     local ok, why = proc.can_isolate()
     if not ok then
