@@ -371,15 +371,28 @@ local function closed_ancestor(dir, user)
   end
 end
 
+-- Why `user` cannot reach the instances dir (a directory above it is closed to it), or nil.
+local function unreachable_by(self, user)
+  local closed = closed_ancestor(self.dir, proc.user(user) or {})
+  if closed then
+    return string.format("the service user %s cannot reach %s: %s is closed to other users (give it o+x, "
+      .. "or put state_dir elsewhere)", user, self.dir, closed)
+  end
+end
+
+--- Why the service user (targets.local.user) cannot reach the instances dir, so that every
+-- provision here would fail; nil when it can, or when the broker is not root (readiness).
+function Local:unreachable()
+  if proc.geteuid() ~= 0 then return nil end
+  return unreachable_by(self, self.cfg.user)
+end
+
 -- The instance's directory belongs to the user its processes run as, and only to it.
 function Local:own(inst)
   if not inst.run_as then return true end
   proc.chmod(self.dir, tonumber("711", 8))   -- instances/: passable, not listable
-  local closed = closed_ancestor(self.dir, proc.user(inst.run_as) or {})
-  if closed then
-    return nil, string.format("the service user %s cannot reach %s: %s is closed to other users (give it o+x, "
-      .. "or put state_dir elsewhere)", inst.run_as, self.dir, closed)
-  end
+  local closed = unreachable_by(self, inst.run_as)
+  if closed then return nil, closed end
   local dir = self:instance_dir(inst.id)
   local ok, err = proc.chown(dir, inst.run_as, true)
   if not ok then return nil, "cannot hand " .. dir .. " to user " .. inst.run_as .. ": " .. tostring(err.message or err) end
