@@ -73,7 +73,7 @@ function M.list_instances(b, q)
   local kvs, err = b.db:range("instance/")
   if not kvs then fail(503, "ServiceUnavailable", "the broker's store is unavailable: " .. tostring(err.message)) end
   local skip_to = q.after and key.instance(q.after)
-  local page, next_id = {}, nil
+  local page, next_id = util.array(), nil
   for _, kv in ipairs(kvs) do
     if not skip_to or kv.key > skip_to then
       local rec = util.json_decode(kv.value)
@@ -97,7 +97,7 @@ local function read_instance(b, id)
 end
 
 local function local_processes(rec)
-  local list = {}
+  local list = util.array()
   for _, p in ipairs((rec.deployment or {}).processes or {}) do
     local r = (rec.processes or {})[p.name]
     list[#list + 1] = { name = p.name, pid = r and r.pid, alive = r ~= nil and proc.alive(r.pid, r.start_time),
@@ -129,12 +129,12 @@ function M.instance_detail(b, id)
   local svc = b.registry.by_id[rec.service_id]
   out.version = { pinned = rec.script_hash, current = svc and svc.hash,
     upgrade_available = svc ~= nil and rec.script_hash ~= nil and rec.script_hash ~= svc.hash }
-  out.operations = {}
+  out.operations = util.array()
   for i, op in ipairs({ rec.operation, table.unpack(rec.history or {}) }) do
     out.operations[i] = operation_summary(op)
     out.operations[i].diff = op.diff         -- an update's or upgrade's diff (forge.diff), secrets masked
   end
-  out.bindings = {}
+  out.bindings = util.array()
   for _, kv in ipairs(bindings) do
     local bnd = kv.value
     out.bindings[#out.bindings + 1] = { id = bnd.id, state = bnd.state, created_at = bnd.created_at,
@@ -167,7 +167,7 @@ function M.operations(b, q)
   if q.type and not M.OPERATION_TYPES[q.type] then
     fail(400, "BadRequest", "type must be provision, update, deprovision, bind, unbind or restart")
   end
-  local rows = {}
+  local rows = util.array()
   local function consider(rec, binding)
     local op = type(rec) == "table" and rec.operation
     if op and op.state == wanted and (not q.type or op.type == q.type) and #rows < limit then

@@ -674,12 +674,22 @@ function commands.version()
   return 0
 end
 
--- USAGE and every FORGE_* variable with the setting it overrides.
+-- FORGE_* variables that override no setting of forge.yml.
+local OTHER_ENV = {
+  { "FORGE_ENCRYPTION_KEY", "the store's one key (base64 of 32 bytes) when forge.yml has no encryption section" },
+  { "FORGE_CACERT", "the CA of the broker's HTTPS certificate, for the admin commands (--cacert)" },
+  { "FORGE_CLIENT_CERT", "a client certificate for the admin commands (--cert)" },
+  { "FORGE_CLIENT_KEY", "its key (--key)" },
+}
+
+-- USAGE and every FORGE_* variable with the setting it overrides, then the others.
 local function usage()
   local lines = { USAGE }
   for _, e in ipairs(require("forge.config").environment()) do
     lines[#lines + 1] = string.format("  %-22s %s%s\n", e.name, e.setting, e.form and (" (" .. e.form .. ")") or "")
   end
+  lines[#lines + 1] = "Other environment variables:\n"
+  for _, v in ipairs(OTHER_ENV) do lines[#lines + 1] = string.format("  %-22s %s\n", v[1], v[2]) end
   return table.concat(lines)
 end
 

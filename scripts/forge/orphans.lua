@@ -11,6 +11,7 @@ local lfs = require "lfs"
 local log = require "forge.log"
 local model = require "forge.model"
 local proc = require "forge.proc"
+local util = require "forge.util"
 
 local fail, key = common.fail, model.key
 
@@ -94,7 +95,7 @@ end
 function M.list(b)
   local records = {}
   for _, kv in ipairs(model.range(b.db, "instance/")) do records[kv.value.id] = kv.value end
-  local out, errors = {}, {}
+  local out, errors = util.array(), util.array()
   for _, name in ipairs(b.targets:names()) do
     local target = b.targets.by_name[name]
     if target.kind == "bosh" then bosh_orphans(b, target, records, out, errors)

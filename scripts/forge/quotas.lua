@@ -9,6 +9,7 @@
 local common = require "forge.osb.common"
 local log = require "forge.log"
 local model = require "forge.model"
+local util = require "forge.util"
 
 local fail = common.fail
 
@@ -110,7 +111,7 @@ end
 
 --- Configured limits and their use (GET /admin/quotas, the dashboard, metrics).
 function M.usage(b)
-  local q, list = b.config.quotas, {}
+  local q, list = b.config.quotas, util.array()
   if not q then return list end
   local counts = {}
   for _, kv in ipairs(model.range(b.db, PREFIX)) do counts[kv.key:sub(#PREFIX + 1)] = kv.value.count end

@@ -1,6 +1,7 @@
 --- Readiness (GET /readyz): 200 only when this broker can do its work: the store answers a
 -- read, and every configured target is reachable with its credentials (local: its instances
--- dir is writable; BOSH: the director answers an authenticated call). Otherwise 503 with each
+-- dir is writable, and the service user can reach it; BOSH: the director answers an
+-- authenticated call). Otherwise 503 with each
 -- check and the error of those that failed. /healthz stays the cheap liveness answer.
 --
 -- An answer is kept CACHE_SECONDS per worker state, so frequent probes cost nothing. Every
@@ -57,7 +58,7 @@ local function writable(dir, parent)
 end
 
 local function check_target(b, driver)
-  if driver.kind == "local" then return writable(driver.dir, b.config.state_dir) end
+  if driver.kind == "local" then return writable(driver.dir, b.config.state_dir) or driver:unreachable() end
   local ok, err = driver:probe(PROBE_TIMEOUT_MS)
   if not ok then return message(err) end
 end

@@ -37,7 +37,7 @@ local FAMILIES = {
     .. "(error, or limit for a memory, CPU or time limit)" },
   { "forge_service_versions", "gauge", "Loaded service versions (1 per service and version)" },
   { "forge_service_refused_edits", "gauge", "Service edits refused by the validator and not yet fixed" },
-  { "forge_local_process_restarts_total", "counter", "Local processes restarted by supervision, by service" },
+  { "forge_local_process_restarts_total", "counter", "Local processes restarted by supervision, by service and reason" },
   { "forge_bosh_director_calls_total", "counter", "BOSH director API calls, by director URL and outcome (2xx to 5xx, "
     .. "unreachable, tls, too_large)" },
   { "forge_quota_used", "gauge", "Use of a configured quota, by scope, name and resource" },
@@ -113,7 +113,10 @@ function M.services(registry)
   metrics.set("forge_service_refused_edits", nil, #registry.errors)
 end
 
-function M.restarted(service) metrics.inc("forge_local_process_restarts_total", { service = service or "?" }) end
+--- A local process restarted by supervision; reason: why it died ("memory_limit" or "exited").
+function M.restarted(service, reason)
+  metrics.inc("forge_local_process_restarts_total", { service = service or "?", reason = reason or "exited" })
+end
 
 -- Call fn(record) for each decoded record under prefix, a page at a time, and between() after
 -- each page; raises on a store failure.

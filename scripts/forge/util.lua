@@ -55,6 +55,45 @@ function M.json_encode(v)
   return unescape_slashes(s)
 end
 
+-- lua-cjson 2.1 writes every empty table as {}: a list that may be empty is marked with
+-- M.array, and M.json_answer writes it as [] (through a placeholder string in its place).
+local ARRAY = { __name = "forge.array" }
+local EMPTY_ARRAY = "\0forge.empty-array\0"
+local EMPTY_ARRAY_JSON = '"\\u0000forge.empty-array\\u0000"'
+
+--- Mark list `t` (a new one when nil) as a JSON array, so an empty one is answered as [] by
+-- M.json_answer; the table is otherwise unchanged. @return t
+function M.array(t) return setmetatable(t or {}, ARRAY) end
+
+-- v with each empty marked list in it replaced by the placeholder; tables are copied only on
+-- the way to a replacement, so the caller's value is never changed.
+local function placehold(v)
+  if next(v) == nil then return getmetatable(v) == ARRAY and EMPTY_ARRAY or v end
+  local copy
+  for k, x in pairs(v) do
+    if type(x) == "table" then
+      local y = placehold(x)
+      if y ~= x then
+        if not copy then
+          copy = {}
+          for k2, x2 in pairs(v) do copy[k2] = x2 end
+        end
+        copy[k] = y
+      end
+    end
+  end
+  return copy or v
+end
+
+--- JSON text of an answer: as M.json_encode, with the empty lists marked by M.array as [].
+function M.json_answer(v)
+  if type(v) ~= "table" then return M.json_encode(v) end
+  local s, err = M.json_encode(placehold(v))
+  if not s then return nil, err end
+  if s == EMPTY_ARRAY_JSON then return "[]" end
+  return (s:gsub(EMPTY_ARRAY_JSON:gsub("%p", "%%%0"), "[]"))
+end
+
 local function is_array(t)
   local n = #t
   if n == 0 then return false end

@@ -57,6 +57,16 @@ describe("the admin API", function()
     assert.is_nil(p2.next)
   end)
 
+  it("writes an empty list as a JSON array, as docs/admin.md shows it, never as an object", function()
+    for path, field in pairs({ ["/admin/instances?state=failed"] = "instances", ["/admin/instances/a1"] = "bindings",
+      ["/admin/operations?state=failed&type=restart"] = "operations", ["/admin/orphans"] = "errors",
+      ["/admin/quotas"] = "quotas", ["/admin/services"] = "warnings" }) do
+      local status, raw = b:call("GET", path)
+      assert.equal(200, status, raw)
+      assert.is_truthy(raw:find('"' .. field .. '":[]', 1, true), path .. ": " .. raw)
+    end
+  end)
+
   it("refuses bad filters and bad ids with a 400", function()
     for _, q in ipairs({ "state=sleeping", "limit=0", "limit=501", "limit=ten", "colour=blue", "after=..%2Fx" }) do
       local status, _, _, body = b:call("GET", "/admin/instances?" .. q)

@@ -39,6 +39,12 @@ describe("forge help", function()
       assert.matches("\n  " .. e.name .. " +" .. e.setting:gsub("%p", "%%%0"), out)
       assert.is_truthy(readme:find("`" .. e.name .. "`", 1, true), e.name .. " in README.md")
     end
+    -- the variables that are no setting of forge.yml too: the README's and the admin commands'
+    local named = { FORGE_CACERT = true, FORGE_CLIENT_CERT = true, FORGE_CLIENT_KEY = true }
+    for name in readme:gmatch("`(FORGE_[%u_]+)`") do named[name] = true end
+    for name in pairs(named) do
+      assert.matches("\n  " .. name:gsub("%p", "%%%0") .. " ", out)
+    end
     for _, cmd in ipairs({ "status", "instances", "instance", "ops", "retry", "cancel", "restart", "orphans",
       "metrics" }) do
       local c, o = forge(cmd .. " --help")

@@ -104,6 +104,27 @@ describe("/readyz", function()
       assert.equal(200, (client.request("GET", bad:url("/healthz"))))
     end)
 
+  it("answers 503 naming targets.local while the service user cannot reach the instances dir", function()
+    -- every local provision fails then ("the service user forge-svc cannot reach ..."): not ready
+    local top = Broker.tmpdir()
+    local b
+    finally(function()
+      if b then b:cleanup() end
+      os.execute("rm -rf '" .. top .. "'")
+    end)
+    assert(os.execute("mkdir -p " .. top .. "/closed/state && chmod 700 " .. top .. "/closed"))
+    b = Broker.start { state_dir = top .. "/closed/state" }
+    local status, body = readyz(b)
+    assert.equal(503, status, cjson.encode(body))
+    local target = check_named(body, "targets.local")
+    assert.is_false(target.ok)
+    assert.matches("the service user forge-svc cannot reach " .. top .. "/closed/state/instances: " .. top
+      .. "/closed is closed to other users", target.error, 1, true)
+    assert.is_true(check_named(body, "store").ok)
+    assert(os.execute("chmod 711 " .. top .. "/closed"))
+    wait_until(function() return readyz(b) == 200 end, 10, "/readyz 200 once the service user can pass", b)
+  end)
+
   it("answers 503 while etcd has lost its quorum, logs the endpoints going down, and 200 once it is back", function()
     local cl = etcd_server.cluster { n = 3, fast = true }
     local b

@@ -2,6 +2,7 @@
 -- sandboxes (new mount, PID, IPC and UTS namespaces, read-only root, cgroup limits), and with
 -- `isolation: none`.
 local Broker = require "spec.support.broker"
+local client = require "spec.support.client"
 local crypto = require "forge.crypto"
 local files = require "spec.support.files"
 local lfs = require "lfs"
@@ -194,6 +195,10 @@ describe("isolated local instances", function()
     local _, _, _, op = b:call("GET", "/v2/service_instances/mem/last_operation")
     assert.equal("process redis killed by its memory limit (memory_mb = 64); restarted (1 restart)", op.description)
     assert.matches('"reason":"killed by its memory limit', b:read_log())
+    -- and in the metrics: the restart counted under its reason
+    local status, text = client.request("GET", b:url("/metrics"), { user = b.admin_user, password = b.admin_password })
+    assert.equal(200, status)
+    assert.matches('\nforge_local_process_restarts_total{reason="memory_limit",service="limited"} 1\n', text, 1, true)
     -- the broker and the other instance go on
     assert.equal(200, (b:call("GET", "/v2/catalog")))
     assert.is_true(proc.alive(by.pid, by.start_time))

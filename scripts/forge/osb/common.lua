@@ -13,7 +13,7 @@ M.fail = fail
 function M.reply(status, body, headers)
   local h = { ["Content-Type"] = "application/json" }
   for k, v in pairs(headers or {}) do h[k] = v end
-  return status, h, type(body) == "string" and body or util.json_encode(body or {})
+  return status, h, type(body) == "string" and body or util.json_answer(body or {})
 end
 
 --- An OSB error response from a broker error table.

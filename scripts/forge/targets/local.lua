@@ -32,7 +32,7 @@ end
 -- limits = "cgroup v1" | "cgroup v2" | "off", warnings = {...}} (the fallbacks, and why).
 function Local:isolation()
   if self.iso then return self.iso end
-  local iso = { mode = self.cfg.isolation, warnings = {} }
+  local iso = { mode = self.cfg.isolation, warnings = util.array() }
   if iso.mode == "namespaces" then
     local ok, why = proc.can_isolate()
     if not ok then
@@ -371,15 +371,28 @@ local function closed_ancestor(dir, user)
   end
 end
 
+-- Why `user` cannot reach the instances dir (a directory above it is closed to it), or nil.
+local function unreachable_by(self, user)
+  local closed = closed_ancestor(self.dir, proc.user(user) or {})
+  if closed then
+    return string.format("the service user %s cannot reach %s: %s is closed to other users (give it o+x, "
+      .. "or put state_dir elsewhere)", user, self.dir, closed)
+  end
+end
+
+--- Why the service user (targets.local.user) cannot reach the instances dir, so that every
+-- provision here would fail; nil when it can, or when the broker is not root (readiness).
+function Local:unreachable()
+  if proc.geteuid() ~= 0 then return nil end
+  return unreachable_by(self, self.cfg.user)
+end
+
 -- The instance's directory belongs to the user its processes run as, and only to it.
 function Local:own(inst)
   if not inst.run_as then return true end
   proc.chmod(self.dir, tonumber("711", 8))   -- instances/: passable, not listable
-  local closed = closed_ancestor(self.dir, proc.user(inst.run_as) or {})
-  if closed then
-    return nil, string.format("the service user %s cannot reach %s: %s is closed to other users (give it o+x, "
-      .. "or put state_dir elsewhere)", inst.run_as, self.dir, closed)
-  end
+  local closed = unreachable_by(self, inst.run_as)
+  if closed then return nil, closed end
   local dir = self:instance_dir(inst.id)
   local ok, err = proc.chown(dir, inst.run_as, true)
   if not ok then return nil, "cannot hand " .. dir .. " to user " .. inst.run_as .. ": " .. tostring(err.message or err) end
@@ -633,12 +646,13 @@ function Local:destroy(inst)
   return true
 end
 
--- Why process p of inst died, for its operation's description: its memory limit, or its last words.
+-- Why process p of inst died, for its operation's description: its memory limit, or its last
+-- words; and the kind of death for the metrics ("memory_limit" or "exited").
 function Local:death(inst, p)
   local reason = self:memory_kill(inst)
-  if reason then return reason end
+  if reason then return reason, "memory_limit" end
   local words = tail(self:instance_dir(inst.id) .. "/" .. p.name .. ".log")
-  return "exited" .. (words ~= "" and (": " .. words) or "")
+  return "exited" .. (words ~= "" and (": " .. words) or ""), "exited"
 end
 
 --- Restart dead processes of a running instance, with exponential backoff; the instance's
@@ -650,13 +664,13 @@ function Local:supervise(inst, now)
     local rec = inst.processes[p.name]
     if rec and not proc.alive(rec.pid, rec.start_time) and (rec.retry_at or 0) <= now then
       local restarts = (rec.restarts or 0) + 1
-      local why = self:death(inst, p)
+      local why, kind = self:death(inst, p)
       local spawned, err = self:spawn(inst, p)
       inst.operation.description = string.format("process %s %s; %s (%d restart%s)", p.name, why,
         spawned and "restarted" or "restarting", restarts, restarts == 1 and "" or "s")
       log.warn("process died, restarting", { instance = inst.id, process = p.name, restarts = restarts, reason = why,
         error = spawned == nil and tostring(err and err.message or err) or nil })
-      telemetry.restarted(inst.service)
+      telemetry.restarted(inst.service, kind)
       local nrec = spawned or { pid = 0, start_time = 0 }
       nrec.restarts = restarts
       nrec.retry_at = now + math.min(60, 2 ^ math.min(restarts, 6))
