@@ -182,11 +182,11 @@ local ROUTES = {
 
 --- Loaded service versions and refused edits, as the workers see them (GET /admin/services).
 function Broker:services_status()
-  local list = {}
+  local list = util.array()
   for _, svc in ipairs(self.registry.list) do
     list[#list + 1] = { name = svc.name, folder = svc.folder, version = svc.hash, plans = #svc.script.plans }
   end
-  local errors = {}
+  local errors = util.array()
   for i, e in ipairs(self.registry.errors) do
     errors[i] = { service = e.service, message = e.message, kept_version = e.kept }
   end
