@@ -533,7 +533,8 @@ local function wait_operation(name, api, id, op_id)
       if tty and last then io.stderr:write("\r\27[K") end
       return op
     end
-    local line = string.format("forge %s: %s %s: %s", name, op.type, op.state, one_line(op.description or ""))
+    local what = one_line(op.description or "")
+    local line = string.format("forge %s: %s %s%s", name, op.type, op.state, what ~= "" and ": " .. what or "")
     if tty then
       io.stderr:write("\r\27[K", line:sub(1, 150), " (", age(os.time() - (op.started_at or os.time())), ")")
     elseif line ~= last then
