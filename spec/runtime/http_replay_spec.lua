@@ -76,9 +76,7 @@ describe("forge.http replayed answers", function()
   end
 
   setup(function()
-    dir = os.tmpname()
-    os.remove(dir)
-    assert(os.execute("mkdir -p " .. dir))
+    dir = files.tempdir()
     files.write(dir .. "/server.lua", SERVER)
     files.write(dir .. "/replay_handler.lua", HANDLER)
     files.write(dir .. "/calls", "")

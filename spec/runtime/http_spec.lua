@@ -274,9 +274,7 @@ describe("forge.http waits", function()
   end
 
   setup(function()
-    dir = os.tmpname()
-    os.remove(dir)
-    assert(os.execute("mkdir -p " .. dir))
+    dir = files.tempdir()
     files.write(dir .. "/server.lua", WAIT_SERVER)
     files.write(dir .. "/wait_handler.lua", WAIT_HANDLER)
   end)
@@ -398,9 +396,7 @@ describe("http.wait", function()
 
   it("returns 'kick' to a wait that a request's handler kicks from its pool thread", function()
     local files = require "spec.support.files"
-    local dir = os.tmpname()
-    os.remove(dir)
-    assert(os.execute("mkdir -p " .. dir))
+    local dir = files.tempdir()
     finally(function() os.execute("rm -rf " .. dir) end)
     files.write(dir .. "/kicker.lua", [[
       local http = require "forge.http"
@@ -417,9 +413,7 @@ describe("http.wait", function()
 
   it("returns 'ready' once the descriptor it watches is readable, leaving it unread", function()
     local reload = require "forge.reload"
-    local dir = os.tmpname()
-    os.remove(dir)
-    assert(os.execute("mkdir -p " .. dir))
+    local dir = require("spec.support.files").tempdir()
     finally(function() os.execute("rm -rf " .. dir) end)
     local w = assert(reload.watch(dir))
     assert.is_nil(http.wait(0.05, w:fd()))

@@ -21,12 +21,7 @@ local function free_port()
 end
 
 --- A temp directory (removed by :cleanup()).
-function M.tmpdir()
-  local p = os.tmpname()
-  os.remove(p)
-  assert(os.execute("mkdir -p " .. p))
-  return p
-end
+M.tmpdir = files.tempdir
 
 --- A services dir holding the shipped services plus the spec fixtures (spec/fixtures/services).
 function M.services_with_fixtures(state_dir)

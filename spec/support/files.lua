@@ -18,6 +18,14 @@ function M.write(path, text)
   assert(os.rename(path .. ".tmp", path))
 end
 
+--- A new empty temporary directory; returns its path.
+function M.tempdir()
+  local p = os.tmpname()
+  os.remove(p)
+  assert(os.execute("mkdir -p " .. p))
+  return p
+end
+
 --- Write text to a new temporary file; returns its path.
 function M.temp(text)
   local p = os.tmpname()
