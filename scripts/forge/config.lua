@@ -29,7 +29,7 @@ local DEFAULTS = {
   log_level = "info",
   tombstone_ttl = 3600,        -- seconds a deleted instance/binding still answers last_operation
   gone_ttl = 7 * 86400,        -- seconds after that a purged id still answers 410
-  reconcile_interval = 0.2,    -- seconds between reconciler passes
+  reconcile_interval = 0.2,    -- seconds between reconciler passes while work is in flight
   sandbox = { memory = 64 * 1048576, cpu = 2, wall = 10 }, -- per service call: bytes, CPU s, wall s
   store = "sqlite",            -- sqlite (state_dir/forge.db) or etcd (shared by several replicas)
   etcd = { endpoints = { "http://127.0.0.1:2379" }, prefix = "forge/", timeout_ms = 5000 },

@@ -254,8 +254,10 @@ local function primary_init(ctx, admin)
     creates = marker,
     tolerate = { NOT_EMPTY },
   } }
-  until_marker(steps, SERVERS[1] .. "/data/base/5/PG_VERSION", 8)
-  until_marker(steps, marker, 4, probe)
+  -- generous waits: on a busy machine an orphaned initdb took more than 8 s to reach base/5,
+  -- and the probe then met a half-made directory; a sleep is skipped once its marker exists
+  until_marker(steps, SERVERS[1] .. "/data/base/5/PG_VERSION", 30)
+  until_marker(steps, marker, 10, probe)
   -- the last probe does not tolerate a failure: the operation then says why
   steps[#steps + 1] = { argv = probe.argv, stdin = probe.stdin, creates = marker }
   return steps
