@@ -31,6 +31,7 @@ end
 -- The key ids of the ring that no stored value is sealed under any more.
 local function unused_keys(db)
   local census = assert(secrets.census(db))
+  assert(secrets.record_usage(db, census))   -- what a start checks the ring against from now on
   local out = {}
   for _, id in ipairs(db.ring.ids) do
     if not census.by_kid[id] then out[#out + 1] = id end

@@ -21,6 +21,7 @@ local M = {}
 
 local KEY_FILE = "forge.key"
 local JOB_KEY = "keyrotation/job"     -- the `forge rotate-key` job: primary, cursor, counts
+local USAGE_KEY = "keyring/usage"      -- the key ids stored values may be sealed under (see read_usage)
 local ENV_KEY = "FORGE_ENCRYPTION_KEY"
 local ID_PATTERN = "^[%w][%w%-_%.]*$"
 local ENVELOPE = '^{"sealed":1,"kid":"([%w%-_%.]+)","data":"([%w+/=]*)"}$'
@@ -274,6 +275,7 @@ function M.census(db)
   local s = { by_kid = {}, plain = 0 }
   -- paged: a start-up read of the whole store at once held all of it in memory
   local ok, err = util.each_kv(db.raw, "", function(kv)
+    if kv.key == USAGE_KEY then return end
     local kid = M.kid(kv.value)
     if kid then
       local c = s.by_kid[kid] or { count = 0, first = kv.key, value = kv.value }
@@ -288,28 +290,111 @@ function M.census(db)
   return s
 end
 
---- Check at start that the ring opens the store: every key id a value is sealed under is in
--- the ring and opens one of its values. Plain-text values (a store from before sealing) are
--- reported for `forge rotate-key`. @param db a sealed store
--- @return problems (list of messages, empty when fine), plain (count of values in plain text)
+-- The usage record (USAGE_KEY, plain JSON: key ids and sealed probes, no secret) lists every
+-- key id a stored value may be sealed under, each with a probe (a value sealed under it and the
+-- store key it was sealed for), so a start checks the ring against it instead of reading every
+-- value. Every process that opens the store notes its primary there before it writes
+-- (M.note_primary); a record that is not `complete` (noted before any census) makes the next
+-- start count the store once and complete it; `forge rotate-key` sets it to what its census
+-- found. @return record | false (none, or unreadable), mod_revision (0: none) | nil, err
+local function read_usage(db)
+  local kv, err = db.raw:get(USAGE_KEY)
+  if err then return nil, err end
+  if not kv then return false, 0 end
+  local u = util.json_decode(kv.value)
+  if type(u) ~= "table" or type(u.kids) ~= "table" then return false, kv.mod_revision end
+  return u, kv.mod_revision
+end
+
+-- Write usage record u if the stored one is still at revision rev. @return true | false | nil, err
+local function write_usage(db, u, rev)
+  return db.raw:txn { compare = { { key = USAGE_KEY, mod_revision = rev } },
+    success = { { op = "put", key = USAGE_KEY, value = util.json_encode(u) } } }
+end
+
+local function primary_probe(ring)
+  local key = "keyring/probe/" .. ring.primary
+  return { key = key, value = M.seal(ring, key, "probe") }
+end
+
+--- Note the ring's primary in the usage record (before this process writes under it).
+-- @param db a sealed store @return true | nil, err
+function M.note_primary(db)
+  while true do
+    local u, rev = read_usage(db)
+    if u == nil then return nil, rev end
+    if u and u.kids[db.ring.primary] then return true end
+    u = u or { kids = {}, complete = false }
+    u.kids[db.ring.primary] = primary_probe(db.ring)
+    local ok, err = write_usage(db, u, rev)
+    if ok == nil then return nil, err end
+    if ok then return true end
+  end
+end
+
+-- Count the store and record what it found, with what processes noted meanwhile.
+-- @return the complete record
+local function complete_usage(db)
+  while true do
+    local first, rev0 = read_usage(db)
+    if first == nil then error(rev0, 0) end
+    local s, err = M.census(db)
+    if not s then error(err, 0) end
+    local noted, rev = read_usage(db)
+    if noted == nil then error(rev, 0) end
+    local u = { kids = {}, complete = true, plain = s.plain, plain_first = s.plain_first }
+    for kid, c in pairs(s.by_kid) do u.kids[kid] = { key = c.first, value = c.value } end
+    for kid, probe in pairs(noted and noted.kids or {}) do u.kids[kid] = u.kids[kid] or probe end
+    if rev == rev0 then
+      local ok, werr = write_usage(db, u, rev)
+      if ok == nil then error(werr, 0) end
+      if ok then return u end
+    end
+  end
+end
+
+--- Check at start that the ring opens the store: every key id a value may be sealed under (the
+-- usage record; counted once when there is none) is in the ring and opens its probe. Plain-text
+-- values (a store from before sealing) are reported for `forge rotate-key`. @param db a sealed store
+-- @return problems (list of messages, empty when fine), plain (count of values in plain text), first
 function M.check_store(db)
-  local s, err = M.census(db)
-  if not s then error(err, 0) end
+  local u, rev = read_usage(db)
+  if u == nil then error(rev, 0) end
+  if not (u and u.complete) then u = complete_usage(db) end
   local problems = {}
-  for _, kid in ipairs(util.sorted_keys(s.by_kid)) do
-    local c = s.by_kid[kid]
+  for _, kid in ipairs(util.sorted_keys(u.kids)) do
+    local probe = u.kids[kid]
     if not db.ring.keys[kid] then
-      problems[#problems + 1] = string.format("%d stored record(s), e.g. %s, are sealed under encryption key '%s', "
+      problems[#problems + 1] = string.format("stored records, e.g. %s, are sealed under encryption key '%s', "
         .. "which the keyring does not hold: put the key back in encryption.keys (after `forge rotate-key` has "
-        .. "re-sealed every record under the primary key, it may go)", c.count, c.first, kid)
+        .. "re-sealed every record under the primary key, it may go)", probe.key, kid)
     else
-      local ok, oerr = M.open(db.ring, c.first, c.value)
+      local ok, oerr = M.open(db.ring, probe.key, probe.value)
       if not ok then
         problems[#problems + 1] = tostring(oerr) .. " (is that the key the store was sealed with?)"
       end
     end
   end
-  return problems, s.plain, s.plain_first
+  if #problems == 0 then
+    local ok, err = M.note_primary(db)
+    if not ok then error(err, 0) end
+  end
+  return problems, u.plain or 0, u.plain_first
+end
+
+--- After a rotation: record the key ids its census found in use (and the primary).
+-- @param db a sealed store @param s M.census's summary @return true | nil, err
+function M.record_usage(db, s)
+  while true do
+    local u0, rev = read_usage(db)
+    if u0 == nil then return nil, rev end
+    local u = { kids = {}, complete = true, plain = s.plain, plain_first = s.plain_first }
+    for kid, c in pairs(s.by_kid) do u.kids[kid] = { key = c.first, value = c.value } end
+    u.kids[db.ring.primary] = u.kids[db.ring.primary] or primary_probe(db.ring)
+    local ok, err = write_usage(db, u, rev)
+    if ok == nil then return nil, err end
+    if ok then return true end
+  end
 end
 
 local function read_job(db)
@@ -362,11 +447,12 @@ function M.rotate(db, opts)
   local kvs, rerr = db.raw:range("")
   if not kvs then return nil, rerr end
   job.total = 0
-  for _, kv in ipairs(kvs) do if kv.key ~= JOB_KEY then job.total = job.total + 1 end end
+  local function skipped(k) return k == JOB_KEY or k == USAGE_KEY end
+  for _, kv in ipairs(kvs) do if not skipped(kv.key) then job.total = job.total + 1 end end
   local every, pause = opts.every or 100, opts.rate and 1 / opts.rate
   local since = 0
   for _, kv in ipairs(kvs) do
-    if kv.key > job.cursor and kv.key ~= JOB_KEY then
+    if kv.key > job.cursor and not skipped(kv.key) then
       local done, serr = reseal(db, kv)
       if done == nil then return nil, serr end
       if done then job.resealed = job.resealed + 1 else job.skipped = job.skipped + 1 end

@@ -20,7 +20,14 @@ function M.open(config)
   if not ring then return nil, kerr end
   local db, err = open_raw(config)
   if not db then return nil, err end
-  return secrets.wrap(db, ring)
+  local sealed = secrets.wrap(db, ring)
+  -- before this process writes under its primary key, the store's usage record names it
+  local ok, nerr = secrets.note_primary(sealed)
+  if not ok then
+    db:close()
+    return nil, nerr
+  end
+  return sealed
 end
 
 --- A short description for logs (never credentials).

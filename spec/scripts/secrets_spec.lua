@@ -11,6 +11,7 @@ local lfs = require "lfs"
 local proc = require "forge.proc"
 local secrets = require "forge.secrets"
 local shell = require "spec.support.shell"
+local util = require "forge.util"
 
 local R = Broker.redis
 
@@ -84,15 +85,21 @@ local function write_key(dir, id, text)
 end
 
 -- The key ids the broker's stored values are sealed under: id -> count (nil: plain text).
+-- The key ids the stored values are sealed under, with counts ("plain": not sealed), and the
+-- store's usage record (plain JSON: key ids and sealed probes, which a start checks the ring against).
 local function kids(b)
   local db = assert(require("forge.store").open(b.state_dir .. "/forge.db"))
-  local out = {}
+  local out, usage = {}, nil
   for _, kv in ipairs(assert(db:range(""))) do
-    local kid = secrets.kid(kv.value) or "plain"
-    out[kid] = (out[kid] or 0) + 1
+    if kv.key == "keyring/usage" then
+      usage = require("cjson").decode(kv.value)
+    else
+      local kid = secrets.kid(kv.value) or "plain"
+      out[kid] = (out[kid] or 0) + 1
+    end
   end
   db:close()
-  return out
+  return out, usage
 end
 
 local function forge_cli(b, args)
@@ -185,6 +192,48 @@ describe("secrets at rest", function()
       end, "db:batch: a sealed store cannot compare values (compare mod_revision)")
     end)
 
+    it("counts the store once at start, then checks the ring against its usage record alone", function()
+      for i = 1, 20 do assert(db:put("instance/i" .. i, "v" .. i)) end
+      assert.same({}, (secrets.check_store(db)))        -- no record yet: every value read once
+      local rows = 0
+      local counted = setmetatable({ range = function(_, ...)
+        local kvs, err = raw:range(...)
+        rows = rows + (kvs and #kvs or 0)
+        return kvs, err
+      end }, { __index = function(_, name) return function(_, ...) return raw[name](raw, ...) end end })
+      local again = secrets.wrap(counted, ring)
+      assert.same({}, (secrets.check_store(again)))
+      assert.equal(0, rows)
+      -- a process with another primary notes it before it writes; a ring without a noted key is refused
+      local k2 = secrets.wrap(raw, { keys = ring.keys, ids = ring.ids, primary = "k2" })
+      assert(secrets.note_primary(k2))
+      assert(k2:put("instance/j", "w"))
+      local problems = secrets.check_store(secrets.wrap(raw, { keys = { k1 = ring.keys.k1 }, ids = { "k1" },
+        primary = "k1" }))
+      assert.equal(1, #problems)
+      assert.matches("e.g. keyring/probe/k2, are sealed under encryption key 'k2', which the keyring does not hold",
+        problems[1], 1, true)
+      -- the same id with other key material does not open the probe
+      problems = secrets.check_store(secrets.wrap(raw, { keys = { k1 = ring.keys.k1, k2 = crypto.random_bytes(32) },
+        ids = { "k1", "k2" }, primary = "k1" }))
+      assert.equal(1, #problems)
+      assert.matches("with encryption key 'k2'", problems[1], 1, true)
+    end)
+
+    it("completes a usage record that was only noted, counting what was stored before it", function()
+      assert(raw:put("instance/p", "plain from before"))
+      local k2 = secrets.wrap(raw, { keys = ring.keys, ids = ring.ids, primary = "k2" })
+      assert(k2:put("instance/old", "under k2, before any record"))
+      assert(secrets.note_primary(db))                  -- a record that names only k1, not complete
+      local problems, plain, first = secrets.check_store(secrets.wrap(raw, { keys = { k1 = ring.keys.k1 },
+        ids = { "k1" }, primary = "k1" }))
+      assert.equal(1, #problems)
+      assert.matches("e.g. instance/old, are sealed under encryption key 'k2'", problems[1], 1, true)
+      assert.equal(1, plain)
+      assert.equal("instance/p", first)
+      assert.same({}, (secrets.check_store(db)))
+    end)
+
     it("reads values from before sealing as they are, and rotation seals them", function()
       assert(raw:put("old", '{"password":"plain"}'))
       assert.equal('{"password":"plain"}', db:get("old").value)
@@ -213,7 +262,10 @@ describe("secrets at rest", function()
     local _, raw = b:call("GET", "/admin/instances/r1")
     assert_absent("the admin API", raw, list)
     -- every stored value is sealed, under the key the broker generated at its first start
-    assert.same({ generated = kids(b).generated }, kids(b))
+    local sealed, usage = kids(b)
+    assert.same({ generated = sealed.generated }, sealed)
+    assert.same({ "generated" }, util.sorted_keys(usage.kids))
+    assert.is_true(usage.complete)
     local key = lfs.attributes(b.state_dir .. "/forge.key")
     assert.equal("rw-------", key.permissions)
     assert.matches("generated an encryption key", b:read_log(), 1, true)
