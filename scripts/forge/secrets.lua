@@ -332,6 +332,13 @@ function M.note_primary(db)
   end
 end
 
+-- The complete usage record of census s: each key id found, with its first value as the probe.
+local function usage_of(s)
+  local u = { kids = {}, complete = true, plain = s.plain, plain_first = s.plain_first }
+  for kid, c in pairs(s.by_kid) do u.kids[kid] = { key = c.first, value = c.value } end
+  return u
+end
+
 -- Count the store and record what it found, with what processes noted meanwhile.
 -- @return the complete record
 local function complete_usage(db)
@@ -342,8 +349,7 @@ local function complete_usage(db)
     if not s then error(err, 0) end
     local noted, rev = read_usage(db)
     if noted == nil then error(rev, 0) end
-    local u = { kids = {}, complete = true, plain = s.plain, plain_first = s.plain_first }
-    for kid, c in pairs(s.by_kid) do u.kids[kid] = { key = c.first, value = c.value } end
+    local u = usage_of(s)
     for kid, probe in pairs(noted and noted.kids or {}) do u.kids[kid] = u.kids[kid] or probe end
     if rev == rev0 then
       local ok, werr = write_usage(db, u, rev)
@@ -388,8 +394,7 @@ function M.record_usage(db, s)
   while true do
     local u0, rev = read_usage(db)
     if u0 == nil then return nil, rev end
-    local u = { kids = {}, complete = true, plain = s.plain, plain_first = s.plain_first }
-    for kid, c in pairs(s.by_kid) do u.kids[kid] = { key = c.first, value = c.value } end
+    local u = usage_of(s)
     u.kids[db.ring.primary] = u.kids[db.ring.primary] or primary_probe(db.ring)
     local ok, err = write_usage(db, u, rev)
     if ok == nil then return nil, err end
