@@ -190,19 +190,6 @@ end
 -- user owns the directory and the broker may run as root.
 local Instance = {}
 
--- The absolute path of `rel` in the instance's directory | nil, message when a component of it
--- is a symlink.
-function Instance.path(target, inst, rel)
-  local path = target:instance_dir(inst.id)
-  for part in rel:gmatch("[^/]+") do
-    path = path .. "/" .. part
-    if lfs.symlinkattributes(path, "mode") == "link" then
-      return nil, rel .. ": " .. path .. " is a symlink; backups do not follow links"
-    end
-  end
-  return path
-end
-
 -- Create the parent directories of `rel` that are missing, owned by the instance's user.
 function Instance.parents(target, inst, rel)
   local cur = target:instance_dir(inst.id)
@@ -222,7 +209,7 @@ end
 
 -- Copy the regular file `rel` of the instance to `dest`. Returns its size | nil, message.
 function Instance.copy_out(target, inst, rel, dest)
-  local path, err = Instance.path(target, inst, rel)
+  local path, err = target:path_in(inst, rel)
   if not path then return nil, err end
   local mode = lfs.symlinkattributes(path, "mode")
   if mode ~= "file" then return nil, rel .. " is " .. (mode and ("a " .. mode) or "missing") .. ", not a file" end
@@ -231,7 +218,7 @@ end
 
 -- Put `content` (a file `from`, or text) at `rel` in the instance's directory, owned by its user.
 function Instance.put(target, inst, rel, from, text)
-  local path, err = Instance.path(target, inst, rel)
+  local path, err = target:path_in(inst, rel)
   if not path then return nil, err end
   local ok, perr = Instance.parents(target, inst, rel)
   if not ok then return nil, perr end
@@ -251,7 +238,7 @@ end
 
 -- Remove `rel` (a file or a directory tree) from the instance's directory.
 function Instance.remove(target, inst, rel)
-  local path, err = Instance.path(target, inst, rel)
+  local path, err = target:path_in(inst, rel)
   if not path then return nil, err end
   return util.remove_tree(path)
 end

@@ -82,7 +82,7 @@ for k, v in pairs(COMMAND_FIELDS) do HEALTH_FIELDS[k] = v end
 local HEALTH = record("health check", HEALTH_FIELDS, { one_of = { "argv", "redis", "pg", "tcp", required = true } })
 
 local INIT = record("init command", { argv = list(STRING, 1), env = ENV, stdin = TEXT, creates = RELPATH,
-  tolerate = list(STRING) }, { required = { "argv" } })
+  fresh = RELPATH, tolerate = list(STRING) }, { required = { "argv" } })
 
 local PROCESS = record("process", {
   name = NAME, argv = list(STRING, 1), env = ENV, files = map(TEXT, RELPATH), seed_files = map(TEXT, RELPATH),

@@ -64,9 +64,8 @@ local service = {
   plan_updateable = true,           -- 1-server <-> 2-servers and new parameters keep the data
   instances_retrievable = true,
   bindings_retrievable = true,
-  -- the operator approves each one; sleep waits out an initdb or pg_basebackup orphaned by a
-  -- broker crash (see until_marker); pg_dump and pg_restore make and restore backups
-  commands = { "postgres", "initdb", "pg_basebackup", "sleep", "pg_dump", "pg_restore" },
+  -- the operator approves each one; pg_dump and pg_restore make and restore backups
+  commands = { "postgres", "initdb", "pg_basebackup", "pg_dump", "pg_restore" },
   plans = {
     {
       id = "90e77abd-a3e9-4bb2-b1e4-5de0e19609ed",
@@ -208,59 +207,30 @@ end
 
 -- initdb and pg_basebackup each fill a data directory and refuse one that is not empty, so
 -- neither can simply run twice; `creates` names a file that exists only once the directory is
--- complete, so a finished run is never repeated. A broker killed while one of them runs
--- leaves it running, orphaned, to its end. The restarted broker runs the command again, which
--- finds the directory "not empty" (the orphan's work: tolerated), then waits for the orphan:
--- steps skipped once the marker exists, each a `sleep` (backoff, about `seconds` in all),
--- after a `probe` command that writes the marker when it can. A run that died half-way never
--- completes its directory: the server then refuses to start on it, and the operation fails
--- with the server's log.
-local NOT_EMPTY = "exists but is not empty"
-
-local function until_marker(steps, marker, seconds, probe)
-  local step = 0.25
-  while seconds > 0 do
-    if probe then steps[#steps + 1] = probe end
-    local s = math.min(step, seconds)
-    steps[#steps + 1] = { argv = { "sleep", string.format("%g", s) }, creates = marker }
-    seconds, step = seconds - s, step * 2
-  end
-  return steps
-end
-
+-- complete, so a finished run is never repeated. A broker killed while one of them runs takes
+-- it along (an init command never outlives the broker), so what it left half-made is never
+-- finished: `fresh` has the restarted broker remove it before the command runs again.
 local function sql_literal(s) return "'" .. s:gsub("'", "''") .. "'" end
 
 -- The primary's directory: initdb as the service user. The password travels on stdin
 -- (--pwprompt reads it twice from standard input when there is no terminal), never in argv.
--- initdb ends with a standalone backend that holds the data directory's lock after the last
--- file is written, so no file of initdb's says "done" (PG_VERSION is even written first).
--- After a crash, the restarted broker first waits for base/5 (the `postgres` database, the
--- last thing initdb creates), then probes: a standalone backend (postgres --single), which
--- starts only once initdb's has exited, writes the marker initdb.done. In a normal run the
--- probe runs once, right after initdb, for about a tenth of a second.
+-- initdb writes PG_VERSION first and syncs everything last, so no file of its own says "done":
+-- once it has exited 0, a standalone backend (postgres --single) writes the marker initdb.done,
+-- which also shows the directory starts. A broker killed between the two runs initdb again.
 local function primary_init(ctx, admin)
   local dir = ctx.dir .. "/" .. SERVERS[1]
   local marker = SERVERS[1] .. "/initdb.done"
-  local probe = {
-    argv = { "postgres", "--single", "-c", "config_file=" .. dir .. "/postgresql.conf", "postgres" },
-    stdin = "COPY (SELECT 'initdb done') TO " .. sql_literal(dir .. "/initdb.done") .. "\n",
-    creates = marker,
-    tolerate = { "FATAL" },     -- initdb's backend still holds the lock
-  }
-  local steps = { {
+  return { {
     argv = { "initdb", "-D", dir .. "/data", "-A", "scram-sha-256", "-U", ADMIN, "--pwprompt",
       "-E", "UTF8", "--locale=C.UTF-8", "--no-instructions" },
     stdin = admin .. "\n" .. admin .. "\n",
     creates = marker,
-    tolerate = { NOT_EMPTY },
+    fresh = SERVERS[1] .. "/data",
+  }, {
+    argv = { "postgres", "--single", "-c", "config_file=" .. dir .. "/postgresql.conf", "postgres" },
+    stdin = "COPY (SELECT 'initdb done') TO " .. sql_literal(dir .. "/initdb.done") .. "\n",
+    creates = marker,
   } }
-  -- generous waits: on a busy machine an orphaned initdb took more than 8 s to reach base/5,
-  -- and the probe then met a half-made directory; a sleep is skipped once its marker exists
-  until_marker(steps, SERVERS[1] .. "/data/base/5/PG_VERSION", 30)
-  until_marker(steps, marker, 10, probe)
-  -- the last probe does not tolerate a failure: the operation then says why
-  steps[#steps + 1] = { argv = probe.argv, stdin = probe.stdin, creates = marker }
-  return steps
 end
 
 -- The standby's directory is a base backup of the primary (-R: standby.signal and
@@ -268,14 +238,13 @@ end
 -- backup_manifest into place last, once every file and the WAL are synced, and exits
 -- (PG_VERSION arrives early in the copy).
 local function standby_init(ctx, admin)
-  local marker = SERVERS[2] .. "/data/backup_manifest"
-  return until_marker({ {
+  return { {
     argv = { "pg_basebackup", "-h", ctx.host, "-p", tostring(ctx.ports[1]), "-U", ADMIN, "-w",
       "-D", ctx.dir .. "/" .. SERVERS[2] .. "/data", "-R", "-X", "stream", "-c", "fast" },
     env = { PGPASSWORD = admin, PGCONNECT_TIMEOUT = "10", PGAPPNAME = "standby" },
-    creates = marker,
-    tolerate = { NOT_EMPTY },
-  } }, marker, 90)
+    creates = SERVERS[2] .. "/data/backup_manifest",
+    fresh = SERVERS[2] .. "/data",
+  } }
 end
 
 local function server(ctx, i, admin, tmpl)

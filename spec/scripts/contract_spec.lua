@@ -339,6 +339,39 @@ describe("process primitives of the local target", function()
     assert.matches("main: init%[1%]: sh exited with 1: initdb: cannot be run as root", body.description)
   end)
 
+  it("starts an init command the broker's death cut short on an empty `fresh` path, never through a symlink",
+    function()
+      local q = "?service_id=" .. PROBE .. "01&plan_id=" .. PROBE .. "60"
+      local function half_made(id)
+        assert.equal(202, (b:call("PUT", "/v2/service_instances/" .. id .. "?accepts_incomplete=true",
+          { service_id = PROBE .. "01", plan_id = PROBE .. "60", organization_guid = "o", space_guid = "s" })))
+        local idir = b.state_dir .. "/instances/" .. id
+        assert.truthy(Broker.wait_for(function() return lfs.attributes(idir .. "/tried") end, 20))
+        b:stop("KILL")
+        assert.equal("half\n", files.read(idir .. "/work/part"))
+        return idir
+      end
+      -- a link the service's user planted where the half-made directory was is not followed
+      local idir = half_made("p6")
+      local victim = mark_dir .. "/victim"
+      assert(lfs.mkdir(victim))
+      files.write(victim .. "/keep", "keep\n")
+      assert(os.execute("rm -rf " .. idir .. "/work && ln -s " .. victim .. " " .. idir .. "/work"))
+      b:launch()
+      local op = b:wait_operation("/v2/service_instances/p6", 20)
+      assert.equal("failed", op.state)
+      assert.matches("fresh: work: .* is a symlink", op.description)
+      assert.equal("keep\n", files.read(victim .. "/keep"))
+      assert.equal(202, (b:call("DELETE", "/v2/service_instances/p6" .. q .. "&accepts_incomplete=true")))
+      -- the half-made directory is removed, and the command runs again to its end
+      idir = half_made("p7")
+      b:launch()
+      op = b:wait_operation("/v2/service_instances/p7", 20)
+      assert.equal("succeeded", op.state, op.description)
+      assert.is_string(lfs.attributes(idir .. "/work/done", "mode"))
+      assert.equal(200, (b:call("DELETE", "/v2/service_instances/p7" .. q)))
+    end)
+
   it("fails a provision that never gets healthy with the last check's answer and the process's log", function()
     local status, _, _, body = provision("p3", "30")
     assert.equal(500, status)

@@ -139,12 +139,12 @@ local function comm(pid)
   return c
 end
 
--- The helper commands (initdb, pg_basebackup, sleep) running for the instance.
+-- The helper commands (initdb, pg_basebackup) running for the instance.
 local function helpers(b, id)
   local left = {}
   for _, pid in ipairs(instance_pids(b, id)) do
     local c = comm(pid)
-    if c == "initdb" or c == "pg_basebackup" or c == "sleep" then left[#left + 1] = c end
+    if c == "initdb" or c == "pg_basebackup" then left[#left + 1] = c end
   end
   return left
 end
@@ -427,8 +427,8 @@ describe("postgres on the local target", function()
       assert.equal(202, (provision(b, "crash", PG.two)))
       b:stop("KILL")                                  -- before anything ran, most likely
       b:launch()
-      -- while initdb runs (it goes on, orphaned, and the restarted broker waits for it), then
-      -- while pg_basebackup copies the primary for the standby
+      -- while initdb runs (it dies with the broker; the restarted one runs it again on an empty
+      -- data directory), then while pg_basebackup copies the primary for the standby
       local hits = 0
       for _, helper in ipairs({ "initdb", "pg_basebackup" }) do
         if wait_for_helper(b, "crash", helper) then

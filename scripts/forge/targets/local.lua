@@ -116,6 +116,19 @@ end
 
 function Local:instance_dir(id) return self.dir .. "/" .. id end
 
+--- The absolute path of `rel` in inst's directory | nil, message when a component of it is a
+-- symlink: the service's user owns the directory and the broker may act on it as root.
+function Local:path_in(inst, rel)
+  local path = self:instance_dir(inst.id)
+  for part in rel:gmatch("[^/]+") do
+    path = path .. "/" .. part
+    if lfs.symlinkattributes(path, "mode") == "link" then
+      return nil, rel .. ": " .. path .. " is a symlink; the broker does not follow links"
+    end
+  end
+  return path
+end
+
 local function write_file(path, content)
   local dir = path:match("^(.*)/[^/]*$")
   local ok, err = util.mkdirs(dir)
@@ -511,13 +524,23 @@ local function waits_for(inst, p)
   end
 end
 
+-- Remove `rel` from inst's directory: what an init command killed with the broker half-way left.
+function Local:empty(inst, rel)
+  local path, err = self:path_in(inst, rel)
+  if path then path, err = util.remove_tree(path) end
+  if not path then return nil, "fresh: " .. err end
+  return true
+end
+
 -- Run p's init commands once, before its first start: each is skipped when its `creates` path
--- exists in the instance dir. Returns true | nil, message with the command's last output.
+-- exists in the instance dir, and starts on an empty `fresh` path. Returns true | nil, message with the command's last output.
 function Local:init(inst, p)
   local dir = self:instance_dir(inst.id)
   for i, cmd in ipairs(p.init or {}) do
     if not (cmd.creates and lfs.symlinkattributes(dir .. "/" .. cmd.creates, "mode")) then
-      local ok, err = self:run(cmd, inst, dir, self.cfg.init_timeout)
+      local ok, err = true, nil
+      if cmd.fresh then ok, err = self:empty(inst, cmd.fresh) end
+      if ok then ok, err = self:run(cmd, inst, dir, self.cfg.init_timeout) end
       if not ok then return nil, string.format("%s: init[%d]: %s", p.name, i, err) end
     end
   end
