@@ -124,6 +124,18 @@ local function sorted_keys(t)
   return keys
 end
 
+-- The keys of t with their values: in order when `ordered` (problems are then reported in a
+-- stable order), else as next() finds them.
+local function each_key(t, ordered)
+  if not ordered then return next, t end
+  local keys, i = sorted_keys(t), 0
+  return function()
+    i = i + 1
+    local k = keys[i]
+    if k ~= nil then return k, t[k] end
+  end
+end
+
 local function is_sequence(v)
   local n = 0
   for _ in pairs(v) do n = n + 1 end
@@ -137,28 +149,34 @@ local function describe(shape)
   return "a " .. shape.record .. " table"
 end
 
+-- check() runs in two modes. With a path (a string, "" at the top), it appends up to 20
+-- problems {path, field, message} in key order. With path nil it only asks whether there is
+-- one: unordered, building no path string, stopping at the first. Every hook result of every
+-- request is checked, and nearly all of them fit.
 local check
 
 local function check_record(shape, v, path, out)
-  for _, k in ipairs(sorted_keys(v)) do
-    local sub = path == "" and tostring(k) or path .. "." .. tostring(k)
+  for k, x in each_key(v, path ~= nil) do
+    local sub = path and (path == "" and tostring(k) or path .. "." .. tostring(k))
     if type(k) ~= "string" or not shape.fields[k] then
-      out[#out + 1] = { path = sub, field = tostring(k), message = string.format("unknown field (a %s has: %s)",
-        shape.record, table.concat(sorted_keys(shape.fields), ", ")) }
+      out[#out + 1] = { path = sub, field = tostring(k), message = path and string.format(
+        "unknown field (a %s has: %s)", shape.record, table.concat(sorted_keys(shape.fields), ", ")) }
     else
-      check(shape.fields[k], v[k], sub, out, k)
+      check(shape.fields[k], x, sub, out, k)
     end
   end
   for _, k in ipairs(shape.required) do
     if v[k] == nil then
-      out[#out + 1] = { path = path == "" and k or path .. "." .. k, field = k, message = "is required" }
+      out[#out + 1] = { path = path and (path == "" and k or path .. "." .. k), field = k, message = "is required" }
     end
   end
   local one = shape.one_of
   if one then
-    local present = {}
-    for _, k in ipairs(one) do if v[k] ~= nil then present[#present + 1] = k end end
-    if #present > 1 or (one.required and #present == 0) then
+    local n = 0
+    for _, k in ipairs(one) do if v[k] ~= nil then n = n + 1 end end
+    if n > 1 or (one.required and n == 0) then
+      local present = {}
+      for _, k in ipairs(one) do if v[k] ~= nil then present[#present + 1] = k end end
       out[#out + 1] = { path = path, field = present[2] or one[1], message = string.format(
         "a %s has exactly one of %s (found %s)", shape.record, table.concat(one, ", "),
         #present == 0 and "none" or table.concat(present, ", ")) }
@@ -166,26 +184,27 @@ local function check_record(shape, v, path, out)
   end
 end
 
--- Append problems {path, field, message} of `v` against `shape` to `out`.
+local function bad(out, path, field, msg) out[#out + 1] = { path = path, field = field, message = msg } end
+
+-- Append problems of `v` against `shape` to `out` (see the modes above).
 check = function(shape, v, path, out, field)
-  if #out >= 20 then return end
-  local function bad(msg) out[#out + 1] = { path = path, field = field, message = msg } end
+  if #out >= (path and 20 or 1) then return end
   if shape.test then
-    if not shape.test(v) then bad("must be " .. shape.desc .. " (got " .. type(v) .. ")") end
+    if not shape.test(v) then bad(out, path, field, "must be " .. shape.desc .. " (got " .. type(v) .. ")") end
     return
   end
-  if type(v) ~= "table" then return bad("must be " .. describe(shape) .. " (got " .. type(v) .. ")") end
+  if type(v) ~= "table" then return bad(out, path, field, "must be " .. describe(shape) .. " (got " .. type(v) .. ")") end
   if shape.list then
-    if not is_sequence(v) then return bad("must be a list (keys 1..n)") end
-    if #v < shape.min then return bad("must list at least " .. shape.min .. " item(s)") end
-    for i, e in ipairs(v) do check(shape.list, e, path .. "[" .. i .. "]", out, field) end
+    if not is_sequence(v) then return bad(out, path, field, "must be a list (keys 1..n)") end
+    if #v < shape.min then return bad(out, path, field, "must list at least " .. shape.min .. " item(s)") end
+    for i, e in ipairs(v) do check(shape.list, e, path and (path .. "[" .. i .. "]"), out, field) end
   elseif shape.map then
-    for _, k in ipairs(sorted_keys(v)) do
-      local sub = path .. "[" .. string.format("%q", tostring(k)) .. "]"
+    for k, x in each_key(v, path ~= nil) do
+      local sub = path and (path .. "[" .. string.format("%q", tostring(k)) .. "]")
       if not shape.key.test(k) then
         out[#out + 1] = { path = sub, field = field, message = "key must be " .. shape.key.desc }
       else
-        check(shape.map, v[k], sub, out, field)
+        check(shape.map, x, sub, out, field)
       end
     end
   else
@@ -196,6 +215,9 @@ end
 --- Problems of a hook's result: a list of {path, field, message} (empty when it fits).
 function M.problems(hook, value)
   local out = {}
+  check(M.shapes[hook], value, nil, out, nil)
+  if #out == 0 then return out end
+  out = {}
   check(M.shapes[hook], value, "", out, nil)
   return out
 end

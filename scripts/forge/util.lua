@@ -129,24 +129,35 @@ end
 
 -- lua-cjson 2.1 decodes every number as a float; integral values become integers again
 -- so ports, counts and revisions print as "30000", not "30000.0". Numbers too large for a
--- double (1e999) and strings that are not UTF-8 are refused: error message | nil.
-local function normalize(v, path)
-  if type(v) == "number" then
-    if v ~= v or v == math.huge or v == -math.huge then return nil, path .. ": number out of range" end
-    return math.tointeger(v) or v
+-- double (1e999) and strings that are not UTF-8 are refused. Every stored record is decoded
+-- here, so the walk allocates nothing: the path of a refused value is built on the way out.
+-- Returns the value | nil, message, path below v.
+local tointeger, utf8_len, huge = math.tointeger, utf8.len, math.huge
+
+local function scalar(x)
+  local tx = type(x)
+  if tx == "number" then
+    if x ~= x or x == huge or x == -huge then return nil, "number out of range" end
+    return tointeger(x) or x
+  elseif tx == "string" and not utf8_len(x) then
+    return nil, "invalid UTF-8 in a string"
   end
-  if type(v) == "string" then
-    if not utf8.len(v) then return nil, path .. ": invalid UTF-8 in a string" end
-    return v
+  return x
+end
+
+local function normalize(v)
+  if type(v) ~= "table" then
+    local nv, err = scalar(v)
+    return nv, err, ""
   end
-  if type(v) == "table" then
-    for k, x in pairs(v) do
-      local sub = type(k) == "string" and (path .. "." .. k) or (path .. "[" .. tostring(k) .. "]")
-      if type(k) == "string" and not utf8.len(k) then return nil, path .. ": invalid UTF-8 in a key" end
-      local nv, err = normalize(x, sub)
-      if nv == nil and err then return nil, err end
-      v[k] = nv
+  for k, x in next, v do
+    if type(k) == "string" and not utf8_len(k) then return nil, "invalid UTF-8 in a key", "" end
+    local nv, err, where
+    if type(x) == "table" then nv, err, where = normalize(x) else nv, err = scalar(x) end
+    if err then
+      return nil, err, (type(k) == "string" and ("." .. k) or ("[" .. tostring(k) .. "]")) .. (where or "")
     end
+    if type(x) == "number" then v[k] = nv end   -- 30000.0 == 30000: compare types, not values
   end
   return v
 end
@@ -155,8 +166,8 @@ end
 function M.json_decode(text)
   local v, err = cjson.decode(text)
   if v == nil and err then return nil, err end
-  local nv, nerr = normalize(v, "$")
-  if nv == nil and nerr then return nil, nerr end
+  local nv, nerr, where = normalize(v)
+  if nerr then return nil, "$" .. where .. ": " .. nerr end
   return nv
 end
 

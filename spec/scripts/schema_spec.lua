@@ -181,6 +181,24 @@ describe("forge.schema.validate", function()
     assert.equal("parameters.port: must be at most 65535", msg)
   end)
 
+  it("util.json_decode refuses what JSON text may hold and a record may not, naming where", function()
+    local bad = { ['{"a":[1,2,{"b":"\xff"}]}'] = "$.a[3].b: invalid UTF-8 in a string",
+      ['{"a":{"x\xff":1}}'] = "$.a: invalid UTF-8 in a key", ["[1e999]"] = "$[1]: number out of range",
+      ['"\xfe"'] = "$: invalid UTF-8 in a string" }
+    for text, want in pairs(bad) do
+      local v, err = util.json_decode(text)
+      assert.is_nil(v, text)
+      assert.equal(want, err)
+    end
+    local v = util.json_decode '{"port":30000,"f":1.5,"l":[1,{"n":-0.0}],"s":"é","z":null}'
+    assert.equal("integer", math.type(v.port))
+    assert.equal("integer", math.type(v.l[1]))
+    assert.equal("integer", math.type(v.l[2].n))
+    assert.equal("float", math.type(v.f))
+    assert.equal("é", v.s)
+    assert.equal(require("cjson").null, v.z)
+  end)
+
   it("reports nested paths with 0-based indices and quoted odd keys", function()
     local s = J [[{"type":"object","properties":{
       "nodes":{"type":"array","items":{"type":"object","properties":{

@@ -173,6 +173,15 @@ describe("secrets at rest", function()
       assert.is_true(db:revision() > 0)       -- other methods reach the store as they are
     end)
 
+    it("reads a plain value shaped almost like an envelope as plain text", function()
+      for _, plain in ipairs({ '{"sealed":1,"kid":"k1","data":"AAAA","more":"x"}', '{"sealed":1,"kid":"k 1","data":""}',
+        '{"sealed":1,"kid":"","data":"AAAA"}', '{"sealed":1,"kid":"k1","data":"AAAA"} ', '{"sealed":1,"kid":"k1"}' }) do
+        assert(raw:put("plain", plain))
+        assert.is_nil(secrets.kid(plain), plain)
+        assert.equal(plain, db:get("plain").value)
+      end
+    end)
+
     it("refuses a value copied to another key, changed, or sealed under a key it lacks", function()
       assert(db:put("instance/a", "x"))
       assert(raw:put("instance/b", raw:get("instance/a").value))
