@@ -21,6 +21,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <limits.h>
+#include <malloc.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -1893,6 +1894,20 @@ static int l_proc_time(lua_State *L)
 
 
 /***
+ * Hand the heap's free memory back to the kernel (malloc_trim over every arena). glibc keeps
+ * what a burst of work freed, per thread arena, until then; the broker calls this when it
+ * turns idle.
+ * @function trim_heap
+ * @treturn boolean whether any memory was released
+ */
+static int l_proc_trim_heap(lua_State *L)
+{
+    lua_pushboolean(L, malloc_trim(0));
+    return 1;
+}
+
+
+/***
  * Our own pid.
  * @function getpid
  * @treturn integer
@@ -2187,6 +2202,7 @@ int luaopen_forge_proc(lua_State *L)
         {"monotonic", l_proc_monotonic},
         {"time", l_proc_time},
         {"getpid", l_proc_getpid},
+        {"trim_heap", l_proc_trim_heap},
         {"geteuid", l_proc_geteuid},
         {"user", l_proc_user},
         {"chown", l_proc_chown},

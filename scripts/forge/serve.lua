@@ -218,6 +218,14 @@ local function reload_services(st)
   for _, w in ipairs(warnings) do log.warn("config", { warning = w }) end
 end
 
+-- After a burst of work, what it left is garbage in Lua and free memory glibc keeps in its
+-- arenas (a broker that took 10,000 provisions held three times what a restarted one does):
+-- give it back once the work is done.
+local function release_heap()
+  collectgarbage("collect")
+  proc.trim_heap()
+end
+
 -- One reconciler pass, after following versions other replicas published.
 local function reconcile(st)
   local fok, freg, fgen = pcall(follow_store, st.config, st.db, st.registry, st.generation)
@@ -303,7 +311,10 @@ local function loop(st, srv, watcher)
       if sig == "kick" then next_tick = math.min(next_tick, last_pass + interval) end
       if now >= next_tick then
         last_pass = now
-        next_tick = now + (reconcile(st) and interval or idle)
+        local was_busy = st.busy
+        st.busy = reconcile(st)
+        if was_busy and not st.busy then release_heap() end
+        next_tick = now + (st.busy and interval or idle)
       end
     end
   end

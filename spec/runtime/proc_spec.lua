@@ -263,6 +263,20 @@ describe("forge.proc", function()
       assert.equal("integer", math.type(proc.identity(proc.getpid())))
     end)
 
+    it("trim_heap() gives the free memory a burst of work left back to the kernel", function()
+      local function burst()                  -- small blocks: the heap, not mmap
+        local t = {}
+        for i = 1, 200000 do t[i] = string.rep("x", 80) .. i end
+        return #t
+      end
+      assert.equal(200000, burst())
+      collectgarbage("collect")
+      local function rss_kb() return tonumber(slurp("/proc/self/status"):match("VmRSS:%s*(%d+)")) end
+      local before = rss_kb()
+      assert.is_true(proc.trim_heap())
+      assert.is_true(rss_kb() < before - 8 * 1024, "RSS " .. before .. " kB -> " .. rss_kb() .. " kB")
+    end)
+
     it("kill() signals the whole group", function()
       local out = dir .. "/grp.log"
       local p = assert(proc.spawn { argv = { "sh", "-c", "sleep 30 & echo $!; wait" }, stdout = out })
