@@ -139,9 +139,10 @@ local function undeclared(svc, plan, deployment, runs, out)
   end
 end
 
--- Declared commands the operator did not approve or that are not installed, users not allowed:
--- warnings (this machine's local target could not run the service; a BOSH target may), which
--- a provision on the local target then refuses before anything is stored.
+-- Declared commands the operator did not approve or that are not installed, users not allowed,
+-- limits above the operator's caps (targets.local.max_limits): warnings (this machine's local
+-- target could not run the service; a BOSH target may), which a provision on the local target
+-- then refuses before anything is stored.
 local function local_target_warnings(svc, local_cfg, out)
   local target = Local.new(local_cfg, "/nonexistent")
   for _, c in ipairs(type(svc.script.commands) == "table" and svc.script.commands or {}) do
@@ -156,6 +157,10 @@ local function local_target_warnings(svc, local_cfg, out)
       out[#out + 1] = string.format("%s: user '%s' is not allowed on the local target (targets.local.users)",
         where(svc, "user"), u)
     end
+  end
+  for _, p in ipairs(svc.script.plans) do
+    local ok, err = target:limits(svc.script, p)
+    if not ok then out[#out + 1] = string.format("%s: plan %s: %s", where(svc, "limits"), p.name, err) end
   end
 end
 

@@ -104,6 +104,24 @@ describe("forge check and render", function()
     assert.matches("3 service%(s%) checked, 3 with problems", out)
   end)
 
+  it("warns about a plan whose limits are above the local target's caps, as the config sets them", function()
+    local dir = tmpdir()
+    finally(function() os.execute("rm -rf " .. dir) end)
+    assert.equal(0, (forge("new cache --services " .. dir)))
+    local path = dir .. "/cache/service.lua"
+    local files = require "spec.support.files"
+    local text = files.read(path)
+    files.write(path, (text:gsub('\n  commands = ', '\n  limits = { memory_mb = 9000 },\n  commands = ', 1)))
+    local code, out = forge("check " .. dir .. " --config /dev/null")
+    assert.equal(0, code, out)
+    assert.matches("warning: services/cache/service.lua:%d+: plan default: limits.memory_mb = 9000 is above what "
+      .. "the local target allows %(targets.local.max_limits.memory_mb = 8192%)", out)
+    files.write(dir .. "/forge.yml", "targets: {local: {max_limits: {memory_mb: 16384}}}\n")
+    code, out = forge("check " .. dir .. " --config " .. dir .. "/forge.yml")
+    assert.equal(0, code, out)
+    assert.is_nil(out:find("max_limits", 1, true), out)
+  end)
+
   it("renders a plan as YAML without touching any state", function()
     local code, out = forge("render redis 3-servers --params '{\"maxmemory_mb\": 32}'")
     assert.equal(0, code, out)
